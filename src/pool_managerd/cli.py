@@ -1,0 +1,52 @@
+"""The ``pool-managerd`` command. Each subcommand lives in its own module, imported lazily so
+that ``pool-managerd --help`` and quick tools stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "schemas": ("pool_managerd.schemagen", "generate schemas/ from the wire contract and the table"),
+    "plan": ("pool_managerd.plan_cli", "dry-run a placement: validate a mask and print the split plan"),
+}
+"""name → (module exposing ``add_arguments(parser)`` and ``run(args) -> int``, help)."""
+
+
+class _Subcommand(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _load(name: str) -> _Subcommand:
+    return cast(_Subcommand, importlib.import_module(SUBCOMMANDS[name][0]))
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pool-managerd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        # Only the chosen subcommand's module is imported; the others show their help line only.
+        if name == wanted:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pool-managerd`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_list)
+    args = parser.parse_args(args_list)
+    if not args.command:
+        parser.print_help()
+        return 2
+    return _load(args.command).run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,672 @@
+"""The wire contract: every message pool-managerd sends or accepts, as msgspec Structs.
+
+This is the one module that defines wire shapes; ``schemas/`` is generated from it. Unions are
+tagged on a ``type`` field. Every top-level message carries a schema version ``v``; events are
+upcast on read (see ``pool_managerd.core.upcast``) when an older version is met.
+
+Groups:
+
+* GPU inventory (``GpuSnapshot`` and parts): what placement and preflight decide against.
+* Placement: the recorded outcome of placing a pool on GPUs.
+* Commands (``poold.cmd.<pool>.<verb>`` and ``poold.node.<node>.cmd.<verb>``) and their replies.
+* Health reports (``poold.health.<pool>``).
+* Events (``poold.evt.<pool>.<event>`` and ``poold.node.<node>.evt.<event>``) in an envelope.
+* Pool snapshots (KV bucket ``poold_pools``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+SCHEMA_VERSION = 1
+"""Current schema version of every top-level message."""
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Largest command payload accepted; bigger ones are rejected with ``payload_too_large``."""
+
+Id = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", max_length=63)]
+NonNeg = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(ge=0)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+CommandId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+PoolState = Literal["unready", "preloading", "ready", "draining", "restarting", "failed"]
+
+
+class _Base(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
+    """Common base: keyword-only fields; unknown fields are ignored for forward compatibility."""
+
+
+# --------------------------------------------------------------------------------------------
+# GPU inventory
+# --------------------------------------------------------------------------------------------
+
+
+class GpuProcess(_Base, kw_only=True):
+    """A process holding memory on a GPU, as NVML reports it."""
+
+    pid: int
+    used_memory: NonNeg
+    name: str | None = None
+
+
+class MigInstance(_Base, kw_only=True):
+    """One MIG GPU instance; it has its own ``MIG-...`` UUID and memory."""
+
+    uuid: str
+    parent_uuid: str
+    index: NonNeg
+    profile: str
+    memory_total: NonNeg
+    memory_free: NonNeg
+    memory_used: NonNeg = 0
+
+
+class Gpu(_Base, kw_only=True):
+    """One physical GPU. Keyed by UUID everywhere: the NVML index is not the CUDA ordinal."""
+
+    index: NonNeg
+    uuid: str
+    name: str
+    pci_bus_id: str
+    """Normalised to CUDA's form, ``dddd:bb:dd.f`` in lower case."""
+    compute_capability: tuple[int, int]
+    memory_total: NonNeg
+    memory_free: NonNeg
+    memory_used: NonNeg
+    memory_reserved: NonNeg = 0
+    """Driver-reserved memory (NVML v2); v1's ``used`` includes it."""
+    mig_mode: bool = False
+    mig_instances: list[MigInstance] = msgspec.field(default_factory=list)
+    processes: list[GpuProcess] = msgspec.field(default_factory=list)
+
+
+class GpuSnapshot(_Base, kw_only=True):
+    """The GPUs of one host at one instant. ``simulated`` marks inventories that are not real."""
+
+    v: int = SCHEMA_VERSION
+    simulated: bool
+    source: str
+    """``nvml``, ``sim:<profile>`` or the file it was read from."""
+    taken_at: float = 0.0
+    driver_version: str | None = None
+    cuda_driver_version: str | None = None
+    gpus: list[Gpu] = msgspec.field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Placement and preflight outcomes
+# --------------------------------------------------------------------------------------------
+
+
+class Problem(_Base, kw_only=True):
+    """One reason a preload cannot go ahead (preflight) or a mask/plan is invalid."""
+
+    code: str
+    message: str
+    device: str | None = None
+
+
+class Placement(_Base, kw_only=True):
+    """Where a pool's engine runs: the validated mask and the split plan chosen for it."""
+
+    mask: list[str]
+    """Canonical mask tokens, in mask order."""
+    uuids: list[str]
+    """Full GPU or MIG UUIDs in mask order: the engine's ordinals 0..n-1."""
+    cuda_visible_devices: str
+    budgets: list[NonNeg] = msgspec.field(default_factory=list)
+    ratios: list[float] = msgspec.field(default_factory=list)
+    policy: str = "none"
+    tensor_split: str | None = None
+    tp_size: int | None = None
+    explanation: list[str] = msgspec.field(default_factory=list)
+    simulated: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Engine spec as it travels (a command can override the configured one)
+# --------------------------------------------------------------------------------------------
+
+
+class EngineSpec(_Base, kw_only=True):
+    """A resolved engine spec: an argv template (never a shell string) and how to supervise it."""
+
+    preset: str = "custom"
+    argv: list[str]
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    model: str = ""
+    model_digest: str | None = None
+    health_path: str = "/health"
+    host: str = "127.0.0.1"
+    port: int | None = None
+    load_timeout_s: PositiveSeconds = 120.0
+    stop_grace_s: Seconds = 5.0
+    probe_interval_s: PositiveSeconds = 2.0
+    probe_failure_threshold: Annotated[int, Meta(ge=1)] = 3
+    slots: Annotated[int, Meta(ge=1)] = 1
+    min_compute_capability: tuple[int, int] | None = None
+    engine_version: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Pool commands: poold.cmd.<pool>.<verb>
+# --------------------------------------------------------------------------------------------
+
+
+class _Command(_Base, tag_field="type", kw_only=True):
+    command_id: CommandId
+    v: int = SCHEMA_VERSION
+
+
+class PreloadCmd(_Command, tag="preload", kw_only=True):
+    """Start the pool's engine. ``device_mask`` and ``model`` override the configured ones."""
+
+    device_mask: str | list[str] | None = None
+    model: str | None = None
+    policy: str | None = None
+
+
+class DrainCmd(_Command, tag="drain", kw_only=True):
+    """Refuse new leases and stop the engine once leases reach 0 or the deadline passes."""
+
+    deadline_s: Seconds = 30.0
+
+
+class ReloadCmd(_Command, tag="reload", kw_only=True):
+    """Drain, then start the engine with a new spec; on failure roll back to the old one."""
+
+    model: str | None = None
+    device_mask: str | list[str] | None = None
+    argv: list[str] | None = None
+    deadline_s: Seconds = 30.0
+
+
+class StopCmd(_Command, tag="stop", kw_only=True):
+    """Stop the engine now: SIGTERM to its process group, SIGKILL after the grace period."""
+
+    grace_s: Seconds | None = None
+
+
+class ResetCmd(_Command, tag="reset", kw_only=True):
+    """Acknowledge a crash loop: ``failed`` → ``unready``."""
+
+
+class LeaseCmd(_Command, tag="lease", kw_only=True):
+    """Take one slot on a ready pool for ``ttl_s`` seconds."""
+
+    ttl_s: PositiveSeconds = 60.0
+    lease_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    holder: str | None = None
+
+
+class ReleaseCmd(_Command, tag="release", kw_only=True):
+    """Give a leased slot back."""
+
+    lease_id: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class StatusCmd(_Command, tag="status", kw_only=True):
+    """Read the pool's snapshot. Never changes anything."""
+
+
+PoolCommand = PreloadCmd | DrainCmd | ReloadCmd | StopCmd | ResetCmd | LeaseCmd | ReleaseCmd | StatusCmd
+
+POOL_COMMANDS: dict[str, type[PoolCommand]] = {
+    "preload": PreloadCmd,
+    "drain": DrainCmd,
+    "reload": ReloadCmd,
+    "stop": StopCmd,
+    "reset": ResetCmd,
+    "lease": LeaseCmd,
+    "release": ReleaseCmd,
+    "status": StatusCmd,
+}
+"""Verb → command type; the verb in the subject selects the type."""
+
+
+# Node commands: poold.node.<node>.cmd.<verb>
+
+
+class _NodeCommand(_Base, tag_field="type", kw_only=True):
+    command_id: CommandId | None = None
+    v: int = SCHEMA_VERSION
+
+
+class PoolsCmd(_NodeCommand, tag="pools", kw_only=True):
+    """List every pool this node owns, with snapshots."""
+
+
+class InventoryCmd(_NodeCommand, tag="inventory", kw_only=True):
+    """Return the node's current GPU snapshot."""
+
+
+class LifecycleCmd(_NodeCommand, tag="lifecycle", kw_only=True):
+    """Return the lifecycle table (states, transitions, triggers allowed per state)."""
+
+
+NodeCommand = PoolsCmd | InventoryCmd | LifecycleCmd
+
+NODE_COMMANDS: dict[str, type[NodeCommand]] = {
+    "pools": PoolsCmd,
+    "inventory": InventoryCmd,
+    "lifecycle": LifecycleCmd,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Replies
+# --------------------------------------------------------------------------------------------
+
+RejectCode = Literal[
+    "bad_request",
+    "payload_too_large",
+    "invalid_id",
+    "unknown_pool",
+    "unknown_verb",
+    "illegal_transition",
+    "preflight_failed",
+    "placement_failed",
+    "not_ready",
+    "draining",
+    "no_slots",
+    "unknown_lease",
+    "command_id_conflict",
+    "fenced",
+    "unavailable",
+    "internal",
+]
+"""Stable rejection codes. Clients may switch on them; they never change meaning."""
+
+
+class Accepted(_Base, tag_field="type", tag="accepted", kw_only=True):
+    """The command was applied; ``seq`` is the pool event sequence it produced (0 if none)."""
+
+    v: int = SCHEMA_VERSION
+    command_id: str | None
+    pool: str
+    verb: str
+    seq: NonNeg
+    state: PoolState
+    lease_id: str | None = None
+    expires_at: float | None = None
+
+
+class Rejected(_Base, tag_field="type", tag="rejected", kw_only=True):
+    """The command was not applied; nothing changed."""
+
+    v: int = SCHEMA_VERSION
+    command_id: str | None = None
+    pool: str | None = None
+    verb: str | None = None
+    code: RejectCode
+    message: str
+    state: PoolState | None = None
+    allowed: list[str] = msgspec.field(default_factory=list)
+    problems: list[Problem] = msgspec.field(default_factory=list)
+
+
+class LeaseInfo(_Base, kw_only=True):
+    """One active lease."""
+
+    lease_id: str
+    expires_at: float
+    holder: str | None = None
+
+
+class EngineInfo(_Base, kw_only=True):
+    """The engine process the pool currently runs."""
+
+    pid: int
+    pgid: int
+    port: int
+    started_at: float
+    argv: list[str] = msgspec.field(default_factory=list)
+    log_path: str | None = None
+
+
+class PoolSnapshot(_Base, kw_only=True):
+    """A pool's current state and registry fields: the ``status`` reply and the KV value."""
+
+    v: int = SCHEMA_VERSION
+    pool: str
+    node: str = ""
+    state: PoolState = "unready"
+    seq: NonNeg = 0
+    health_live: bool = False
+    health_ready: bool = False
+    draining: bool = False
+    last_error: str | None = None
+    last_heartbeat: float | None = None
+    version: str | None = None
+    engine_version: str | None = None
+    engine_digest: str | None = None
+    model: str | None = None
+    device_mask: list[str] = msgspec.field(default_factory=list)
+    slots_total: NonNeg = 0
+    slots_free: NonNeg = 0
+    active_leases: NonNeg = 0
+    leases: list[LeaseInfo] = msgspec.field(default_factory=list)
+    perf_hints: dict[str, float] = msgspec.field(default_factory=dict)
+    placement: Placement | None = None
+    engine: EngineInfo | None = None
+    restarts: NonNeg = 0
+    crashes: NonNeg = 0
+    simulated: bool = False
+    updated_at: float = 0.0
+    last_event: str | None = None
+
+
+class StatusReply(_Base, tag_field="type", tag="status", kw_only=True):
+    """Reply to ``status``."""
+
+    v: int = SCHEMA_VERSION
+    pool: PoolSnapshot
+
+
+class PoolsReply(_Base, tag_field="type", tag="pools", kw_only=True):
+    """Reply to the node ``pools`` command."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    pools: list[PoolSnapshot]
+
+
+class InventoryReply(_Base, tag_field="type", tag="inventory", kw_only=True):
+    """Reply to the node ``inventory`` command."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    gpus: GpuSnapshot
+
+
+class TransitionRow(_Base, kw_only=True):
+    """One row of the lifecycle table."""
+
+    trigger: str
+    source: PoolState
+    dest: PoolState
+    kind: Literal["command", "fact", "timer"]
+    note: str = ""
+
+
+class LifecycleReply(_Base, tag_field="type", tag="lifecycle", kw_only=True):
+    """Reply to the node ``lifecycle`` command: the table the machine runs."""
+
+    v: int = SCHEMA_VERSION
+    states: list[PoolState]
+    initial: PoolState
+    transitions: list[TransitionRow]
+    allowed: dict[str, list[str]]
+
+
+Reply = Accepted | Rejected | StatusReply | PoolsReply | InventoryReply | LifecycleReply
+
+
+# --------------------------------------------------------------------------------------------
+# Health reports: poold.health.<pool>
+# --------------------------------------------------------------------------------------------
+
+
+class HealthReport(_Base, tag_field="type", tag="health", kw_only=True):
+    """One probe result. ``ok`` is HTTP 200; ``loading`` is llama.cpp's 503 while loading."""
+
+    v: int = SCHEMA_VERSION
+    pool: Id
+    ts: float
+    ok: bool
+    loading: bool = False
+    status: int | None = None
+    latency_ms: float | None = None
+    error: str | None = None
+    source: str = "prober"
+    engine_pid: int | None = None
+    """Which engine the probe hit; reports for an engine the pool no longer runs are ignored."""
+
+
+# --------------------------------------------------------------------------------------------
+# Events: poold.evt.<pool>.<event> in JetStream stream POOLD_EVENTS
+# --------------------------------------------------------------------------------------------
+
+
+class _EventBody(_Base, tag_field="type", kw_only=True):
+    """Base of event bodies: the ``type`` tag is the event name used in the subject."""
+
+
+class StateChanged(_EventBody, tag="state_changed", kw_only=True):
+    """The pool moved along one row of the lifecycle table.
+
+    The fields beyond trigger/src/dst record the decision inputs so a replay needs no GPU,
+    clock or RNG: the placement chosen, the backoff delay, the exit code, the leases left.
+    """
+
+    trigger: str
+    src: PoolState
+    dst: PoolState
+    reason: str = ""
+    placement: Placement | None = None
+    spec: EngineSpec | None = None
+    delay_s: float | None = None
+    deadline_at: float | None = None
+    exit_code: int | None = None
+    leases_left: int | None = None
+    attempt: int | None = None
+    reload: bool = False
+
+
+class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):
+    """A preload (or a restart's re-placement) failed preflight or placement."""
+
+    code: RejectCode
+    message: str
+    problems: list[Problem] = msgspec.field(default_factory=list)
+
+
+class CommandRejected(_EventBody, tag="command_rejected", kw_only=True):
+    """A pool command was refused; the state did not change."""
+
+    verb: str
+    code: RejectCode
+    message: str
+    state: PoolState | None = None
+
+
+class EngineSpawned(_EventBody, tag="engine_spawned", kw_only=True):
+    """An engine process was started."""
+
+    pid: int
+    pgid: int
+    port: int
+    argv: list[str]
+    cuda_visible_devices: str
+    log_path: str | None = None
+    attempt: int = 0
+
+
+class EngineExited(_EventBody, tag="engine_exited", kw_only=True):
+    """An engine process ended. ``expected`` is True when we asked it to stop."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None = None
+    expected: bool = False
+    during: PoolState | None = None
+
+
+class EngineAdopted(_EventBody, tag="engine_adopted", kw_only=True):
+    """After a daemon restart, a live engine from the spawn record was taken over."""
+
+    pid: int
+    pgid: int
+    port: int
+
+
+class BackoffScheduled(_EventBody, tag="backoff_scheduled", kw_only=True):
+    """Supervision decided to restart after ``delay_s``."""
+
+    delay_s: float
+    attempt: int
+    reason: str
+
+
+class RestartLimitReached(_EventBody, tag="restart_limit_reached", kw_only=True):
+    """Supervision parked the pool in ``failed``: too many restarts in the window."""
+
+    restarts: int
+    window_s: float
+    reason: str
+
+
+class LeaseGranted(_EventBody, tag="lease_granted", kw_only=True):
+    lease_id: str
+    expires_at: float
+    active: NonNeg
+    holder: str | None = None
+
+
+class LeaseReleased(_EventBody, tag="lease_released", kw_only=True):
+    lease_id: str
+    active: NonNeg
+
+
+class LeaseExpired(_EventBody, tag="lease_expired", kw_only=True):
+    lease_id: str
+    active: NonNeg
+
+
+class DrainForced(_EventBody, tag="drain_forced", kw_only=True):
+    """The drain deadline passed with leases still held; the engine was stopped anyway."""
+
+    leases_left: NonNeg
+    deadline_s: float
+
+
+class ReloadRolledBack(_EventBody, tag="reload_rolled_back", kw_only=True):
+    """The reloaded spec failed to become ready; the old spec is being restored."""
+
+    reason: str
+
+
+class HealthChanged(_EventBody, tag="health_changed", kw_only=True):
+    """Liveness or readiness flipped (not every probe is an event, only changes)."""
+
+    live: bool
+    ready: bool
+    consecutive_failures: NonNeg = 0
+
+
+class PoolFenced(_EventBody, tag="pool_fenced", kw_only=True):
+    """Another writer owns this pool's event subject; this daemon stops acting on it."""
+
+    reason: str
+
+
+class OrphanReaped(_EventBody, tag="orphan_reaped", kw_only=True):
+    """An engine process group from the spawn record that no pool claims was stopped."""
+
+    pid: int
+    pgid: int
+    pool: str | None = None
+
+
+class DaemonStarted(_EventBody, tag="daemon_started", kw_only=True):
+    version: str
+    pools: list[str]
+    simulated: bool
+
+
+class DaemonStopping(_EventBody, tag="daemon_stopping", kw_only=True):
+    reason: str
+
+
+class NodeHeartbeat(_EventBody, tag="heartbeat", kw_only=True):
+    """Every 10 s: the node is alive; a GPU summary and pool states."""
+
+    gpus: int
+    memory_total: NonNeg
+    memory_free: NonNeg
+    simulated: bool
+    pools: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+EventBody = (
+    StateChanged
+    | PreloadRejected
+    | CommandRejected
+    | EngineSpawned
+    | EngineExited
+    | EngineAdopted
+    | BackoffScheduled
+    | RestartLimitReached
+    | LeaseGranted
+    | LeaseReleased
+    | LeaseExpired
+    | DrainForced
+    | ReloadRolledBack
+    | HealthChanged
+    | PoolFenced
+    | OrphanReaped
+    | DaemonStarted
+    | DaemonStopping
+    | NodeHeartbeat
+)
+
+NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat"})
+
+
+class Event(_Base, kw_only=True):
+    """The envelope of every event. ``pool`` events have a contiguous per-pool ``seq`` from 1;
+    node events have ``pool`` None and a per-node sequence. ``v`` is always written so that
+    readers can upcast older events."""
+
+    v: int
+    seq: Annotated[int, Meta(ge=1)]
+    ts: float
+    node: str
+    pool: str | None = None
+    command_id: str | None = None
+    traceparent: str | None = None
+    body: EventBody
+
+    @property
+    def type(self) -> str:
+        """The event name: the tag of its body (``state_changed``, ``engine_exited``, ...)."""
+        return str(self.body.__struct_config__.tag)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding helpers shared by every layer
+# --------------------------------------------------------------------------------------------
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def encode(msg: Struct) -> bytes:
+    """Encode any wire message as JSON bytes."""
+    return _json_encoder.encode(msg)
+
+
+EVENT_DECODER: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+REPLY_DECODER: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)  # type: ignore[arg-type]
+HEALTH_DECODER: msgspec.json.Decoder[HealthReport] = msgspec.json.Decoder(HealthReport)
+SNAPSHOT_DECODER: msgspec.json.Decoder[PoolSnapshot] = msgspec.json.Decoder(PoolSnapshot)
+GPU_SNAPSHOT_DECODER: msgspec.json.Decoder[GpuSnapshot] = msgspec.json.Decoder(GpuSnapshot)
+
+ALL_MESSAGES: dict[str, type[Struct]] = {
+    **{f"cmd.{verb}": cls for verb, cls in POOL_COMMANDS.items()},
+    **{f"node_cmd.{verb}": cls for verb, cls in NODE_COMMANDS.items()},
+    "reply.accepted": Accepted,
+    "reply.rejected": Rejected,
+    "reply.status": StatusReply,
+    "reply.pools": PoolsReply,
+    "reply.inventory": InventoryReply,
+    "reply.lifecycle": LifecycleReply,
+    "health": HealthReport,
+    "event": Event,
+    "pool_snapshot": PoolSnapshot,
+    "gpu_snapshot": GpuSnapshot,
+}
+"""Every top-level message by schema name; ``pool-managerd schemas`` writes one file each."""
