@@ -72,9 +72,7 @@ class IllegalTransition(PoolManagerError):
 
     def __init__(self, pool: str, trigger: str, state: str, allowed: Sequence[str]) -> None:
         allowed_s = ", ".join(allowed) or "none"
-        super().__init__(
-            f"pool {pool!r}: {trigger!r} is not allowed in state {state!r} (allowed: {allowed_s})"
-        )
+        super().__init__(f"pool {pool!r}: {trigger!r} is not allowed in state {state!r} (allowed: {allowed_s})")
         self.pool = pool
         self.trigger = trigger
         self.state = state

@@ -1,0 +1,52 @@
+"""Effects: what the pure lifecycle asks the shell to do. The machine never does I/O itself.
+
+The shell publishes a step's events first (they are the source of truth), then runs its
+effects in order. Results of effects come back as facts (``engine_spawned``,
+``engine_exited``, ``timer_fired``, health reports), which the machine turns into triggers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pool_managerd.messages import EngineSpec, Placement
+
+TimerName = Literal["load_timeout", "backoff", "drain_deadline", "lease_expiry"]
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnEngine:
+    """Start the engine for ``spec`` on ``placement``; report back ``engine_spawned`` or
+    ``spawn_failed``, then ``engine_exited`` when it ends."""
+
+    spec: EngineSpec
+    placement: Placement
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopEngine:
+    """Stop one engine: SIGTERM to its process group, SIGKILL after ``grace_s``."""
+
+    pid: int
+    pgid: int
+    grace_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    """Fire ``timer_fired(name, token)`` after ``delay_s``; re-arming a name replaces it."""
+
+    name: TimerName
+    delay_s: float
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    name: TimerName
+
+
+Effect = SpawnEngine | StopEngine | ArmTimer | CancelTimer

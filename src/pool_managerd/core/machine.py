@@ -1,0 +1,838 @@
+"""The pool lifecycle: the table as data, and ONE shared ``transitions.Machine`` for all pools.
+
+The table (:data:`ROWS`) is plain data. It drives the live machine built here, the replay fold
+(:mod:`pool_managerd.core.fold`), the generated diagrams in ``schemas/`` and the property tests.
+
+Callbacks never do I/O. Guards and ``prepare`` callbacks call pure policy functions (the
+injected planner for placement/preflight, :mod:`pool_managerd.lifecycle.supervision` for restart
+decisions); ``before``/``after`` callbacks append events and effects to the pool's outbox, which
+the shell executes. Decisions are stored in the trigger's keyword arguments and recorded in the
+``state_changed`` event, so a replay can pass them back in and needs no clock, RNG or GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, cast
+
+import msgspec
+from transitions import EventData, Machine
+
+from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
+from pool_managerd.core.health import HealthState, assess
+from pool_managerd.core.registry import Entry, Registry
+from pool_managerd.lifecycle import drain as drain_policy
+from pool_managerd.lifecycle import preload as preload_policy
+from pool_managerd.lifecycle import supervision
+from pool_managerd.lifecycle.supervision import Decision, RestartPolicy, SupervisionState
+from pool_managerd.messages import (
+    SCHEMA_VERSION,
+    Accepted,
+    BackoffScheduled,
+    CommandRejected,
+    DrainCmd,
+    DrainForced,
+    EngineExited,
+    EngineInfo,
+    EngineSpawned,
+    EngineSpec,
+    Event,
+    EventBody,
+    GpuSnapshot,
+    HealthChanged,
+    HealthReport,
+    LeaseCmd,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LifecycleReply,
+    Placement,
+    PoolCommand,
+    PoolState,
+    PreloadCmd,
+    PreloadRejected,
+    Problem,
+    RejectCode,
+    Rejected,
+    ReleaseCmd,
+    ReloadCmd,
+    ReloadRolledBack,
+    RestartLimitReached,
+    StateChanged,
+    StatusCmd,
+    StatusReply,
+    StopCmd,
+    TransitionRow,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+STATES: tuple[PoolState, ...] = ("unready", "preloading", "ready", "draining", "restarting", "failed")
+INITIAL: PoolState = "unready"
+
+RowKind = Literal["command", "fact", "timer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row of the lifecycle table. ``conditions``/``unless`` name model guards; ``prepare``
+    names callbacks that compute decisions; ``after`` names the callback that emits effects."""
+
+    trigger: str
+    source: PoolState
+    dest: PoolState
+    kind: RowKind
+    note: str
+    prepare: tuple[str, ...] = ()
+    conditions: tuple[str, ...] = ()
+    unless: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+
+_FAIL_PREP = ("_supervise",)
+
+
+def _failure_rows(trigger: str, source: PoolState, kind: RowKind, what: str) -> list[Row]:
+    return [
+        Row(trigger, source, "restarting", kind, f"{what}; supervision schedules a restart",
+            _FAIL_PREP, ("_will_restart",), (), ("_schedule_restart",)),
+        Row(trigger, source, "failed", kind, f"{what}; restart limit reached",
+            _FAIL_PREP, (), ("_will_restart",), ("_give_up",)),
+    ]  # fmt: skip
+
+
+ROWS: tuple[Row, ...] = (
+    Row("preload", "unready", "preloading", "command",
+        "preflight and placement succeed against the current GPU snapshot",
+        ("_place",), ("_is_placed",), (), ("_spawn",)),
+    Row("engine_ready", "preloading", "ready", "fact",
+        "first healthy probe (HTTP 200) of the current engine", after=("_became_ready",)),
+    *_failure_rows("preload_failed", "preloading", "fact", "spawn error, exit during load or load timeout"),
+    *_failure_rows("engine_exited", "ready", "fact", "the engine process exited"),
+    *_failure_rows("health_lost", "ready", "fact", "consecutive failed health probes"),
+    Row("backoff_elapsed", "restarting", "preloading", "timer",
+        "re-placed against the current snapshot", ("_place",), ("_is_placed",), (), ("_spawn",)),
+    Row("backoff_elapsed", "restarting", "restarting", "timer",
+        "re-placement failed; supervision schedules another try",
+        ("_place", "_supervise"), ("_will_restart",), ("_is_placed",), ("_schedule_restart",)),
+    Row("backoff_elapsed", "restarting", "failed", "timer",
+        "re-placement failed; restart limit reached",
+        ("_place", "_supervise"), (), ("_is_placed", "_will_restart"), ("_give_up",)),
+    Row("drain", "ready", "draining", "command", "new leases refused; waits for leases to reach 0",
+        after=("_begin_drain",)),
+    Row("drain", "preloading", "draining", "command", "abandons the load; completes at once",
+        after=("_begin_drain",)),
+    Row("reload", "ready", "draining", "command",
+        "the new spec is placed first; then drains the old engine",
+        ("_place",), ("_is_placed",), (), ("_stage_reload", "_begin_drain")),
+    Row("drained", "draining", "unready", "fact", "leases reached 0; engine stopped",
+        unless=("_is_reload",), after=("_stop_and_clear",)),
+    Row("drained", "draining", "preloading", "fact", "reload: old engine stopped, new spec starts",
+        conditions=("_is_reload",), after=("_swap_to_reload", "_spawn")),
+    Row("drain_deadline", "draining", "unready", "timer", "deadline passed: engine stopped with leases held",
+        unless=("_is_reload",), after=("_force_drain",)),
+    Row("drain_deadline", "draining", "ready", "timer", "reload aborted at the deadline; old engine kept",
+        conditions=("_is_reload",), after=("_abort_reload",)),
+    *(Row("stop", s, "unready", "command", "graceful stop: SIGTERM to the group, SIGKILL after grace",
+          after=("_stop_and_clear",)) for s in STATES if s != "unready"),
+    Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop",
+        after=("_reset_supervision",)),
+)  # fmt: skip
+"""The lifecycle table. Rows sharing (trigger, source) are tried in order; guards pick one."""
+
+TRIGGERS: tuple[str, ...] = tuple(dict.fromkeys(row.trigger for row in ROWS))
+COMMAND_TRIGGERS = frozenset(row.trigger for row in ROWS if row.kind == "command")
+
+ALLOWED: Mapping[PoolState, tuple[str, ...]] = {
+    state: tuple(dict.fromkeys(row.trigger for row in ROWS if row.source == state)) for state in STATES
+}
+"""Triggers allowed per state (in table order)."""
+
+DESTINATIONS: Mapping[tuple[PoolState, str], frozenset[PoolState]] = {
+    (row.source, row.trigger): frozenset(r.dest for r in ROWS if (r.source, r.trigger) == (row.source, row.trigger))
+    for row in ROWS
+}
+"""(source, trigger) → the states the table may lead to: what the replay fold checks against."""
+
+
+def allowed_triggers(state: PoolState) -> tuple[str, ...]:
+    """Triggers the table allows from ``state``."""
+    return ALLOWED[state]
+
+
+def is_legal(source: PoolState, trigger: str, dest: PoolState) -> bool:
+    """Whether ``source --trigger--> dest`` is a row of the table."""
+    return dest in DESTINATIONS.get((source, trigger), frozenset())
+
+
+def describe() -> LifecycleReply:
+    """The table as a wire message (node ``lifecycle`` command, schemas/lifecycle.json)."""
+    return LifecycleReply(
+        states=list(STATES),
+        initial=INITIAL,
+        transitions=[TransitionRow(trigger=r.trigger, source=r.source, dest=r.dest, kind=r.kind, note=r.note)
+                     for r in ROWS],
+        allowed={state: list(triggers) for state, triggers in ALLOWED.items()},
+    )  # fmt: skip
+
+
+def mermaid() -> str:
+    """The table as a Mermaid state diagram."""
+    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL}"]
+    seen: set[tuple[str, str, str]] = set()
+    for row in ROWS:
+        key = (row.source, row.dest, row.trigger)
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"    {row.source} --> {row.dest}: {row.trigger}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and outputs of one step
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything impure a step may need, passed in by the shell."""
+
+    now: float
+    rand: float = 0.5
+    command_id: str | None = None
+    traceparent: str | None = None
+    snapshot: GpuSnapshot | None = None
+    host: object | None = None
+    """Host facts gathered by the shell (binaries, files, free ports); opaque to the machine."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRequest:
+    """What the planner needs to place (and preflight) one pool's engine."""
+
+    pool: str
+    spec: EngineSpec
+    mask: str | list[str] | None
+    policy: str | None
+    snapshot: GpuSnapshot | None
+    host: object | None
+    definition: PoolDefinition
+
+
+@dataclass(frozen=True, slots=True)
+class PlanRejected:
+    """The planner refused: preflight problems or a placement error."""
+
+    code: RejectCode
+    message: str
+    problems: tuple[Problem, ...] = ()
+
+
+Planner = Callable[[PlanRequest], Placement | PlanRejected]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolDefinition:
+    """A pool as configured: its engine spec and placement/restart preferences."""
+
+    pool: str
+    spec: EngineSpec
+    device_mask: str | list[str] | None = None
+    split_policy: str | None = None
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    model_bytes: int | None = None
+    context_bytes: int = 0
+    headroom_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one step: the reply (for commands), events to append, effects to run."""
+
+    reply: Accepted | Rejected | StatusReply | None
+    events: list[Event]
+    effects: list[Effect]
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: one per pool, all held by the shared machine
+# ----------------------------------------------------------------------------------------------
+
+
+class PoolModel:
+    """The ``transitions`` model of one pool. Its trigger methods are bound by the machine; the
+    shell never calls them directly but goes through :class:`Lifecycle`."""
+
+    state: PoolState
+
+    def __init__(self, definition: PoolDefinition, entry: Entry, planner: Planner) -> None:
+        self.definition = definition
+        self.entry = entry
+        self.planner = planner
+        self.spec: EngineSpec = definition.spec
+        self.mask: str | list[str] | None = definition.device_mask
+        self.split_policy: str | None = definition.split_policy
+        self.pending_spec: EngineSpec | None = None
+        self.pending_mask: str | list[str] | None = None
+        self.pending_placement: Placement | None = None
+        self.rollback: tuple[EngineSpec, str | list[str] | None] | None = None
+        self.reloading = False
+        self.supervision = SupervisionState()
+        self.timers: dict[TimerName, int] = {}
+        self.timer_seq = 0
+        self.stopping: set[int] = set()
+        self.attempt = 0
+        self.drain_deadline_s = 0.0
+        self.ctx = Context(now=0.0)
+        self.last_plan_rejected: PlanRejected | None = None
+        self.events: list[Event] = []
+        self.effects: list[Effect] = []
+
+    @property
+    def pool_id(self) -> str:
+        return self.entry.pool
+
+    # --- outbox ----------------------------------------------------------------------------
+
+    def emit(self, body: EventBody) -> Event:
+        """Append an event with the next per-pool sequence."""
+        self.entry.seq += 1
+        event = Event(
+            v=SCHEMA_VERSION,
+            seq=self.entry.seq,
+            ts=self.ctx.now,
+            node=self.entry.node,
+            pool=self.entry.pool,
+            command_id=self.ctx.command_id,
+            traceparent=self.ctx.traceparent,
+            body=body,
+        )
+        self.entry.last_event = event.type
+        self.entry.updated_at = self.ctx.now
+        self.events.append(event)
+        return event
+
+    def arm(self, name: TimerName, delay_s: float) -> None:
+        self.timer_seq += 1
+        self.timers[name] = self.timer_seq
+        self.effects.append(ArmTimer(name, max(0.0, delay_s), self.timer_seq))
+
+    def cancel(self, *names: TimerName) -> None:
+        for name in names:
+            if self.timers.pop(name, None) is not None:
+                self.effects.append(CancelTimer(name))
+
+    def stop_engine(self, reason: str, grace_s: float | None = None) -> None:
+        """Ask the shell to stop the current engine; its exit is then expected, not a crash."""
+        engine = self.entry.engine
+        if engine is None:
+            return
+        self.stopping.add(engine.pid)
+        self.entry.engine = None
+        grace = self.spec.stop_grace_s if grace_s is None else grace_s
+        self.effects.append(StopEngine(engine.pid, engine.pgid, grace, reason))
+
+    # --- prepare callbacks: compute decisions unless replay supplied them --------------------
+
+    def _place(self, ev: EventData) -> None:
+        kw = ev.kwargs
+        if "placement" in kw or "plan_rejected" in kw:
+            return
+        spec: EngineSpec = kw.get("new_spec") or self.pending_spec or self.spec
+        mask = kw["mask"] if kw.get("mask") is not None else self.mask
+        policy = kw.get("policy") or self.split_policy
+        request = PlanRequest(self.pool_id, spec, mask, policy, self.ctx.snapshot, self.ctx.host, self.definition)
+        result = self.planner(request)
+        if isinstance(result, PlanRejected):
+            kw["plan_rejected"] = result
+            self.last_plan_rejected = result
+        else:
+            kw["placement"] = result
+            self.last_plan_rejected = None
+
+    def _supervise(self, ev: EventData) -> None:
+        kw = ev.kwargs
+        if "decision" in kw:
+            return
+        cause = str(kw.get("cause") or ev.event.name)
+        if ev.event.name == "backoff_elapsed" and "plan_rejected" in kw:
+            cause = f"re-placement failed: {kw['plan_rejected'].message}"
+        if self.rollback is not None and ev.event.name == "preload_failed":
+            # A reloaded spec that fails is not a crash loop of the pool: restore the old spec now.
+            kw["decision"] = Decision(True, 0.0, self.supervision.consecutive_failures,
+                                      f"{cause}; reload failed, rolling back", self.supervision)  # fmt: skip
+            kw["rollback"] = True
+            return
+        policy = self.definition.restart
+        kw["decision"] = supervision.on_failure(policy, self.supervision, self.ctx.now, self.ctx.rand, cause)
+
+    # --- guards ----------------------------------------------------------------------------
+
+    def _is_placed(self, ev: EventData) -> bool:
+        return ev.kwargs.get("placement") is not None
+
+    def _will_restart(self, ev: EventData) -> bool:
+        return bool(ev.kwargs["decision"].restart)
+
+    def _is_reload(self, ev: EventData) -> bool:
+        return self.reloading
+
+    # --- the state_changed record (machine-wide before_state_change) -------------------------
+
+    def _record(self, ev: EventData) -> None:
+        kw = ev.kwargs
+        trigger = ev.event.name
+        assert ev.transition is not None
+        src = cast(PoolState, ev.transition.source)
+        dst = cast(PoolState, ev.transition.dest)
+        decision: Decision | None = kw.get("decision")
+        placement: Placement | None = kw.get("placement") if dst in ("preloading", "draining") else None
+        spec: EngineSpec | None = None
+        deadline_at = None
+        if dst == "preloading":
+            spec = self.pending_spec if (trigger == "drained" and self.pending_spec) else self.spec
+            if trigger == "drained":
+                placement = self.pending_placement
+            deadline_at = self.ctx.now + spec.load_timeout_s
+        elif trigger == "reload":
+            spec = kw.get("new_spec")
+        if dst == "draining":
+            deadline_at = self.ctx.now + float(kw.get("deadline_s", 30.0))
+        reason = str(kw.get("reason") or (decision.reason if decision else "") or kw.get("cause") or "")
+        self.emit(
+            StateChanged(
+                trigger=trigger,
+                src=src,
+                dst=dst,
+                reason=reason,
+                placement=placement,
+                spec=spec,
+                delay_s=decision.delay_s if decision and decision.restart else None,
+                deadline_at=deadline_at,
+                exit_code=kw.get("exit_code"),
+                leases_left=kw.get("leases_left"),
+                attempt=decision.attempt if decision else None,
+                reload=self.reloading or trigger == "reload",
+            )
+        )
+
+    # --- after callbacks: effects ------------------------------------------------------------
+
+    def _spawn(self, ev: EventData) -> None:
+        placement: Placement | None = ev.kwargs.get("placement")
+        if ev.event.name == "drained":
+            placement = self.pending_placement
+            self.pending_placement = None
+        assert placement is not None  # guarded by _is_placed / staged by reload
+        self.entry.placement = placement
+        self.entry.device_mask = list(placement.mask)
+        self.entry.model = self.spec.model or None
+        self.entry.engine_version = self.spec.engine_version
+        self.entry.engine_digest = self.spec.model_digest
+        self.entry.slots_total = self.spec.slots
+        self.entry.health = HealthState()
+        self.entry.draining = False
+        self.attempt += 1
+        self.arm("load_timeout", self.spec.load_timeout_s)
+        self.effects.append(SpawnEngine(self.spec, placement, self.attempt))
+
+    def _became_ready(self, ev: EventData) -> None:
+        self.cancel("load_timeout")
+        self.supervision = supervision.on_ready(self.supervision, self.ctx.now)
+        self.rollback = None
+        self.entry.last_error = None
+
+    def _schedule_restart(self, ev: EventData) -> None:
+        decision: Decision = ev.kwargs["decision"]
+        self.supervision = decision.state
+        self.cancel("load_timeout")
+        self.stop_engine(decision.reason, grace_s=0.0 if ev.event.name != "engine_exited" else None)
+        self.entry.drop_leases()
+        self.entry.health = HealthState()
+        self.entry.last_error = decision.reason
+        if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
+            self.entry.crashes += 1
+        if ev.kwargs.get("rollback"):
+            old_spec, old_mask = self.rollback or (self.spec, self.mask)
+            self.emit(ReloadRolledBack(reason=decision.reason))
+            self.spec, self.mask = old_spec, old_mask
+            self.rollback = None
+        else:
+            self.entry.restarts += 1
+            self.emit(BackoffScheduled(delay_s=decision.delay_s, attempt=decision.attempt, reason=decision.reason))
+        self.arm("backoff", decision.delay_s)
+
+    def _give_up(self, ev: EventData) -> None:
+        decision: Decision = ev.kwargs["decision"]
+        self.supervision = decision.state
+        self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
+        self.stop_engine(decision.reason, grace_s=0.0)
+        self.entry.drop_leases()
+        self.entry.health = HealthState()
+        self.entry.last_error = decision.reason
+        if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
+            self.entry.crashes += 1
+        policy = self.definition.restart
+        restarts = len(decision.state.restart_times)
+        self.emit(RestartLimitReached(restarts=restarts, window_s=policy.window_s, reason=decision.reason))
+
+    def _begin_drain(self, ev: EventData) -> None:
+        self.entry.draining = True
+        self.drain_deadline_s = float(ev.kwargs.get("deadline_s", 30.0))
+        if drain_policy.complete_now(self.entry.active_leases):
+            # Queued by the machine: runs right after this transition completes.
+            self.drained(reason="no leases held")  # type: ignore[attr-defined]
+        else:
+            self.arm("drain_deadline", self.drain_deadline_s)
+
+    def _stage_reload(self, ev: EventData) -> None:
+        self.reloading = True
+        self.pending_spec = ev.kwargs["new_spec"]
+        self.pending_mask = ev.kwargs.get("mask") if ev.kwargs.get("mask") is not None else self.mask
+        self.pending_placement = ev.kwargs["placement"]
+
+    def _swap_to_reload(self, ev: EventData) -> None:
+        assert self.pending_spec is not None
+        self.cancel("drain_deadline", "lease_expiry")
+        self.stop_engine("reload: stopping the old engine")
+        self.entry.drop_leases()
+        self.rollback = (self.spec, self.mask)
+        self.spec, self.mask = self.pending_spec, self.pending_mask
+        self.pending_spec = None
+        self.pending_mask = None
+        self.reloading = False
+
+    def _stop_and_clear(self, ev: EventData) -> None:
+        self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
+        self.stop_engine(str(ev.kwargs.get("reason") or ev.event.name), ev.kwargs.get("grace_s"))
+        self.entry.drop_leases()
+        self.entry.draining = False
+        self.entry.health = HealthState()
+        self.entry.placement = None
+        self.entry.device_mask = []
+        self._clear_reload()
+        self.rollback = None
+
+    def _force_drain(self, ev: EventData) -> None:
+        self.emit(DrainForced(leases_left=self.entry.active_leases, deadline_s=self.drain_deadline_s))
+        self._stop_and_clear(ev)
+
+    def _abort_reload(self, ev: EventData) -> None:
+        self.cancel("drain_deadline")
+        self.entry.draining = False
+        self._clear_reload()
+
+    def _clear_reload(self) -> None:
+        self.reloading = False
+        self.pending_spec = None
+        self.pending_mask = None
+        self.pending_placement = None
+
+    def _reset_supervision(self, ev: EventData) -> None:
+        self.supervision = supervision.reset(self.supervision)
+        self.entry.last_error = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The lifecycle: the shared machine and the pure step functions the shell calls
+# ----------------------------------------------------------------------------------------------
+
+
+def _build_machine() -> Machine:
+    transitions = [
+        {
+            "trigger": r.trigger,
+            "source": r.source,
+            "dest": r.dest,
+            "prepare": list(r.prepare),
+            "conditions": list(r.conditions),
+            "unless": list(r.unless),
+            "after": list(r.after),
+        }
+        for r in ROWS
+    ]
+    return Machine(
+        model=None,
+        states=list(STATES),
+        transitions=transitions,
+        initial=INITIAL,
+        auto_transitions=False,
+        send_event=True,
+        queued="model",  # type: ignore[arg-type]  # the stubs predate per-model queues
+        ignore_invalid_triggers=False,
+        before_state_change="_record",
+    )
+
+
+class Lifecycle:
+    """Every pool of one node in one shared machine. Each public method is one pure step:
+    inputs (a command or a fact, and a :class:`Context`) in, an :class:`Outcome` out."""
+
+    def __init__(self, node: str, planner: Planner, registry: Registry | None = None) -> None:
+        self.node = node
+        self.planner = planner
+        self.registry = registry if registry is not None else Registry(node)
+        self.machine = _build_machine()
+        self.pools: dict[str, PoolModel] = {}
+
+    # --- pools -------------------------------------------------------------------------------
+
+    def register(self, definition: PoolDefinition, *, simulated: bool = False) -> PoolModel:
+        """Add a pool in ``unready`` (the only way a pool comes to exist)."""
+        entry = self.registry.register(definition.pool, slots=definition.spec.slots, simulated=simulated)
+        model = PoolModel(definition, entry, self.planner)
+        self.machine.add_model(model, initial=INITIAL)
+        entry.state = model.state
+        self.pools[definition.pool] = model
+        return model
+
+    def pool(self, pool: str) -> PoolModel:
+        try:
+            return self.pools[pool]
+        except KeyError:
+            raise UnknownPool(pool) from None
+
+    def state(self, pool: str) -> PoolState:
+        return self.pool(pool).state
+
+    # --- the one way a trigger is fired -------------------------------------------------------
+
+    def _begin(self, model: PoolModel, ctx: Context) -> None:
+        model.ctx = ctx
+        model.events = []
+        model.effects = []
+
+    def _end(self, model: PoolModel, reply: Accepted | Rejected | StatusReply | None) -> Outcome:
+        model.entry.state = model.state
+        return Outcome(reply, model.events, model.effects)
+
+    def _fire(self, model: PoolModel, trigger: str, **kwargs: Any) -> bool:
+        """Fire ``trigger`` if the table allows it from the current state. Returns whether the
+        state machine took a row; raises :class:`IllegalTransition` otherwise."""
+        if trigger not in ALLOWED[model.state]:
+            raise IllegalTransition(model.pool_id, trigger, model.state, ALLOWED[model.state])
+        before = len(model.events)
+        model.trigger(trigger, **kwargs)  # type: ignore[attr-defined]
+        # A row was taken iff it recorded its state_changed event (before_state_change).
+        return any(isinstance(e.body, StateChanged) for e in model.events[before:])
+
+    # --- commands ------------------------------------------------------------------------------
+
+    def command(self, pool: str, cmd: PoolCommand, ctx: Context) -> Outcome:
+        """Apply one pool command. Never raises for bad requests: they become ``Rejected``."""
+        model = self.pool(pool)
+        if ctx.command_id is None:
+            ctx = replace(ctx, command_id=cmd.command_id)
+        self._begin(model, ctx)
+        verb = cmd.__struct_config__.tag
+        assert isinstance(verb, str)
+        try:
+            reply = self._command(model, verb, cmd)
+        except IllegalTransition as exc:
+            reply = self._reject(model, verb, "illegal_transition", exc.message, exc.allowed)
+        except LeaseRefused as exc:
+            reply = self._reject(model, verb, cast(RejectCode, exc.code), exc.message)
+        except UnknownLease as exc:
+            reply = self._reject(model, verb, "unknown_lease", exc.message)
+        return self._end(model, reply)
+
+    def _command(self, model: PoolModel, verb: str, cmd: PoolCommand) -> Accepted | Rejected | StatusReply:
+        if isinstance(cmd, StatusCmd):
+            return StatusReply(pool=self.registry.snapshot(model.pool_id))
+        if isinstance(cmd, PreloadCmd):
+            spec = model.spec
+            if cmd.model is not None and model.state in ALLOWED and "preload" in ALLOWED[model.state]:
+                model.spec = _with_model(spec, cmd.model)
+            taken = self._fire(model, "preload", mask=cmd.device_mask, policy=cmd.policy)
+            if not taken:
+                model.spec = spec
+                return self._plan_rejected(model, verb)
+            if cmd.device_mask is not None:
+                model.mask = cmd.device_mask
+            if cmd.policy is not None:
+                model.split_policy = cmd.policy
+        elif isinstance(cmd, DrainCmd):
+            self._fire(model, "drain", deadline_s=cmd.deadline_s)
+        elif isinstance(cmd, ReloadCmd):
+            new_spec = model.spec
+            if cmd.model is not None:
+                new_spec = _with_model(new_spec, cmd.model)
+            if cmd.argv is not None:
+                new_spec = _with_argv(new_spec, cmd.argv)
+            mask_same = cmd.device_mask is None or cmd.device_mask == model.mask
+            if new_spec == model.spec and mask_same and model.state == "ready":
+                # Reloading the very same spec is a no-op, not a needless restart.
+                return self._accept(model, verb, seq=model.entry.seq)
+            taken = self._fire(model, "reload", new_spec=new_spec, mask=cmd.device_mask, deadline_s=cmd.deadline_s)
+            if not taken:
+                return self._plan_rejected(model, verb)
+        elif isinstance(cmd, StopCmd):
+            self._fire(model, "stop", grace_s=cmd.grace_s, reason="stop command")
+        elif verb == "reset":
+            self._fire(model, "reset", reason="reset command")
+        elif isinstance(cmd, LeaseCmd):
+            lease_id = cmd.lease_id or cmd.command_id
+            lease = model.entry.acquire(lease_id, cmd.ttl_s, model.ctx.now, cmd.holder)
+            model.emit(LeaseGranted(lease_id=lease_id, expires_at=lease.expires_at,
+                                    active=model.entry.active_leases, holder=cmd.holder))  # fmt: skip
+            self._arm_lease_expiry(model)
+            first = model.events[0].seq
+            return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=lease.expires_at)
+        elif isinstance(cmd, ReleaseCmd):
+            model.entry.release(cmd.lease_id)
+            model.emit(LeaseReleased(lease_id=cmd.lease_id, active=model.entry.active_leases))
+            self._after_lease_drop(model)
+        first_seq = model.events[0].seq if model.events else model.entry.seq
+        return self._accept(model, verb, seq=first_seq)
+
+    def _accept(self, model: PoolModel, verb: str, *, seq: int, lease_id: str | None = None,
+                expires_at: float | None = None) -> Accepted:  # fmt: skip
+        return Accepted(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, seq=seq,
+                        state=model.state, lease_id=lease_id, expires_at=expires_at)  # fmt: skip
+
+    def _reject(self, model: PoolModel, verb: str, code: RejectCode, message: str,
+                allowed: Iterable[str] = (), problems: Iterable[Problem] = ()) -> Rejected:  # fmt: skip
+        model.emit(CommandRejected(verb=verb, code=code, message=message, state=model.state))
+        return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
+                        message=message, state=model.state, allowed=list(allowed), problems=list(problems))  # fmt: skip
+
+    def _plan_rejected(self, model: PoolModel, verb: str) -> Rejected:
+        # The prepare callback kept the planner's refusal on the model for exactly this reply.
+        rejected = model.last_plan_rejected
+        code: RejectCode = rejected.code if rejected else "placement_failed"
+        message = rejected.message if rejected else "placement failed"
+        problems: list[Problem] = list(rejected.problems) if rejected else []
+        model.emit(PreloadRejected(code=code, message=message, problems=problems))
+        return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
+                        message=message, state=model.state, problems=problems)  # fmt: skip
+
+    # --- facts ---------------------------------------------------------------------------------
+
+    def engine_spawned(self, pool: str, info: EngineInfo, cuda_visible_devices: str, ctx: Context) -> Outcome:
+        """The shell started the engine the last ``SpawnEngine`` asked for."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        if model.state == "preloading":
+            model.entry.engine = info
+            model.emit(EngineSpawned(pid=info.pid, pgid=info.pgid, port=info.port, argv=list(info.argv),
+                                     cuda_visible_devices=cuda_visible_devices, log_path=info.log_path,
+                                     attempt=model.attempt))  # fmt: skip
+        else:
+            # The pool moved on (stopped, drained) while the spawn was in flight: stop the newcomer.
+            model.stopping.add(info.pid)
+            model.effects.append(StopEngine(info.pid, info.pgid, 0.0, f"spawned after the pool became {model.state}"))
+        return self._end(model, None)
+
+    def spawn_failed(self, pool: str, error: str, ctx: Context) -> Outcome:
+        """The shell could not start the engine (missing binary, port taken, ...)."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        if model.state == "preloading":
+            self._fire(model, "preload_failed", cause=f"spawn failed: {error}")
+        return self._end(model, None)
+
+    def engine_exited(self, pool: str, pid: int, exit_code: int | None, signal: int | None, ctx: Context) -> Outcome:
+        """An engine process ended (observed by waiting on it)."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        current = model.entry.engine
+        if current is None or current.pid != pid:
+            expected = pid in model.stopping
+            model.stopping.discard(pid)
+            model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=expected,
+                                    during=model.state))  # fmt: skip
+            return self._end(model, None)
+        state = model.state
+        model.entry.engine = None
+        model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=False, during=state))
+        how = f"exit code {exit_code}" if exit_code is not None else f"signal {signal}"
+        if state == "preloading":
+            self._fire(model, "preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code)
+        elif state == "ready":
+            self._fire(model, "engine_exited", cause=f"engine exited ({how})", exit_code=exit_code)
+        elif state == "draining":
+            self._fire(model, "drained", reason=f"engine exited while draining ({how})",
+                       leases_left=model.entry.active_leases)  # fmt: skip
+        return self._end(model, None)
+
+    def health(self, pool: str, report: HealthReport, ctx: Context) -> Outcome:
+        """Fold one health report; may make the pool ready or declare health lost."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        engine = model.entry.engine
+        if engine is None or (report.engine_pid is not None and report.engine_pid != engine.pid):
+            return self._end(model, None)  # a report about an engine this pool no longer runs
+        model.entry.last_heartbeat = report.ts
+        threshold = model.spec.probe_failure_threshold
+        verdict = assess(model.entry.health, ok=report.ok, loading=report.loading, ts=report.ts, threshold=threshold)
+        model.entry.health = verdict.state
+        if report.latency_ms is not None:
+            model.entry.perf_hints["probe_latency_ms"] = report.latency_ms
+        if verdict.changed:
+            model.emit(HealthChanged(live=verdict.state.live, ready=verdict.state.ready,
+                                     consecutive_failures=verdict.state.consecutive_failures))  # fmt: skip
+        if model.state == "preloading" and preload_policy.ready_gate(
+            probe_ok=report.ok, probe_pid=report.engine_pid, engine_pid=engine.pid
+        ):
+            self._fire(model, "engine_ready", reason="first healthy probe")
+        elif model.state == "ready" and verdict.lost:
+            failures = verdict.state.consecutive_failures
+            self._fire(model, "health_lost", cause=f"{failures} consecutive failed health probes")
+        return self._end(model, None)
+
+    def timer_fired(self, pool: str, name: TimerName, token: int, ctx: Context) -> Outcome:
+        """A timer armed by ``ArmTimer`` fired; stale tokens are ignored."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        if model.timers.get(name) != token:
+            return self._end(model, None)
+        del model.timers[name]
+        if name == "load_timeout" and model.state == "preloading":
+            self._fire(model, "preload_failed", cause=preload_policy.timeout_reason(model.spec))
+        elif name == "backoff" and model.state == "restarting":
+            self._fire(model, "backoff_elapsed")
+        elif name == "drain_deadline" and model.state == "draining":
+            outcome = drain_policy.at_deadline(reload=model.reloading, active_leases=model.entry.active_leases,
+                                               deadline_s=model.drain_deadline_s)  # fmt: skip
+            self._fire(model, "drain_deadline", reason=outcome.reason, leases_left=outcome.leases_left)
+        elif name == "lease_expiry":
+            for lease_id in model.entry.expire(ctx.now):
+                model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
+            self._after_lease_drop(model)
+        return self._end(model, None)
+
+    def expire_leases(self, pool: str, ctx: Context) -> Outcome:
+        """Drop expired leases now (also done by the ``lease_expiry`` timer)."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        for lease_id in model.entry.expire(ctx.now):
+            model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
+        self._after_lease_drop(model)
+        return self._end(model, None)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _arm_lease_expiry(self, model: PoolModel) -> None:
+        nxt = model.entry.next_expiry()
+        if nxt is None:
+            model.cancel("lease_expiry")
+        else:
+            model.arm("lease_expiry", nxt - model.ctx.now)
+
+    def _after_lease_drop(self, model: PoolModel) -> None:
+        if model.state == "draining" and drain_policy.complete_now(model.entry.active_leases):
+            self._fire(model, "drained", reason="leases reached 0", leases_left=0)
+        else:
+            self._arm_lease_expiry(model)
+
+
+def _with_model(spec: EngineSpec, model: str) -> EngineSpec:
+    return msgspec.structs.replace(spec, model=model)
+
+
+def _with_argv(spec: EngineSpec, argv: list[str]) -> EngineSpec:
+    return msgspec.structs.replace(spec, argv=list(argv))
