@@ -25,7 +25,18 @@ _MODULES = {
     "preflight": "pool_managerd.validation.preflight",
 }
 
-__all__ = ["__version__", *_MODULES]
+__all__ = [
+    "__version__",
+    "devicemasks",
+    "drain",
+    "health",
+    "hetero_split",
+    "machine",
+    "preflight",
+    "preload",
+    "registry",
+    "supervision",
+]
 
 if TYPE_CHECKING:
     from pool_managerd.core import health, machine, registry

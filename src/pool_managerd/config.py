@@ -1,0 +1,367 @@
+"""Configuration: pydantic-settings models read from a TOML or YAML file, overridden by
+``POOL_MANAGERD_*`` environment variables (nested keys with ``__``, e.g.
+``POOL_MANAGERD_NATS__URLS='["nats://10.0.0.5:4222"]'``).
+
+Every error names the file, the key and the problem; the daemon exits non-zero before touching
+anything. Engine presets fill in argv templates and supervision defaults per engine kind.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.core.machine import PoolDefinition
+from pool_managerd.lifecycle.supervision import RestartPolicy
+from pool_managerd.messages import EngineSpec
+from pool_managerd.subjects import ID_RE
+
+EngineKind = Literal["llamacpp", "vllm", "tgi", "sglang", "custom", "fake"]
+
+PLACEHOLDERS = ("{model}", "{port}", "{host}", "{tensor_split}", "{n_gpus}")
+
+
+class ConfigError(PoolManagerError):
+    """The configuration is invalid; ``message`` lists every problem as ``file: key: problem``."""
+
+    code = "bad_config"
+
+
+class Preset(BaseModel):
+    """Defaults of one engine kind."""
+
+    argv: list[str]
+    health_path: str = "/health"
+    load_timeout_s: float = 300.0
+    stop_grace_s: float = 10.0
+
+
+def _fake_argv() -> list[str]:
+    return [sys.executable, "-m", "pool_managerd.testing.fake_engine", "--host", "{host}", "--port", "{port}",
+            "--model", "{model}"]  # fmt: skip
+
+
+PRESETS: dict[str, Preset] = {
+    # llama.cpp: --tensor-split is dropped by the renderer when the plan has no split.
+    "llamacpp": Preset(
+        argv=[
+            "llama-server",
+            "--model",
+            "{model}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--n-gpu-layers",
+            "999",
+            "--tensor-split",
+            "{tensor_split}",
+        ],
+        load_timeout_s=300.0,
+    ),
+    "vllm": Preset(
+        argv=["vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--tensor-parallel-size", "{n_gpus}"],
+        load_timeout_s=900.0,
+        stop_grace_s=30.0,
+    ),
+    "tgi": Preset(
+        argv=[
+            "text-generation-launcher",
+            "--model-id",
+            "{model}",
+            "--hostname",
+            "{host}",
+            "--port",
+            "{port}",
+            "--num-shard",
+            "{n_gpus}",
+        ],
+        load_timeout_s=900.0,
+        stop_grace_s=30.0,
+    ),
+    "sglang": Preset(
+        argv=[
+            "python3",
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            "{model}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--tp",
+            "{n_gpus}",
+        ],
+        load_timeout_s=900.0,
+        stop_grace_s=30.0,
+    ),
+    "fake": Preset(argv=_fake_argv(), load_timeout_s=30.0, stop_grace_s=5.0),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RestartConfig(_Strict):
+    """Supervision settings (see ``lifecycle/supervision.py`` for the anchors)."""
+
+    initial_s: Annotated[float, Field(ge=0)] = 1.0
+    factor: Annotated[float, Field(ge=1)] = 2.0
+    max_s: Annotated[float, Field(ge=0)] = 60.0
+    jitter: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    stable_s: Annotated[float, Field(gt=0)] = 60.0
+    max_consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    max_restarts: Annotated[int, Field(ge=1)] = 10
+    window_s: Annotated[float, Field(gt=0)] = 60.0
+
+    @model_validator(mode="after")
+    def _cap_above_initial(self) -> RestartConfig:
+        if self.max_s < self.initial_s:
+            raise ValueError("max_s must be >= initial_s")
+        return self
+
+    def policy(self) -> RestartPolicy:
+        return RestartPolicy(**self.model_dump())
+
+
+class PoolConfig(_Strict):
+    """One pool: which engine, which model, where, and how it is supervised."""
+
+    id: str
+    engine: EngineKind = "llamacpp"
+    argv: list[str] | None = None
+    """Full argv template; required for ``custom``, replaces the preset's otherwise."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Appended to the preset's argv (e.g. fake-engine knobs, ``--ctx-size 8192``)."""
+    binary: str | None = None
+    """Replaces argv[0] of the preset (e.g. a full path to llama-server)."""
+    model: str = ""
+    model_digest: str | None = None
+    model_bytes: Annotated[int, Field(ge=0)] | None = None
+    context_bytes: Annotated[int, Field(ge=0)] = 0
+    headroom_bytes: Annotated[int, Field(ge=0)] = 0
+    device_mask: str | list[str] = "auto"
+    split_policy: str = "free"
+    slots: Annotated[int, Field(ge=1, le=4096)] = 1
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    health_path: str | None = None
+    load_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    stop_grace_s: Annotated[float, Field(ge=0)] | None = None
+    probe_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    probe_failure_threshold: Annotated[int, Field(ge=1)] = 3
+    min_compute_capability: str | None = None
+    engine_version: str | None = None
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not ID_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid pool id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
+        return value
+
+    @field_validator("min_compute_capability")
+    @classmethod
+    def _valid_cc(cls, value: str | None) -> str | None:
+        if value is not None:
+            major, _, minor = value.partition(".")
+            if not (major.isdigit() and minor.isdigit()):
+                raise ValueError(f"{value!r} is not a compute capability like '8.0'")
+        return value
+
+    @model_validator(mode="after")
+    def _argv_known(self) -> PoolConfig:
+        if self.engine == "custom" and not self.argv:
+            raise ValueError("engine 'custom' needs an argv template")
+        for arg in self.resolved_argv():
+            for part in arg.split("{")[1:]:
+                name = "{" + part.split("}")[0] + "}"
+                if "}" in part and name not in PLACEHOLDERS:
+                    raise ValueError(f"argv uses unknown placeholder {name}; known: {', '.join(PLACEHOLDERS)}")
+        return self
+
+    def resolved_argv(self) -> list[str]:
+        if self.argv:
+            argv = list(self.argv)
+        else:
+            argv = list(PRESETS[self.engine].argv) if self.engine != "custom" else []
+            if self.binary and argv:
+                argv[0] = self.binary
+        return argv + list(self.extra_args)
+
+    def spec(self) -> EngineSpec:
+        """The resolved engine spec (preset defaults filled in)."""
+        preset = PRESETS.get(self.engine)
+        cc = None
+        if self.min_compute_capability:
+            major, _, minor = self.min_compute_capability.partition(".")
+            cc = (int(major), int(minor))
+        return EngineSpec(
+            preset=self.engine,
+            argv=self.resolved_argv(),
+            env=dict(self.env),
+            model=self.model,
+            model_digest=self.model_digest,
+            health_path=self.health_path or (preset.health_path if preset else "/health"),
+            host=self.host,
+            port=self.port,
+            load_timeout_s=self.load_timeout_s or (preset.load_timeout_s if preset else 300.0),
+            stop_grace_s=self.stop_grace_s
+            if self.stop_grace_s is not None
+            else (preset.stop_grace_s if preset else 10.0),
+            probe_interval_s=self.probe_interval_s,
+            probe_failure_threshold=self.probe_failure_threshold,
+            slots=self.slots,
+            min_compute_capability=cc,
+            engine_version=self.engine_version,
+        )
+
+    def definition(self) -> PoolDefinition:
+        """The pure core's view of this pool."""
+        return PoolDefinition(
+            pool=self.id,
+            spec=self.spec(),
+            device_mask=None if self.device_mask == "auto" else self.device_mask,
+            split_policy=self.split_policy,
+            restart=self.restart.policy(),
+            model_bytes=self.model_bytes,
+            context_bytes=self.context_bytes,
+            headroom_bytes=self.headroom_bytes,
+        )
+
+
+class NatsConfig(_Strict):
+    """How to reach NATS. No ``urls`` means: start an embedded nats-server in the run dir."""
+
+    urls: list[str] = Field(default_factory=list)
+    prefix: str = "poold"
+    name: str | None = None
+    credentials_file: Path | None = None
+    nkey_seed_file: Path | None = None
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    ping_interval_s: Annotated[float, Field(gt=0)] = 10.0
+    max_outstanding_pings: Annotated[int, Field(ge=1)] = 3
+    reconnect_wait_s: Annotated[float, Field(gt=0)] = 1.0
+    event_max_age_s: Annotated[float, Field(gt=0)] | None = 30 * 24 * 3600.0
+    publish_backlog: Annotated[int, Field(ge=1)] = 10_000
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NatsConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.user is not None and self.password is None:
+            raise ValueError("user needs a password")
+        return self
+
+
+class DaemonConfig(BaseSettings):
+    """The whole daemon configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POOL_MANAGERD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    node: str = "node-1"
+    run_dir: Path = Path("run")
+    gpus: str = "nvml"
+    """``nvml`` (real GPUs), ``sim:<profile>`` or a JSON snapshot file."""
+    metrics_addr: str | None = None
+    """``host:port`` for Prometheus ``/metrics``; None disables it."""
+    heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    on_shutdown: Literal["stop", "leave"] = "stop"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+    pools: list[PoolConfig] = Field(default_factory=list)
+
+    @field_validator("node")
+    @classmethod
+    def _valid_node(cls, value: str) -> str:
+        if not ID_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid node id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_pools(self) -> DaemonConfig:
+        seen: set[str] = set()
+        for pool in self.pools:
+            if pool.id in seen:
+                raise ValueError(f"pool id {pool.id!r} appears twice")
+            seen.add(pool.id)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (init kwargs carry the file's content).
+        return (env_settings, init_settings)
+
+    def definitions(self) -> list[PoolDefinition]:
+        return [pool.definition() for pool in self.pools]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'}: {exc}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table/mapping")
+    return data
+
+
+def _format(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(root)"
+        lines.append(f"{source}: {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
+    """Read and validate the configuration; raises :class:`ConfigError` naming file and key."""
+    data = _read_file(path) if path is not None else {}
+    data.update(overrides)
+    try:
+        return DaemonConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format(str(path) if path else "(config)", exc)) from None
+
+
+def dump_spec(spec: EngineSpec) -> dict[str, Any]:
+    """An engine spec as plain data (for ``ctl`` and docs)."""
+    result: dict[str, Any] = msgspec.to_builtins(spec)
+    return result
