@@ -12,13 +12,14 @@ the shell executes. Decisions are stored in the trigger's keyword arguments and 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import msgspec
 from transitions import EventData, Machine
 
+from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
 from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
 from pool_managerd.core.health import HealthState, assess
@@ -26,7 +27,7 @@ from pool_managerd.core.registry import Entry, Registry
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import preload as preload_policy
 from pool_managerd.lifecycle import supervision
-from pool_managerd.lifecycle.supervision import Decision, RestartPolicy, SupervisionState
+from pool_managerd.lifecycle.supervision import Decision, SupervisionState
 from pool_managerd.messages import (
     SCHEMA_VERSION,
     Accepted,
@@ -40,7 +41,6 @@ from pool_managerd.messages import (
     EngineSpec,
     Event,
     EventBody,
-    GpuSnapshot,
     HealthChanged,
     HealthReport,
     LeaseCmd,
@@ -195,58 +195,6 @@ def mermaid() -> str:
 # ----------------------------------------------------------------------------------------------
 # Inputs and outputs of one step
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Everything impure a step may need, passed in by the shell."""
-
-    now: float
-    rand: float = 0.5
-    command_id: str | None = None
-    traceparent: str | None = None
-    snapshot: GpuSnapshot | None = None
-    host: object | None = None
-    """Host facts gathered by the shell (binaries, files, free ports); opaque to the machine."""
-
-
-@dataclass(frozen=True, slots=True)
-class PlanRequest:
-    """What the planner needs to place (and preflight) one pool's engine."""
-
-    pool: str
-    spec: EngineSpec
-    mask: str | list[str] | None
-    policy: str | None
-    snapshot: GpuSnapshot | None
-    host: object | None
-    definition: PoolDefinition
-
-
-@dataclass(frozen=True, slots=True)
-class PlanRejected:
-    """The planner refused: preflight problems or a placement error."""
-
-    code: RejectCode
-    message: str
-    problems: tuple[Problem, ...] = ()
-
-
-Planner = Callable[[PlanRequest], Placement | PlanRejected]
-
-
-@dataclass(frozen=True, slots=True)
-class PoolDefinition:
-    """A pool as configured: its engine spec and placement/restart preferences."""
-
-    pool: str
-    spec: EngineSpec
-    device_mask: str | list[str] | None = None
-    split_policy: str | None = None
-    restart: RestartPolicy = field(default_factory=RestartPolicy)
-    model_bytes: int | None = None
-    context_bytes: int = 0
-    headroom_bytes: int = 0
 
 
 @dataclass(slots=True)
