@@ -212,7 +212,8 @@ class PoolConfig(_Strict):
             preset=self.engine,
             argv=self.resolved_argv(),
             env=dict(self.env),
-            model=self.model,
+            # The fake engine serves any name; a pool's id is a readable default.
+            model=self.model or (self.id if self.engine == "fake" else ""),
             model_digest=self.model_digest,
             health_path=self.health_path or (preset.health_path if preset else "/health"),
             host=self.host,

@@ -1,0 +1,317 @@
+"""Pool actors: one per pool. Each serialises its pool's inputs (commands, engine facts, timer
+firings, health reports) through the shared lifecycle machine, appends the resulting events to
+the event sink, then executes the effects. Results of effects come back as new inputs.
+
+Nothing here decides anything: decisions live in the pure core. This module only turns effects
+into processes, probes and timers, and process facts back into triggers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
+from pool_managerd.adapters.process import (
+    EngineHandle,
+    ExitInfo,
+    SpawnError,
+    TemplateError,
+    allocate_port,
+    render_argv,
+    spawn,
+)
+from pool_managerd.core.definitions import Context
+from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.machine import Outcome
+from pool_managerd.messages import EngineInfo, HealthReport, Placement
+
+if TYPE_CHECKING:
+    from pool_managerd.runtime.pools import PoolRuntime
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[Context], Outcome]
+
+
+@dataclass(slots=True)
+class _Input:
+    step: Step
+    needs_plan: bool = False
+    command_id: str | None = None
+    traceparent: str | None = None
+    reply: asyncio.Future[Outcome] | None = None
+    label: str = ""
+
+
+@dataclass(slots=True)
+class _Engine:
+    handle: EngineHandle
+    prober: HealthProber | None = None
+    stopping: asyncio.Task[ExitInfo] | None = None
+
+
+@dataclass(slots=True)
+class ActorStats:
+    steps: int = 0
+    spawns: int = 0
+    spawn_failures: int = 0
+    stops: int = 0
+    probe_latency_ms: list[float] = field(default_factory=list)
+
+
+class PoolActor:
+    """Runs one pool: a serial input queue over the shared lifecycle, and the effect executor."""
+
+    def __init__(self, runtime: PoolRuntime, pool: str) -> None:
+        self.runtime = runtime
+        self.pool = pool
+        self.engines: dict[int, _Engine] = {}
+        self.timers: dict[TimerName, asyncio.TimerHandle] = {}
+        self.stats = ActorStats()
+        self.fenced = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        step: Step,
+        *,
+        needs_plan: bool = False,
+        command_id: str | None = None,
+        traceparent: str | None = None,
+        want_reply: bool = False,
+        label: str = "",
+    ) -> asyncio.Future[Outcome] | None:
+        """Queue one step; with ``want_reply`` a future resolves with its outcome once the step's
+        events are appended (before its effects run)."""
+        fut: asyncio.Future[Outcome] | None = None
+        if want_reply:
+            fut = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Input(step, needs_plan, command_id, traceparent, fut, label))
+        return fut
+
+    def health_report(self, report: HealthReport) -> None:
+        """Feed one health report (from our prober via NATS, or an external reporter)."""
+        lc = self.runtime.lifecycle
+        self.submit(lambda ctx: lc.health(self.pool, report, ctx), label="health")
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        rt = self.runtime
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            try:
+                ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent)
+                outcome = item.step(ctx)
+            except Exception as exc:
+                # The core raises only typed errors for bad input; anything else is a bug that must
+                # not take the daemon down with it.
+                log.exception("pool %s: step %s failed", self.pool, item.label)
+                if item.reply is not None and not item.reply.done():
+                    item.reply.set_exception(exc)
+                continue
+            self.stats.steps += 1
+            if outcome.events:
+                try:
+                    await rt.append_events(self.pool, outcome.events)
+                except Exception:
+                    log.exception("pool %s: events could not be appended; effects withheld", self.pool)
+                    if item.reply is not None and not item.reply.done():
+                        item.reply.set_result(outcome)
+                    continue
+            if item.reply is not None and not item.reply.done():
+                item.reply.set_result(outcome)
+            if self.fenced:
+                continue
+            for effect in outcome.effects:
+                try:
+                    await self._execute(effect)
+                except Exception:
+                    log.exception("pool %s: effect %r failed", self.pool, effect)
+            rt.after_step(self.pool, outcome)
+
+    async def _execute(self, effect: Effect) -> None:
+        if isinstance(effect, SpawnEngine):
+            await self._spawn(effect)
+        elif isinstance(effect, StopEngine):
+            self._stop(effect.pid, effect.grace_s, effect.reason)
+        elif isinstance(effect, ArmTimer):
+            self._arm(effect)
+        elif isinstance(effect, CancelTimer):
+            handle = self.timers.pop(effect.name, None)
+            if handle is not None:
+                handle.cancel()
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def _arm(self, effect: ArmTimer) -> None:
+        old = self.timers.pop(effect.name, None)
+        if old is not None:
+            old.cancel()
+        lc = self.runtime.lifecycle
+        name, token = effect.name, effect.token
+
+        def fire() -> None:
+            self.timers.pop(name, None)
+            self.submit(
+                lambda ctx: lc.timer_fired(self.pool, name, token, ctx), needs_plan=name == "backoff", label=name
+            )
+
+        self.timers[name] = asyncio.get_running_loop().call_later(effect.delay_s, fire)
+
+    # --- engines -------------------------------------------------------------------------------
+
+    async def _spawn(self, effect: SpawnEngine) -> None:
+        rt = self.runtime
+        lc = rt.lifecycle
+        # A reload or restart reuses the same GPUs: the previous engine must be gone first.
+        pending = [e.stopping for e in self.engines.values() if e.stopping is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        spec = effect.spec
+        try:
+            port = spec.port if spec.port is not None else allocate_port(spec.host)
+            argv = render_argv(spec.argv, _placeholders(spec.model, port, spec.host, effect.placement))
+            env = {**spec.env, "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}
+            handle = await spawn(
+                argv,
+                pool=self.pool,
+                port=port,
+                host=spec.host,
+                env=env,
+                log_path=rt.log_path(self.pool),
+                record=rt.spawn_record,
+                on_exit=self._on_exit,
+            )
+        except (SpawnError, TemplateError, OSError) as exc:
+            self.stats.spawn_failures += 1
+            message = getattr(exc, "message", None) or str(exc)
+            self.submit(lambda ctx: lc.spawn_failed(self.pool, message, ctx), label="spawn_failed")
+            return
+        self.stats.spawns += 1
+        info = EngineInfo(
+            pid=handle.pid,
+            pgid=handle.pgid,
+            port=port,
+            started_at=handle.started_at,
+            argv=list(argv),
+            log_path=str(handle.log_path) if handle.log_path else None,
+        )
+        self.engines[handle.pid] = _Engine(handle)
+        cuda = effect.placement.cuda_visible_devices
+        self.submit(lambda ctx: lc.engine_spawned(self.pool, info, cuda, ctx), label="engine_spawned")
+        self._start_probing(handle, spec.health_path, spec.probe_interval_s)
+
+    def _start_probing(self, handle: EngineHandle, path: str, interval_s: float, *, steady: bool = False) -> None:
+        pid = handle.pid
+
+        async def on_result(result: ProbeResult) -> None:
+            report = HealthReport(
+                pool=self.pool,
+                ts=result.ts,
+                ok=result.ok,
+                loading=result.loading,
+                status=result.status,
+                latency_ms=round(result.latency_ms, 3),
+                error=result.error,
+                engine_pid=pid,
+            )
+            self.runtime.publish_health(self, report)
+
+        prober = HealthProber(
+            handle.host,
+            handle.port,
+            path,
+            on_result=on_result,
+            steady_interval_s=interval_s,
+            mode="steady" if steady else "preload",
+            name=f"{self.pool}/{pid}",
+            **self.runtime.probe_options,
+        )
+        self.engines[pid].prober = prober
+        prober.start()
+
+    def _stop_probing(self, engine: _Engine) -> None:
+        prober, engine.prober = engine.prober, None
+        if prober is not None:
+            task = asyncio.get_running_loop().create_task(prober.stop(), name=f"stop-probe-{self.pool}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _on_exit(self, handle: EngineHandle, info: ExitInfo) -> None:
+        engine = self.engines.get(handle.pid)
+        if engine is not None:
+            self._stop_probing(engine)
+        if engine is not None and engine.stopping is None:
+            self.engines.pop(handle.pid, None)
+        lc = self.runtime.lifecycle
+        pid, code, sig = handle.pid, info.exit_code, info.signal
+        self.submit(lambda ctx: lc.engine_exited(self.pool, pid, code, sig, ctx), label="engine_exited")
+
+    def _stop(self, pid: int, grace_s: float, reason: str) -> None:
+        engine = self.engines.get(pid)
+        if engine is None or engine.stopping is not None:
+            return
+        self._stop_probing(engine)
+        self.stats.stops += 1
+        log.info("pool %s: stopping engine pid %d (%s)", self.pool, pid, reason)
+        task = asyncio.get_running_loop().create_task(engine.handle.stop(grace_s), name=f"stop-{self.pool}-{pid}")
+        engine.stopping = task
+        task.add_done_callback(lambda _t: self.engines.pop(pid, None))
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    async def close(self, *, stop_engines: bool, grace_s: float | None = None) -> None:
+        """Stop taking inputs, cancel timers and probes, and (by default) stop every engine."""
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        for engine in list(self.engines.values()):
+            self._stop_probing(engine)
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if stop_engines:
+            grace = grace_s
+            waits = []
+            for pid, engine in list(self.engines.items()):
+                if engine.stopping is None:
+                    self._stop(pid, grace if grace is not None else 5.0, "daemon shutdown")
+                stopping = self.engines.get(pid, engine).stopping
+                if stopping is not None:
+                    waits.append(stopping)
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
+
+    @property
+    def idle(self) -> bool:
+        return self._queue.empty()
+
+
+def _placeholders(model: str, port: int, host: str, placement: Placement) -> dict[str, str | int]:
+    return {
+        "model": model,
+        "port": port,
+        "host": host,
+        "tensor_split": placement.tensor_split or "",
+        "n_gpus": max(1, len(placement.uuids)),
+    }
+
+
+def ensure_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

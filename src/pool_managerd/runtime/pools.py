@@ -1,0 +1,258 @@
+"""The pool runtime: the shared lifecycle machine, one actor per pool, and what every actor needs
+from the outside world (clock, RNG, GPU snapshots, host facts, the event sink)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+from pool_managerd.adapters.host_facts import gather_host_facts
+from pool_managerd.adapters.process import SpawnRecord
+from pool_managerd.core.definitions import Context, PoolDefinition
+from pool_managerd.core.errors import PoolManagerError, UnknownPool
+from pool_managerd.core.machine import Lifecycle, Outcome
+from pool_managerd.lifecycle.preload import model_path, plan
+from pool_managerd.messages import (
+    Accepted,
+    EngineSpec,
+    Event,
+    GpuSnapshot,
+    HealthReport,
+    PoolCommand,
+    Problem,
+    Rejected,
+    StatusCmd,
+    StatusReply,
+)
+from pool_managerd.runtime.actor import PoolActor
+
+log = logging.getLogger(__name__)
+
+PoolReply = Accepted | Rejected | StatusReply
+
+PLAN_VERBS = frozenset({"preload", "reload"})
+
+
+class EventSink(Protocol):
+    """Where a step's events go before its effects run (JetStream in the daemon)."""
+
+    async def append(self, pool: str, events: Sequence[Event]) -> None: ...
+
+
+class MemoryEventSink:
+    """An in-process event log with waiters: for tests of the runtime without NATS, and the
+    replay tooling's offline mode."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._changed = asyncio.Condition()
+
+    async def append(self, pool: str, events: Sequence[Event]) -> None:
+        async with self._changed:
+            self.events.extend(events)
+            self._changed.notify_all()
+
+    def of(self, pool: str) -> list[Event]:
+        return [e for e in self.events if e.pool == pool]
+
+    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
+        """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
+
+        async def find() -> Event:
+            async with self._changed:
+                i = start
+                while True:
+                    while i < len(self.events):
+                        if predicate(self.events[i]):
+                            return self.events[i]
+                        i += 1
+                    await self._changed.wait()
+
+        return await asyncio.wait_for(find(), timeout)
+
+
+GpuSource = Callable[[], GpuSnapshot]
+
+
+@dataclass(slots=True)
+class RuntimeOptions:
+    """Knobs of the runtime that tests and the daemon set."""
+
+    node: str = "node-1"
+    run_dir: Path = Path("run")
+    probe_options: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class PoolRuntime:
+    """Every pool of this node: the lifecycle, its actors, and the effect executor's world."""
+
+    def __init__(
+        self,
+        sink: EventSink,
+        gpu_source: GpuSource,
+        options: RuntimeOptions | None = None,
+        *,
+        health_out: Callable[[HealthReport], None] | None = None,
+    ) -> None:
+        self.options = options or RuntimeOptions()
+        self.node = self.options.node
+        self.sink = sink
+        self.gpu_source = gpu_source
+        self.lifecycle = Lifecycle(self.node, plan)
+        self.actors: dict[str, PoolActor] = {}
+        self.health_out = health_out
+        self.listeners: list[Callable[[str, Outcome], None]] = []
+        self.run_dir = self.options.run_dir
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
+        self.probe_options = dict(self.options.probe_options)
+        self.health_ignored = 0
+
+    # --- pools ---------------------------------------------------------------------------------
+
+    def add_pool(self, definition: PoolDefinition, *, simulated: bool = False) -> PoolActor:
+        self.lifecycle.register(definition, simulated=simulated)
+        actor = PoolActor(self, definition.pool)
+        self.actors[definition.pool] = actor
+        return actor
+
+    def actor(self, pool: str) -> PoolActor:
+        try:
+            return self.actors[pool]
+        except KeyError:
+            raise UnknownPool(pool) from None
+
+    async def command(self, pool: str, cmd: PoolCommand, traceparent: str | None = None) -> PoolReply:
+        """Apply one command to ``pool`` and return its reply (after its events are appended)."""
+        actor = self.actor(pool)
+        if isinstance(cmd, StatusCmd):
+            # A read needs no serialisation: the loop is single-threaded and steps are synchronous.
+            return StatusReply(pool=self.lifecycle.registry.snapshot(pool))
+        verb = str(cmd.__struct_config__.tag)
+        if actor.fenced:
+            return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="fenced",
+                            message=f"pool {pool!r} is fenced: another daemon writes its events")  # fmt: skip
+        lc = self.lifecycle
+        fut = actor.submit(
+            lambda ctx: lc.command(pool, cmd, ctx),
+            needs_plan=verb in PLAN_VERBS,
+            command_id=cmd.command_id,
+            traceparent=traceparent,
+            want_reply=True,
+            label=verb,
+        )
+        assert fut is not None
+        outcome = await fut
+        assert outcome.reply is not None
+        return outcome.reply
+
+    def health_report(self, report: HealthReport) -> bool:
+        """Route a health report to its pool's actor; reports for pools not owned here are
+        ignored and counted. Returns whether it was routed."""
+        actor = self.actors.get(report.pool)
+        if actor is None:
+            self.health_ignored += 1
+            return False
+        actor.health_report(report)
+        return True
+
+    def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
+        """Where our own prober's results go: NATS when wired (so others see them), else the actor."""
+        if self.health_out is not None:
+            self.health_out(report)
+        else:
+            actor.health_report(report)
+
+    # --- the world as the actors see it --------------------------------------------------------
+
+    async def context(self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None) -> Context:
+        now = self.options.clock()
+        rand = self.options.rng.random()
+        if not needs_plan:
+            return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent)
+        snapshot, problem = self.snapshot_for(pool)
+        spec = self._spec_for_plan(pool)
+        host = await asyncio.to_thread(_host_facts, spec, problem)
+        return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent, snapshot=snapshot, host=host)
+
+    def _spec_for_plan(self, pool: str) -> EngineSpec:
+        model = self.lifecycle.pool(pool)
+        return model.pending_spec or model.spec
+
+    def snapshot_for(self, pool: str) -> tuple[GpuSnapshot | None, Problem | None]:
+        """The GPU snapshot a placement of ``pool`` decides against. For a simulated inventory the
+        budgets of the other pools' placements are taken off the free memory, so simulated
+        capacity planning sees what real NVML would report once those engines load."""
+        try:
+            snapshot = self.gpu_source()
+        except PoolManagerError as exc:
+            return None, Problem(code=exc.code, message=exc.message)
+        if not snapshot.simulated:
+            return snapshot, None
+        used: dict[str, int] = {}
+        for entry in self.lifecycle.registry:
+            if entry.pool == pool or entry.placement is None:
+                continue
+            for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
+                used[uuid] = used.get(uuid, 0) + budget
+        if not used:
+            return snapshot, None
+        gpus = []
+        for gpu in snapshot.gpus:
+            taken = used.get(gpu.uuid, 0)
+            migs = [
+                msgspec.structs.replace(m, memory_free=max(0, m.memory_free - used.get(m.uuid, 0)))
+                for m in gpu.mig_instances
+            ]
+            taken += sum(used.get(m.uuid, 0) for m in gpu.mig_instances)
+            gpus.append(
+                msgspec.structs.replace(
+                    gpu,
+                    memory_free=max(0, gpu.memory_free - taken),
+                    memory_used=gpu.memory_used + taken,
+                    mig_instances=migs,
+                )
+            )
+        return msgspec.structs.replace(snapshot, gpus=gpus), None
+
+    async def append_events(self, pool: str, events: Sequence[Event]) -> None:
+        await self.sink.append(pool, events)
+
+    def after_step(self, pool: str, outcome: Outcome) -> None:
+        for listener in self.listeners:
+            try:
+                listener(pool, outcome)
+            except Exception:
+                log.exception("listener failed for pool %s", pool)
+
+    def log_path(self, pool: str) -> Path:
+        return self.run_dir / "logs" / f"{pool}.log"
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    async def close(self, *, stop_engines: bool = True) -> None:
+        """Stop every actor and (by default) every engine; waits for the processes to be reaped."""
+        await asyncio.gather(*(a.close(stop_engines=stop_engines) for a in self.actors.values()))
+
+
+def _host_facts(spec: EngineSpec, gpu_problem: Problem | None) -> object:
+    path = model_path(spec)
+    files = [path] if path else []
+    return gather_host_facts(
+        executables=[spec.argv[0]] if spec.argv else [],
+        files=files,
+        hash_files=files if spec.model_digest else [],
+        ports=[spec.port] if spec.port is not None else [],
+        host=spec.host,
+        gpu_problem=gpu_problem,
+    )
