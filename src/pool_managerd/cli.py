@@ -12,6 +12,10 @@ from typing import Protocol, cast
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "schemas": ("pool_managerd.schemagen", "generate schemas/ from the wire contract and the table"),
     "plan": ("pool_managerd.plan_cli", "dry-run a placement: validate a mask and print the split plan"),
+    "run": ("pool_managerd.run_cli", "run the daemon (embedded NATS when no URL is configured)"),
+    "ctl": ("pool_managerd.ctl_cli", "send a command to a pool or node and print the reply"),
+    "watch": ("pool_managerd.watch_cli", "live table of every pool, fed by the KV bucket and the event stream"),
+    "demo": ("pool_managerd.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
 }
 """name → (module exposing ``add_arguments(parser)`` and ``run(args) -> int``, help)."""
 

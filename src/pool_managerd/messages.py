@@ -562,6 +562,7 @@ class PoolFenced(_EventBody, tag="pool_fenced", kw_only=True):
     """Another writer owns this pool's event subject; this daemon stops acting on it."""
 
     reason: str
+    pool: str | None = None
 
 
 class OrphanReaped(_EventBody, tag="orphan_reaped", kw_only=True):
@@ -650,7 +651,7 @@ def encode(msg: Struct) -> bytes:
 
 
 EVENT_DECODER: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
-REPLY_DECODER: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)  # type: ignore[arg-type]
+REPLY_DECODER: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 HEALTH_DECODER: msgspec.json.Decoder[HealthReport] = msgspec.json.Decoder(HealthReport)
 SNAPSHOT_DECODER: msgspec.json.Decoder[PoolSnapshot] = msgspec.json.Decoder(PoolSnapshot)
 GPU_SNAPSHOT_DECODER: msgspec.json.Decoder[GpuSnapshot] = msgspec.json.Decoder(GpuSnapshot)

@@ -1,0 +1,144 @@
+"""Decoding and answering commands off the wire: size limits, verbs, typed rejections, and the
+``command_id`` cache that makes retries idempotent (same reply, applied once)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast, get_args
+
+import msgspec
+
+from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.messages import (
+    MAX_PAYLOAD_BYTES,
+    NODE_COMMANDS,
+    POOL_COMMANDS,
+    NodeCommand,
+    PoolCommand,
+    RejectCode,
+    Rejected,
+    StatusCmd,
+)
+
+_DECODERS = {verb: msgspec.json.Decoder(cls) for verb, cls in POOL_COMMANDS.items()}
+_NODE_DECODERS = {verb: msgspec.json.Decoder(cls) for verb, cls in NODE_COMMANDS.items()}
+
+
+class CommandError(PoolManagerError):
+    """A command that cannot be applied, with the stable code its rejection carries."""
+
+    def __init__(self, code: RejectCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def decode_pool_command(verb: str, data: bytes) -> PoolCommand:
+    """Bytes → the command for ``verb``; raises :class:`CommandError` with a clear message."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise CommandError("payload_too_large", f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    decoder = _DECODERS.get(verb)
+    if decoder is None:
+        raise CommandError("unknown_verb", f"unknown verb {verb!r}; known: {', '.join(POOL_COMMANDS)}")
+    if not data.strip():
+        if verb == "status":
+            # A bare status request (e.g. `nats req poold.cmd.p.status ''`) needs no id: it changes nothing.
+            return StatusCmd(command_id="status")
+        data = b"{}"
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise CommandError("bad_request", f"invalid {verb} command: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise CommandError("bad_request", f"malformed JSON in {verb} command: {exc}") from None
+
+
+def decode_node_command(verb: str, data: bytes) -> NodeCommand:
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise CommandError("payload_too_large", f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    decoder = _NODE_DECODERS.get(verb)
+    if decoder is None:
+        raise CommandError("unknown_verb", f"unknown node verb {verb!r}; known: {', '.join(NODE_COMMANDS)}")
+    try:
+        return decoder.decode(data if data.strip() else b"{}")
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise CommandError("bad_request", f"invalid node {verb} command: {exc}") from None
+
+
+_CODES: frozenset[str] = frozenset(get_args(RejectCode))
+
+
+def rejection(
+    code: str, message: str, *, pool: str | None = None, verb: str | None = None, command_id: str | None = None
+) -> Rejected:
+    """A typed rejection; a code outside the stable set becomes ``bad_request`` (never a leak)."""
+    stable = cast(RejectCode, code) if code in _CODES else "bad_request"
+    return Rejected(command_id=command_id, pool=pool, verb=verb, code=stable, message=message)
+
+
+@dataclass(slots=True)
+class _Cached:
+    fingerprint: bytes
+    reply: asyncio.Future[bytes]
+    at: float
+
+
+class CommandCache:
+    """Remembers replies by (pool, command_id) so a retried command is applied once.
+
+    A retry with the same id and the same payload gets the first reply (waiting for it if the
+    first is still in flight); the same id with a different payload is a ``command_id_conflict``.
+    Bounded in size and age; status reads are never cached.
+    """
+
+    def __init__(self, max_entries: int = 10_000, ttl_s: float = 600.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
+        self.hits = 0
+
+    async def run(self, pool: str, command_id: str, payload: bytes,
+                  apply: Callable[[], Awaitable[bytes]]) -> bytes:  # fmt: skip
+        """Return the reply for this command, applying it only the first time its id is seen."""
+        now = time.monotonic()
+        self._expire(now)
+        key = (pool, command_id)
+        fingerprint = hashlib.blake2b(payload, digest_size=16).digest()
+        cached = self._entries.get(key)
+        if cached is not None:
+            if cached.fingerprint != fingerprint:
+                raise CommandError(
+                    "command_id_conflict",
+                    f"command_id {command_id!r} was already used for a different command on pool {pool!r}",
+                )
+            self.hits += 1
+            return await asyncio.shield(cached.reply)
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._entries[key] = _Cached(fingerprint, fut, now)
+        try:
+            reply = await apply()
+        except BaseException as exc:
+            # A failure is not a reply: forget it so a retry can be applied.
+            self._entries.pop(key, None)
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        fut.set_result(reply)
+        return reply
+
+    def _expire(self, now: float) -> None:
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if len(self._entries) > self.max_entries or now - first.at > self.ttl_s:
+                if not first.reply.done():
+                    break
+                self._entries.popitem(last=False)
+            else:
+                break
+
+    def __len__(self) -> int:
+        return len(self._entries)

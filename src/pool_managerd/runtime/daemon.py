@@ -1,0 +1,624 @@
+"""The daemon: NATS wiring around the pool runtime.
+
+Start-up: connect (or start an embedded nats-server), ensure the event stream and KV bucket,
+claim the configured pools (a pool another live node writes is fenced here), recover each pool
+from its events, then serve commands through ``nats.micro`` and consume health reports.
+Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush events, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service
+
+from pool_managerd import __version__
+from pool_managerd.adapters.event_log import (
+    BacklogFull,
+    EventLogError,
+    EventPublisher,
+    PoolFenced,
+    SnapshotStore,
+    ensure_stream,
+    last_event,
+)
+from pool_managerd.adapters.gpu_profiles import load_gpu_source
+from pool_managerd.config import DaemonConfig
+from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.messages import (
+    HEALTH_DECODER,
+    SCHEMA_VERSION,
+    DaemonStarted,
+    DaemonStopping,
+    Event,
+    EventBody,
+    GpuSnapshot,
+    HealthReport,
+    InventoryCmd,
+    InventoryReply,
+    LifecycleCmd,
+    NodeHeartbeat,
+    PoolsReply,
+    Rejected,
+    encode,
+)
+from pool_managerd.messages import PoolFenced as PoolFencedEvent
+from pool_managerd.runtime import logs
+from pool_managerd.runtime.commands import (
+    CommandCache,
+    CommandError,
+    decode_node_command,
+    decode_pool_command,
+    rejection,
+)
+from pool_managerd.runtime.metrics import Metrics
+from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
+from pool_managerd.subjects import SERVICE_NAME, Subjects, validate_id
+
+log = logging.getLogger(__name__)
+
+ACK_BOUND_S = 2.0
+"""How long a step waits for its events' PubAcks before running its effects anyway. Normally
+events are durable before effects run; while NATS is unreachable the pool keeps working and the
+events wait, in order, in the publisher's backlog."""
+
+
+class JetStreamSink:
+    """The runtime's event sink over :class:`EventPublisher`."""
+
+    def __init__(self, publisher: EventPublisher, metrics: Metrics) -> None:
+        self.publisher = publisher
+        self.metrics = metrics
+        self.dropped = 0
+
+    async def append(self, pool: str, events: Sequence[Event]) -> None:
+        futures: list[asyncio.Future[int]] = []
+        for event in events:
+            futures.append(await self._queue(event))
+        self.metrics.backlog.set(self.publisher.backlog)
+        if futures:
+            done, pending = await asyncio.wait(futures, timeout=ACK_BOUND_S)
+            if pending:
+                log.warning("pool %s: %d event(s) not yet acknowledged; kept in order in the backlog", pool,
+                            len(pending))  # fmt: skip
+            for fut in done:
+                exc = fut.exception()
+                if exc is not None and not isinstance(exc, PoolFenced):
+                    log.error("pool %s: event refused: %s", pool, exc)
+
+    async def _queue(self, event: Event) -> asyncio.Future[int]:
+        for _ in range(50):
+            try:
+                return self.publisher.publish_nowait(event)
+            except BacklogFull:
+                # Wait for room rather than drop: events are the source of truth.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.publisher.flush(), 0.2)
+        self.dropped += 1
+        log.error("event backlog full for %.0f s: event %s of pool %s lost", 10.0, event.type, event.pool)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut.set_result(0)
+        return fut
+
+
+@dataclass(slots=True)
+class NodeEvents:
+    """Sequence and envelope for node events (``poold.node.<node>.evt.<type>``)."""
+
+    node: str
+    seq: int = 0
+
+    def make(self, body: EventBody) -> Event:
+        self.seq += 1
+        return Event(v=SCHEMA_VERSION, seq=self.seq, ts=time.time(), node=self.node, pool=None, body=body)
+
+
+class Daemon:
+    """One pool-managerd process."""
+
+    def __init__(self, config: DaemonConfig, *, gpu_snapshot: GpuSnapshot | None = None) -> None:
+        self.config = config
+        self.node = config.node
+        self.subjects = Subjects(config.nats.prefix)
+        self.metrics = Metrics()
+        self.cache = CommandCache()
+        self.nc: NATS | None = None
+        self.publisher: EventPublisher | None = None
+        self.snapshots: SnapshotStore | None = None
+        self.runtime: PoolRuntime | None = None
+        self.service: Service | None = None
+        self.embedded: Any = None
+        self.url: str | None = None
+        self.fenced: dict[str, str] = {}
+        self.node_events = NodeEvents(self.node)
+        self._gpu_fixed = gpu_snapshot
+        self._gpu_cached: GpuSnapshot | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._kv_dirty: dict[str, None] = {}
+        self._kv_wake = asyncio.Event()
+        self._health_sub: Any = None
+        self.exit_code = 0
+        self.ready = asyncio.Event()
+
+    # --- GPU inventory -------------------------------------------------------------------------
+
+    def gpu_source(self) -> GpuSnapshot:
+        """The current GPU snapshot: NVML read fresh each time (microseconds), profiles once."""
+        if self._gpu_fixed is not None:
+            return self._gpu_fixed
+        if self.config.gpus != "nvml":
+            if self._gpu_cached is None:
+                self._gpu_cached = load_gpu_source(self.config.gpus)
+            return self._gpu_cached
+        return load_gpu_source("nvml")
+
+    # --- start-up ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, claim pools, recover them, and start serving. Raises on fatal start-up errors."""
+        cfg = self.config
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        urls = list(cfg.nats.urls)
+        if not urls:
+            urls = [self._start_embedded()]
+        self.url = urls[0]
+        self.nc = await self._connect(urls)
+        js = self.nc.jetstream()
+        await ensure_stream(js, self.subjects, cfg.nats.event_max_age_s)
+        self.snapshots = await SnapshotStore.open(js)
+        self.publisher = EventPublisher(
+            self.nc, self.subjects, max_backlog=cfg.nats.publish_backlog, on_fenced=self._on_fenced
+        )
+        await self.publisher.start()
+        simulated = self._simulated()
+        self.runtime = PoolRuntime(
+            JetStreamSink(self.publisher, self.metrics),
+            self.gpu_source,
+            RuntimeOptions(node=self.node, run_dir=cfg.run_dir, probe_options={"preload_max_s": 0.05}),
+            health_out=self._publish_health,
+        )
+        self.runtime.listeners.append(self._after_step)
+        owned = []
+        for definition in cfg.definitions():
+            other = await self._other_owner(definition.pool)
+            if other is not None:
+                self.fenced[definition.pool] = other
+                log.error("pool %s is owned by %s; not serving it here", definition.pool, other)
+                continue
+            self.runtime.add_pool(definition, simulated=simulated)
+            await self._recover(definition.pool)
+            owned.append(definition.pool)
+        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
+        self.service = await add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=__version__,
+            description="pool-managerd: GPU inference engine pools",
+            metadata={"node": self.node, "schema": str(SCHEMA_VERSION)},
+        )
+        for pool in owned:
+            await self.service.add_endpoint(
+                EndpointConfig(
+                    name=f"pool-{pool}",
+                    subject=self.subjects.commands_of(pool),
+                    handler=self._on_command,
+                    queue_group=f"poold-{pool}",
+                    metadata={"pool": pool, "node": self.node},
+                )
+            )
+        await self.service.add_endpoint(
+            EndpointConfig(
+                name=f"node-{self.node}",
+                subject=f"{self.subjects.prefix}.node.{self.node}.cmd.*",
+                handler=self._on_node_command,
+                queue_group=f"poold-node-{self.node}",
+                metadata={"node": self.node},
+            )
+        )
+        for pool in self.fenced:
+            await self._publish_node(PoolFencedEvent(reason=f"pool {pool} is owned by {self.fenced[pool]}", pool=pool))
+        await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
+        self._spawn(self._kv_writer(), "kv-writer")
+        self._spawn(self._heartbeat(), "heartbeat")
+        if cfg.metrics_addr:
+            host, port = self.metrics.serve(cfg.metrics_addr)
+            log.info("metrics on http://%s:%d/metrics", host, port)
+        for pool in owned:
+            self._mark_dirty(pool)
+        self.ready.set()
+        log.info("pool-managerd %s on node %s serving %d pool(s) via %s", __version__, self.node, len(owned), self.url)
+
+    def _simulated(self) -> bool:
+        try:
+            return self.gpu_source().simulated
+        except PoolManagerError:
+            return False
+
+    def _start_embedded(self) -> str:
+        from pool_managerd.testing.nats_server import NatsServer
+
+        store = self.config.run_dir / "nats"
+        store.mkdir(parents=True, exist_ok=True)
+        self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log").start()
+        log.info("embedded nats-server (JetStream in %s) at %s", store, self.embedded.url)
+        print(f"embedded NATS at {self.embedded.url}", flush=True)
+        return str(self.embedded.url)
+
+    async def _connect(self, urls: list[str]) -> NATS:
+        cfg = self.config.nats
+        opts: dict[str, Any] = {
+            "servers": urls,
+            "name": cfg.name or f"pool-managerd-{self.node}",
+            "connect_timeout": cfg.connect_timeout_s,
+            "max_reconnect_attempts": -1,  # never give up on the cluster
+            "reconnect_time_wait": cfg.reconnect_wait_s,
+            "ping_interval": cfg.ping_interval_s,
+            "max_outstanding_pings": cfg.max_outstanding_pings,
+            "allow_reconnect": True,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+        }
+        if cfg.credentials_file:
+            opts["user_credentials"] = str(cfg.credentials_file)
+        if cfg.nkey_seed_file:
+            opts["nkeys_seed"] = str(cfg.nkey_seed_file)
+        if cfg.user:
+            opts["user"], opts["password"] = cfg.user, cfg.password
+        if cfg.token:
+            opts["token"] = cfg.token
+        if cfg.tls_ca_file or cfg.tls_cert_file:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None)
+            if cfg.tls_cert_file and cfg.tls_key_file:
+                ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
+            opts["tls"] = ctx
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        while True:
+            try:
+                # The first connect does not retry by itself; reconnects after it never stop.
+                return await nats.connect(**opts)
+            except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise PoolManagerError(f"cannot reach NATS at {', '.join(urls)}: {exc}") from None
+                log.warning("NATS not reachable yet (%s); retrying", exc)
+                await asyncio.sleep(min(1.0, cfg.reconnect_wait_s))
+
+    async def _other_owner(self, pool: str) -> str | None:
+        """The node that writes ``pool``'s events, if that is another node still alive."""
+        assert self.nc is not None
+        found = await last_event(self.nc, self.subjects, pool)
+        if found is None or found[1].node == self.node:
+            return None
+        other = found[1].node
+        beat = await self._last_heartbeat(other)
+        if beat is not None and time.time() - beat < 3 * self.config.heartbeat_s:
+            return other
+        log.warning("pool %s was written by node %s, which is silent; taking it over", pool, other)
+        return None
+
+    async def _last_heartbeat(self, node: str) -> float | None:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        try:
+            raw = await js.get_last_msg("POOLD_EVENTS", self.subjects.node_event(node, "heartbeat"))
+        except Exception:
+            return None
+        try:
+            return float(msgspec.json.decode(raw.data or b"{}", type=Event).ts)
+        except msgspec.ValidationError:
+            return None
+
+    async def _recover(self, pool: str) -> None:
+        """Continue the pool's event sequence where its log ends."""
+        assert self.nc is not None and self.runtime is not None
+        found = await last_event(self.nc, self.subjects, pool)
+        if found is not None:
+            self.runtime.lifecycle.pool(pool).entry.seq = found[1].seq
+
+    # --- NATS callbacks --------------------------------------------------------------------------
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; events wait in the backlog")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS")
+        if self.snapshots is not None:
+            self._spawn(self.snapshots.restart_watch(), "kv-rewatch")
+        for pool in list(self.runtime.actors if self.runtime else []):
+            self._mark_dirty(pool)
+
+    async def _on_closed(self) -> None:
+        if not self._stopping.is_set():
+            log.error("NATS connection closed for good; exiting")
+            self.exit_code = 1
+            self._stopping.set()
+
+    def _on_fenced(self, pool: str, reason: str) -> None:
+        log.error("pool %s fenced: %s", pool, reason)
+        self.fenced[pool] = reason
+        if self.runtime is not None and pool in self.runtime.actors:
+            self.runtime.actors[pool].fenced = True
+        self._spawn(self._publish_node(PoolFencedEvent(reason=reason, pool=pool)), "fenced-event")
+
+    # --- commands --------------------------------------------------------------------------------
+
+    async def _on_command(self, req: Request) -> None:
+        # Handlers of one subscription run one at a time: answer in a task so a slow command
+        # (a preload gathering host facts) never holds up the next status read.
+        msg_headers = req.headers or {}
+        subject = req.subject
+        data = req.data
+        traceparent = msg_headers.get("traceparent")
+        try:
+            pool, verb = self.subjects.parse_command(subject)
+        except PoolManagerError as exc:
+            await self._respond(req, rejection(exc.code, exc.message), "other")
+            return
+        if verb == "status" and len(data) <= 2 and self.runtime is not None:
+            # Fast path for the commonest read: no task, no cache.
+            try:
+                reply = await self.runtime.command(pool, decode_pool_command(verb, data))
+                await self._respond(req, reply, verb)
+                return
+            except PoolManagerError:
+                pass
+        self._spawn(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
+
+    async def _command(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
+        token = logs.pool_var.set(pool)
+        logs.trace_var.set(logs.trace_id(traceparent))
+        try:
+            try:
+                cmd = decode_pool_command(verb, data)
+            except CommandError as exc:
+                await self._respond(req, rejection(exc.code, exc.message, pool=pool, verb=verb), verb)
+                return
+            logs.command_var.set(cmd.command_id)
+            runtime = self.runtime
+            assert runtime is not None
+            if pool in self.fenced or pool not in runtime.actors:
+                if pool in self.fenced:
+                    code, message = "fenced", f"pool {pool!r} is fenced on node {self.node}: {self.fenced[pool]}"
+                else:
+                    code, message = "unknown_pool", f"unknown pool {pool!r}"
+                await self._respond(
+                    req, rejection(code, message, pool=pool, verb=verb, command_id=cmd.command_id), verb
+                )
+                return
+
+            async def apply() -> bytes:
+                return encode(await runtime.command(pool, cmd, traceparent))
+
+            try:
+                if verb == "status":
+                    body = await apply()
+                else:
+                    body = await self.cache.run(pool, cmd.command_id, data, apply)
+            except PoolManagerError as exc:
+                body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
+            except Exception:
+                log.exception("command %s on pool %s failed", verb, pool)
+                message = "internal error; see the daemon log"
+                body = encode(rejection("internal", message, pool=pool, verb=verb, command_id=cmd.command_id))
+            await self._respond_raw(req, body, verb)
+        finally:
+            logs.pool_var.reset(token)
+
+    async def _respond(self, req: Request, reply: msgspec.Struct, verb: str) -> None:
+        await self._respond_raw(req, encode(reply), verb)
+
+    async def _respond_raw(self, req: Request, body: bytes, verb: str) -> None:
+        outcome = "rejected" if body.startswith(b'{"type":"rejected"') else "ok"
+        self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", outcome).inc()
+        try:
+            await req.respond(body)
+        except Exception as exc:
+            log.warning("could not send reply: %s", exc)
+
+    async def _on_node_command(self, req: Request) -> None:
+        try:
+            _node, verb = self.subjects.parse_node_command(req.subject)
+            cmd = decode_node_command(verb, req.data)
+            runtime = self.runtime
+            assert runtime is not None
+            reply: msgspec.Struct
+            if isinstance(cmd, InventoryCmd):
+                try:
+                    reply = InventoryReply(node=self.node, gpus=self.gpu_source())
+                except PoolManagerError as exc:
+                    reply = Rejected(verb=verb, code="unavailable", message=exc.message)
+            elif isinstance(cmd, LifecycleCmd):
+                reply = describe()
+            else:
+                reply = PoolsReply(node=self.node, pools=runtime.lifecycle.registry.snapshots())
+        except PoolManagerError as exc:
+            reply = rejection(exc.code, exc.message)
+        await self._respond(req, reply, "node")
+
+    # --- health ----------------------------------------------------------------------------------
+
+    def _publish_health(self, report: HealthReport) -> None:
+        """Our prober's results go out on NATS; the daemon consumes them back like any report."""
+        if self.nc is None or not self.nc.is_connected:
+            # Without NATS the machine still needs its facts: feed the actor directly.
+            if self.runtime is not None:
+                self.runtime.health_report(report)
+            return
+        self._spawn(self.nc.publish(self.subjects.health(report.pool), encode(report)), "health-pub")
+
+    async def _on_health(self, msg: Msg) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        try:
+            pool = self.subjects.parse_health(msg.subject)
+            report = HEALTH_DECODER.decode(msg.data)
+            validate_id(report.pool, "pool")
+        except (PoolManagerError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("ignored malformed health report on %s: %s", msg.subject, exc)
+            self.metrics.health_ignored.inc()
+            return
+        if report.pool != pool or not runtime.health_report(report):
+            self.metrics.health_ignored.inc()
+
+    # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
+
+    def _after_step(self, pool: str, outcome: Outcome) -> None:
+        runtime = self.runtime
+        if runtime is None:
+            return
+        self.metrics.observe(runtime.lifecycle.registry.get(pool), outcome)
+        self._mark_dirty(pool)
+
+    def _mark_dirty(self, pool: str) -> None:
+        self._kv_dirty[pool] = None
+        self._kv_wake.set()
+
+    async def _kv_writer(self) -> None:
+        """Write the latest snapshot of every changed pool; bursts of steps coalesce into one put."""
+        while True:
+            await self._kv_wake.wait()
+            self._kv_wake.clear()
+            while self._kv_dirty:
+                pool = next(iter(self._kv_dirty))
+                del self._kv_dirty[pool]
+                if self.runtime is None or self.snapshots is None or pool not in self.runtime.actors:
+                    continue
+                try:
+                    await self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool))
+                except Exception as exc:
+                    log.warning("KV snapshot of %s not written (%s); retrying after reconnect", pool, exc)
+                    break
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                self.metrics.backlog.set(self.publisher.backlog if self.publisher else 0)
+                snap = self.gpu_source()
+                pools: dict[str, str] = {}
+                if self.runtime is not None:
+                    pools = {e.pool: str(e.state) for e in self.runtime.lifecycle.registry}
+                await self._publish_node(
+                    NodeHeartbeat(
+                        gpus=len(snap.gpus),
+                        memory_total=sum(g.memory_total for g in snap.gpus),
+                        memory_free=sum(g.memory_free for g in snap.gpus),
+                        simulated=snap.simulated,
+                        pools=pools,
+                    )
+                )
+            except PoolManagerError as exc:
+                log.warning("heartbeat without GPU summary: %s", exc)
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _publish_node(self, body: EventBody) -> None:
+        if self.publisher is None:
+            return
+        try:
+            self.publisher.publish_nowait(self.node_events.make(body))
+        except EventLogError as exc:
+            log.warning("node event %s not queued: %s", type(body).__name__, exc)
+
+    # --- running and stopping --------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed: %s", task.get_name(), task.exception())
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run_until_stopped(self, *, install_signals: bool = True) -> int:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            await self.stop()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        return self.exit_code
+
+    async def stop(self, *, stop_engines: bool | None = None) -> None:
+        """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events."""
+        if self._closed.is_set():
+            return
+        self._stopping.set()
+        stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
+        if self._health_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._health_sub.unsubscribe()
+        await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
+        if self.runtime is not None:
+            await self.runtime.close(stop_engines=stop)
+            # The final snapshots say what the pools are now.
+            for pool in self.runtime.actors:
+                self._mark_dirty(pool)
+            await self._drain_kv()
+        if self.publisher is not None:
+            await self.publisher.close(grace_s=5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        self.metrics.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self._closed.set()
+
+    async def _drain_kv(self) -> None:
+        if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
+            return
+        for pool in list(self._kv_dirty):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool)), 2.0)
+        self._kv_dirty.clear()
+
+
+_KNOWN_VERBS = frozenset({"preload", "drain", "reload", "stop", "reset", "lease", "release", "status", "node"})
+
+
+def run_dir_default() -> Path:
+    return Path("run")

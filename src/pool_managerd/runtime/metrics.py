@@ -1,0 +1,74 @@
+"""Prometheus metrics. Labels are bounded: pools are the configured ones, triggers and states
+come from the lifecycle table, verbs and outcomes from the wire contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pool_managerd.core.machine import STATES, Outcome
+from pool_managerd.core.registry import Entry
+from pool_managerd.messages import StateChanged
+
+
+class Metrics:
+    """Every metric of one daemon, in its own registry (several daemons may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.pool_state = Gauge("poold_pool_state", "1 for the pool's current state", ["pool", "state"], registry=r)
+        self.transitions = Counter(
+            "poold_transitions_total", "Lifecycle transitions taken", ["pool", "trigger", "dst"], registry=r
+        )
+        self.restarts = Counter("poold_restarts_total", "Restarts scheduled by supervision", ["pool"], registry=r)
+        self.probe_latency = Histogram(
+            "poold_health_probe_latency_seconds",
+            "Health probe round trip",
+            ["pool"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.leases = Gauge("poold_leases_active", "Leases held", ["pool"], registry=r)
+        self.vram = Gauge("poold_pool_vram_bytes", "VRAM budgeted to the pool's placement", ["pool"], registry=r)
+        self.backlog = Gauge("poold_event_backlog", "Events waiting for a JetStream ack", registry=r)
+        self.commands = Counter("poold_commands_total", "Commands answered", ["verb", "outcome"], registry=r)
+        self.health_ignored = Counter(
+            "poold_health_reports_ignored_total", "Health reports for pools this daemon does not own", registry=r
+        )
+        self.events = Counter("poold_events_total", "Events produced", ["pool"], registry=r)
+        self._server: Any = None
+
+    def observe(self, entry: Entry, outcome: Outcome) -> None:
+        """Update the pool's metrics after one lifecycle step."""
+        pool = entry.pool
+        for event in outcome.events:
+            body = event.body
+            if isinstance(body, StateChanged):
+                self.transitions.labels(pool, body.trigger, body.dst).inc()
+                if body.dst == "restarting":
+                    self.restarts.labels(pool).inc()
+        if outcome.events:
+            self.events.labels(pool).inc(len(outcome.events))
+        for state in STATES:
+            self.pool_state.labels(pool, state).set(1.0 if entry.state == state else 0.0)
+        self.leases.labels(pool).set(entry.active_leases)
+        self.vram.labels(pool).set(sum(entry.placement.budgets) if entry.placement else 0)
+        latency = entry.perf_hints.get("probe_latency_ms")
+        if latency is not None:
+            self.probe_latency.labels(pool).observe(latency / 1000.0)
+
+    def serve(self, addr: str) -> tuple[str, int]:
+        """Serve ``/metrics`` on ``host:port`` (port 0 picks one); returns the bound address."""
+        host, _, port = addr.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        self._server = server
+        bound = server.server_address
+        return str(bound[0]), int(bound[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
