@@ -1,0 +1,214 @@
+"""The replay fold: pool events folded through the lifecycle table, with invariant checks. Pure.
+
+The same fold serves ``pool-managerd replay`` (history, audits, ``--check-live``) and a
+restarted daemon (recovery rebuilds each pool from its events before reconciling with the
+processes it finds). It re-runs no guard: every decision (placement, delay, exit code) is
+recorded in the events, so a fold needs no clock, RNG or GPU and is exact.
+
+Invariants checked per pool:
+
+* ``seq_gap``: per-pool sequences are contiguous (the first one seen may start anywhere when
+  the fold begins mid-log, see ``expect_start``);
+* ``illegal_transition``: every ``state_changed`` is a row of the table and starts from the
+  state the fold is in;
+* ``two_writers``: one writer per pool: a pool may move to another node once (a takeover), but
+  a node that handed a pool over never writes it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pool_managerd.core.machine import INITIAL, is_legal
+from pool_managerd.lifecycle.supervision import SupervisionState
+from pool_managerd.messages import (
+    EngineAdopted,
+    EngineExited,
+    EngineInfo,
+    EngineSpawned,
+    EngineSpec,
+    Event,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    Placement,
+    PoolState,
+    StateChanged,
+)
+
+_FAILURE_TRIGGERS = frozenset({"preload_failed", "engine_exited", "health_lost", "backoff_elapsed"})
+_DEADLINE_STATES = frozenset({"preloading", "draining", "restarting"})
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A broken invariant, naming the pool and the event where it was found."""
+
+    code: str
+    pool: str
+    seq: int
+    message: str
+
+
+@dataclass(slots=True)
+class PoolView:
+    """Everything the event log says about one pool, as of its last folded event."""
+
+    pool: str
+    state: PoolState = INITIAL
+    seq: int = 0
+    writer: str | None = None
+    writers: list[str] = field(default_factory=list)
+    spec: EngineSpec | None = None
+    placement: Placement | None = None
+    pending_spec: EngineSpec | None = None
+    reloading: bool = False
+    engine: EngineInfo | None = None
+    deadline_at: float | None = None
+    """When the current preload/drain times out, or when the backoff ends (restarting)."""
+    leases: dict[str, float] = field(default_factory=dict)
+    restarts: int = 0
+    crashes: int = 0
+    last_error: str | None = None
+    last_ts: float = 0.0
+    last_event: str | None = None
+    last_trigger: str | None = None
+    consecutive_failures: int = 0
+    restart_times: list[float] = field(default_factory=list)
+    ready_since: float | None = None
+
+    def supervision(self) -> SupervisionState:
+        return SupervisionState(self.consecutive_failures, tuple(self.restart_times), self.ready_since)
+
+
+@dataclass(slots=True)
+class Fold:
+    """Folds events one at a time; ``views`` holds each pool's state, ``violations`` what broke."""
+
+    expect_start: bool = False
+    """True: a pool's first event must have ``seq`` 1 (a whole log); False: a fold may start
+    mid-log (``--from-seq``)."""
+    views: dict[str, PoolView] = field(default_factory=dict)
+    violations: list[Violation] = field(default_factory=list)
+    events: int = 0
+
+    def apply(self, event: Event) -> Violation | None:
+        """Fold one event; returns the violation it caused, if any (also kept in ``violations``)."""
+        self.events += 1
+        pool = event.pool
+        if pool is None:
+            return None  # node events carry no pool state
+        # A violation is recorded and the fold goes on with what the event says, so one broken
+        # event is reported once instead of cascading through the rest of the log.
+        found: Violation | None = None
+        view = self.views.get(pool)
+        if view is None:
+            view = self.views[pool] = PoolView(pool)
+            if self.expect_start and event.seq != 1:
+                found = self._violate("seq_gap", pool, event.seq, f"first event of pool {pool!r} has seq {event.seq}")
+        elif event.seq != view.seq + 1:
+            found = self._violate(
+                "seq_gap",
+                pool,
+                event.seq,
+                f"pool {pool!r}: seq {event.seq} follows {view.seq}, expected {view.seq + 1}",
+            )
+        if event.node != view.writer:
+            if event.node in view.writers:
+                found = found or self._violate(
+                    "two_writers", pool, event.seq,
+                    f"pool {pool!r}: node {event.node!r} writes again after {view.writer!r} took the pool over",
+                )  # fmt: skip
+            else:
+                view.writers.append(event.node)
+            view.writer = event.node
+        view.seq = event.seq
+        view.last_ts = event.ts
+        view.last_event = event.type
+        body = event.body
+        if isinstance(body, StateChanged):
+            return self._transition(view, event, body) or found
+        if isinstance(body, EngineSpawned):
+            view.engine = EngineInfo(pid=body.pid, pgid=body.pgid, port=body.port, started_at=event.ts,
+                                     argv=list(body.argv), log_path=body.log_path)  # fmt: skip
+        elif isinstance(body, EngineAdopted):
+            started = view.engine.started_at if view.engine else event.ts
+            view.engine = EngineInfo(pid=body.pid, pgid=body.pgid, port=body.port, started_at=started)
+        elif isinstance(body, EngineExited):
+            if view.engine is not None and view.engine.pid == body.pid:
+                view.engine = None
+        elif isinstance(body, LeaseGranted):
+            view.leases[body.lease_id] = body.expires_at
+        elif isinstance(body, LeaseReleased | LeaseExpired):
+            view.leases.pop(body.lease_id, None)
+        return found
+
+    def _transition(self, view: PoolView, event: Event, body: StateChanged) -> Violation | None:
+        found = None
+        if body.src != view.state or not is_legal(body.src, body.trigger, body.dst):
+            why = "is not a row of the lifecycle table" if body.src == view.state else f"but the pool is {view.state}"
+            found = self._violate(
+                "illegal_transition", view.pool, event.seq,
+                f"pool {view.pool!r} seq {event.seq}: {body.src} --{body.trigger}--> {body.dst} {why}",
+            )  # fmt: skip
+        view.state = body.dst
+        view.last_trigger = body.trigger
+        dst = body.dst
+        if body.spec is not None:
+            if body.trigger == "reload":
+                view.pending_spec = body.spec
+            else:
+                view.spec = body.spec
+        if body.trigger == "reload":
+            view.reloading = True
+        if dst == "preloading":
+            if body.placement is not None:
+                view.placement = body.placement
+            if body.trigger == "drained":
+                view.reloading = False
+                view.pending_spec = None
+        view.deadline_at = body.deadline_at if dst in _DEADLINE_STATES else None
+        if dst == "restarting" and body.delay_s is not None:
+            view.deadline_at = event.ts + body.delay_s
+        if body.trigger in _FAILURE_TRIGGERS and dst in ("restarting", "failed"):
+            view.last_error = body.reason or view.last_error
+            if body.attempt is not None:
+                view.consecutive_failures = body.attempt
+            if dst == "restarting" and not body.reload:
+                view.restarts += 1
+                view.restart_times.append(event.ts)
+            if body.exit_code is not None:
+                view.crashes += 1
+            view.ready_since = None
+            view.leases.clear()
+        if dst == "ready":
+            view.ready_since = event.ts
+            view.last_error = None
+            if body.trigger == "drain_deadline":
+                view.reloading = False
+                view.pending_spec = None
+        if dst == "unready":
+            view.placement = None
+            view.leases.clear()
+            view.reloading = False
+            view.pending_spec = None
+            if body.trigger == "reset":
+                view.consecutive_failures = 0
+                view.restart_times.clear()
+                view.last_error = None
+        return found
+
+    def _violate(self, code: str, pool: str, seq: int, message: str) -> Violation:
+        violation = Violation(code, pool, seq, message)
+        self.violations.append(violation)
+        return violation
+
+
+def fold(events: Iterable[Event], *, expect_start: bool = False) -> Fold:
+    """Fold every event; see :class:`Fold`."""
+    f = Fold(expect_start=expect_start)
+    apply = f.apply
+    for event in events:
+        apply(event)
+    return f
