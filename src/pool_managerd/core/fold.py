@@ -112,7 +112,7 @@ class Fold:
                 "seq_gap",
                 pool,
                 event.seq,
-                f"pool {pool!r}: seq {event.seq} follows {view.seq}, expected {view.seq + 1}",
+                f"pool {pool!r}: seq {event.seq} follows {view.seq} (want {view.seq + 1})",
             )
         if event.node != view.writer:
             if event.node in view.writers:
