@@ -63,6 +63,7 @@ class PoolView:
     spec: EngineSpec | None = None
     placement: Placement | None = None
     pending_spec: EngineSpec | None = None
+    pending_placement: Placement | None = None
     reloading: bool = False
     engine: EngineInfo | None = None
     deadline_at: float | None = None
@@ -162,12 +163,14 @@ class Fold:
                 view.spec = body.spec
         if body.trigger == "reload":
             view.reloading = True
+            view.pending_placement = body.placement
         if dst == "preloading":
             if body.placement is not None:
                 view.placement = body.placement
             if body.trigger == "drained":
                 view.reloading = False
                 view.pending_spec = None
+                view.pending_placement = None
         view.deadline_at = body.deadline_at if dst in _DEADLINE_STATES else None
         if dst == "restarting" and body.delay_s is not None:
             view.deadline_at = event.ts + body.delay_s
@@ -188,11 +191,13 @@ class Fold:
             if body.trigger == "drain_deadline":
                 view.reloading = False
                 view.pending_spec = None
+                view.pending_placement = None
         if dst == "unready":
             view.placement = None
             view.leases.clear()
             view.reloading = False
             view.pending_spec = None
+            view.pending_placement = None
             if body.trigger == "reset":
                 view.consecutive_failures = 0
                 view.restart_times.clear()

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import msgspec
 from transitions import EventData, Machine
 
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+
+if TYPE_CHECKING:
+    from pool_managerd.core.fold import PoolView
 from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
 from pool_managerd.core.health import HealthState, assess
-from pool_managerd.core.registry import Entry, Registry
+from pool_managerd.core.registry import Entry, Lease, Registry
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import preload as preload_policy
 from pool_managerd.lifecycle import supervision
@@ -35,6 +38,7 @@ from pool_managerd.messages import (
     CommandRejected,
     DrainCmd,
     DrainForced,
+    EngineAdopted,
     EngineExited,
     EngineInfo,
     EngineSpawned,
@@ -675,6 +679,14 @@ class Lifecycle:
             model.effects.append(StopEngine(info.pid, info.pgid, 0.0, f"spawned after the pool became {model.state}"))
         return self._end(model, None)
 
+    def engine_adopted(self, pool: str, info: EngineInfo, ctx: Context) -> Outcome:
+        """After a daemon restart the engine the log names was found alive and taken over."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        model.entry.engine = info
+        model.emit(EngineAdopted(pid=info.pid, pgid=info.pgid, port=info.port))
+        return self._end(model, None)
+
     def spawn_failed(self, pool: str, error: str, ctx: Context) -> Outcome:
         """The shell could not start the engine (missing binary, port taken, ...)."""
         model = self.pool(pool)
@@ -751,6 +763,46 @@ class Lifecycle:
             for lease_id in model.entry.expire(ctx.now):
                 model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
             self._after_lease_drop(model)
+        return self._end(model, None)
+
+    def restore(self, pool: str, view: PoolView, ctx: Context) -> Outcome:
+        """Put a registered pool back where its event log left it (daemon recovery).
+
+        No event is emitted: the state is the log's. The effects re-arm what was pending: the
+        rest of a load timeout, a drain deadline, a backoff, lease expiries. Reconciling with the
+        engine processes found on the host is the shell's part (adopt, or report an exit).
+        """
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        self.machine.set_state(view.state, model=model)
+        entry = model.entry
+        entry.seq = view.seq
+        entry.placement = view.placement
+        entry.device_mask = list(view.placement.mask) if view.placement else []
+        entry.engine = view.engine
+        entry.restarts, entry.crashes, entry.last_error = view.restarts, view.crashes, view.last_error
+        entry.leases = {lid: Lease(lid, exp) for lid, exp in sorted(view.leases.items())}
+        entry.draining = view.state == "draining"
+        entry.last_event = view.last_event
+        entry.updated_at = view.last_ts
+        if view.spec is not None:
+            model.spec = view.spec
+            entry.model = view.spec.model or None
+            entry.slots_total = view.spec.slots
+        model.reloading = view.reloading and view.state == "draining"
+        model.pending_spec = view.pending_spec if model.reloading else None
+        model.pending_placement = view.pending_placement if model.reloading else None
+        model.supervision = view.supervision()
+        remaining = max(0.0, (view.deadline_at or ctx.now) - ctx.now)
+        if view.state == "preloading":
+            model.arm("load_timeout", remaining)
+        elif view.state == "draining":
+            model.drain_deadline_s = remaining
+            model.arm("drain_deadline", remaining)
+        elif view.state == "restarting":
+            model.arm("backoff", remaining)
+        if entry.leases:
+            self._arm_lease_expiry(model)
         return self._end(model, None)
 
     def expire_leases(self, pool: str, ctx: Context) -> Outcome:
