@@ -75,6 +75,8 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
+        self.removed = False
+        """A pool the configuration no longer lists, kept only to stop it cleanly."""
         self._background: set[asyncio.Task[None]] = set()
         self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")
@@ -213,6 +215,15 @@ class PoolActor:
         cuda = effect.placement.cuda_visible_devices
         self.submit(lambda ctx: lc.engine_spawned(self.pool, info, cuda, ctx), label="engine_spawned")
         self._start_probing(handle, spec.health_path, spec.probe_interval_s)
+
+    def track(self, handle: EngineHandle, health_path: str, probe_interval_s: float, *, steady: bool) -> None:
+        """Hold and probe an engine this actor did not spawn (adopted after a daemon restart)."""
+        self.engines[handle.pid] = _Engine(handle)
+        self._start_probing(handle, health_path, probe_interval_s, steady=steady)
+
+    def on_engine_exit(self, handle: EngineHandle, info: ExitInfo) -> None:
+        """The exit callback to give engine handles: reports the exit as an input."""
+        self._on_exit(handle, info)
 
     def _start_probing(self, handle: EngineHandle, path: str, interval_s: float, *, steady: bool = False) -> None:
         pid = handle.pid

@@ -36,6 +36,7 @@ from pool_managerd.adapters.event_log import (
     SnapshotStore,
     ensure_stream,
     last_event,
+    read_events,
 )
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.config import DaemonConfig
@@ -69,7 +70,8 @@ from pool_managerd.runtime.commands import (
 )
 from pool_managerd.runtime.metrics import Metrics
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
-from pool_managerd.subjects import SERVICE_NAME, Subjects, validate_id
+from pool_managerd.runtime.recovery import RecoveryReport, recover
+from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +159,7 @@ class Daemon:
         self._health_sub: Any = None
         self.exit_code = 0
         self.ready = asyncio.Event()
+        self.recovery: RecoveryReport | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
 
@@ -188,6 +191,7 @@ class Daemon:
             self.nc, self.subjects, max_backlog=cfg.nats.publish_backlog, on_fenced=self._on_fenced
         )
         await self.publisher.start()
+        await self._continue_node_sequence(js)
         simulated = self._simulated()
         self.runtime = PoolRuntime(
             JetStreamSink(self.publisher, self.metrics),
@@ -204,8 +208,8 @@ class Daemon:
                 log.error("pool %s is owned by %s; not serving it here", definition.pool, other)
                 continue
             self.runtime.add_pool(definition, simulated=simulated)
-            await self._recover(definition.pool)
             owned.append(definition.pool)
+        await self._recover()
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
         self.service = await add_service(
             self.nc,
@@ -317,11 +321,20 @@ class Daemon:
         log.warning("pool %s was written by node %s, which is silent; taking it over", pool, other)
         return None
 
+    async def _continue_node_sequence(self, js: Any) -> None:
+        """Node events continue their sequence across restarts: their Msg-Id must stay unique."""
+        try:
+            raw = await js.get_last_msg(STREAM_NAME, self.subjects.node_events(self.node))
+        except Exception:
+            return
+        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+            self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
+
     async def _last_heartbeat(self, node: str) -> float | None:
         assert self.nc is not None
         js = self.nc.jetstream()
         try:
-            raw = await js.get_last_msg("POOLD_EVENTS", self.subjects.node_event(node, "heartbeat"))
+            raw = await js.get_last_msg(STREAM_NAME, self.subjects.node_event(node, "heartbeat"))
         except Exception:
             return None
         try:
@@ -329,12 +342,41 @@ class Daemon:
         except msgspec.ValidationError:
             return None
 
-    async def _recover(self, pool: str) -> None:
-        """Continue the pool's event sequence where its log ends."""
+    async def _recover(self) -> None:
+        """Rebuild every pool from its events and reconcile with the engines on this host."""
         assert self.nc is not None and self.runtime is not None
+        nc = self.nc
+
+        async def read(pool: str) -> list[Event]:
+            return [event async for _, event in read_events(nc, self.subjects, pool=pool)]
+
+        logged = await self._pools_in_log()
+        ours = [p for p in logged if p not in self.fenced and await self._last_writer(p) in (None, self.node)]
+        report = await recover(self.runtime, read, known_pools=ours, publish_node=self._publish_node)
+        for pool in report.removed:
+            self.runtime.actors[pool].removed = True
+        self.recovery = report
+        if report.violations:
+            log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
+        log.info(
+            "recovered %d pool(s); adopted %s; exited %s; orphans reaped %s; removed %s",
+            len(report.restored), report.adopted, report.exited, report.orphans, report.removed,
+        )  # fmt: skip
+
+    async def _pools_in_log(self) -> list[str]:
+        assert self.nc is not None
+        js = self.nc.jetstream()
+        info = await js.stream_info(STREAM_NAME, subjects_filter=self.subjects.all_pool_events)
+        pools: set[str] = set()
+        for subject in info.state.subjects or {}:
+            with contextlib.suppress(PoolManagerError):
+                pools.add(self.subjects.parse_pool_event(subject)[0])
+        return sorted(pools)
+
+    async def _last_writer(self, pool: str) -> str | None:
+        assert self.nc is not None
         found = await last_event(self.nc, self.subjects, pool)
-        if found is not None:
-            self.runtime.lifecycle.pool(pool).entry.seq = found[1].seq
+        return found[1].node if found else None
 
     # --- NATS callbacks --------------------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""Recovery at start-up: rebuild each pool from its events, then reconcile with the processes the
+spawn record names.
+
+* An engine the log names that is alive (same pid, same start time, same group) is adopted:
+  pid, port and placement are kept and an ``engine_adopted`` event says so.
+* One that is dead becomes an ``engine_exited`` and normal supervision takes over.
+* A pool left ``preloading`` with no engine (the daemon died between the transition and the
+  spawn) counts as a failed spawn and is retried after a backoff.
+* Recorded processes that no pool claims are stopped by process group (``orphan_reaped``).
+* Pools the log knows but the configuration no longer lists are stopped (their log ends with a
+  ``stop`` to ``unready``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, stop_group
+from pool_managerd.core.fold import Fold, PoolView
+from pool_managerd.messages import EngineInfo, Event, EventBody, OrphanReaped, StopCmd
+from pool_managerd.runtime.actor import PoolActor
+from pool_managerd.runtime.pools import PoolRuntime
+
+log = logging.getLogger(__name__)
+
+EventReader = Callable[[str], Awaitable[list[Event]]]
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    """What recovery did, for the log, the tests and the operator."""
+
+    restored: dict[str, str] = field(default_factory=dict)
+    adopted: dict[str, int] = field(default_factory=dict)
+    exited: dict[str, int] = field(default_factory=dict)
+    respawned: list[str] = field(default_factory=list)
+    orphans: list[int] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+
+async def recover(
+    runtime: PoolRuntime,
+    read_events: EventReader,
+    *,
+    known_pools: list[str],
+    publish_node: Callable[[EventBody], Awaitable[None]],
+    orphan_grace_s: float = 5.0,
+) -> RecoveryReport:
+    """Restore every registered pool from its events and reconcile with the spawn record.
+
+    ``known_pools`` are pools that have events but are not configured any more.
+    """
+    report = RecoveryReport()
+    record_entries = SpawnRecord.load(runtime.spawn_record.path)
+    by_pid = {e.pid: e for e in record_entries}
+    claimed: set[int] = set()
+    lc = runtime.lifecycle
+
+    for pool, actor in list(runtime.actors.items()):
+        events = await read_events(pool)
+        if not events:
+            continue
+        fold = Fold()
+        for event in events:
+            fold.apply(event)
+        report.violations += [v.message for v in fold.violations]
+        view = fold.views.get(pool)
+        if view is None:
+            continue
+        actor.submit(functools.partial(lc.restore, pool, view), label="restore")
+        report.restored[pool] = view.state
+        claimed |= _reconcile(runtime, actor, view, by_pid, report)
+
+    for pool in known_pools:
+        if pool in runtime.actors:
+            continue
+        events = await read_events(pool)
+        fold = Fold()
+        for event in events:
+            fold.apply(event)
+        view = fold.views.get(pool)
+        if view is None or view.state == "unready":
+            continue
+        # A pool dropped from the configuration: bring its log to a clean stop, then forget it.
+        from pool_managerd.core.definitions import PoolDefinition
+        from pool_managerd.messages import EngineSpec
+
+        spec = view.spec or EngineSpec(argv=["removed"])
+        actor = runtime.add_pool(PoolDefinition(pool=pool, spec=spec))
+        actor.submit(functools.partial(lc.restore, pool, view), label="restore")
+        claimed |= _reconcile(runtime, actor, view, by_pid, report, adopt_only=True)
+        fut = actor.submit(
+            functools.partial(lc.command, pool, StopCmd(command_id=f"recovery-remove-{pool}")),
+            want_reply=True,
+            label="remove",
+        )
+        if fut is not None:
+            await fut
+        report.removed.append(pool)
+
+    for entry in record_entries:
+        if entry.pid in claimed:
+            continue
+        log.warning("reaping orphan engine pid %d (pool %s, pgid %d)", entry.pid, entry.pool, entry.pgid)
+        if entry.is_live():
+            await stop_group(entry.pgid, orphan_grace_s)
+        report.orphans.append(entry.pid)
+        await publish_node(OrphanReaped(pid=entry.pid, pgid=entry.pgid, pool=entry.pool))
+    # The record now lists exactly the engines this daemon holds.
+    runtime.spawn_record.replace_all([e for e in record_entries if e.pid in claimed])
+    return report
+
+
+def _reconcile(
+    runtime: PoolRuntime,
+    actor: PoolActor,
+    view: PoolView,
+    by_pid: dict[int, SpawnEntry],
+    report: RecoveryReport,
+    *,
+    adopt_only: bool = False,
+) -> set[int]:
+    lc = runtime.lifecycle
+    pool = view.pool
+    engine = view.engine
+    if engine is None:
+        if view.state == "preloading" and not adopt_only:
+            report.respawned.append(pool)
+            actor.submit(lambda ctx: lc.spawn_failed(pool, "engine lost across a daemon restart", ctx), label="lost")
+        return set()
+    entry = by_pid.get(engine.pid)
+    handle = None
+    if entry is not None and entry.pool == pool:
+        handle = AdoptedProcess.adopt(entry, record=runtime.spawn_record, on_exit=actor.on_engine_exit)
+    if handle is None:
+        report.exited[pool] = engine.pid
+        pid = engine.pid
+        actor.submit(lambda ctx: lc.engine_exited(pool, pid, None, None, ctx), label="exited-while-down")
+        return set()
+    report.adopted[pool] = handle.pid
+    info = EngineInfo(
+        pid=handle.pid,
+        pgid=handle.pgid,
+        port=handle.port,
+        started_at=handle.started_at,
+        argv=list(handle.argv),
+        log_path=str(handle.log_path) if handle.log_path else None,
+    )
+    actor.submit(lambda ctx: lc.engine_adopted(pool, info, ctx), label="adopted")
+    spec = view.spec
+    actor.track(handle, spec.health_path if spec else "/health", spec.probe_interval_s if spec else 2.0,
+                steady=view.state != "preloading")  # fmt: skip
+    return {handle.pid}
