@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ctl": ("pool_managerd.ctl_cli", "send a command to a pool or node and print the reply"),
     "watch": ("pool_managerd.watch_cli", "live table of every pool, fed by the KV bucket and the event stream"),
     "demo": ("pool_managerd.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
+    "replay": ("pool_managerd.replay_cli", "rebuild pool states from the event log, check its invariants"),
+    "export": ("pool_managerd.export_cli", "write the event stream as JSONL, replayable offline"),
 }
 """name → (module exposing ``add_arguments(parser)`` and ``run(args) -> int``, help)."""
 

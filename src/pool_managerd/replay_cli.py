@@ -1,0 +1,273 @@
+"""``pool-managerd replay`` and ``pool-managerd export``: the event log, offline or live.
+
+``replay`` folds events (from stream ``POOLD_EVENTS`` or an exported JSONL file) through the
+lifecycle table with no side effects, prints a timeline and the resulting state per pool, and
+exits non-zero naming the first broken invariant. ``--check-live`` compares the rebuilt states
+with the ``poold_pools`` KV snapshots. ``export`` writes the stream as JSONL, one event a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from pool_managerd.core.errors import MalformedMessage, PoolManagerError
+from pool_managerd.core.fold import Fold, PoolView
+from pool_managerd.core.upcast import decode_event
+from pool_managerd.messages import Event, StateChanged, encode
+from pool_managerd.subjects import DEFAULT_PREFIX, Subjects, validate_id
+
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which events to read: a pool, a position range, a time bound."""
+
+    pool: str | None = None
+    from_seq: int | None = None
+    until_seq: int | None = None
+    until_time: float | None = None
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds or ISO 8601 (``2026-11-27T14:02:00Z``) → Unix seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {text!r} (Unix seconds or ISO 8601)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
+
+
+def read_file(path: Path, sel: Selection) -> Iterator[tuple[int, Event]]:
+    """Events of an exported JSONL file as (line number, event); bad lines raise with their number."""
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            if sel.from_seq is not None and lineno < sel.from_seq:
+                continue
+            if sel.until_seq is not None and lineno > sel.until_seq:
+                break
+            try:
+                event = decode_event(line)
+            except MalformedMessage as exc:
+                raise MalformedMessage(f"{path}:{lineno}: {exc.message}") from None
+            if sel.until_time is not None and event.ts > sel.until_time:
+                break
+            if sel.pool is None or event.pool == sel.pool:
+                yield lineno, event
+
+
+async def read_stream(url: str, prefix: str, sel: Selection) -> AsyncIterator[tuple[int, Event]]:
+    """Events of stream ``POOLD_EVENTS`` as (stream sequence, event)."""
+    import nats
+
+    from pool_managerd.adapters.event_log import read_events
+
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        async for seq, event in read_events(nc, Subjects(prefix), sel.pool, sel.from_seq, sel.until_seq):
+            if sel.until_time is not None and event.ts > sel.until_time:
+                break
+            yield seq, event
+    finally:
+        await nc.close()
+
+
+def timeline_line(position: int, event: Event) -> str:
+    """One human line of the timeline."""
+    when = dt.datetime.fromtimestamp(event.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    who = event.pool or f"node:{event.node}"
+    body = event.body
+    if isinstance(body, StateChanged):
+        what = f"{body.trigger:<15} {body.src} -> {body.dst}"
+        why = body.reason
+    else:
+        what = event.type
+        fields = {k: v for k, v in msgspec.structs.asdict(body).items() if v not in (None, [], {}, "")}
+        why = " ".join(f"{k}={v}" for k, v in fields.items())[:160]
+    cmd = f" [cmd {event.command_id}]" if event.command_id else ""
+    return f"{position:>8} {when} {who:<16} #{event.seq:<5} {what}  {why}{cmd}"
+
+
+def view_json(view: PoolView) -> dict[str, Any]:
+    return {
+        "pool": view.pool,
+        "state": view.state,
+        "seq": view.seq,
+        "writer": view.writer,
+        "engine_pid": view.engine.pid if view.engine else None,
+        "mask": list(view.placement.mask) if view.placement else [],
+        "restarts": view.restarts,
+        "crashes": view.crashes,
+        "leases": sorted(view.leases),
+        "last_error": view.last_error,
+        "last_event": view.last_event,
+        "last_ts": view.last_ts,
+    }
+
+
+async def _collect(args: argparse.Namespace, sel: Selection, out: TextIO) -> tuple[Fold, int]:
+    fold = Fold(expect_start=sel.from_seq is None and sel.pool is None and args.file is None)
+    quiet = args.json or args.quiet
+    count = 0
+
+    def take(position: int, event: Event) -> None:
+        nonlocal count
+        count += 1
+        violation = fold.apply(event)
+        if not quiet:
+            out.write(timeline_line(position, event) + "\n")
+            if violation is not None:
+                out.write(f"         !! {violation.code}: {violation.message}\n")
+
+    if args.file is not None:
+        for position, event in read_file(args.file, sel):
+            take(position, event)
+    else:
+        async for position, event in read_stream(args.url, args.prefix, sel):
+            take(position, event)
+    return fold, count
+
+
+async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
+    import nats
+
+    from pool_managerd.adapters.event_log import SnapshotStore
+
+    diffs: list[str] = []
+    nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        store = await SnapshotStore.open(nc)
+        for pool, view in sorted(fold.views.items()):
+            snap = await store.get(pool)
+            if snap is None:
+                diffs.append(f"{pool}: no KV snapshot (log says {view.state} at seq {view.seq})")
+                continue
+            pairs: list[tuple[str, object, object]] = [
+                ("state", view.state, snap.state),
+                ("seq", view.seq, snap.seq),
+                ("engine_pid", view.engine.pid if view.engine else None, snap.engine.pid if snap.engine else None),
+                ("mask", list(view.placement.mask) if view.placement else [], list(snap.device_mask)),
+                ("restarts", view.restarts, snap.restarts),
+            ]
+            diffs += [f"{pool}: {name} rebuilt {a!r} but live {b!r}" for name, a, b in pairs if a != b]
+    finally:
+        await nc.close()
+    return diffs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--url", default=os.environ.get("POOL_MANAGERD_URL", "nats://127.0.0.1:4222"))
+    source.add_argument("--file", type=Path, help="an exported JSONL log instead of the stream")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    parser.add_argument("--pool", help="one pool only")
+    parser.add_argument("--from-seq", type=int, help="first stream sequence (line number with --file)")
+    parser.add_argument("--until-seq", type=int, help="last stream sequence (line number with --file)")
+    parser.add_argument("--until-time", type=parse_time, help="stop at this instant (Unix seconds or ISO 8601)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no timeline, only the states")
+    parser.add_argument("--check-live", action="store_true", help="compare with the poold_pools KV snapshots")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.pool is not None:
+            validate_id(args.pool, "pool")
+        if args.check_live and args.file is not None:
+            raise PoolManagerError("--check-live compares with the live KV bucket; it needs --url, not --file")
+        sel = Selection(args.pool, args.from_seq, args.until_seq, args.until_time)
+        fold, count = asyncio.run(_collect(args, sel, sys.stdout))
+        diffs = asyncio.run(_live_differences(args, fold)) if args.check_live else []
+    except (PoolManagerError, OSError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"replay: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a NATS connection failure, most often
+        print(f"replay: cannot read the event log: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        result = {
+            "events": count,
+            "pools": {pool: view_json(view) for pool, view in sorted(fold.views.items())},
+            "violations": [
+                {"code": v.code, "pool": v.pool, "seq": v.seq, "message": v.message} for v in fold.violations
+            ],
+            "live_differences": diffs,
+        }
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"\n{count} events, {len(fold.views)} pools")
+        for pool, view in sorted(fold.views.items()):
+            engine = f" engine pid {view.engine.pid}" if view.engine else ""
+            print(f"  {pool:<20} {view.state:<11} seq {view.seq:<6} restarts {view.restarts}{engine}")
+        for diff in diffs:
+            print(f"live difference: {diff}")
+        if args.check_live and not diffs:
+            print("live check: the KV snapshots match the rebuilt states")
+    if fold.violations:
+        first = fold.violations[0]
+        print(f"violation: {first.code}: {first.message}", file=sys.stderr)
+        return EXIT_VIOLATION
+    return EXIT_VIOLATION if diffs else EXIT_OK
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="JSONL file to write ('-' for stdout)")
+    parser.add_argument("--url", default=os.environ.get("POOL_MANAGERD_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    parser.add_argument("--pool")
+    parser.add_argument("--from-seq", type=int)
+    parser.add_argument("--until-seq", type=int)
+    parser.add_argument("--until-time", type=parse_time)
+
+
+async def _export(args: argparse.Namespace, out: TextIO) -> int:
+    sel = Selection(args.pool, args.from_seq, args.until_seq, args.until_time)
+    n = 0
+    async for _, event in read_stream(args.url, args.prefix, sel):
+        out.write(encode(event).decode() + "\n")
+        n += 1
+    return n
+
+
+def run_export(args: argparse.Namespace) -> int:
+    try:
+        if args.pool is not None:
+            validate_id(args.pool, "pool")
+        if str(args.out) == "-":
+            n = asyncio.run(_export(args, sys.stdout))
+        else:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            with tmp.open("w", encoding="utf-8") as fh:
+                n = asyncio.run(_export(args, fh))
+            tmp.replace(args.out)
+    except (PoolManagerError, OSError) as exc:
+        print(f"export: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        print(f"export: cannot read the event log: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"exported {n} events to {args.out}", file=sys.stderr)
+    return EXIT_OK
