@@ -39,6 +39,7 @@ from pool_managerd.messages import (
 
 _FAILURE_TRIGGERS = frozenset({"preload_failed", "engine_exited", "health_lost", "backoff_elapsed"})
 _DEADLINE_STATES = frozenset({"preloading", "draining", "restarting"})
+_ENGINE_STOPPED = frozenset({"unready", "restarting", "failed", "preloading"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +157,9 @@ class Fold:
         view.state = body.dst
         view.last_trigger = body.trigger
         dst = body.dst
+        if dst in _ENGINE_STOPPED:
+            # The machine stops (or has lost) the engine on these rows; its exit event may follow.
+            view.engine = None
         if body.spec is not None:
             if body.trigger == "reload":
                 view.pending_spec = body.spec

@@ -368,7 +368,8 @@ class PoolModel:
                 exit_code=kw.get("exit_code"),
                 leases_left=kw.get("leases_left"),
                 attempt=decision.attempt if decision else None,
-                reload=self.reloading or trigger == "reload",
+                # A rollback's restart is part of the reload, not a crash restart of the pool.
+                reload=self.reloading or trigger == "reload" or bool(kw.get("rollback")),
             )
         )
 
