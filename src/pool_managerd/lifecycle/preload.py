@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pool_managerd.core.definitions import PlanRejected, PlanRequest
 from pool_managerd.messages import EngineSpec, Placement, Problem, RejectCode
-from pool_managerd.placement.devicemasks import MaskError
-from pool_managerd.placement.hetero_split import PlanError
+from pool_managerd.placement.devicemasks import MASK_ERROR_CODES, MaskError
+from pool_managerd.placement.hetero_split import PLAN_ERROR_CODES, PlanError
 from pool_managerd.placement.place import place
 from pool_managerd.validation.preflight import HostFacts, PreflightSpec, preflight
 
@@ -30,13 +30,7 @@ def timeout_reason(spec: EngineSpec) -> str:
     return f"load timeout: not ready within {spec.load_timeout_s:g} s"
 
 
-_PLACEMENT_CODES = frozenset(
-    {
-        "empty_mask", "empty_entry", "whitespace", "bad_token", "negative_index", "index_out_of_range",
-        "unknown_device", "ambiguous_prefix", "duplicate_device", "mig_with_parent", "insufficient_vram",
-        "bad_ratios", "bad_policy", "bad_size", "no_devices",
-    }
-)  # fmt: skip
+_PLACEMENT_CODES = frozenset(MASK_ERROR_CODES) | frozenset(PLAN_ERROR_CODES)
 
 
 def model_path(spec: EngineSpec) -> str | None:
@@ -82,5 +76,7 @@ def plan(request: PlanRequest) -> Placement | PlanRejected:
     )
     try:
         return place(mask, request.snapshot, model_bytes, definition.context_bytes, policy, definition.headroom_bytes)
-    except (MaskError, PlanError) as exc:
-        return PlanRejected("placement_failed", exc.message, (Problem(code=exc.code, message=exc.message),))
+    except MaskError as exc:
+        return PlanRejected("placement_failed", exc.message, (exc.to_problem(),))
+    except PlanError as exc:
+        return PlanRejected("placement_failed", exc.message, tuple(exc.to_problems()))
