@@ -157,6 +157,8 @@ class Fold:
         view.state = body.dst
         view.last_trigger = body.trigger
         dst = body.dst
+        if dst == "failed":
+            view.placement = None
         if dst in _ENGINE_STOPPED:
             # The machine stops (or has lost) the engine on these rows; its exit event may follow.
             view.engine = None

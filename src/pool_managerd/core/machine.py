@@ -427,6 +427,9 @@ class PoolModel:
         self.entry.drop_leases()
         self.entry.health = HealthState()
         self.entry.last_error = decision.reason
+        # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
+        self.entry.placement = None
+        self.entry.device_mask = []
         if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
             self.entry.crashes += 1
         policy = self.definition.restart
@@ -670,6 +673,11 @@ class Lifecycle:
         model = self.pool(pool)
         self._begin(model, ctx)
         if model.state == "preloading":
+            previous = model.entry.engine
+            if previous is not None and previous.pid != info.pid:
+                # Never two engines for one pool: the one recorded earlier goes.
+                model.stopping.add(previous.pid)
+                model.effects.append(StopEngine(previous.pid, previous.pgid, 0.0, "superseded by a newer spawn"))
             model.entry.engine = info
             model.emit(EngineSpawned(pid=info.pid, pgid=info.pgid, port=info.port, argv=list(info.argv),
                                      cuda_visible_devices=cuda_visible_devices, log_path=info.log_path,

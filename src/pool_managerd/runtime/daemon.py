@@ -177,7 +177,8 @@ class Daemon:
             from pool_managerd.adapters.nvml import NvmlReader
 
             self._nvml = NvmlReader()
-        return self._nvml.snapshot()
+        snapshot: GpuSnapshot = self._nvml.snapshot()
+        return snapshot
 
     # --- start-up ------------------------------------------------------------------------------
 
