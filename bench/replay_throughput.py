@@ -58,7 +58,7 @@ def cycle(pid: int) -> list[EventBody]:
             delay_s=1.02,
             exit_code=139,
             attempt=1,
-        ),  # fmt: skip
+        ),
         BackoffScheduled(delay_s=1.02, attempt=1, reason="engine exited (exit code 139)"),
         StateChanged(trigger="backoff_elapsed", src="restarting", dst="preloading", placement=PLACEMENT),
         EngineSpawned(pid=pid + 1, pgid=pid + 1, port=30001, argv=["llama-server"], cuda_visible_devices=GPU),

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.definitions import PoolDefinition
+from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import EngineSpec
 from pool_managerd.subjects import ID_RE
