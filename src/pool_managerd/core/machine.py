@@ -263,7 +263,8 @@ class PoolModel:
             traceparent=self.ctx.traceparent,
             body=body,
         )
-        self.entry.last_event = event.type
+        # For a state change the trigger says more than "state_changed" (watch and status show it).
+        self.entry.last_event = body.trigger if isinstance(body, StateChanged) else event.type
         self.entry.updated_at = self.ctx.now
         self.events.append(event)
         return event

@@ -391,7 +391,8 @@ class Daemon:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; events wait in the backlog")
+        if not self._stopping.is_set():
+            log.warning("disconnected from NATS; events wait in the backlog")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS")

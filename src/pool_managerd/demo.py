@@ -1,0 +1,234 @@
+"""``pool-managerd demo``: the whole daemon on one machine, no GPU needed.
+
+An embedded nats-server, the simulated ``sim:hetero-24g-48g`` inventory (a 24 GiB and a 48 GiB
+GPU of different generations) and the shipped fake engine, driven over NATS exactly as a client
+service would: preload three pools (placement plans shown), drain one with a lease held, reload
+one, crash one and watch supervision restart it, then print the state table. Every event is
+printed as it arrives on ``poold.evt.>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pool_managerd.messages import (
+    REPLY_DECODER,
+    Accepted,
+    Event,
+    InventoryReply,
+    PoolSnapshot,
+    Rejected,
+    StateChanged,
+    StatusReply,
+)
+
+GIB = 1 << 30
+
+POOLS: list[dict[str, Any]] = [
+    {"id": "embed", "engine": "fake", "model": "bge-large", "model_bytes": 2 * GIB, "device_mask": "0",
+     "slots": 4, "extra_args": ["--load-time", "0.3"]},
+    {"id": "chat-8b", "engine": "fake", "model": "llama-3.1-8b-q8", "model_bytes": 8 * GIB, "context_bytes": 2 * GIB,
+     "slots": 2, "extra_args": ["--load-time", "0.6"]},
+    {"id": "big-70b", "engine": "fake", "model": "llama-3.1-70b-q4", "model_bytes": 40 * GIB,
+     "context_bytes": 4 * GIB, "device_mask": "0,1", "split_policy": "free", "extra_args": ["--load-time", "0.8"],
+     "restart": {"initial_s": 0.5}},
+]  # fmt: skip
+
+
+class Tour:
+    """The scripted client side of the demo."""
+
+    def __init__(self, nc: Any, node: str, interactive: bool) -> None:
+        self.nc = nc
+        self.node = node
+        self.interactive = interactive
+        self.t0 = time.time()
+        self.states: dict[str, str] = {}
+        self.changed = asyncio.Condition()
+        self.failures: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(f"\n== {text}", flush=True)
+
+    async def pause(self) -> None:
+        if self.interactive:
+            await asyncio.get_running_loop().run_in_executor(None, input, "   (press Enter to continue) ")
+
+    async def on_event(self, msg: Any) -> None:
+        event = msgspec.json.decode(msg.data, type=Event)
+        body = event.body
+        stamp = f"{event.ts - self.t0:7.3f}s"
+        if isinstance(body, StateChanged):
+            line = f"{body.trigger:<15} {body.src} -> {body.dst}"
+            if body.reason:
+                line += f"  ({body.reason})"
+            async with self.changed:
+                self.states[event.pool or ""] = body.dst
+                self.changed.notify_all()
+        else:
+            fields = {k: v for k, v in msgspec.structs.asdict(body).items() if v not in (None, [], {}, "")}
+            fields.pop("argv", None)
+            line = f"{event.type:<15} " + " ".join(f"{k}={v}" for k, v in fields.items())
+        print(f"   {stamp}  {event.pool or 'node':<8} #{event.seq:<3} {line}", flush=True)
+
+    async def request(self, subject: str, payload: dict[str, Any] | None = None) -> Any:
+        body = msgspec.json.encode(payload) if payload is not None else b""
+        msg = await self.nc.request(subject, body, timeout=10)
+        return REPLY_DECODER.decode(msg.data)
+
+    async def cmd(self, pool: str, verb: str, **fields: Any) -> Accepted | Rejected | StatusReply:
+        fields.setdefault("command_id", uuid.uuid4().hex)
+        reply = await self.request(f"poold.cmd.{pool}.{verb}", fields)
+        assert isinstance(reply, Accepted | Rejected | StatusReply)
+        if isinstance(reply, Rejected):
+            print(f"   -> {verb} {pool}: rejected {reply.code}: {reply.message}", flush=True)
+        elif isinstance(reply, Accepted):
+            print(f"   -> {verb} {pool}: accepted (event #{reply.seq}, now {reply.state})", flush=True)
+        return reply
+
+    async def status(self, pool: str) -> PoolSnapshot:
+        reply = await self.request(f"poold.cmd.{pool}.status")
+        assert isinstance(reply, StatusReply)
+        return reply.pool
+
+    async def wait_state(self, pool: str, state: str, timeout: float = 20.0) -> bool:
+        async def reached() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.states.get(pool) == state)
+
+        try:
+            await asyncio.wait_for(reached(), timeout)
+            return True
+        except TimeoutError:
+            self.failures.append(f"{pool} did not reach {state} within {timeout:g} s")
+            print(f"   !! {self.failures[-1]}", flush=True)
+            return False
+
+    async def run(self) -> None:
+        inv = await self.request(f"poold.node.{self.node}.cmd.inventory")
+        assert isinstance(inv, InventoryReply)
+        self.say(f"GPU inventory of node {self.node} ({inv.gpus.source}, simulated={inv.gpus.simulated})")
+        for gpu in inv.gpus.gpus:
+            cc = ".".join(map(str, gpu.compute_capability))
+            print(f"   GPU{gpu.index} {gpu.name:<28} cc {cc}  {gpu.memory_free / GIB:5.1f} GiB free  {gpu.uuid}")
+        await self.pause()
+
+        self.say("1. Preload three pools: each placement is planned against the free memory left")
+        for spec in POOLS:
+            await self.cmd(spec["id"], "preload")
+            snap = await self.status(spec["id"])
+            if snap.placement is not None:
+                p = snap.placement
+                split = f" --tensor-split {p.tensor_split}" if p.tensor_split else ""
+                budgets = ", ".join(f"{b / GIB:.1f} GiB" for b in p.budgets)
+                print(f"      placement: {len(p.uuids)} GPU(s), budgets [{budgets}]{split}")
+                for line in p.explanation:
+                    print(f"      plan: {line}")
+        for spec in POOLS:
+            await self.wait_state(spec["id"], "ready")
+        await self.pause()
+
+        self.say("2. Drain chat-8b while a client holds a lease: new leases are refused, the drain waits")
+        lease = await self.cmd("chat-8b", "lease", ttl_s=30.0, holder="demo-client")
+        await self.cmd("chat-8b", "drain", deadline_s=10.0)
+        await self.cmd("chat-8b", "lease", ttl_s=30.0)
+        if isinstance(lease, Accepted) and lease.lease_id:
+            await asyncio.sleep(0.5)  # the client finishes its request, then releases
+            await self.cmd("chat-8b", "release", lease_id=lease.lease_id)
+        await self.wait_state("chat-8b", "unready")
+        await self.pause()
+
+        self.say("3. Reload embed with a new model: drain, stop, start the new spec, ready again")
+        await self.cmd("embed", "reload", model="bge-large-v2", deadline_s=5.0)
+        await self.wait_state("embed", "ready")
+        snap = await self.status("embed")
+        print(f"      embed now serves {snap.model} (engine pid {snap.engine.pid if snap.engine else '-'})")
+        await self.pause()
+
+        self.say("4. Crash big-70b's engine (SIGKILL): the exit is seen at once, supervision restarts it")
+        snap = await self.status("big-70b")
+        if snap.engine is not None:
+            os.kill(snap.engine.pid, signal.SIGKILL)
+            await self.wait_state("big-70b", "restarting", 5.0)
+            await self.wait_state("big-70b", "ready")
+        else:
+            self.failures.append("big-70b had no engine to crash")
+        await self.pause()
+
+        self.say("5. The pools now")
+        reply = await self.request(f"poold.node.{self.node}.cmd.pools")
+        print(f"   {'pool':<10} {'state':<11} {'model':<20} {'GPUs':<5} {'leases':<7} {'restarts':<9} last event")
+        for snap in reply.pools:
+            gpus = len(snap.device_mask)
+            leases = f"{snap.active_leases}/{snap.slots_total}"
+            print(f"   {snap.pool:<10} {snap.state:<11} {snap.model or '-':<20} {gpus:<5} {leases:<7} "
+                  f"{snap.restarts:<9} {snap.last_event or '-'}")  # fmt: skip
+
+
+async def _main(args: argparse.Namespace) -> int:
+    from pool_managerd.config import load_config
+    from pool_managerd.runtime.daemon import Daemon
+
+    tmp = None
+    run_dir = args.run_dir
+    if run_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="poold-demo-")
+        run_dir = Path(tmp.name)
+    config = load_config(None, node="demo", run_dir=run_dir, gpus="sim:hetero-24g-48g", pools=POOLS,
+                         heartbeat_s=10.0, nats={"urls": []})  # fmt: skip
+    daemon = Daemon(config)
+    print("pool-managerd demo: embedded NATS, simulated GPUs (sim:hetero-24g-48g), fake engines", flush=True)
+    await daemon.start()
+    import nats
+
+    assert daemon.url is not None
+    nc = await nats.connect(daemon.url, name="pool-managerd-demo")
+    tour = Tour(nc, config.node, args.interactive)
+    sub = await nc.subscribe("poold.evt.>", cb=tour.on_event)
+    code = 0
+    try:
+        await tour.run()
+        if args.duration > 0:
+            print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:\n"
+                  f"   pool-managerd ctl status chat-8b --url {daemon.url}\n"
+                  f"   pool-managerd watch --url {daemon.url}", flush=True)  # fmt: skip
+            await asyncio.sleep(args.duration)
+        code = 1 if tour.failures else 0
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+        await daemon.stop()
+        if tmp is not None:
+            tmp.cleanup()
+    print("\ndemo " + ("complete" if code == 0 else f"FAILED: {'; '.join(tour.failures)}"), flush=True)
+    return code
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=0.0, help="keep serving this long after the tour")
+    parser.add_argument("--run-dir", type=Path, help="keep the run dir (logs, NATS store) here")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--non-interactive", dest="interactive", action="store_false",
+                      help="no pauses (the default when stdin is not a terminal)")  # fmt: skip
+    mode.add_argument("--interactive", dest="interactive", action="store_true")
+    parser.set_defaults(interactive=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.interactive is None:
+        args.interactive = sys.stdin.isatty()
+    from pool_managerd.runtime import logs
+
+    logs.setup("warning", json_logs=False)
+    return asyncio.run(_main(args))

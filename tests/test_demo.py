@@ -1,0 +1,27 @@
+"""The demo runs to completion non-interactively: embedded NATS, simulated GPUs, fake engines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_runs_to_completion_non_interactively() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pool_managerd", "demo", "--non-interactive"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "demo complete" in out
+    # The tour's milestones, each an event that really arrived over NATS.
+    assert "--tensor-split" in out  # big-70b was split over both simulated GPUs
+    assert "rejected draining" in out  # a lease during the drain was refused with its reason
+    assert "leases reached 0" in out  # the drain completed when the lease was released
+    assert "embed now serves bge-large-v2" in out  # the reload took
+    assert "engine_exited   ready -> restarting" in out  # the crash was noticed and supervised
+    assert out.count("engine_ready    preloading -> ready") >= 5
