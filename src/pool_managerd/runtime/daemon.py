@@ -161,6 +161,8 @@ class Daemon:
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
+        self.known_pools: set[str] = set()
+        self._unclaimed_sub: Any = None
 
     # --- GPU inventory -------------------------------------------------------------------------
 
@@ -218,6 +220,13 @@ class Daemon:
             owned.append(definition.pool)
         await self._recover()
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
+        await self.snapshots.watch(self._on_snapshot)
+        # Commands for pools nobody serves would otherwise meet only "no responders": answer them
+        # with a typed rejection. One daemon of the cluster answers (queue group), and only for
+        # ids that are invalid or that no daemon has ever published a snapshot for.
+        self._unclaimed_sub = await self.nc.subscribe(
+            f"{self.subjects.prefix}.cmd.*.*", queue="poold-unclaimed", cb=self._on_unclaimed
+        )
         self.service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -415,6 +424,29 @@ class Daemon:
         self._spawn(self._publish_node(PoolFencedEvent(reason=reason, pool=pool)), "fenced-event")
 
     # --- commands --------------------------------------------------------------------------------
+
+    async def _on_snapshot(self, pool: str, snapshot: object) -> None:
+        if snapshot is None:
+            self.known_pools.discard(pool)
+        else:
+            self.known_pools.add(pool)
+
+    async def _on_unclaimed(self, msg: Msg) -> None:
+        try:
+            pool, verb = self.subjects.parse_command(msg.subject)
+        except PoolManagerError as exc:
+            await self._reply_unclaimed(msg, rejection(exc.code, exc.message))
+            return
+        if self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools:
+            return  # its owner answers
+        await self._reply_unclaimed(
+            msg, rejection("unknown_pool", f"no daemon serves pool {pool!r}", pool=pool, verb=verb)
+        )
+
+    async def _reply_unclaimed(self, msg: Msg, reply: Rejected) -> None:
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(encode(reply))
 
     async def _on_command(self, req: Request) -> None:
         # Handlers of one subscription run one at a time: answer in a task so a slow command
@@ -633,9 +665,13 @@ class Daemon:
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
-        if self._health_sub is not None:
+        for sub in (self._health_sub, self._unclaimed_sub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        if self.snapshots is not None:
             with contextlib.suppress(Exception):
-                await self._health_sub.unsubscribe()
+                await self.snapshots.stop_watch()
         await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
             await self.runtime.close(stop_engines=stop)
