@@ -1,0 +1,131 @@
+"""Shared fixtures for the whole suite.
+
+Sections (append new fixtures to the section they belong to, or add a new section at the end):
+
+1. Hypothesis profiles
+2. NATS: real ``nats-server`` processes, clients, isolated JetStream namespaces
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from hypothesis import HealthCheck, settings
+from nats.aio.client import Client as NATS
+
+from pool_managerd.subjects import Subjects
+from pool_managerd.testing.nats_server import NatsServer
+
+# ---------------------------------------------------------------------------------------------
+# 1. Hypothesis profiles: HYPOTHESIS_PROFILE=ci|dev (default dev). Both keep >= 200 examples.
+# ---------------------------------------------------------------------------------------------
+
+settings.register_profile(
+    "ci",
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. NATS
+# ---------------------------------------------------------------------------------------------
+
+NATS_TEST_OPTIONS: dict[str, Any] = {
+    # nats-py's defaults give up reconnecting after ~2 min and wait 2 s between attempts; tests
+    # kill and restart servers, so reconnect forever and quickly.
+    "allow_reconnect": True,
+    "max_reconnect_attempts": -1,
+    "reconnect_time_wait": 0.1,
+    "connect_timeout": 2,
+}
+
+
+async def _quiet_error_cb(exc: Exception) -> None:
+    # Disconnect errors are expected in kill/restart tests; the default callback logs them loudly.
+    return None
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One JetStream server for the session. Tests isolate themselves with :func:`js_ns`."""
+    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats-session"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    """URL of the session server."""
+    return nats_server.url
+
+
+@pytest.fixture
+def fresh_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A server of this test's own, free to ``kill()`` / ``restart()`` (same port and store)."""
+    server = NatsServer(store_dir=tmp_path / "nats-store")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+NatsConnect = Callable[..., Awaitable[NATS]]
+
+
+@pytest.fixture
+async def nats_connect() -> AsyncIterator[NatsConnect]:
+    """Factory ``await nats_connect(url, **overrides)`` with test-friendly reconnect options.
+
+    Every client it makes is closed at teardown.
+    """
+    clients: list[NATS] = []
+
+    async def connect(url: str, **overrides: Any) -> NATS:
+        options = {"error_cb": _quiet_error_cb, **NATS_TEST_OPTIONS, **overrides}
+        client = await nats.connect(url, **options)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        if not client.is_closed:
+            await client.close()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer, nats_connect: NatsConnect) -> NATS:
+    """A client connected to the session server (closed after the test)."""
+    return await nats_connect(nats_server.url)
+
+
+@dataclass(frozen=True)
+class JsNamespace:
+    """Names that keep one test's JetStream objects apart from every other test's."""
+
+    subjects: Subjects
+    stream: str
+    bucket: str
+
+
+@pytest.fixture
+def js_ns() -> JsNamespace:
+    """A unique subject prefix, stream name and KV bucket name for this test."""
+    tag = uuid.uuid4().hex[:10]
+    return JsNamespace(subjects=Subjects(prefix=f"t{tag}"), stream=f"EVT_{tag}", bucket=f"kv_{tag}")
