@@ -97,6 +97,17 @@ async def test_ensure_stream_is_idempotent_and_updates_max_age(nc: NATS, js_ns: 
     assert status.history == 1
 
 
+async def test_ensure_stream_races_and_short_max_age(nc: NATS, js_ns: JsNamespace) -> None:
+    js = nc.jetstream()
+    limits = (None, 60.0, None, 7200.0)
+    results = await asyncio.gather(*(ensure_stream(js, js_ns.subjects, m, stream=js_ns.stream) for m in limits))
+    assert {r.config.name for r in results} == {js_ns.stream}
+    # A max_age under the 2 min dedupe window shortens the window (the server demands it).
+    info = await ensure_stream(js, js_ns.subjects, 60.0, stream=js_ns.stream)
+    assert info.config.max_age == pytest.approx(60.0)
+    assert info.config.duplicate_window == pytest.approx(60.0)
+
+
 async def test_default_names_on_a_fresh_server(fresh_nats_server: NatsServer, nats_connect: NatsConnect) -> None:
     nc = await nats_connect(fresh_nats_server.url)
     js = nc.jetstream()

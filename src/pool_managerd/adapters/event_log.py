@@ -188,6 +188,9 @@ async def ensure_stream(
     None or 0 keeps events forever. The storage type cannot change on an existing stream; a
     stream created elsewhere with memory storage raises ``BadRequestError`` on update.
     """
+    if max_age_s:
+        # The server refuses a duplicate window longer than max_age (err 10052).
+        duplicate_window_s = min(duplicate_window_s, max_age_s)
     want = _stream_config(subjects, max_age_s, replicas, stream, duplicate_window_s)
     try:
         info = await js.stream_info(stream)
@@ -521,7 +524,7 @@ class EventPublisher:
         ``InvalidId``/``InvalidSubject`` for an event that cannot be queued. The future fails
         with :class:`PoolFenced`, :class:`EventRejected` or :class:`PublisherClosed`.
         """
-        if self._closed:
+        if self._closed or self._nc.is_closed:
             raise PublisherClosed("event publisher closed")
         if event.pool is not None and event.pool in self._fenced:
             raise PoolFenced(event.pool, self._fenced[event.pool])
