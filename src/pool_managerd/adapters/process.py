@@ -1,0 +1,818 @@
+"""Engine processes: argv rendering, port allocation, spawning, stopping, the spawn record.
+
+Every engine runs in its own session and process group (``start_new_session=True``, so its
+pgid equals its pid) with stdout and stderr going straight to a per-pool log file: the daemon is
+not in the engine's output path, so a slow or dead daemon never blocks or SIGPIPEs an engine.
+
+Exit is observed by awaiting the process (the asyncio child watcher), never by polling. When the
+leader exits, for whatever reason, the whole group is SIGKILLed so no grandchild outlives it.
+
+Processes this daemon did not spawn (found in the spawn record after a restart) cannot be
+waited on; :func:`wait_pid_exit` uses a pidfd where the kernel has one (an event, not a poll) and
+falls back to a short poll otherwise. Zombies count as dead everywhere in this module: a killed
+process whose parent does not reap it (a container's pid 1 often does not) holds no memory,
+GPU or port any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import string
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from pool_managerd.core.errors import PoolManagerError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PLACEHOLDERS",
+    "AdoptedProcess",
+    "EngineProcess",
+    "ExitInfo",
+    "SpawnEntry",
+    "SpawnError",
+    "SpawnRecord",
+    "SpawnRecordError",
+    "TemplateError",
+    "allocate_port",
+    "group_members",
+    "kill_group",
+    "pid_alive",
+    "port_is_free",
+    "proc_start_ticks",
+    "render_argv",
+    "rotate_log",
+    "spawn",
+    "stop_group",
+    "wait_pid_exit",
+]
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class SpawnError(PoolManagerError):
+    """An engine could not be started. ``reason`` is one of ``not_found``, ``permission``,
+    ``port_in_use``, ``log`` (the log file could not be opened), ``os_error``."""
+
+    code = "internal"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TemplateError(PoolManagerError):
+    """An argv template is malformed, names an unknown placeholder or lacks a required value."""
+
+    code = "bad_request"
+
+
+class SpawnRecordError(PoolManagerError):
+    """The spawn record exists but cannot be read back."""
+
+    code = "internal"
+
+
+# --------------------------------------------------------------------------------------------
+# argv templates
+# --------------------------------------------------------------------------------------------
+
+PLACEHOLDERS: Final = frozenset({"model", "port", "host", "tensor_split", "n_gpus"})
+"""Placeholders an argv template may use."""
+
+_OPTIONAL: Final = frozenset({"tensor_split"})
+# Flags whose value is an optional placeholder: dropped together with an empty value.
+_OPTIONAL_FLAGS: Final = {"tensor_split": frozenset({"--tensor-split", "-ts"})}
+_FORMATTER: Final = string.Formatter()
+
+
+def render_argv(template: Sequence[str], values: Mapping[str, str | int]) -> list[str]:
+    """Substitute ``{model} {port} {host} {tensor_split} {n_gpus}`` inside each argv element.
+
+    Each element stays one argv element whatever it contains (there is no shell). ``{{`` and
+    ``}}`` are literal braces. Errors (all :class:`TemplateError`): an unknown placeholder, a
+    conversion or format spec (``{port!r}``, ``{port:5}``), attribute or index access, unbalanced
+    braces, an empty template, a required placeholder with no value or an empty one.
+
+    ``{tensor_split}`` is optional (a single-GPU placement has none): when its value is missing or
+    empty, an element that is exactly ``{tensor_split}`` is dropped together with the element
+    before it if that is ``--tensor-split`` or ``-ts``, and an element ``--tensor-split={tensor_split}``
+    (or ``-ts=...``) is dropped. Any other use of an empty ``{tensor_split}`` renders as ``""``.
+    """
+    if not template:
+        raise TemplateError("argv template is empty")
+    out: list[str] = []
+    for element in template:
+        try:
+            parts = list(_FORMATTER.parse(element))
+        except ValueError as exc:
+            raise TemplateError(f"argv element {element!r}: {exc}") from None
+        rendered: list[str] = []
+        empty_optional: str | None = None
+        only_placeholder = len(parts) == 1 and parts[0][0] == "" and parts[0][1] is not None
+        for literal, name, spec, conv in parts:
+            rendered.append(literal)
+            if name is None:
+                continue
+            if name not in PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                raise TemplateError(f"argv element {element!r}: unknown placeholder {{{name}}} ({known})")
+            if spec or conv:
+                raise TemplateError(f"argv element {element!r}: format specs and conversions are not allowed")
+            value = values.get(name)
+            text = "" if value is None else str(value)
+            if not text:
+                if name not in _OPTIONAL:
+                    raise TemplateError(f"argv element {element!r}: no value for {{{name}}}")
+                empty_optional = name
+            rendered.append(text)
+        if empty_optional is not None:
+            flags = _OPTIONAL_FLAGS[empty_optional]
+            if only_placeholder:
+                if out and out[-1] in flags:
+                    out.pop()
+                continue
+            if len(parts) == 1 and parts[0][0].endswith("=") and parts[0][0][:-1] in flags:
+                continue
+        out.append("".join(rendered))
+    if not out or not out[0]:
+        raise TemplateError("argv template renders to no executable")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------------------------
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def allocate_port(host: str = "127.0.0.1") -> int:
+    """Return a port the kernel considers free on ``host`` (bind to port 0, then release it).
+
+    Another process may take it before the engine binds; the engine then fails to bind and
+    exits, which supervision handles like any early exit.
+    """
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when an engine could bind ``host:port`` now.
+
+    Uses ``SO_REUSEADDR`` like the engines do, so leftover ``TIME_WAIT`` connections from the
+    previous engine on that port do not count as busy, while a live listener does (on Linux,
+    also a listener on the wildcard address).
+    """
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Logs
+# --------------------------------------------------------------------------------------------
+
+
+def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
+    """Rotate ``path`` when it is at least ``max_bytes`` long: ``path`` → ``path.1`` → ... →
+    ``path.<keep>``; the oldest beyond ``keep`` is deleted (``keep=0`` just deletes ``path``).
+    Returns whether it rotated. Done at spawn time only: a running engine's log grows unbounded.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size < max_bytes:
+        return False
+    if keep <= 0:
+        path.unlink(missing_ok=True)
+        return True
+    Path(f"{path}.{keep}").unlink(missing_ok=True)
+    for i in range(keep - 1, 0, -1):
+        src = Path(f"{path}.{i}")
+        if src.exists():
+            os.replace(src, f"{path}.{i + 1}")
+    os.replace(path, f"{path}.1")
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Process inspection and group signals (also for processes this daemon did not spawn)
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the comm field (index 0 = state), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: the fields start after the last ')'.
+    return raw[raw.rfind(b")") + 2 :].decode("ascii", "replace").split()
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    fields = _proc_stat(pid)
+    if fields is None:
+        # No procfs (not Linux): the kill(0) answer is all we have.
+        return not os.path.isdir("/proc/self")
+    return fields[0] not in ("Z", "X")
+
+
+def proc_start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (/proc field 22), or None.
+
+    With the pid it identifies a process across pid reuse; the spawn record stores it so an
+    adopting daemon never signals a stranger that inherited a recorded pid.
+    """
+    fields = _proc_stat(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    return int(fields[19])
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids whose process group is ``pgid``; scans /proc (a few ms)."""
+    members: list[int] = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return members
+    for name in names:
+        if not name.isdigit():
+            continue
+        fields = _proc_stat(int(name))
+        if fields is not None and len(fields) > 3 and fields[3] == str(pgid) and fields[0] not in "ZX":
+            members.append(int(name))
+    return members
+
+
+def _check_pgid(pgid: int) -> None:
+    if pgid <= 1:
+        raise ValueError(f"refusing to signal process group {pgid}")
+    if pgid == os.getpgrp():
+        raise ValueError(f"refusing to signal our own process group {pgid}")
+
+
+def kill_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if the group no longer exists.
+
+    Refuses (``ValueError``) groups 0 and 1 and the caller's own group: a corrupt spawn record
+    must never make the daemon signal itself or everything.
+    """
+    _check_pgid(pgid)
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        log.warning("no permission to signal process group %d", pgid)
+        return False
+    return True
+
+
+async def wait_pid_exit(pid: int, within_s: float | None) -> bool:
+    """Wait up to ``within_s`` (None: forever) until ``pid`` is gone or a zombie; True if it is.
+
+    Works for processes that are not our children. Uses a pidfd (readable when the process
+    exits, an event) where available, else polls with a short interval.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (AttributeError, OSError):
+        fd = -1
+    if fd >= 0:
+        ready: asyncio.Future[None] = loop.create_future()
+        try:
+            if select.select([fd], [], [], 0)[0]:
+                return True
+
+            def on_readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(fd, on_readable)
+            try:
+                await asyncio.wait_for(ready, within_s)
+            except TimeoutError:
+                return not pid_alive(pid)
+            finally:
+                loop.remove_reader(fd)
+            return True
+        finally:
+            os.close(fd)
+    deadline = None if within_s is None else time.monotonic() + within_s
+    delay = 0.005
+    while pid_alive(pid):
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(delay)  # ok: no pidfd; a non-child cannot be waited on
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+async def _wait_group_gone(pgid: int, within_s: float) -> bool:
+    """Wait until ``pgid`` has no live member, re-scanning as members exit (they may fork)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        members = group_members(pgid)
+        if not members:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        for pid in members:
+            if not await wait_pid_exit(pid, max(0.0, deadline - time.monotonic())):
+                return False
+
+
+async def stop_group(pgid: int, grace_s: float, *, settle_s: float = 1.0) -> bool:
+    """Stop a process group this daemon did not spawn (adoption, orphan reaping).
+
+    SIGTERM to the group, wait up to ``grace_s`` for every member to exit, SIGKILL the group,
+    wait up to ``settle_s`` more. Returns True when no live member is left.
+    """
+    _check_pgid(pgid)
+    if not kill_group(pgid, signal.SIGTERM) and not group_members(pgid):
+        return True
+    if await _wait_group_gone(pgid, grace_s):
+        return True
+    kill_group(pgid, signal.SIGKILL)
+    return await _wait_group_gone(pgid, settle_s)
+
+
+# --------------------------------------------------------------------------------------------
+# Spawn record
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnEntry:
+    """One live engine as recorded on disk, enough for a restarted daemon to find it."""
+
+    pool: str
+    pid: int
+    pgid: int
+    port: int
+    host: str
+    started_at: float
+    argv: list[str]
+    log_path: str | None
+    start_ticks: int | None = None
+    """/proc start time of ``pid``; guards adoption against pid reuse (see :func:`proc_start_ticks`)."""
+
+    def is_live(self) -> bool:
+        """True when the recorded process is still running and is the same process."""
+        if not pid_alive(self.pid):
+            return False
+        if self.start_ticks is not None:
+            ticks = proc_start_ticks(self.pid)
+            if ticks is not None and ticks != self.start_ticks:
+                return False
+        try:
+            return os.getpgid(self.pid) == self.pgid
+        except OSError:
+            return False
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> SpawnEntry:
+        return cls(
+            pool=str(obj["pool"]),
+            pid=int(obj["pid"]),
+            pgid=int(obj["pgid"]),
+            port=int(obj["port"]),
+            host=str(obj.get("host", "127.0.0.1")),
+            started_at=float(obj["started_at"]),
+            argv=[str(a) for a in obj["argv"]],
+            log_path=None if obj.get("log_path") is None else str(obj["log_path"]),
+            start_ticks=None if obj.get("start_ticks") is None else int(obj["start_ticks"]),
+        )
+
+
+_RECORD_VERSION: Final = 1
+
+
+class SpawnRecord:
+    """The daemon's list of live engines, one JSON file rewritten atomically on every change.
+
+    Format: ``{"version": 1, "engines": [<SpawnEntry as an object>, ...]}``. Writes go to a
+    temporary file in the same directory, are fsynced, then ``os.replace``d over the record (and
+    the directory fsynced), so a crash at any instant leaves either the old or the new record.
+    Writes are synchronous: spawns and exits are rare and a few-ms fsync keeps the order simple.
+    """
+
+    def __init__(self, path: Path | str, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._entries: dict[int, SpawnEntry] = {e.pid: e for e in self.load(self.path)}
+
+    @staticmethod
+    def load(path: Path | str) -> list[SpawnEntry]:
+        """Read a record; a missing file is an empty record; a corrupt one raises
+        :class:`SpawnRecordError`."""
+        p = Path(path)
+        try:
+            raw = p.read_bytes()
+        except FileNotFoundError:
+            return []
+        try:
+            doc = json.loads(raw)
+            if isinstance(doc, list):  # tolerate a bare list of entries
+                doc = {"version": _RECORD_VERSION, "engines": doc}
+            if doc.get("version") != _RECORD_VERSION:
+                raise ValueError(f"unsupported version {doc.get('version')!r}")
+            return [SpawnEntry.from_json(e) for e in doc["engines"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SpawnRecordError(f"spawn record {p} is unreadable: {exc}") from None
+
+    @property
+    def entries(self) -> list[SpawnEntry]:
+        return list(self._entries.values())
+
+    def add(self, entry: SpawnEntry) -> None:
+        self._entries[entry.pid] = entry
+        self._write()
+
+    def remove(self, pid: int) -> None:
+        if self._entries.pop(pid, None) is not None:
+            self._write()
+
+    def replace_all(self, entries: Iterable[SpawnEntry]) -> None:
+        """Rewrite the record with exactly ``entries`` (e.g. after adoption/orphan reaping)."""
+        self._entries = {e.pid: e for e in entries}
+        self._write()
+
+    def _write(self) -> None:
+        doc = {"version": _RECORD_VERSION, "engines": [asdict(e) for e in self._entries.values()]}
+        data = json.dumps(doc, indent=1).encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+# --------------------------------------------------------------------------------------------
+# Engine handles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    """How an engine ended. Exactly one of ``exit_code``/``signal`` is set for a spawned child;
+    both are None for an adopted process (a non-child's status cannot be read)."""
+
+    exit_code: int | None
+    signal: int | None
+    expected: bool = False
+    """True when the exit followed our own stop request."""
+    ended_at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        if self.exit_code is not None:
+            return f"exit code {self.exit_code}"
+        return "exited (status unknown)"
+
+
+OnExit = Callable[["EngineHandle", ExitInfo], None]
+
+
+class EngineHandle:
+    """What the pool actor holds for a running engine, spawned or adopted.
+
+    ``exited`` resolves (never fails) with the :class:`ExitInfo` once the leader is gone and the
+    group has been SIGKILLed; ``on_exit`` (sync, called once, exceptions logged) fires just
+    before. ``stop`` is idempotent, safe after exit, and shared by concurrent callers.
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: str,
+        pid: int,
+        port: int,
+        host: str,
+        started_at: float,
+        argv: list[str],
+        log_path: Path | None,
+        record: SpawnRecord | None,
+        on_exit: OnExit | None,
+    ) -> None:
+        self.pool = pool
+        self.pid = pid
+        self.pgid = pid
+        self.port = port
+        self.host = host
+        self.started_at = started_at
+        self.argv = argv
+        self.log_path = log_path
+        self.stop_requested = False
+        self.exited: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._record = record
+        self._on_exit = on_exit
+        self._group_gone = False
+        self._stop_task: asyncio.Task[ExitInfo] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.done()
+
+    def entry(self) -> SpawnEntry:
+        return SpawnEntry(
+            pool=self.pool,
+            pid=self.pid,
+            pgid=self.pgid,
+            port=self.port,
+            host=self.host,
+            started_at=self.started_at,
+            argv=list(self.argv),
+            log_path=None if self.log_path is None else str(self.log_path),
+            start_ticks=proc_start_ticks(self.pid),
+        )
+
+    async def wait(self) -> ExitInfo:
+        """Wait for the engine to exit (cancelling this does not affect the engine)."""
+        return await asyncio.shield(self.exited)
+
+    def signal_group(self, sig: int) -> bool:
+        """Signal the engine's group unless it is known to be gone (its id may be reused)."""
+        if self._group_gone:
+            return False
+        return kill_group(self.pgid, sig)
+
+    async def stop(self, grace_s: float, *, settle_s: float = 1.0) -> ExitInfo:
+        """SIGTERM the group, wait up to ``grace_s`` for the leader, then SIGKILL the group.
+
+        Returns once the leader has been reaped and the group SIGKILLed, having waited up to
+        ``settle_s`` for the other members to vanish (so GPU memory and ports are released).
+        Worst case ``grace_s + settle_s`` plus scheduling. Cancelling a caller does not cancel
+        the stop.
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(
+                self._stop(grace_s, settle_s), name=f"stop-engine-{self.pool}-{self.pid}"
+            )
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace_s: float, settle_s: float) -> ExitInfo:
+        if not self.exited.done():
+            self.stop_requested = True
+            self.signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+            except TimeoutError:
+                log.info("engine %s pid %d ignored SIGTERM for %.1fs: SIGKILL", self.pool, self.pid, grace_s)
+                self.signal_group(signal.SIGKILL)
+        info = await asyncio.shield(self.exited)
+        if not self._group_gone:
+            self.signal_group(signal.SIGKILL)
+            self._group_gone = await _wait_group_gone(self.pgid, settle_s)
+        return info
+
+    async def _finish(self, info: ExitInfo) -> None:
+        # The leader is gone: kill the rest of the group before anything else can run, so no
+        # grandchild survives an engine that crashed or exited on its own.
+        with contextlib.suppress(ValueError):
+            self.signal_group(signal.SIGKILL)
+        if self._record is not None:
+            try:
+                self._record.remove(self.pid)
+            except OSError:
+                log.exception("cannot update spawn record %s", self._record.path)
+        if self._on_exit is not None:
+            try:
+                self._on_exit(self, info)
+            except Exception:
+                log.exception("on_exit callback of engine %s pid %d failed", self.pool, self.pid)
+        self.exited.set_result(info)
+        if self._stop_task is None:
+            self._group_gone = await _wait_group_gone(self.pgid, 1.0)
+
+
+class EngineProcess(EngineHandle):
+    """An engine spawned by this daemon (see :func:`spawn`); exit is observed by ``wait()``."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, **kw: Any) -> None:
+        super().__init__(pid=proc.pid, **kw)
+        self.proc = proc
+        self._watch_task = asyncio.get_running_loop().create_task(
+            self._watch(), name=f"watch-engine-{kw['pool']}-{proc.pid}"
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def _watch(self) -> None:
+        rc = await self.proc.wait()
+        info = (
+            ExitInfo(exit_code=None, signal=-rc, expected=self.stop_requested)
+            if rc < 0
+            else ExitInfo(exit_code=rc, signal=None, expected=self.stop_requested)
+        )
+        log.info("engine %s pid %d %s", self.pool, self.pid, info.describe())
+        await self._finish(info)
+
+
+class AdoptedProcess(EngineHandle):
+    """An engine from the spawn record, left running by a previous daemon; not our child, so
+    its exit status is unknown (``ExitInfo(None, None)``). Create with :meth:`adopt`."""
+
+    def __init__(self, entry: SpawnEntry, record: SpawnRecord | None, on_exit: OnExit | None) -> None:
+        super().__init__(
+            pool=entry.pool,
+            pid=entry.pid,
+            port=entry.port,
+            host=entry.host,
+            started_at=entry.started_at,
+            argv=list(entry.argv),
+            log_path=None if entry.log_path is None else Path(entry.log_path),
+            record=record,
+            on_exit=on_exit,
+        )
+        self.pgid = entry.pgid
+        self._watch_task = asyncio.get_running_loop().create_task(
+            self._watch(), name=f"watch-adopted-{entry.pool}-{entry.pid}"
+        )
+
+    @classmethod
+    def adopt(
+        cls, entry: SpawnEntry, *, record: SpawnRecord | None = None, on_exit: OnExit | None = None
+    ) -> AdoptedProcess | None:
+        """Take over ``entry`` if its process is still the one recorded, else None.
+
+        Must be called with a running event loop. Refuses groups 0/1 and the daemon's own group.
+        """
+        if entry.pgid <= 1 or entry.pgid == os.getpgrp() or not entry.is_live():
+            return None
+        return cls(entry, record, on_exit)
+
+    async def _watch(self) -> None:
+        await wait_pid_exit(self.pid, None)
+        await self._finish(ExitInfo(exit_code=None, signal=None, expected=self.stop_requested))
+
+
+# --------------------------------------------------------------------------------------------
+# Spawning
+# --------------------------------------------------------------------------------------------
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    pool: str,
+    port: int,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
+    inherit_env: bool = True,
+    log_path: Path | str | None = None,
+    log_max_bytes: int = 10 * 1024 * 1024,
+    log_keep: int = 3,
+    cwd: Path | str | None = None,
+    record: SpawnRecord | None = None,
+    on_exit: OnExit | None = None,
+    check_port: bool = True,
+) -> EngineProcess:
+    """Start an engine in its own process group and return its handle.
+
+    ``argv`` is already rendered (see :func:`render_argv`). ``env`` is merged over the daemon's
+    environment (``inherit_env=False``: used alone); the caller passes ``CUDA_VISIBLE_DEVICES``.
+    stdout and stderr are appended to ``log_path`` (rotated first when over ``log_max_bytes``,
+    ``log_keep`` old files kept) after a header line; without ``log_path`` they go to
+    /dev/null. ``port`` is checked free first when ``check_port``.
+
+    Raises :class:`SpawnError` (never a bare ``OSError``) when the engine cannot be started.
+    """
+    argv = list(argv)
+    if not argv or not argv[0]:
+        raise SpawnError("not_found", "empty argv: no executable to run")
+    if check_port and not port_is_free(host, port):
+        raise SpawnError("port_in_use", f"port {host}:{port} is already in use")
+    full_env = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
+
+    log_fd: int | None = None
+    lp = None if log_path is None else Path(log_path)
+    if lp is not None:
+        try:
+            lp.parent.mkdir(parents=True, exist_ok=True)
+            rotate_log(lp, log_max_bytes, log_keep)
+            log_fd = os.open(lp, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            header = (
+                f"==== pool-managerd: spawning pool={pool} port={port} at {time.time():.6f} "
+                f"CUDA_VISIBLE_DEVICES={full_env.get('CUDA_VISIBLE_DEVICES', '<unset>')}\n"
+                f"==== argv: {json.dumps(argv)}\n"
+            )
+            os.write(log_fd, header.encode())
+        except OSError as exc:
+            if log_fd is not None:
+                os.close(log_fd)
+            raise SpawnError("log", f"cannot open engine log {lp}: {exc.strerror or exc}") from None
+
+    started_at = time.time()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_fd if log_fd is not None else asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.STDOUT if log_fd is not None else asyncio.subprocess.DEVNULL,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except (OSError, ValueError) as exc:
+        errno_ = exc.errno if isinstance(exc, OSError) else None
+        reason = {
+            errno.ENOENT: "not_found",
+            errno.EACCES: "permission",
+            errno.EPERM: "permission",
+        }.get(errno_ or 0, "os_error")
+        if cwd is not None and isinstance(exc, OSError) and exc.filename == str(cwd):
+            reason, detail = "os_error", f"working directory {str(cwd)!r}: {exc.strerror}"
+        else:
+            detail = {
+                "not_found": "executable not found" + ("" if "/" in argv[0] else " on PATH"),
+                "permission": "permission denied (not executable?)",
+            }.get(reason, (exc.strerror if isinstance(exc, OSError) else None) or str(exc))
+        if lp is not None and log_fd is not None:
+            os.write(log_fd, f"==== spawn failed: {detail}\n".encode())
+        raise SpawnError(reason, f"cannot spawn engine {argv[0]!r} for pool {pool!r}: {detail}") from None
+    finally:
+        if log_fd is not None:
+            os.close(log_fd)
+
+    engine = EngineProcess(
+        proc,
+        pool=pool,
+        port=port,
+        host=host,
+        started_at=started_at,
+        argv=argv,
+        log_path=lp,
+        record=record,
+        on_exit=on_exit,
+    )
+    if record is not None:
+        try:
+            record.add(engine.entry())
+        except OSError:
+            log.exception("cannot write spawn record %s", record.path)
+    log.info("spawned engine %s pid %d port %d: %s", pool, engine.pid, port, argv)
+    return engine

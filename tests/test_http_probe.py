@@ -1,0 +1,299 @@
+"""The raw HTTP probe and the scheduled HealthProber, against in-process servers and the fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
+from pool_managerd.adapters.process import allocate_port
+from proc_helpers import FakeEngines, leak_guard, wait_ready
+
+DEADLINE_S = 20.0
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    yield from leak_guard()
+
+
+@pytest.fixture
+async def fakes(tmp_path: Path, _no_leaks: None) -> AsyncIterator[FakeEngines]:
+    f = FakeEngines(tmp_path)
+    yield f
+    await f.close()
+
+
+@contextlib.asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[int]:
+    """An in-process TCP server on a free port; yields the port. On exit every connection is
+    aborted and every handler cancelled, including those accepted but not yet started."""
+    transports: set[asyncio.BaseTransport] = set()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def tracked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await handler(r, w)
+        except (asyncio.CancelledError, asyncio.IncompleteReadError, ConnectionError):
+            pass  # shutdown; 3.11's start_server would log these as errors
+        finally:
+            w.close()
+
+    class Protocol(asyncio.StreamReaderProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.add(transport)
+            super().connection_made(transport)
+            tasks.update(t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("tracked"))
+
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: Protocol(asyncio.StreamReader(), tracked), "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+        for tr in transports:
+            tr.abort()  # type: ignore[attr-defined]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await srv.wait_closed()
+
+
+async def respond(w: asyncio.StreamWriter, status_line: bytes, body: bytes = b"{}") -> None:
+    w.write(status_line + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await w.drain()
+
+
+def answering(status_line: bytes, body: bytes = b"{}") -> Handler:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        await respond(w, status_line, body)
+
+    return handle
+
+
+# -- probe -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status_line", "ok", "status", "loading", "error"),
+    [
+        (b"HTTP/1.1 200 OK", True, 200, False, None),
+        (b"HTTP/1.1 503 Service Unavailable", False, 503, True, "loading (HTTP 503)"),
+        (b"HTTP/1.0 500 Internal Server Error", False, 500, False, "HTTP 500"),
+        (b"HTTP/1.1 404 Not Found", False, 404, False, "HTTP 404"),
+    ],
+)
+async def test_probe_classifies_status(
+    status_line: bytes, ok: bool, status: int, loading: bool, error: str | None
+) -> None:
+    async with server(answering(status_line)) as port:
+        r = await probe("127.0.0.1", port, "/health", 1.0, 2.0)
+    assert (r.ok, r.status, r.loading, r.error) == (ok, status, loading, error)
+    assert r.latency_ms >= 0
+
+
+async def test_probe_connection_refused() -> None:
+    r = await probe("127.0.0.1", allocate_port(), "/health", 1.0, 1.0)
+    assert (r.ok, r.status, r.loading, r.error) == (False, None, False, "connection refused")
+
+
+async def test_probe_read_timeout_when_nothing_answers() -> None:
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await asyncio.get_running_loop().create_future()
+
+    async with server(silent) as port:
+        r = await probe("127.0.0.1", port, "/health", 1.0, 0.1)
+    assert (r.ok, r.status, r.error) == (False, None, "read timeout")
+
+
+async def test_probe_connect_timeout_when_the_backlog_is_full() -> None:
+    # A listener that never accepts, with its accept queue full: Linux drops further SYNs.
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        fillers: list[socket.socket] = []
+        try:
+            for _ in range(8):
+                s = socket.socket()
+                s.setblocking(False)
+                fillers.append(s)
+                if s.connect_ex(("127.0.0.1", port)) not in (0, errno.EINPROGRESS):
+                    break
+            r = await probe("127.0.0.1", port, "/health", 0.2, 1.0)
+        finally:
+            for s in fillers:
+                s.close()
+    assert (r.ok, r.error) == (False, "connect timeout")
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [
+        (b"", "connection closed before a complete response"),
+        (b"garbage\r\n\r\n", "bad status line 'garbage'"),
+    ],
+)
+async def test_probe_bad_answers(response: bytes, error: str) -> None:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(response)
+        await w.drain()
+
+    async with server(handle) as port:
+        r = await probe("127.0.0.1", port, "/health", 1.0, 1.0)
+    assert (r.ok, r.status, r.error) == (False, None, error)
+
+
+async def test_probe_sends_a_plain_http11_get() -> None:
+    seen: list[bytes] = []
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(await r.readuntil(b"\r\n\r\n"))
+        await respond(w, b"HTTP/1.1 200 OK")
+
+    async with server(handle) as port:
+        assert (await probe("127.0.0.1", port, "/health?x=1", 1.0, 1.0)).ok
+    lines = seen[0].decode().split("\r\n")
+    assert lines[0] == "GET /health?x=1 HTTP/1.1"
+    assert f"Host: 127.0.0.1:{port}" in lines
+    assert "Connection: close" in lines
+
+
+async def test_probe_rejects_a_path_that_could_inject_headers() -> None:
+    with pytest.raises(ValueError):
+        await probe("127.0.0.1", 1, "/health\r\nX: y", 1.0, 1.0)
+    with pytest.raises(ValueError):
+        await probe("127.0.0.1", 1, "health", 1.0, 1.0)
+
+
+async def test_http_get_reads_the_body() -> None:
+    async with server(answering(b"HTTP/1.1 200 OK", b'[{"id":0}]')) as port:
+        resp = await http_get("127.0.0.1", port, "/slots")
+    assert (resp.status, resp.body, resp.headers["content-length"]) == (200, b'[{"id":0}]', "10")
+    with pytest.raises(ConnectionError, match="refused"):
+        await http_get("127.0.0.1", allocate_port(), "/slots")
+
+
+# -- HealthProber ------------------------------------------------------------------------------
+
+
+class Recorder:
+    """on_result that records results and lets a test await the n-th one."""
+
+    def __init__(self) -> None:
+        self.results: list[ProbeResult] = []
+        self.changed = asyncio.Condition()
+
+    async def __call__(self, r: ProbeResult) -> None:
+        self.results.append(r)
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def wait_for(self, pred: Callable[[list[ProbeResult]], bool]) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: pred(self.results)), DEADLINE_S)
+
+
+async def test_prober_preload_then_steady_after_first_ok() -> None:
+    loaded = False
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await answering(b"HTTP/1.1 200 OK" if loaded else b"HTTP/1.1 503 Service Unavailable")(r, w)
+
+    rec = Recorder()
+    async with server(handle) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=rec, steady_interval_s=3600)
+        initial_mode = prober.mode
+        assert initial_mode == "preload"
+        prober.start()
+        prober.start()  # no second task
+        try:
+            await rec.wait_for(lambda rs: len(rs) >= 3)
+            assert all(r.loading for r in rec.results)
+            assert prober.consecutive_failures == len(rec.results)
+            loaded = True
+            await rec.wait_for(lambda rs: rs[-1].ok)
+            assert prober.mode == "steady"
+            assert prober.consecutive_failures == 0
+            n = len(rec.results)
+            prober.probe_now()
+            await rec.wait_for(lambda rs: len(rs) == n + 1)
+            prober.set_mode("preload")  # e.g. the engine was restarted: probe at once, fast again
+            await rec.wait_for(lambda rs: len(rs) == n + 2)
+        finally:
+            await prober.stop()
+    assert not prober.running
+
+
+def test_prober_preload_gaps_back_off_gently_to_the_cap() -> None:
+    async def noop(r: ProbeResult) -> None:
+        pass
+
+    prober = HealthProber("127.0.0.1", 1, on_result=noop, preload_initial_s=0.01, preload_max_s=0.1)
+    gaps = [prober._take_gap() for _ in range(30)]
+    assert gaps[0] == 0.01
+    assert all(b > a for a, b in itertools.pairwise(gaps[:15]))
+    assert all(b / a <= prober.preload_factor + 1e-9 for a, b in itertools.pairwise(gaps))
+    assert gaps[-1] == 0.1
+    prober.set_mode("steady")
+    assert prober._take_gap() == prober.steady_interval_s
+    prober.set_mode("preload")
+    assert prober._take_gap() == 0.01
+
+
+async def test_prober_stop_cancels_cleanly_even_mid_probe() -> None:
+    request_seen = asyncio.Event()
+
+    async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        request_seen.set()
+        await asyncio.get_running_loop().create_future()
+
+    async def never(r: ProbeResult) -> None:
+        raise AssertionError("no result expected")
+
+    async with server(silent) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=never, read_timeout_s=60)
+        prober.start()
+        await asyncio.wait_for(request_seen.wait(), DEADLINE_S)  # the probe is waiting for an answer
+        await prober.stop()
+        await prober.stop()
+    assert not prober.running
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("probe-")]
+
+
+async def test_prober_survives_callback_errors_and_can_stop_itself() -> None:
+    calls = 0
+    stopped = asyncio.Event()
+    prober: HealthProber
+
+    async def on_result(r: ProbeResult) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("callback bug")
+        await prober.stop()
+        stopped.set()
+
+    prober = HealthProber("127.0.0.1", allocate_port(), on_result=on_result)
+    prober.start()
+    await asyncio.wait_for(stopped.wait(), DEADLINE_S)
+    assert calls == 2
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("probe-") and not t.done()]
+
+
+async def test_prober_sees_the_fake_engine_load(fakes: FakeEngines) -> None:
+    engine = await fakes.start(load_time=0.3)
+    results = await wait_ready(engine)
+    assert results[-1].ok
+    assert {r.error for r in results[:-1]} <= {"connection refused", "loading (HTTP 503)"}

@@ -1,0 +1,370 @@
+"""Engine process adapter: argv templates, ports, logs, spawn/stop/group kill, the spawn record."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pool_managerd.adapters.process import (
+    AdoptedProcess,
+    ExitInfo,
+    SpawnEntry,
+    SpawnError,
+    SpawnRecord,
+    SpawnRecordError,
+    TemplateError,
+    allocate_port,
+    kill_group,
+    pid_alive,
+    port_is_free,
+    proc_start_ticks,
+    render_argv,
+    rotate_log,
+    spawn,
+    stop_group,
+    wait_pid_exit,
+)
+from proc_helpers import FakeEngines, leak_guard, read_log, track_pid, wait_ready
+
+DEADLINE_S = 20.0
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    yield from leak_guard()
+
+
+@pytest.fixture
+async def fakes(tmp_path: Path, _no_leaks: None) -> AsyncIterator[FakeEngines]:
+    f = FakeEngines(tmp_path)
+    yield f
+    await f.close()
+
+
+async def assert_gone(pid: int) -> None:
+    """The pid exits (or is a zombie, which holds nothing) before the deadline."""
+    assert await wait_pid_exit(pid, DEADLINE_S), f"pid {pid} is still alive"
+    assert not pid_alive(pid)
+
+
+# -- render_argv --------------------------------------------------------------------------------
+
+VALUES: dict[str, str | int] = {
+    "model": "/m/x y.gguf",
+    "port": 8081,
+    "host": "127.0.0.1",
+    "tensor_split": "3,1",
+    "n_gpus": 2,
+}
+
+
+def test_render_substitutes_inside_elements_without_a_shell() -> None:
+    tpl = ["llama-server", "--model", "{model}", "--port", "{port}", "--host={host}", "-ts", "{tensor_split}"]
+    assert render_argv(tpl, VALUES) == [
+        "llama-server", "--model", "/m/x y.gguf", "--port", "8081", "--host=127.0.0.1", "-ts", "3,1",
+    ]  # fmt: skip
+    assert render_argv(["e", "--tp={n_gpus}", "{{literal}}", "$(rm -rf /);"], VALUES) == [
+        "e", "--tp=2", "{literal}", "$(rm -rf /);",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        (["e", "--tensor-split", "{tensor_split}", "-ngl", "99"], ["e", "-ngl", "99"]),
+        (["e", "-ts", "{tensor_split}"], ["e"]),
+        (["e", "--tensor-split={tensor_split}", "x"], ["e", "x"]),
+        (["e", "--other", "{tensor_split}"], ["e", "--other"]),
+        (["e", "--ts-is={tensor_split}"], ["e", "--ts-is="]),
+    ],
+)
+def test_render_empty_tensor_split_drops_its_flag(template: list[str], expected: list[str]) -> None:
+    assert render_argv(template, {**VALUES, "tensor_split": ""}) == expected
+    no_split = {k: v for k, v in VALUES.items() if k != "tensor_split"}
+    assert render_argv(template, no_split) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        (["e", "{gpu}"], "unknown placeholder"),
+        (["e", "{}"], "unknown placeholder"),
+        (["e", "{model.name}"], "unknown placeholder"),
+        (["e", "{port:>6}"], "format specs"),
+        (["e", "{port!r}"], "format specs"),
+        (["e", "{model"], "argv element"),
+        (["e", "model}"], "argv element"),
+        ([], "empty"),
+        (["{tensor_split}"], "no executable"),
+    ],
+)
+def test_render_errors_are_typed(template: list[str], match: str) -> None:
+    with pytest.raises(TemplateError, match=match) as info:
+        render_argv(template, {**VALUES, "tensor_split": ""})
+    assert info.value.code == "bad_request"
+
+
+def test_render_required_placeholder_needs_a_value() -> None:
+    with pytest.raises(TemplateError, match=r"no value for \{model\}"):
+        render_argv(["e", "--model", "{model}"], {**VALUES, "model": ""})
+    with pytest.raises(TemplateError, match=r"no value for \{port\}"):
+        render_argv(["e", "{port}"], {})
+
+
+# -- ports and logs ----------------------------------------------------------------------------
+
+
+def test_allocate_port_and_port_is_free() -> None:
+    port = allocate_port("127.0.0.1")
+    assert 0 < port < 65536
+    assert port_is_free("127.0.0.1", port)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        assert not port_is_free("127.0.0.1", port)
+    assert port_is_free("127.0.0.1", port)
+
+
+def test_rotate_log_keeps_n(tmp_path: Path) -> None:
+    log = tmp_path / "pool.log"
+    assert not rotate_log(log, 10, 2)  # nothing to rotate
+    for gen in range(4):
+        log.write_text(f"generation {gen} " * 3)
+        assert rotate_log(log, 10, 2)
+    assert not log.exists()
+    assert (tmp_path / "pool.log.1").read_text().startswith("generation 3")
+    assert (tmp_path / "pool.log.2").read_text().startswith("generation 2")
+    assert not (tmp_path / "pool.log.3").exists()
+    log.write_text("small")
+    assert not rotate_log(log, 10, 2)
+    assert log.read_text() == "small"
+
+
+async def test_spawn_rotates_an_oversized_log_and_passes_env(fakes: FakeEngines, tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "chat.log"
+    log.parent.mkdir()
+    log.write_text("old engine output\n" * 100)
+    engine = await fakes.start(log_path=log, log_max_bytes=1000, log_keep=2, env={"CUDA_VISIBLE_DEVICES": "GPU-abc"})
+    await wait_ready(engine)
+    assert (tmp_path / "logs" / "chat.log.1").read_text().startswith("old engine output")
+    text = read_log(engine)
+    assert "old engine output" not in text
+    assert "CUDA_VISIBLE_DEVICES=GPU-abc" in text  # the header line
+    assert "cuda_visible_devices=GPU-abc" in text  # what the engine itself saw
+
+
+# -- spawn errors ------------------------------------------------------------------------------
+
+
+async def test_spawn_missing_binary_is_a_spawn_error(tmp_path: Path) -> None:
+    with pytest.raises(SpawnError, match="executable not found") as info:
+        await spawn(["/nonexistent/llama-server"], pool="p", port=allocate_port(), log_path=tmp_path / "p.log")
+    assert info.value.reason == "not_found"
+    assert "spawn failed" in (tmp_path / "p.log").read_text()
+    with pytest.raises(SpawnError, match="not found on PATH"):
+        await spawn(["no-such-engine-binary-xyz"], pool="p", port=allocate_port())
+
+
+async def test_spawn_not_executable_is_a_spawn_error(tmp_path: Path) -> None:
+    f = tmp_path / "engine"
+    f.write_text("#!/bin/sh\n")
+    f.chmod(0o644)
+    with pytest.raises(SpawnError) as info:
+        await spawn([str(f)], pool="p", port=allocate_port())
+    assert info.value.reason == "permission"
+
+
+async def test_spawn_refuses_a_busy_port() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(SpawnError, match="in use") as info:
+            await spawn(["true"], pool="p", port=port)
+    assert info.value.reason == "port_in_use"
+
+
+# -- stop and group kill ----------------------------------------------------------------------
+
+
+async def test_stop_graceful(fakes: FakeEngines) -> None:
+    engine = await fakes.start()
+    await wait_ready(engine)
+    info = await asyncio.wait_for(engine.stop(5.0), DEADLINE_S)
+    assert (info.exit_code, info.signal, info.expected) == (0, None, True)
+    assert not engine.running and engine.returncode == 0
+
+
+async def test_stop_sigkills_an_engine_that_ignores_sigterm_within_grace(fakes: FakeEngines) -> None:
+    grace = 0.5
+    engine = await fakes.start("--ignore-sigterm")
+    await wait_ready(engine)  # its SIGTERM handler is installed before it listens
+    t0 = time.monotonic()
+    info = await engine.stop(grace)
+    elapsed = time.monotonic() - t0
+    assert elapsed < grace + 1.0  # correctness bound: SIGKILL follows the grace period
+    assert (info.exit_code, info.signal, info.expected) == (None, signal.SIGKILL, True)
+    assert "ignoring SIGTERM" in read_log(engine)
+
+
+async def test_stop_is_idempotent_and_shared(fakes: FakeEngines) -> None:
+    engine = await fakes.start("--ignore-sigterm")
+    await wait_ready(engine)
+    a, b = await asyncio.gather(engine.stop(0.2), engine.stop(0.2))
+    assert a is b
+    assert await engine.stop(0.2) is a
+    assert await engine.wait() is a
+    assert not engine.signal_group(signal.SIGKILL)  # known gone: never signals a reused id
+
+
+async def test_stop_after_exit_returns_the_exit(fakes: FakeEngines) -> None:
+    engine = await fakes.start("--crash-after", "0", "--exit-code", "4")
+    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)
+    assert await engine.stop(1.0) is info
+    assert not info.expected
+
+
+async def test_cancelling_a_stop_caller_does_not_cancel_the_stop(fakes: FakeEngines) -> None:
+    engine = await fakes.start("--ignore-sigterm")
+    await wait_ready(engine)
+    caller = asyncio.ensure_future(engine.stop(0.3))
+    await asyncio.sleep(0)  # ok: let the stop start, then cancel its caller
+    caller.cancel()
+    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)
+    assert info.signal == signal.SIGKILL
+
+
+@pytest.mark.parametrize("knobs", [(), ("--ignore-sigterm",)])
+async def test_grandchild_dies_with_the_group_on_stop(
+    fakes: FakeEngines, tmp_path: Path, knobs: tuple[str, ...]
+) -> None:
+    pid_file = tmp_path / "gc.pid"
+    engine = await fakes.start("--spawn-grandchild", "--grandchild-pid-file", str(pid_file), *knobs)
+    await wait_ready(engine)  # the pid file is written before the engine listens
+    grandchild = int(pid_file.read_text())
+    track_pid(grandchild)
+    assert pid_alive(grandchild)
+    assert os.getpgid(grandchild) == engine.pgid == engine.pid
+    await engine.stop(0.3)
+    await assert_gone(grandchild)
+
+
+async def test_grandchild_dies_when_the_leader_crashes(fakes: FakeEngines, tmp_path: Path) -> None:
+    pid_file = tmp_path / "gc.pid"
+    engine = await fakes.start(
+        "--spawn-grandchild", "--grandchild-pid-file", str(pid_file), "--crash-after-ready", "0.1"
+    )
+    await wait_ready(engine)
+    grandchild = int(pid_file.read_text())
+    track_pid(grandchild)
+    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)  # no stop(): the leader exits alone
+    assert info.exit_code == 1
+    await assert_gone(grandchild)
+
+
+async def test_stop_group_for_a_process_we_did_not_wait_on(fakes: FakeEngines, tmp_path: Path) -> None:
+    pid_file = tmp_path / "gc.pid"
+    engine = await fakes.start("--ignore-sigterm", "--spawn-grandchild", "--grandchild-pid-file", str(pid_file))
+    await wait_ready(engine)
+    grandchild = int(pid_file.read_text())
+    track_pid(grandchild)
+    t0 = time.monotonic()
+    assert await stop_group(engine.pgid, 0.3)
+    assert time.monotonic() - t0 < 0.3 + 1.0 + 1.0  # grace + settle, correctness bound
+    assert not pid_alive(grandchild) and not pid_alive(engine.pid)
+    assert (await asyncio.wait_for(engine.wait(), DEADLINE_S)).signal == signal.SIGKILL
+    assert await stop_group(engine.pgid, 0.3)  # an empty group: nothing to do
+
+
+def test_kill_group_refuses_dangerous_groups() -> None:
+    for pgid in (0, 1, -5, os.getpgrp()):
+        with pytest.raises(ValueError):
+            kill_group(pgid, 0)
+
+
+# -- spawn record and adoption -------------------------------------------------------------------
+
+
+async def test_spawn_record_tracks_live_engines(fakes: FakeEngines, tmp_path: Path) -> None:
+    record = SpawnRecord(tmp_path / "run" / "engines.json")
+    exits: list[ExitInfo] = []
+    engine = await fakes.start(
+        "--model", "m.gguf", pool="chat", record=record, on_exit=lambda e, info: exits.append(info)
+    )
+    (entry,) = SpawnRecord.load(record.path)
+    assert entry == SpawnEntry(
+        pool="chat",
+        pid=engine.pid,
+        pgid=engine.pid,
+        port=engine.port,
+        host="127.0.0.1",
+        started_at=engine.started_at,
+        argv=engine.argv,
+        log_path=str(engine.log_path),
+        start_ticks=proc_start_ticks(engine.pid),
+    )
+    assert entry.is_live()
+    assert SpawnRecord(record.path).entries == [entry]  # a restarted daemon finds it
+    await wait_ready(engine)
+    await engine.stop(2.0)
+    assert SpawnRecord.load(record.path) == []
+    assert len(exits) == 1
+    assert not entry.is_live()
+    assert sorted(p.name for p in record.path.parent.iterdir()) == ["engines.json"]  # no temp files
+
+
+def test_spawn_record_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "engines.json"
+    record = SpawnRecord(path)
+    first = SpawnEntry("a", 10, 10, 1000, "127.0.0.1", 1.0, ["e"], None)
+    record.add(first)
+    before = path.read_bytes()
+
+    def boom(src: object, dst: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk gone"):
+        record.add(SpawnEntry("b", 11, 11, 1001, "127.0.0.1", 2.0, ["e"], None))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert SpawnRecord.load(path) == [first]
+    assert [p.name for p in tmp_path.iterdir()] == ["engines.json"]
+
+
+def test_spawn_record_load_errors(tmp_path: Path) -> None:
+    assert SpawnRecord.load(tmp_path / "missing.json") == []
+    bad = tmp_path / "bad.json"
+    for content in ("{not json", '{"version": 99, "engines": []}', '{"version": 1, "engines": [{}]}'):
+        bad.write_text(content)
+        with pytest.raises(SpawnRecordError):
+            SpawnRecord.load(bad)
+    bad.write_text(json.dumps([{"pool": "a", "pid": 5, "pgid": 5, "port": 1, "started_at": 0, "argv": ["e"]}]))
+    assert SpawnRecord.load(bad)[0].pid == 5
+
+
+async def test_adopt_watches_and_stops_an_engine(fakes: FakeEngines, tmp_path: Path) -> None:
+    record = SpawnRecord(tmp_path / "engines.json")
+    engine = await fakes.start("--ignore-sigterm", record=record)
+    await wait_ready(engine)
+    (entry,) = SpawnRecord(record.path).entries  # what a restarted daemon would read
+
+    stale = dataclasses.replace(entry, start_ticks=(entry.start_ticks or 0) + 1)
+    assert AdoptedProcess.adopt(stale) is None  # same pid, different process: never touched
+
+    adopted = AdoptedProcess.adopt(entry, record=record)
+    assert adopted is not None and adopted.running
+    info = await adopted.stop(0.3)
+    assert (info.exit_code, info.signal, info.expected) == (None, None, True)
+    assert (await asyncio.wait_for(engine.wait(), DEADLINE_S)).signal == signal.SIGKILL
+    assert SpawnRecord.load(record.path) == []
+    assert AdoptedProcess.adopt(entry) is None
