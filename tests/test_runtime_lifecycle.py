@@ -570,11 +570,6 @@ async def test_cuda_visible_devices_is_the_placements_full_uuids(h: Harness) -> 
     assert (await _props(spawned))["cuda_visible_devices"] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PoolActor.close stops engines with a hard-coded 5 s grace (PoolRuntime.close passes none), "
-    "not the engine spec's stop_grace_s",
-)
 async def test_close_stops_engines_with_their_spec_grace(h: Harness) -> None:
     grace = 0.3
     h.add(knobs=["--load-time", "0.05", "--ignore-sigterm"], stop_grace_s=grace)

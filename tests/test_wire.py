@@ -422,10 +422,6 @@ def test_health_report_pool_must_be_an_id(pool: str) -> None:
         HEALTH_DECODER.decode(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="messages.Id uses Meta(pattern='^...$'); msgspec searches with re, and '$' matches before a final newline",
-)
 def test_health_report_pool_with_a_trailing_newline_is_refused() -> None:
     data = msgspec.json.encode({"type": "health", "pool": "chat\n", "ts": 1.0, "ok": True})
     with pytest.raises(msgspec.ValidationError):

@@ -27,7 +27,8 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Largest command payload accepted; bigger ones are rejected with ``payload_too_large``."""
 
-Id = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", max_length=63)]
+# msgspec matches patterns with re.search, where "$" also matches before a final newline.
+Id = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}(?![\s\S])", max_length=63)]
 NonNeg = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(ge=0)]
 PositiveSeconds = Annotated[float, Meta(gt=0)]

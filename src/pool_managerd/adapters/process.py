@@ -26,6 +26,7 @@ import select
 import signal
 import socket
 import string
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -353,7 +354,8 @@ async def _wait_group_gone(pgid: int, within_s: float) -> bool:
     """Wait until ``pgid`` has no live member, re-scanning as members exit (they may fork)."""
     deadline = time.monotonic() + within_s
     while True:
-        members = group_members(pgid)
+        # A /proc scan takes milliseconds on a busy host: keep it off the event loop.
+        members = await asyncio.to_thread(group_members, pgid)
         if not members:
             return True
         remaining = deadline - time.monotonic()
@@ -436,12 +438,14 @@ class SpawnRecord:
     Format: ``{"version": 1, "engines": [<SpawnEntry as an object>, ...]}``. Writes go to a
     temporary file in the same directory, are fsynced, then ``os.replace``d over the record (and
     the directory fsynced), so a crash at any instant leaves either the old or the new record.
-    Writes are synchronous: spawns and exits are rare and a few-ms fsync keeps the order simple.
+    Writes are synchronous and serialised by a lock: an exit's removal runs in a worker thread
+    (off the event loop, after the exit was reported) while a spawn may add on the loop.
     """
 
     def __init__(self, path: Path | str, *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self._lock = threading.Lock()
         self._entries: dict[int, SpawnEntry] = {e.pid: e for e in self.load(self.path)}
 
     @staticmethod
@@ -468,23 +472,26 @@ class SpawnRecord:
         return list(self._entries.values())
 
     def add(self, entry: SpawnEntry) -> None:
-        self._entries[entry.pid] = entry
-        self._write()
+        with self._lock:
+            self._entries[entry.pid] = entry
+            self._write()
 
     def remove(self, pid: int) -> None:
-        if self._entries.pop(pid, None) is not None:
-            self._write()
+        with self._lock:
+            if self._entries.pop(pid, None) is not None:
+                self._write()
 
     def replace_all(self, entries: Iterable[SpawnEntry]) -> None:
         """Rewrite the record with exactly ``entries`` (e.g. after adoption/orphan reaping)."""
-        self._entries = {e.pid: e for e in entries}
-        self._write()
+        with self._lock:
+            self._entries = {e.pid: e for e in entries}
+            self._write()
 
     def _write(self) -> None:
         doc = {"version": _RECORD_VERSION, "engines": [asdict(e) for e in self._entries.values()]}
         data = json.dumps(doc, indent=1).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}")
+        tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -632,17 +639,21 @@ class EngineHandle:
         # grandchild survives an engine that crashed or exited on its own.
         with contextlib.suppress(ValueError):
             self.signal_group(signal.SIGKILL)
-        if self._record is not None:
-            try:
-                self._record.remove(self.pid)
-            except OSError:
-                log.exception("cannot update spawn record %s", self._record.path)
+        # Report the exit first: the fsync of the spawn record and the /proc scan below cost
+        # milliseconds each, and the exit must reach the lifecycle before them. A dead pid left
+        # in the record for a moment is harmless: adoption checks the process start time.
         if self._on_exit is not None:
             try:
                 self._on_exit(self, info)
             except Exception:
                 log.exception("on_exit callback of engine %s pid %d failed", self.pool, self.pid)
         self.exited.set_result(info)
+        await asyncio.sleep(0)
+        if self._record is not None:
+            try:
+                await asyncio.to_thread(self._record.remove, self.pid)
+            except OSError:
+                log.exception("cannot update spawn record %s", self._record.path)
         if self._stop_task is None:
             self._group_gone = await _wait_group_gone(self.pgid, 1.0)
 

@@ -403,7 +403,7 @@ class PoolModel:
     def _schedule_restart(self, ev: EventData) -> None:
         decision: Decision = ev.kwargs["decision"]
         self.supervision = decision.state
-        self.cancel("load_timeout")
+        self.cancel("load_timeout", "lease_expiry")
         self.stop_engine(decision.reason, grace_s=0.0 if ev.event.name != "engine_exited" else None)
         self.entry.drop_leases()
         self.entry.health = HealthState()
@@ -669,11 +669,14 @@ class Lifecycle:
 
     # --- facts ---------------------------------------------------------------------------------
 
-    def engine_spawned(self, pool: str, info: EngineInfo, cuda_visible_devices: str, ctx: Context) -> Outcome:
-        """The shell started the engine the last ``SpawnEngine`` asked for."""
+    def engine_spawned(
+        self, pool: str, info: EngineInfo, cuda_visible_devices: str, ctx: Context, attempt: int | None = None
+    ) -> Outcome:
+        """The shell started the engine that ``SpawnEngine`` number ``attempt`` asked for."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        if model.state == "preloading":
+        current = attempt is None or attempt == model.attempt
+        if model.state == "preloading" and current:
             previous = model.entry.engine
             if previous is not None and previous.pid != info.pid:
                 # Never two engines for one pool: the one recorded earlier goes.
@@ -697,11 +700,14 @@ class Lifecycle:
         model.emit(EngineAdopted(pid=info.pid, pgid=info.pgid, port=info.port))
         return self._end(model, None)
 
-    def spawn_failed(self, pool: str, error: str, ctx: Context) -> Outcome:
-        """The shell could not start the engine (missing binary, port taken, ...)."""
+    def spawn_failed(self, pool: str, error: str, ctx: Context, attempt: int | None = None) -> Outcome:
+        """The shell could not start the engine of spawn ``attempt`` (missing binary, port taken...).
+
+        A report about an attempt the pool has moved past (stopped and preloaded again while the
+        spawn was in flight) changes nothing."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        if model.state == "preloading":
+        if model.state == "preloading" and (attempt is None or attempt == model.attempt):
             self._fire(model, "preload_failed", cause=f"spawn failed: {error}")
         return self._end(model, None)
 
@@ -738,7 +744,10 @@ class Lifecycle:
             return self._end(model, None)  # a report about an engine this pool no longer runs
         model.entry.last_heartbeat = report.ts
         threshold = model.spec.probe_failure_threshold
-        verdict = assess(model.entry.health, ok=report.ok, loading=report.loading, ts=report.ts, threshold=threshold)
+        # "Loading" is expected while preloading; an engine that was ready and answers 503 again
+        # cannot serve, so it counts against the threshold like a failed probe.
+        loading = report.loading and model.state == "preloading"
+        verdict = assess(model.entry.health, ok=report.ok, loading=loading, ts=report.ts, threshold=threshold)
         model.entry.health = verdict.state
         if report.latency_ms is not None:
             model.entry.perf_hints["probe_latency_ms"] = report.latency_ms

@@ -20,6 +20,7 @@ restarts per window → failed  10 / 60 s  original: 10 restarts per 60 s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 
@@ -37,6 +38,9 @@ class RestartPolicy:
     window_s: float = 60.0
 
     def __post_init__(self) -> None:
+        numbers = (self.initial_s, self.factor, self.max_s, self.jitter, self.stable_s, self.window_s)
+        if not all(math.isfinite(x) for x in numbers):
+            raise ValueError("restart policy values must be finite numbers")
         if self.initial_s < 0 or self.max_s < self.initial_s:
             raise ValueError("restart policy needs 0 <= initial_s <= max_s")
         if self.factor < 1:
@@ -74,9 +78,15 @@ def backoff_delay(policy: RestartPolicy, attempt: int, rand: float) -> float:
         raise ValueError("attempt is 1-based")
     if not 0.0 <= rand < 1.0:
         raise ValueError("rand must be in [0, 1)")
-    # Exponent is bounded so huge attempt counts never overflow before the cap applies.
-    base = min(policy.max_s, policy.initial_s * policy.factor ** min(attempt - 1, 64))
-    return base * (1.0 + policy.jitter * (2.0 * rand - 1.0))
+    if policy.initial_s == 0:
+        base = 0.0
+    elif (attempt - 1) * math.log(policy.factor) >= math.log(policy.max_s / policy.initial_s):
+        # Compared in log space: factor ** (attempt - 1) itself can overflow long past the cap.
+        base = policy.max_s
+    else:
+        base = policy.initial_s * policy.factor ** (attempt - 1)
+    # The cap is a promise to the operator: jitter never takes a delay past it.
+    return min(policy.max_s, base * (1.0 + policy.jitter * (2.0 * rand - 1.0)))
 
 
 def on_ready(state: SupervisionState, now: float) -> SupervisionState:

@@ -200,7 +200,8 @@ class PoolActor:
         except (SpawnError, TemplateError, OSError) as exc:
             self.stats.spawn_failures += 1
             message = getattr(exc, "message", None) or str(exc)
-            self.submit(lambda ctx: lc.spawn_failed(self.pool, message, ctx), label="spawn_failed")
+            attempt = effect.attempt
+            self.submit(lambda ctx: lc.spawn_failed(self.pool, message, ctx, attempt), label="spawn_failed")
             return
         self.stats.spawns += 1
         info = EngineInfo(
@@ -213,7 +214,8 @@ class PoolActor:
         )
         self.engines[handle.pid] = _Engine(handle)
         cuda = effect.placement.cuda_visible_devices
-        self.submit(lambda ctx: lc.engine_spawned(self.pool, info, cuda, ctx), label="engine_spawned")
+        attempt = effect.attempt
+        self.submit(lambda ctx: lc.engine_spawned(self.pool, info, cuda, ctx, attempt), label="engine_spawned")
         self._start_probing(handle, spec.health_path, spec.probe_interval_s)
 
     def track(self, handle: EngineHandle, health_path: str, probe_interval_s: float, *, steady: bool) -> None:
@@ -297,11 +299,11 @@ class PoolActor:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if stop_engines:
-            grace = grace_s
+            grace = grace_s if grace_s is not None else self.runtime.lifecycle.pool(self.pool).spec.stop_grace_s
             waits = []
             for pid, engine in list(self.engines.items()):
                 if engine.stopping is None:
-                    self._stop(pid, grace if grace is not None else 5.0, "daemon shutdown")
+                    self._stop(pid, grace, "daemon shutdown")
                 stopping = self.engines.get(pid, engine).stopping
                 if stopping is not None:
                     waits.append(stopping)

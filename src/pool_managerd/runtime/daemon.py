@@ -263,6 +263,9 @@ class Daemon:
             log.info("metrics on http://%s:%d/metrics", host, port)
         for pool in owned:
             self._mark_dirty(pool)
+        # Every subscription is known to the server before start() returns: a client that sends
+        # right after must meet the pool's endpoint, never only the catch-all.
+        await self.nc.flush()
         self.ready.set()
         log.info("pool-managerd %s on node %s serving %d pool(s) via %s", __version__, self.node, len(owned), self.url)
 
@@ -499,7 +502,8 @@ class Daemon:
                 if verb == "status":
                     body = await apply()
                 else:
-                    body = await self.cache.run(pool, cmd.command_id, data, apply)
+                    # The verb is part of what was asked: the same id with another verb is a conflict.
+                    body = await self.cache.run(pool, cmd.command_id, verb.encode() + b"\0" + data, apply)
             except PoolManagerError as exc:
                 body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
             except Exception:
