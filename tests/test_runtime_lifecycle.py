@@ -48,13 +48,13 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
 )
-from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PROBE_OPTIONS, MemoryEventSink, PoolRuntime, RuntimeOptions
 from proc_helpers import leak_guard, track_pid
 
 DEADLINE_S = 15.0
 """Upper bound for any single wait on an event (2 loaded cores start a Python engine in ~0.3 s)."""
 
-DAEMON_PROBE_OPTIONS: dict[str, Any] = {"preload_max_s": 0.05}
+DAEMON_PROBE_OPTIONS: dict[str, Any] = dict(PROBE_OPTIONS)
 """What the daemon passes (runtime/daemon.py)."""
 
 SNAPSHOT: GpuSnapshot = load_gpu_source("sim:hetero-24g-48g")

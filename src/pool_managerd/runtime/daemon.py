@@ -205,7 +205,7 @@ class Daemon:
         self.runtime = PoolRuntime(
             JetStreamSink(self.publisher, self.metrics),
             self.gpu_source,
-            RuntimeOptions(node=self.node, run_dir=cfg.run_dir, probe_options={"preload_max_s": 0.05}),
+            RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
             health_out=self._publish_health,
         )
         self.runtime.listeners.append(self._after_step)
