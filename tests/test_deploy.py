@@ -1,0 +1,38 @@
+"""The compose file and the sample config it mounts are valid: CI cannot run Docker, so it checks
+their structure and that the config loads the way the daemon will load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pool_managerd.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_compose_has_nats_with_jetstream_and_the_daemon() -> None:
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = doc["services"]
+    assert {"nats", "pool-managerd"} <= set(services)
+    assert "-js" in services["nats"]["command"]
+    daemon = services["pool-managerd"]
+    assert "nats" in daemon["depends_on"]
+    assert (REPO / daemon["build"] / "Dockerfile").is_file()
+
+
+def test_every_file_the_compose_mounts_exists_and_the_config_loads() -> None:
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    mounts = [v for v in doc["services"]["pool-managerd"]["volumes"] if v.startswith("./")]
+    assert mounts, "the daemon mounts its config from the repository"
+    for mount in mounts:
+        host_path = REPO / mount.split(":")[0]
+        assert host_path.is_file(), f"{host_path} is mounted but missing"
+    config_mount = next(m for m in mounts if m.split(":")[1] == "/etc/pool-managerd/config.toml")
+    config = load_config(REPO / config_mount.split(":")[0])
+    assert config.nats.urls == ["nats://nats:4222"]  # the compose service name
+    assert config.gpus.startswith("sim:")
+    assert [p.id for p in config.pools] == ["chat-8b", "embed"]
+    assert config.metrics_addr and config.metrics_addr.endswith(":9464")
+    assert "9464:9464" in doc["services"]["pool-managerd"]["ports"]
