@@ -1,0 +1,619 @@
+"""``pool-managerd ctl``: send one command to a pool or a node and print the reply.
+
+Examples::
+
+    pool-managerd ctl preload chat --mask 0,1 --wait          # follow events until ready
+    pool-managerd ctl status chat
+    pool-managerd ctl lease chat --ttl-s 30 --holder me
+    pool-managerd ctl release chat --lease-id 3f2a...
+    pool-managerd ctl drain chat --deadline-s 10 --wait       # until unready
+    pool-managerd ctl reload chat --model /models/b.gguf --argv '["llama-server","-m","{model}"]'
+    pool-managerd ctl pools [--node n1]                       # every node when no --node
+    pool-managerd ctl inventory --node n1 --json
+
+Exit status: 0 accepted / ok (and, with ``--wait``, the target state reached); 1 rejected (or the
+pool came to rest in another state); 2 usage error; 3 timeout, NATS unreachable or unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TextIO, cast, get_args
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from pool_managerd.client import CommandReply, NodeReply, PoolClient, WaitResult
+from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.messages import (
+    NODE_COMMANDS,
+    POOL_COMMANDS,
+    Accepted,
+    BackoffScheduled,
+    CommandRejected,
+    DaemonStarted,
+    DaemonStopping,
+    DrainForced,
+    EngineAdopted,
+    EngineExited,
+    EngineSpawned,
+    Event,
+    HealthChanged,
+    InventoryReply,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LifecycleReply,
+    NodeHeartbeat,
+    OrphanReaped,
+    PoolFenced,
+    PoolSnapshot,
+    PoolsReply,
+    PoolState,
+    PreloadRejected,
+    Rejected,
+    ReloadRolledBack,
+    RestartLimitReached,
+    StateChanged,
+    StatusReply,
+    encode,
+)
+from pool_managerd.placement import format_bytes
+from pool_managerd.subjects import DEFAULT_PREFIX, Subjects
+
+EXIT_OK = 0
+EXIT_REJECTED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+URL_ENV = "POOL_MANAGERD_URL"
+
+POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
+NODE_VERBS: tuple[str, ...] = tuple(NODE_COMMANDS)
+STATES: tuple[str, ...] = get_args(PoolState)
+
+DEFAULT_WAIT: dict[str, PoolState] = {
+    "preload": "ready",
+    "reload": "ready",
+    "drain": "unready",
+    "stop": "unready",
+    "reset": "unready",
+}
+"""The state ``--wait`` (without a value) follows each verb to."""
+
+# option dest → (command field, verbs that take it)
+_FIELD_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mask": ("device_mask", ("preload", "reload")),
+    "model": ("model", ("preload", "reload")),
+    "policy": ("policy", ("preload",)),
+    "deadline_s": ("deadline_s", ("drain", "reload")),
+    "grace_s": ("grace_s", ("stop",)),
+    "ttl_s": ("ttl_s", ("lease",)),
+    "lease_id": ("lease_id", ("lease", "release")),
+    "holder": ("holder", ("lease",)),
+    "argv": ("argv", ("reload",)),
+}
+
+_WAIT_DEFAULT = "\0default"
+
+
+class UsageError(Exception):
+    """A command line that cannot be sent; exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--url``, ``--prefix`` and ``--timeout`` (shared with ``watch``)."""
+    parser.add_argument(
+        "--url",
+        default=os.environ.get(URL_ENV, DEFAULT_URL),
+        help=f"NATS server URL (default: ${URL_ENV} or {DEFAULT_URL})",
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"subject prefix (default: {DEFAULT_PREFIX})")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for NATS and for a reply (default 5)"
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``ctl`` options."""
+    parser.description = "send one command to a pool or a node and print the reply (or follow its events with --wait)"
+    parser.epilog = (
+        "pool verbs: " + ", ".join(POOL_VERBS) + ". node verbs: " + ", ".join(NODE_VERBS) + ". Exit status: 0 ok, "
+        "1 rejected, 2 usage error, 3 timeout or unreachable."
+    )
+    parser.add_argument("verb", choices=(*POOL_VERBS, *NODE_VERBS), metavar="VERB", help="what to do")
+    parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
+    add_connection_arguments(parser)
+    parser.add_argument("--node", help="node id for pools/inventory/lifecycle (default: every daemon that answers)")
+    parser.add_argument("--command-id", help="client command id (default: a fresh uuid4); retries reuse it")
+    parser.add_argument("--traceparent", help="W3C traceparent header to send with the command")
+    parser.add_argument("--json", action="store_true", help="print the raw reply JSON (and events as JSON lines)")
+    g = parser.add_argument_group("command fields")
+    g.add_argument("--mask", help="device mask (preload, reload): 0,1 | GPU-<uuid>,... | all | auto")
+    g.add_argument("--model", help="model override (preload, reload)")
+    g.add_argument("--policy", help="split policy (preload)")
+    g.add_argument("--deadline-s", type=float, metavar="S", help="drain deadline (drain, reload)")
+    g.add_argument("--grace-s", type=float, metavar="S", help="SIGTERM→SIGKILL grace (stop)")
+    g.add_argument("--ttl-s", type=float, metavar="S", help="lease time to live (lease)")
+    g.add_argument("--lease-id", help="lease id (lease: choose one; release: required)")
+    g.add_argument("--holder", help="who holds the lease (lease)")
+    g.add_argument("--argv", metavar="JSON", help='engine argv template as a JSON list (reload): \'["bin","{model}"]\'')
+    w = parser.add_argument_group("waiting")
+    w.add_argument(
+        "--wait",
+        nargs="?",
+        const=_WAIT_DEFAULT,
+        metavar="STATE",
+        help="follow the pool's events until STATE (default per verb: preload/reload → ready, "
+        "drain/stop/reset → unready); put it after POOL",
+    )
+    w.add_argument("--wait-timeout", type=float, default=60.0, metavar="S", help="how long --wait waits (default 60)")
+
+
+def command_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's fields from the options; raises :class:`UsageError` on a misplaced one."""
+    verb = args.verb
+    fields: dict[str, Any] = {}
+    for dest, (name, verbs) in _FIELD_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        if verb not in verbs:
+            flag = "--" + dest.replace("_", "-")
+            raise UsageError(f"{flag} does not apply to {verb} (only to {', '.join(verbs)})")
+        if dest == "argv":
+            value = _parse_argv(value)
+        fields[name] = value
+    if verb == "release" and "lease_id" not in fields:
+        raise UsageError("release needs --lease-id")
+    return fields
+
+
+def _parse_argv(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--argv is not JSON: {exc}") from None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise UsageError('--argv must be a non-empty JSON list of strings, e.g. \'["llama-server","-m","{model}"]\'')
+    return value
+
+
+def wait_target(args: argparse.Namespace) -> PoolState | None:
+    """The state ``--wait`` asks for, or None without ``--wait``."""
+    if args.wait is None:
+        return None
+    if args.verb in NODE_VERBS:
+        raise UsageError(f"--wait does not apply to {args.verb}")
+    if args.wait == _WAIT_DEFAULT:
+        if args.verb not in DEFAULT_WAIT:
+            raise UsageError(f"{args.verb} has no default state to wait for; give one: --wait STATE")
+        return DEFAULT_WAIT[args.verb]
+    if args.wait not in STATES:
+        raise UsageError(f"--wait {args.wait!r}: not a state (one of: {', '.join(STATES)})")
+    return cast(PoolState, args.wait)
+
+
+# --------------------------------------------------------------------------------------------
+# Connecting
+# --------------------------------------------------------------------------------------------
+
+
+async def _quiet(exc: Exception) -> None:
+    return None
+
+
+async def connect(
+    url: str,
+    timeout: float,
+    *,
+    reconnect_forever: bool = False,
+    reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+) -> NATS:
+    """Connect to ``url`` within ``timeout`` s; raises ``ConnectionError`` with a readable message.
+
+    ``reconnect_forever`` (for ``watch``) keeps reconnecting after a connection is lost; the first
+    connection still has to succeed within ``timeout``. ``reconnected_cb`` runs after each
+    reconnect.
+    """
+    opts: dict[str, Any] = {
+        "servers": [url],
+        "name": "pool-managerd-cli",
+        "connect_timeout": max(0.1, min(timeout, 5.0)),
+        "allow_reconnect": True,
+        # nats-py retries the *first* connect as many times as it may reconnect: one retry keeps a
+        # refused connection fast; -1 would retry it forever (bounded by the wait_for below).
+        "max_reconnect_attempts": -1 if reconnect_forever else 1,
+        "reconnect_time_wait": 0.5 if reconnect_forever else 0.1,
+        "error_cb": _quiet,
+    }
+    if reconnected_cb is not None:
+        opts["reconnected_cb"] = reconnected_cb
+    try:
+        return await asyncio.wait_for(nats.connect(**opts), timeout)
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        detail = str(exc) or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            detail = f"no connection within {timeout:g} s"
+        raise ConnectionError(f"cannot reach NATS at {url}: {detail}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting (shared with ``watch``)
+# --------------------------------------------------------------------------------------------
+
+
+def short_uuid(uuid: str) -> str:
+    """``GPU-4090c0de-0000-...`` → ``GPU-4090c0de``; anything without a dash is kept."""
+    head, sep, rest = uuid.partition("-")
+    return f"{head}{sep}{rest[:8]}" if sep else uuid
+
+
+def format_age(seconds: float) -> str:
+    """A compact age: ``0.4s``, ``12s``, ``3m05s``, ``2h01m``, ``3d04h``."""
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    m, sec = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def format_clock(ts: float) -> str:
+    """Local wall-clock time with milliseconds: ``14:03:07.412``."""
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}"
+
+
+def event_detail(event: Event) -> str:
+    """What happened, in a few words, without the event name (``preload unready → preloading``)."""
+    b = event.body
+    match b:
+        case StateChanged():
+            text = f"{b.trigger} {b.src} → {b.dst}"
+            extra = [b.reason] if b.reason else []
+            if b.delay_s is not None:
+                extra.append(f"delay {b.delay_s:.2f}s")
+            if b.exit_code is not None:
+                extra.append(f"exit {b.exit_code}")
+            if b.leases_left and not b.reason:
+                extra.append(f"{b.leases_left} lease(s) left")
+            if b.reload:
+                extra.append("reload")
+            return text + (f" ({'; '.join(extra)})" if extra else "")
+        case PreloadRejected():
+            return f"{b.code}: {b.message}"
+        case CommandRejected():
+            return f"{b.verb} {b.code}: {b.message}"
+        case EngineSpawned():
+            return f"pid {b.pid} port {b.port} attempt {b.attempt} CUDA_VISIBLE_DEVICES={b.cuda_visible_devices}"
+        case EngineExited():
+            how = f"signal {b.signal}" if b.signal is not None else f"exit {b.exit_code}"
+            return (
+                f"pid {b.pid} {how}"
+                + (" (expected)" if b.expected else "")
+                + (f" during {b.during}" if b.during else "")
+            )
+        case EngineAdopted():
+            return f"pid {b.pid} port {b.port}"
+        case BackoffScheduled():
+            return f"attempt {b.attempt} in {b.delay_s:.2f}s: {b.reason}"
+        case RestartLimitReached():
+            return f"{b.restarts} restarts in {b.window_s:g}s: {b.reason}"
+        case LeaseGranted():
+            return f"{b.lease_id} active {b.active}" + (f" holder {b.holder}" if b.holder else "")
+        case LeaseReleased() | LeaseExpired():
+            return f"{b.lease_id} active {b.active}"
+        case DrainForced():
+            return f"{b.leases_left} lease(s) left at the {b.deadline_s:g}s deadline"
+        case ReloadRolledBack():
+            return b.reason
+        case HealthChanged():
+            text = f"live={str(b.live).lower()} ready={str(b.ready).lower()}"
+            return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
+        case PoolFenced():
+            return b.reason
+        case OrphanReaped():
+            return f"pid {b.pid} pgid {b.pgid}" + (f" pool {b.pool}" if b.pool else "")
+        case DaemonStarted():
+            return f"version {b.version} pools {','.join(b.pools) or '-'}" + (" simulated" if b.simulated else "")
+        case DaemonStopping():
+            return b.reason
+        case NodeHeartbeat():
+            return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}"
+    raw = msgspec.to_builtins(b)
+    return " ".join(f"{k}={v}" for k, v in raw.items() if k != "type")
+
+
+def format_event(event: Event) -> str:
+    """One readable line: time, pool (or node), event type, what happened."""
+    who = event.pool or f"node:{event.node}"
+    return f"{format_clock(event.ts)}  {who}  {event.type}  {event_detail(event)}"
+
+
+def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Left-aligned columns (``right`` ones right-aligned), two spaces apart, no trailing blanks."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def format_status(snap: PoolSnapshot, now: float) -> str:
+    """A pool snapshot as a small key/value table."""
+    health = ", ".join(n for n, on in (("live", snap.health_live), ("ready", snap.health_ready)) if on) or "-"
+    rows: list[tuple[str, str]] = [
+        ("pool", snap.pool),
+        ("node", snap.node or "-"),
+        ("state", snap.state + (" (draining)" if snap.draining and snap.state != "draining" else "")),
+        ("seq", str(snap.seq)),
+        ("health", health),
+        ("model", snap.model or "-"),
+    ]
+    p = snap.placement
+    if p is not None:
+        gpus = ", ".join(short_uuid(u) for u in p.uuids) + (" (simulated)" if p.simulated or snap.simulated else "")
+        rows.append(("gpus", gpus))
+        rows.append(("CUDA_VISIBLE_DEVICES", p.cuda_visible_devices))
+        budgets = ", ".join(format_bytes(b) for b in p.budgets) or "-"
+        split = f", tensor split {p.tensor_split}" if p.tensor_split else ""
+        rows.append(("placement", f"policy {p.policy}, budgets {budgets}{split}"))
+    elif snap.device_mask:
+        rows.append(("gpus", ", ".join(short_uuid(u) for u in snap.device_mask)))
+    e = snap.engine
+    if e is not None:
+        rows.append(("engine", f"pid {e.pid} port {e.port}, up {format_age(now - e.started_at)}"))
+        if e.log_path:
+            rows.append(("engine log", e.log_path))
+    rows.append(("slots", f"{snap.slots_free} free of {snap.slots_total}"))
+    rows.append(("leases", str(snap.active_leases)))
+    for lease in snap.leases:
+        holder = f" by {lease.holder}" if lease.holder else ""
+        rows.append(("", f"{lease.lease_id}{holder}, expires in {format_age(lease.expires_at - now)}"))
+    rows.append(("restarts", f"{snap.restarts} (crashes {snap.crashes})"))
+    if snap.last_error:
+        rows.append(("last error", snap.last_error))
+    if snap.last_event:
+        rows.append(("last event", snap.last_event))
+    if snap.updated_at:
+        rows.append(("updated", f"{format_clock(snap.updated_at)} ({format_age(now - snap.updated_at)} ago)"))
+    return "\n".join(table([[k, v] for k, v in rows]))
+
+
+def format_rejected(r: Rejected) -> str:
+    """``code: message`` then the problems, the state and the allowed triggers."""
+    lines = [f"{r.code}: {r.message}"]
+    for prob in r.problems:
+        lines.append(f"  - {prob.code}: {prob.message}" + (f" [{prob.device}]" if prob.device else ""))
+    if r.state is not None and r.code == "illegal_transition":
+        lines.append(f"  state: {r.state}; allowed: {', '.join(r.allowed) or 'none'}")
+    return "\n".join(lines)
+
+
+def format_accepted(r: Accepted, now: float) -> str:
+    """``accepted: preload chat → preloading (seq 1, command 3f2a...)`` and the lease, if any."""
+    line = f"accepted: {r.verb} {r.pool} → {r.state} (seq {r.seq}, command {r.command_id})"
+    if r.lease_id is not None:
+        line += f"\nlease_id: {r.lease_id}"
+        if r.expires_at is not None:
+            line += f"\nexpires:  {format_clock(r.expires_at)} (in {format_age(r.expires_at - now)})"
+    return line
+
+
+def format_inventory(reply: InventoryReply) -> str:
+    """The node's GPUs as a table."""
+    snap = reply.gpus
+    head = f"node {reply.node}: {len(snap.gpus)} GPU(s) from {snap.source}" + (" (SIMULATED)" if snap.simulated else "")
+    rows = [["#", "uuid", "name", "cc", "free", "total", "mig"]]
+    for g in snap.gpus:
+        mig = f"{len(g.mig_instances)} instance(s)" if g.mig_mode else "-"
+        cc = f"{g.compute_capability[0]}.{g.compute_capability[1]}"
+        rows.append([str(g.index), g.uuid, g.name, cc, format_bytes(g.memory_free), format_bytes(g.memory_total), mig])
+    return "\n".join([head, *table(rows, right=frozenset({0, 4, 5}))])
+
+
+def format_lifecycle(reply: LifecycleReply) -> str:
+    """The lifecycle table the daemon runs."""
+    rows = [["trigger", "from", "to", "kind", "note"]]
+    rows += [[t.trigger, t.source, t.dest, t.kind, t.note] for t in reply.transitions]
+    return "\n".join([f"states: {', '.join(reply.states)} (initial {reply.initial})", *table(rows)])
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _exit_for(reply: object) -> int:
+    if isinstance(reply, Rejected):
+        return EXIT_UNAVAILABLE if reply.code == "unavailable" else EXIT_REJECTED
+    return EXIT_OK
+
+
+def _print(text: str, out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        silence(stream)
+
+
+def silence(stream: TextIO) -> None:
+    """The reader went away (``| head``): send the rest of ``stream`` to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)
+
+
+def _print_reply(reply: CommandReply | NodeReply, as_json: bool) -> None:
+    now = time.time()
+    if as_json:
+        _print(encode(reply).decode())
+        return
+    match reply:
+        case Rejected():
+            _print(format_rejected(reply), sys.stderr)
+        case Accepted():
+            _print(format_accepted(reply, now))
+        case StatusReply():
+            _print(format_status(reply.pool, now))
+        case PoolsReply():
+            from pool_managerd.watch_cli import render_table
+
+            _print(render_table({s.pool: s for s in reply.pools}, {}, now, title=f"node {reply.node}"))
+        case InventoryReply():
+            _print(format_inventory(reply))
+        case LifecycleReply():
+            _print(format_lifecycle(reply))
+
+
+def _wait_outcome(result: WaitResult, verb: str, as_json: bool, took: float) -> int:
+    target = result.target
+    pool = result.reply.pool.pool if isinstance(result.reply, StatusReply) else result.reply.pool
+    last = result.last_transition
+    rolled_back = any(e.type == "reload_rolled_back" for e in result.events)
+    aborted = last is not None and last.trigger == "drain_deadline" and verb == "reload"
+    if result.reached and not (rolled_back or aborted):
+        if not as_json:
+            _print(f"{pool} is {target} ({took:.1f} s)")
+        return EXIT_OK
+    if result.timed_out:
+        _print(f"timed out after {took:.1f} s waiting for {pool} to be {target}; last state {result.state}", sys.stderr)
+        return EXIT_UNAVAILABLE
+    why = f": {last.reason}" if last is not None and last.reason else ""
+    if rolled_back or aborted:
+        _print(f"reload of {pool} did not take effect; {pool} is {result.state} with its old spec{why}", sys.stderr)
+    else:
+        _print(f"{pool} came to rest in {result.state}, not {target}{why}", sys.stderr)
+    return EXIT_REJECTED
+
+
+async def _pool_command(client: PoolClient, args: argparse.Namespace, fields: dict[str, Any]) -> int:
+    target = wait_target(args)
+    opts: dict[str, Any] = {"command_id": args.command_id, "traceparent": args.traceparent}
+    if target is None:
+        reply = await client.command(args.target, args.verb, **opts, **fields)
+        _print_reply(reply, args.json)
+        return _exit_for(reply)
+
+    def on_reply(reply: CommandReply) -> None:
+        _print_reply(reply, args.json)
+
+    def on_event(event: Event) -> None:
+        _print(encode(event).decode() if args.json else format_event(event))
+
+    started = time.monotonic()
+    result = await client.command_and_wait(
+        args.target, args.verb, target, wait_timeout=args.wait_timeout, on_reply=on_reply, on_event=on_event,
+        **opts, **fields,
+    )  # fmt: skip
+    if not isinstance(result.reply, Accepted):
+        return _exit_for(result.reply)
+    return _wait_outcome(result, args.verb, args.json, time.monotonic() - started)
+
+
+async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
+    if args.node is not None and args.target is not None and args.node != args.target:
+        raise UsageError(f"node given twice: {args.target!r} and --node {args.node!r}")
+    node = args.node or args.target
+    if node is not None:
+        reply = await client.node(node, args.verb)
+        _print_reply(reply, args.json)
+        return _exit_for(reply)
+    found = await client.discover(timeout=min(args.timeout, 2.0))
+    if not found:
+        _print("unavailable: no pool-managerd daemon answered $SRV.PING.pool-managerd; give --node", sys.stderr)
+        return EXIT_UNAVAILABLE
+    replies = [await client.node(info.node, args.verb) for info in found if info.node]
+    good = [r for r in replies if not isinstance(r, Rejected)] or replies
+    if args.verb == "lifecycle":
+        good = good[:1]
+    if args.verb == "pools" and not args.json and len(good) > 1:
+        merged = {s.pool: s for r in good if isinstance(r, PoolsReply) for s in r.pools}
+        from pool_managerd.watch_cli import render_table
+
+        nodes = ", ".join(r.node for r in good if isinstance(r, PoolsReply))
+        _print(render_table(merged, {}, time.time(), title=f"nodes {nodes}"))
+        return EXIT_OK
+    for i, reply in enumerate(good):
+        if i and not args.json:
+            _print("")
+        _print_reply(reply, args.json)
+    return max(_exit_for(r) for r in good)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    # Everything that can be checked offline is checked before connecting.
+    if args.verb in POOL_VERBS:
+        if args.target is None:
+            raise UsageError(f"{args.verb} needs a POOL")
+        if args.node is not None:
+            raise UsageError(f"--node does not apply to {args.verb}")
+    fields = command_fields(args)
+    wait_target(args)
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be > 0")
+    Subjects(args.prefix)  # raises on an invalid prefix
+    try:
+        nc = await connect(args.url, args.timeout)
+    except ConnectionError as exc:
+        _print(f"unavailable: {exc}", sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        client = PoolClient(nc, prefix=args.prefix, timeout=args.timeout)
+        if args.verb in POOL_VERBS:
+            return await _pool_command(client, args, fields)
+        return await _node_command(client, args)
+    finally:
+        await nc.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``pool-managerd ctl``."""
+    try:
+        return asyncio.run(_main(args))
+    except UsageError as exc:
+        _print(f"pool-managerd ctl: error: {exc}", sys.stderr)
+        return EXIT_USAGE
+    except PoolManagerError as exc:  # e.g. an invalid --prefix
+        _print(f"pool-managerd ctl: error: {exc.message}", sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pool_managerd.ctl_cli``: the same as ``pool-managerd ctl``."""
+    parser = argparse.ArgumentParser(prog="pool-managerd ctl")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,314 @@
+"""``pool-managerd watch``: a live table of every pool, fed by the KV bucket and the event stream.
+
+Examples::
+
+    pool-managerd watch                       # redraws in place on a terminal; Ctrl-C to quit
+    pool-managerd watch --once                # print the current table and exit (scripts, tests)
+    pool-managerd watch | tee pools.log       # not a terminal: a new table per change
+
+Rows come from the KV bucket ``poold_pools`` (a watch: every current snapshot, then each update);
+the event stream (a core subscription on ``<prefix>.evt.>``) keeps the "last event" column fresh
+and triggers a redraw as events arrive. Redraws are at most every 100 ms; on a terminal the ages
+also tick every ``--interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from pool_managerd.adapters.event_log import SnapshotStore, last_event
+from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.ctl_cli import (
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_connection_arguments,
+    connect,
+    event_detail,
+    format_age,
+    format_clock,
+    short_uuid,
+    silence,
+    table,
+)
+from pool_managerd.messages import EVENT_DECODER, Event, PoolSnapshot
+from pool_managerd.subjects import KV_BUCKET, Subjects
+
+MIN_REDRAW_S = 0.1
+"""Redraws are at least this far apart, however fast events arrive."""
+
+_LAST_EVENT_WIDTH = 48
+_CLEAR = "\x1b[H\x1b[2J"
+
+HEADERS = ["POOL", "NODE", "STATE", "PID", "PORT", "GPUS", "LEASES", "RESTARTS", "LAST EVENT", "AGE"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the ``watch`` options."""
+    parser.description = "a live table of every pool, fed by the KV bucket poold_pools and the event stream"
+    add_connection_arguments(parser)
+    parser.add_argument("--once", action="store_true", help="print the current table and exit")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="on a terminal, redraw at least every S s (default 1)"
+    )
+    parser.add_argument("--bucket", default=KV_BUCKET, help=f"KV bucket of pool snapshots (default {KV_BUCKET})")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def _gpus(snap: PoolSnapshot) -> str:
+    uuids = snap.placement.uuids if snap.placement is not None else snap.device_mask
+    if not uuids:
+        return "-"
+    text = ",".join(short_uuid(u) for u in uuids)
+    mask = snap.placement.mask if snap.placement is not None else []
+    if mask and mask != uuids:
+        text = f"{','.join(mask)}={text}"
+    return text + ("*" if snap.simulated or (snap.placement is not None and snap.placement.simulated) else "")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _last_event(snap: PoolSnapshot, event: Event | None, now: float) -> tuple[str, str]:
+    if event is not None and event.seq >= snap.seq:
+        return _clip(f"{event.type} {event_detail(event)}", _LAST_EVENT_WIDTH), format_age(now - event.ts)
+    if snap.last_event:
+        return snap.last_event, format_age(now - snap.updated_at) if snap.updated_at else "-"
+    return "-", "-"
+
+
+def render_table(
+    snapshots: Mapping[str, PoolSnapshot],
+    last_events: Mapping[str, Event],
+    now: float,
+    *,
+    title: str = "pool-managerd",
+) -> str:
+    """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
+
+    ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer
+    event than the one given shows the snapshot's event name and age instead. GPUs are shown as
+    shortened UUIDs (``GPU-4090c0de``), prefixed by the mask when it differs, with ``*`` when the
+    inventory is simulated.
+    """
+    lines = [f"{title}: {len(snapshots)} pool(s) at {format_clock(now)}"]
+    if not snapshots:
+        return "\n".join([*lines, "(no pools)"])
+    rows = [HEADERS]
+    simulated = False
+    for pool in sorted(snapshots):
+        snap = snapshots[pool]
+        engine = snap.engine
+        last, age = _last_event(snap, last_events.get(pool), now)
+        gpus = _gpus(snap)
+        simulated = simulated or gpus.endswith("*")
+        restarts = str(snap.restarts) + (f" ({snap.crashes} crash)" if snap.crashes == 1 else "")
+        if snap.crashes > 1:
+            restarts = f"{snap.restarts} ({snap.crashes} crashes)"
+        rows.append(
+            [
+                snap.pool,
+                snap.node or "-",
+                snap.state,
+                str(engine.pid) if engine else "-",
+                str(engine.port) if engine else "-",
+                gpus,
+                f"{snap.active_leases}/{snap.slots_total}",
+                restarts,
+                last,
+                age,
+            ]
+        )
+    lines += table(rows, right=frozenset({3, 4, 9}))
+    if simulated:
+        lines.append("* simulated GPUs")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Live state
+# --------------------------------------------------------------------------------------------
+
+
+class PoolWatch:
+    """What the table shows, kept current by the KV watch and the event subscription."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, PoolSnapshot] = {}
+        self.last_events: dict[str, Event] = {}
+        self.changed = asyncio.Event()
+
+    def on_snapshot(self, pool: str, snapshot: PoolSnapshot | None) -> None:
+        """KV watch callback: a pool's snapshot changed (None: deleted)."""
+        if snapshot is None:
+            self.snapshots.pop(pool, None)
+        else:
+            self.snapshots[pool] = snapshot
+        self.changed.set()
+
+    def on_event(self, event: Event) -> None:
+        """A pool event arrived: it becomes the pool's last event unless an older one."""
+        if event.pool is None:
+            return
+        known = self.last_events.get(event.pool)
+        if known is None or event.seq >= known.seq or event.node != known.node:
+            self.last_events[event.pool] = event
+        self.changed.set()
+
+    async def on_msg(self, msg: Msg) -> None:
+        """Core subscription callback on ``<prefix>.evt.>``."""
+        try:
+            event = EVENT_DECODER.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        self.on_event(event)
+
+    def render(self, now: float) -> str:
+        """:func:`render_table` of the current state."""
+        return render_table(self.snapshots, self.last_events, now)
+
+
+async def _open_store(nc: NATS, bucket: str) -> SnapshotStore | None:
+    """The bucket, without creating it (a watcher must not create daemon state)."""
+    try:
+        return SnapshotStore(await nc.jetstream().key_value(bucket))
+    except nats.js.errors.BucketNotFoundError:
+        return None
+
+
+async def _prime_last_events(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float) -> None:
+    """Fill "last event" for pools that have had no live event yet, from the stream."""
+    for pool in list(watch.snapshots):
+        if pool in watch.last_events:
+            continue
+        try:
+            found = await asyncio.wait_for(last_event(nc, subjects, pool), timeout)
+        except (TimeoutError, nats.errors.Error, PoolManagerError, OSError):
+            continue
+        if found is not None and pool not in watch.last_events:
+            watch.last_events[pool] = found[1]
+
+
+async def _main(args: argparse.Namespace) -> int:
+    if args.interval <= 0 or args.timeout <= 0:
+        print("pool-managerd watch: error: --interval and --timeout must be > 0", file=sys.stderr)
+        return EXIT_USAGE
+    subjects = Subjects(args.prefix)
+    watch = PoolWatch()
+    store: SnapshotStore | None = None
+
+    async def on_reconnected() -> None:
+        # KV watchers do not survive a reconnect in nats-py: re-create it (it re-delivers every
+        # current value first, so the table catches up with what happened meanwhile).
+        if store is not None:
+            await store.restart_watch()
+        watch.changed.set()
+
+    try:
+        nc = await connect(args.url, args.timeout, reconnect_forever=not args.once, reconnected_cb=on_reconnected)
+    except ConnectionError as exc:
+        print(f"unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    try:
+        if not args.once:
+            # Subscribe before reading the bucket: nothing that happens meanwhile is missed.
+            await nc.subscribe(subjects.all_pool_events, cb=watch.on_msg)
+        try:
+            store = await asyncio.wait_for(_open_store(nc, args.bucket), args.timeout)
+            if store is not None:
+                await store.watch(watch.on_snapshot)
+                await asyncio.wait_for(store.wait_synced(), args.timeout)
+        except (TimeoutError, nats.errors.Error) as exc:
+            print(f"unavailable: cannot read KV bucket {args.bucket}: {exc or 'timeout'}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        if store is None:
+            print(f"note: KV bucket {args.bucket} does not exist yet (no daemon has started)", file=sys.stderr)
+        await _prime_last_events(nc, subjects, watch, args.timeout)
+        if args.once:
+            print(watch.render(time.time()), flush=True)
+            return EXIT_OK
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        try:
+            await _loop(watch, args.interval, sys.stdout.isatty())
+        except asyncio.CancelledError:
+            if main.cancelling() > 1:
+                raise
+            return EXIT_OK
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGTERM)
+        return EXIT_OK
+    finally:
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+async def _loop(watch: PoolWatch, interval: float, tty: bool) -> None:
+    """Redraw on change (at most every :data:`MIN_REDRAW_S`); on a terminal also every ``interval``."""
+    last_draw = 0.0
+    last_shown = ""
+    first = True
+    while True:
+        if not first:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.changed.wait(), interval if tty else None)
+            pause = last_draw + MIN_REDRAW_S - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+        first = False
+        watch.changed.clear()
+        if not tty:
+            # A new table only when something visible changed (not for a heartbeat's KV put):
+            # rendered at a fixed instant, ages and the clock drop out of the comparison.
+            shown = watch.render(0.0)
+            if shown == last_shown:
+                continue
+            last_shown = shown
+        last_draw = time.monotonic()
+        text = watch.render(time.time())
+        if tty:
+            width = shutil.get_terminal_size().columns
+            text = "\n".join(line[:width] for line in text.splitlines())
+            sys.stdout.write(_CLEAR + text + "\n")
+        else:
+            sys.stdout.write(text + "\n\n")
+        sys.stdout.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``pool-managerd watch``."""
+    try:
+        return asyncio.run(_main(args))
+    except PoolManagerError as exc:
+        print(f"pool-managerd watch: error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        silence(sys.stdout)
+        return EXIT_OK
