@@ -1,0 +1,343 @@
+"""The daemon end to end over a real nats-server with real fake-engine processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from pool_managerd.config import load_config
+from pool_managerd.messages import (
+    EVENT_DECODER,
+    MAX_PAYLOAD_BYTES,
+    REPLY_DECODER,
+    Accepted,
+    Event,
+    HealthReport,
+    LifecycleReply,
+    PoolsReply,
+    Rejected,
+    StateChanged,
+    StatusReply,
+    encode,
+)
+from pool_managerd.runtime.daemon import Daemon
+from pool_managerd.testing.nats_server import NatsServer
+from proc_helpers import leak_guard
+
+FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
+
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
+    """``await start_daemon(url, node=..., pools=[...], **config)``; every daemon is stopped after."""
+    daemons: list[Daemon] = []
+
+    async def start(
+        url: str, *, node: str = "node-a", pools: list[dict[str, Any]] | None = None, **extra: Any
+    ) -> Daemon:
+        pools = pools if pools is not None else [{"id": "chat", **FAKE}]
+        extra.setdefault("heartbeat_s", 5.0)
+        config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
+                             nats={"urls": [url]}, pools=pools, **extra)  # fmt: skip
+        daemon = Daemon(config)
+        daemons.append(daemon)
+        await daemon.start()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        await daemon.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    yield from leak_guard()
+
+
+class Events:
+    """Every pool event seen on the wire, with waiters."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Event, dict[str, str]]] = []
+        self.cond = asyncio.Condition()
+
+    async def on_msg(self, msg: Msg) -> None:
+        async with self.cond:
+            self.items.append((EVENT_DECODER.decode(msg.data), dict(msg.headers or {})))
+            self.cond.notify_all()
+
+    async def wait(self, pred: Callable[[Event], bool], timeout: float = 15.0) -> Event:
+        async def find() -> Event:
+            async with self.cond:
+                while True:
+                    for event, _ in self.items:
+                        if pred(event):
+                            return event
+                    await self.cond.wait()
+
+        return await asyncio.wait_for(find(), timeout)
+
+    def state_changes(self, pool: str) -> list[StateChanged]:
+        return [e.body for e, _ in self.items if e.pool == pool and isinstance(e.body, StateChanged)]
+
+
+async def follow(nc: NATS) -> Events:
+    events = Events()
+    await nc.subscribe("poold.evt.>", cb=events.on_msg)
+    await nc.flush()
+    return events
+
+
+async def req(nc: NATS, subject: str, payload: dict[str, Any] | bytes | None = None, **kw: Any) -> Any:
+    data = payload if isinstance(payload, bytes) else (json.dumps(payload).encode() if payload is not None else b"")
+    msg = await nc.request(subject, data, timeout=10, **kw)
+    return REPLY_DECODER.decode(msg.data)
+
+
+def cid() -> str:
+    return uuid.uuid4().hex
+
+
+def reached(pool: str, state: str) -> Callable[[Event], bool]:
+    return lambda e: e.pool == pool and isinstance(e.body, StateChanged) and e.body.dst == state
+
+
+async def ready_pool(nc: NATS, events: Events, pool: str = "chat") -> None:
+    reply = await req(nc, f"poold.cmd.{pool}.preload", {"command_id": cid()})
+    assert isinstance(reply, Accepted), reply
+    await events.wait(lambda e: reached(pool, "ready")(e) and e.seq > reply.seq)
+
+
+async def test_preload_is_accepted_events_flow_and_the_pool_becomes_ready(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url)
+    events = await follow(nc_fresh)
+    reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": "p-1"})
+    assert isinstance(reply, Accepted)
+    assert (reply.command_id, reply.state, reply.seq) == ("p-1", "preloading", 1)
+    await events.wait(reached("chat", "ready"))
+    assert [(c.src, c.dst) for c in events.state_changes("chat")] == [
+        ("unready", "preloading"),
+        ("preloading", "ready"),
+    ]
+    status = await req(nc_fresh, "poold.cmd.chat.status")
+    assert isinstance(status, StatusReply)
+    snap = status.pool
+    assert snap.state == "ready" and snap.health_ready and snap.engine is not None
+    assert snap.placement is not None and snap.placement.simulated
+    # The KV snapshot follows (derived, written after the step).
+    kv = await nc_fresh.jetstream().key_value("poold_pools")
+    for _ in range(200):
+        entry = await kv.get("chat")
+        if b'"state":"ready"' in (entry.value or b""):
+            break
+        await asyncio.sleep(0.02)  # ok: the KV write is asynchronous and has no event to wait on
+    assert b'"state":"ready"' in (entry.value or b"")
+
+
+async def test_drain_with_and_without_a_lease(fresh_nats_server: NatsServer, start_daemon: StartDaemon,
+                                             nc_fresh: NATS) -> None:  # fmt: skip
+    await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **FAKE, "slots": 2}])
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    # Without leases the drain completes at once.
+    reply = await req(nc_fresh, "poold.cmd.chat.drain", {"command_id": cid()})
+    assert isinstance(reply, Accepted) and reply.state == "unready"
+    await ready_pool(nc_fresh, events)
+    lease = await req(nc_fresh, "poold.cmd.chat.lease", {"command_id": cid(), "ttl_s": 30})
+    assert isinstance(lease, Accepted) and lease.lease_id
+    reply = await req(nc_fresh, "poold.cmd.chat.drain", {"command_id": cid(), "deadline_s": 30})
+    assert isinstance(reply, Accepted) and reply.state == "draining"
+    refused = await req(nc_fresh, "poold.cmd.chat.lease", {"command_id": cid()})
+    assert isinstance(refused, Rejected) and refused.code == "draining"
+    done = await req(nc_fresh, "poold.cmd.chat.release", {"command_id": cid(), "lease_id": lease.lease_id})
+    assert isinstance(done, Accepted) and done.state == "unready"
+
+
+async def test_reload_stop_and_reset_after_failed(fresh_nats_server: NatsServer, start_daemon: StartDaemon,
+                                                  nc_fresh: NATS) -> None:  # fmt: skip
+    crashy = {"id": "crashy", "engine": "fake", "extra_args": ["--load-time", "0.05", "--crash-after", "0.1"],
+              "restart": {"initial_s": 0.01, "max_consecutive_failures": 2}}  # fmt: skip
+    await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **FAKE}, crashy])
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    first = (await req(nc_fresh, "poold.cmd.chat.status")).pool.engine.pid
+    reply = await req(nc_fresh, "poold.cmd.chat.reload", {"command_id": cid(), "model": "chat-v2"})
+    assert isinstance(reply, Accepted)
+    await events.wait(lambda e: reached("chat", "ready")(e) and e.seq > reply.seq)
+    snap = (await req(nc_fresh, "poold.cmd.chat.status")).pool
+    assert snap.model == "chat-v2" and snap.engine is not None and snap.engine.pid != first
+    stopped = await req(nc_fresh, "poold.cmd.chat.stop", {"command_id": cid()})
+    assert isinstance(stopped, Accepted) and stopped.state == "unready"
+    # A crash loop parks the pool in failed; reset acknowledges it.
+    await req(nc_fresh, "poold.cmd.crashy.preload", {"command_id": cid()})
+    await events.wait(reached("crashy", "failed"))
+    reset = await req(nc_fresh, "poold.cmd.crashy.reset", {"command_id": cid()})
+    assert isinstance(reset, Accepted) and reset.state == "unready"
+
+
+async def test_retry_with_the_same_command_id_is_applied_once(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url)
+    events = await follow(nc_fresh)
+    payload = json.dumps({"command_id": "same"}).encode()
+    first = await nc_fresh.request("poold.cmd.chat.preload", payload, timeout=10)
+    again = await nc_fresh.request("poold.cmd.chat.preload", payload, timeout=10)
+    assert first.data == again.data
+    await events.wait(reached("chat", "ready"))
+    assert sum(1 for c in events.state_changes("chat") if c.trigger == "preload") == 1
+    clash = await req(nc_fresh, "poold.cmd.chat.drain", {"command_id": "same"})
+    assert isinstance(clash, Rejected) and clash.code == "command_id_conflict"
+    assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "ready"
+
+
+@pytest.mark.parametrize(
+    ("subject", "payload", "code"),
+    [
+        ("poold.cmd.chat.drain", b'{"command_id": ', "bad_request"),
+        ("poold.cmd.chat.drain", b'{"command_id": "x", "deadline_s": "soon"}', "bad_request"),
+        ("poold.cmd.chat.launch", b'{"command_id": "x"}', "unknown_verb"),
+        ("poold.cmd.nobody.status", b"", "unknown_pool"),
+        ("poold.cmd.Not_Valid.status", b"", "invalid_id"),
+        ("poold.cmd.chat.drain", b'{"command_id": "x"}', "illegal_transition"),
+        ("poold.cmd.chat.preload", b'{"command_id": "x", "model": "' + b"m" * MAX_PAYLOAD_BYTES + b'"}',
+         "payload_too_large"),
+    ],
+)  # fmt: skip
+async def test_bad_input_gets_a_typed_rejection_and_changes_nothing(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS, subject: str, payload: bytes, code: str
+) -> None:
+    daemon = await start_daemon(fresh_nats_server.url)
+    before = daemon.runtime.lifecycle.registry.snapshot("chat") if daemon.runtime else None
+    reply = await req(nc_fresh, subject, payload)
+    assert isinstance(reply, Rejected), reply
+    assert reply.code == code
+    assert "Error(" not in reply.message and "Traceback" not in reply.message  # never a repr
+    after = (await req(nc_fresh, "poold.cmd.chat.status")).pool
+    assert before is not None and after.state == before.state == "unready"
+    if code == "illegal_transition":
+        assert reply.allowed == ["preload"] and reply.state == "unready"
+
+
+async def test_a_second_daemon_configured_with_the_same_pool_is_fenced(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url, node="node-a")
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    b = await start_daemon(fresh_nats_server.url, node="node-b")
+    assert "chat" in b.fenced and b.runtime is not None and "chat" not in b.runtime.actors
+    pools = await req(nc_fresh, "poold.node.node-b.cmd.pools")
+    assert isinstance(pools, PoolsReply) and pools.pools == []
+    # Commands still reach the owner only.
+    status = await req(nc_fresh, "poold.cmd.chat.status")
+    assert status.pool.node == "node-a" and status.pool.state == "ready"
+
+
+async def test_the_server_refuses_a_stale_writer(fresh_nats_server: NatsServer, start_daemon: StartDaemon,
+                                                 nc_fresh: NATS) -> None:  # fmt: skip
+    a = await start_daemon(fresh_nats_server.url, node="node-a")
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    # node-b judges node-a dead (its own heartbeat period is tiny) and takes the pool over; from
+    # then on node-a's writes carry a stale expected sequence and the server refuses them.
+    b = await start_daemon(fresh_nats_server.url, node="node-b", heartbeat_s=0.001)
+    assert b.runtime is not None and "chat" in b.runtime.actors
+    assert a.runtime is not None
+    # node-b's recovery found node-a's engine gone from its own record and wrote the exit; that
+    # write moved the pool's subject sequence on, so node-a's next write is refused.
+    assert b.recovery is not None and b.recovery.exited.get("chat")
+    await a.runtime.command("chat", msgspec.convert({"command_id": cid(), "type": "drain"}, _drain()))
+    for _ in range(200):
+        if "chat" in a.fenced:
+            break
+        await asyncio.sleep(0.02)  # ok: the refusal arrives with the PubAck, asynchronously
+    assert "chat" in a.fenced
+    refused = await a.runtime.command("chat", msgspec.convert({"command_id": cid(), "type": "stop"}, _stop()))
+    assert isinstance(refused, Rejected) and refused.code == "fenced"
+
+
+def _preload() -> type:
+    from pool_managerd.messages import PreloadCmd
+
+    return PreloadCmd
+
+
+def _drain() -> type:
+    from pool_managerd.messages import DrainCmd
+
+    return DrainCmd
+
+
+def _stop() -> type:
+    from pool_managerd.messages import StopCmd
+
+    return StopCmd
+
+
+async def test_discovery_lists_the_endpoints(fresh_nats_server: NatsServer, start_daemon: StartDaemon,
+                                             nc_fresh: NATS) -> None:  # fmt: skip
+    await start_daemon(fresh_nats_server.url)
+    info = json.loads((await nc_fresh.request("$SRV.INFO.pool-managerd", b"", timeout=5)).data)
+    subjects = {ep["subject"] for ep in info["endpoints"]}
+    assert {"poold.cmd.chat.*", "poold.node.node-a.cmd.*"} <= subjects
+    ping = json.loads((await nc_fresh.request("$SRV.PING.pool-managerd", b"", timeout=5)).data)
+    assert ping["name"] == "pool-managerd"
+    table = await req(nc_fresh, "poold.node.node-a.cmd.lifecycle")
+    assert isinstance(table, LifecycleReply) and "ready" in table.states
+
+
+async def test_external_health_reports_are_validated_and_foreign_ones_counted(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    daemon = await start_daemon(fresh_nats_server.url)
+    await nc_fresh.publish("poold.health.elsewhere", encode(HealthReport(pool="elsewhere", ts=1.0, ok=True)))
+    await nc_fresh.publish("poold.health.chat", b"not json")
+    await nc_fresh.flush()
+    for _ in range(200):
+        if daemon.metrics.health_ignored._value.get() >= 2:
+            break
+        await asyncio.sleep(0.01)  # ok: counted by a subscription callback, no event to wait on
+    assert daemon.metrics.health_ignored._value.get() >= 2
+    assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "unready"
+
+
+async def test_traceparent_travels_from_command_to_events_and_metrics_are_served(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    daemon = await start_daemon(fresh_nats_server.url, metrics_addr="127.0.0.1:0")
+    events = await follow(nc_fresh)
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": cid()}, headers={"traceparent": trace})
+    assert isinstance(reply, Accepted)
+    event = await events.wait(reached("chat", "preloading"))
+    assert event.traceparent == trace
+    headers = next(h for e, h in events.items if e is event)
+    assert headers.get("traceparent") == trace
+    await events.wait(reached("chat", "ready"))
+    server = daemon.metrics._server
+    host, port = server.server_address[:2]
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read())
+    text = body.decode()
+    assert 'poold_pool_state{pool="chat",state="ready"} 1.0' in text
+    assert "poold_transitions_total" in text
+
+
+@pytest.fixture
+async def nc_fresh(fresh_nats_server: NatsServer, nats_connect: Any) -> NATS:
+    client: NATS = await nats_connect(fresh_nats_server.url)
+    return client
