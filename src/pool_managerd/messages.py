@@ -182,6 +182,7 @@ class ReloadCmd(_Command, tag="reload", kw_only=True):
 
     model: str | None = None
     device_mask: str | list[str] | None = None
+    policy: str | None = None
     argv: list[str] | None = None
     deadline_s: Seconds = 30.0
 
@@ -284,13 +285,16 @@ RejectCode = Literal[
 
 
 class Accepted(_Base, tag_field="type", tag="accepted", kw_only=True):
-    """The command was applied; ``seq`` is the pool event sequence it produced (0 if none)."""
+    """The command was applied. ``seq`` is the first pool event it produced and ``last_seq`` the
+    last (a drain that completes at once writes two); both are the pool's current sequence when
+    it produced none (a no-op reload)."""
 
     v: int = SCHEMA_VERSION
     command_id: str | None
     pool: str
     verb: str
     seq: NonNeg
+    last_seq: NonNeg = 0
     state: PoolState
     lease_id: str | None = None
     expires_at: float | None = None

@@ -231,7 +231,8 @@ class PoolModel:
         self.pending_spec: EngineSpec | None = None
         self.pending_mask: str | list[str] | None = None
         self.pending_placement: Placement | None = None
-        self.rollback: tuple[EngineSpec, str | list[str] | None] | None = None
+        self.rollback: tuple[EngineSpec, str | list[str] | None, str | None] | None = None
+        self.pending_policy: str | None = None
         self.reloading = False
         self.supervision = SupervisionState()
         self.timers: dict[TimerName, int] = {}
@@ -411,7 +412,8 @@ class PoolModel:
         if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
             self.entry.crashes += 1
         if ev.kwargs.get("rollback"):
-            old_spec, old_mask = self.rollback or (self.spec, self.mask)
+            old_spec, old_mask, old_policy = self.rollback or (self.spec, self.mask, self.split_policy)
+            self.split_policy = old_policy
             self.emit(ReloadRolledBack(reason=decision.reason))
             self.spec, self.mask = old_spec, old_mask
             self.rollback = None
@@ -451,13 +453,15 @@ class PoolModel:
         self.pending_spec = ev.kwargs["new_spec"]
         self.pending_mask = ev.kwargs.get("mask") if ev.kwargs.get("mask") is not None else self.mask
         self.pending_placement = ev.kwargs["placement"]
+        self.pending_policy = ev.kwargs.get("policy")
 
     def _swap_to_reload(self, ev: EventData) -> None:
         assert self.pending_spec is not None
         self.cancel("drain_deadline", "lease_expiry")
         self.stop_engine("reload: stopping the old engine")
         self.entry.drop_leases()
-        self.rollback = (self.spec, self.mask)
+        self.rollback = (self.spec, self.mask, self.split_policy)
+        self.split_policy = self.pending_policy or self.split_policy
         self.spec, self.mask = self.pending_spec, self.pending_mask
         self.pending_spec = None
         self.pending_mask = None
@@ -621,10 +625,13 @@ class Lifecycle:
             if cmd.argv is not None:
                 new_spec = _with_argv(new_spec, cmd.argv)
             mask_same = cmd.device_mask is None or cmd.device_mask == model.mask
-            if new_spec == model.spec and mask_same and model.state == "ready":
+            policy_same = cmd.policy is None or cmd.policy == model.split_policy
+            if new_spec == model.spec and mask_same and policy_same and model.state == "ready":
                 # Reloading the very same spec is a no-op, not a needless restart.
                 return self._accept(model, verb, seq=model.entry.seq)
-            taken = self._fire(model, "reload", new_spec=new_spec, mask=cmd.device_mask, deadline_s=cmd.deadline_s)
+            taken = self._fire(
+                model, "reload", new_spec=new_spec, mask=cmd.device_mask, policy=cmd.policy, deadline_s=cmd.deadline_s
+            )
             if not taken:
                 return self._plan_rejected(model, verb)
         elif isinstance(cmd, StopCmd):
@@ -649,7 +656,8 @@ class Lifecycle:
     def _accept(self, model: PoolModel, verb: str, *, seq: int, lease_id: str | None = None,
                 expires_at: float | None = None) -> Accepted:  # fmt: skip
         return Accepted(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, seq=seq,
-                        state=model.state, lease_id=lease_id, expires_at=expires_at)  # fmt: skip
+                        last_seq=model.entry.seq, state=model.state, lease_id=lease_id,
+                        expires_at=expires_at)  # fmt: skip
 
     def _reject(self, model: PoolModel, verb: str, code: RejectCode, message: str,
                 allowed: Iterable[str] = (), problems: Iterable[Problem] = ()) -> Rejected:  # fmt: skip
