@@ -94,7 +94,7 @@ DEFAULT_WAIT: dict[str, PoolState] = {
 _FIELD_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mask": ("device_mask", ("preload", "reload")),
     "model": ("model", ("preload", "reload")),
-    "policy": ("policy", ("preload",)),
+    "policy": ("policy", ("preload", "reload")),
     "deadline_s": ("deadline_s", ("drain", "reload")),
     "grace_s": ("grace_s", ("stop",)),
     "ttl_s": ("ttl_s", ("lease",)),
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("command fields")
     g.add_argument("--mask", help="device mask (preload, reload): 0,1 | GPU-<uuid>,... | all | auto")
     g.add_argument("--model", help="model override (preload, reload)")
-    g.add_argument("--policy", help="split policy (preload)")
+    g.add_argument("--policy", help="split policy (preload, reload)")
     g.add_argument("--deadline-s", type=float, metavar="S", help="drain deadline (drain, reload)")
     g.add_argument("--grace-s", type=float, metavar="S", help="SIGTERM→SIGKILL grace (stop)")
     g.add_argument("--ttl-s", type=float, metavar="S", help="lease time to live (lease)")
