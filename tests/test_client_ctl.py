@@ -401,7 +401,7 @@ def test_ctl_usage_errors_parse_offline() -> None:
     for argv, message in [
         (["reload", "chat", "--argv", "nope"], "--argv is not JSON"),
         (["reload", "chat", "--argv", "[1]"], "non-empty JSON list of strings"),
-        (["reload", "chat", "--policy", "free"], "--policy does not apply to reload"),
+        (["status", "chat", "--policy", "free"], "--policy does not apply to status"),
         (["release", "chat"], "release needs --lease-id"),
         (["lease", "chat", "--wait"], "no default state"),
         (["stop", "chat", "--wait", "sideways"], "not a state"),
