@@ -12,6 +12,7 @@ the shell executes. Decisions are stored in the trigger's keyword arguments and 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -387,6 +388,7 @@ class PoolModel:
         self.entry.device_mask = list(placement.mask)
         self.entry.model = self.spec.model or None
         self.entry.engine_version = self.spec.engine_version
+        self.entry.version = spec_version(self.spec)
         self.entry.engine_digest = self.spec.model_digest
         self.entry.slots_total = self.spec.slots
         self.entry.health = HealthState()
@@ -814,6 +816,7 @@ class Lifecycle:
         entry.updated_at = view.last_ts
         if view.spec is not None:
             model.spec = view.spec
+            entry.version = spec_version(view.spec) if view.placement is not None else None
             entry.model = view.spec.model or None
             entry.slots_total = view.spec.slots
         model.reloading = view.reloading and view.state == "draining"
@@ -855,6 +858,11 @@ class Lifecycle:
             self._fire(model, "drained", reason="leases reached 0", leases_left=0)
         else:
             self._arm_lease_expiry(model)
+
+
+def spec_version(spec: EngineSpec) -> str:
+    """A short, stable fingerprint of an engine spec: which spec a pool runs, at a glance."""
+    return hashlib.blake2b(msgspec.json.encode(spec), digest_size=6).hexdigest()
 
 
 def _with_model(spec: EngineSpec, model: str) -> EngineSpec:
