@@ -105,9 +105,13 @@ async def recover(
     for entry in record_entries:
         if entry.pid in claimed:
             continue
+        if not entry.is_live():
+            # Nothing to reap: the process is gone (an engine that died while the daemon was down
+            # is already reported by its pool as engine_exited). The entry just leaves the record.
+            log.info("spawn record entry pid %d (pool %s) is no longer running; dropped", entry.pid, entry.pool)
+            continue
         log.warning("reaping orphan engine pid %d (pool %s, pgid %d)", entry.pid, entry.pool, entry.pgid)
-        if entry.is_live():
-            await stop_group(entry.pgid, orphan_grace_s)
+        await stop_group(entry.pgid, orphan_grace_s)
         report.orphans.append(entry.pid)
         await publish_node(OrphanReaped(pid=entry.pid, pgid=entry.pgid, pool=entry.pool))
     # The record now lists exactly the engines this daemon holds.
