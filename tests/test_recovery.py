@@ -1,0 +1,687 @@
+"""Crash recovery and graceful shutdown with the daemon as a real subprocess.
+
+Each test runs ``pool-managerd run --config FILE`` as its own process (own session, log to a file
+printed when the test fails) against a fresh nats-server, drives it over NATS like any client,
+SIGKILLs it at a chosen moment and starts it again on the same config and run dir. Recovery folds
+each pool's events, adopts the engines the spawn record names that are still alive, reports the
+dead ones as exits, reaps recorded processes no pool claims and stops pools the configuration no
+longer lists (see ``runtime/recovery.py``).
+
+Every test ends with :func:`finish`: SIGTERM (exit 0), every engine pid learned from the events is
+dead, the spawn record names no live process, per-pool and per-node sequences in the stream are
+contiguous from 1, and ``pool-managerd replay --url URL --check-live`` exits 0 with no difference.
+
+Engines spawned by a killed daemon keep running in their own process groups, and they are not our
+children: the ``rig`` fixture SIGKILLs the daemon and the group of every engine pid seen in an
+event, whatever happens (failing a test that had passed every check if anything was left), and
+then the leak guard checks that no child of ours and no tracked engine pid survived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from pool_managerd.adapters.event_log import read_events
+from pool_managerd.adapters.process import SpawnRecord, group_members, pid_alive, wait_pid_exit
+from pool_managerd.messages import (
+    EVENT_DECODER,
+    REPLY_DECODER,
+    Accepted,
+    DaemonStarted,
+    DaemonStopping,
+    DrainForced,
+    EngineAdopted,
+    EngineExited,
+    EngineSpawned,
+    Event,
+    EventBody,
+    HealthChanged,
+    OrphanReaped,
+    PoolSnapshot,
+    StateChanged,
+    StatusReply,
+)
+from pool_managerd.subjects import Subjects
+from pool_managerd.testing.nats_server import NatsServer
+from proc_helpers import FakeEngines, leak_guard, track_pid, wait_for_file
+
+NODE = "node-a"
+START_S = 20.0
+"""Deadline for a daemon to publish ``daemon_started`` (Python start-up, imports, recovery)."""
+STOP_S = 20.0
+"""Deadline for a daemon to exit after SIGTERM (engines get ``stop_grace_s`` = 2 s)."""
+EVENT_S = 15.0
+"""Default deadline for an awaited event."""
+MATCH = "live check: the KV snapshots match the rebuilt states"
+
+
+def fake_pool(pool: str, *, load_time: float | str = 0.1, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": pool,
+        "engine": "fake",
+        "extra_args": ["--load-time", str(load_time)],
+        "model_bytes": 1_000_000_000,
+        "stop_grace_s": 2.0,
+        **extra,
+    }
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def render_config(url: str, run_dir: Path, pools: list[dict[str, Any]], **top: Any) -> str:
+    settings = {"node": NODE, "run_dir": str(run_dir), "gpus": "sim:hetero-24g-48g", "heartbeat_s": 30.0, **top}
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    lines += ["", "[nats]", f"urls = {_toml([url])}"]
+    for pool in pools:
+        lines += ["", "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- what the daemon publishes ------------------------------------------------------------------
+
+
+class Wire:
+    """Every pool and node event seen on the wire, with waiters; learns engine pids as they appear."""
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []
+        self.cond = asyncio.Condition()
+        self.engine_pids: list[int] = []
+
+    async def on_msg(self, msg: Msg) -> None:
+        event = EVENT_DECODER.decode(msg.data)
+        body = event.body
+        if isinstance(body, EngineSpawned | EngineAdopted) and body.pid not in self.engine_pids:
+            self.engine_pids.append(body.pid)
+            track_pid(body.pid)  # not our child: the leak guard checks it by pid
+        async with self.cond:
+            self.items.append(event)
+            self.cond.notify_all()
+
+    def mark(self) -> int:
+        return len(self.items)
+
+    async def wait(self, pred: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
+        async def find() -> Event:
+            i = start
+            async with self.cond:
+                while True:
+                    while i < len(self.items):
+                        if pred(self.items[i]):
+                            return self.items[i]
+                        i += 1
+                    await self.cond.wait()
+
+        return await asyncio.wait_for(find(), timeout)
+
+    def summary(self) -> str:
+        return "\n".join(f"  {e.pool or 'node'} #{e.seq} {_describe(e.body)}" for e in self.items)
+
+
+def _describe(body: EventBody) -> str:
+    if isinstance(body, StateChanged):
+        return f"{body.trigger}: {body.src} -> {body.dst} {body.reason}"
+    return str(body)[:160]
+
+
+def changed(pool: str, *, dst: str | None = None, trigger: str | None = None) -> Callable[[Event], bool]:
+    def pred(e: Event) -> bool:
+        b = e.body
+        return (e.pool == pool and isinstance(b, StateChanged) and dst in (None, b.dst)
+                and trigger in (None, b.trigger))  # fmt: skip
+
+    return pred
+
+
+def body_of(cls: type, pool: str | None = None, **fields: Any) -> Callable[[Event], bool]:
+    def pred(e: Event) -> bool:
+        return (isinstance(e.body, cls) and (pool is None or e.pool == pool)
+                and all(getattr(e.body, k) == v for k, v in fields.items()))  # fmt: skip
+
+    return pred
+
+
+# --- the daemon as a subprocess -------------------------------------------------------------------
+
+
+class Rig:
+    """One test's daemon process (started, killed, restarted on the same config and run dir)."""
+
+    def __init__(self, tmp: Path, server: NatsServer, nc: NATS, wire: Wire) -> None:
+        self.tmp = tmp
+        self.server = server
+        self.nc = nc
+        self.wire = wire
+        self.run_dir = tmp / "run"
+        self.config_path = tmp / "poold.toml"
+        self.log_path = tmp / "daemon.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.extra_groups: list[int] = []
+        """Process groups started by the test itself (orphans), killed at teardown too."""
+        self.finished = False
+        """The test got through :func:`after_stop`: anything still running now is a leak."""
+
+    def configure(self, pools: list[dict[str, Any]], **top: Any) -> None:
+        self.config_path.write_text(render_config(self.server.url, self.run_dir, pools, **top))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no daemon log)"
+
+    def fail(self, why: str) -> None:
+        pytest.fail(f"{why}\nevents seen:\n{self.wire.summary()}")
+
+    async def start(self) -> Event:
+        """Start the daemon; returns its ``daemon_started`` event (published after recovery)."""
+        assert self.proc is None or self.proc.returncode is not None, "a daemon is already running"
+        mark = self.wire.mark()
+        self.starts += 1
+        with self.log_path.open("a") as fh:
+            fh.write(f"===== daemon start #{self.starts} at {time.time():.3f}\n")
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "pool_managerd", "run", "--config", str(self.config_path),
+                "--log-format", "text",
+                stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(fd)
+        started = asyncio.ensure_future(self.wire.wait(body_of(DaemonStarted), START_S, start=mark))
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            await asyncio.wait({started, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if not started.done():
+            started.cancel()
+            self.fail(f"the daemon exited with {self.proc.returncode} before it started")
+        if started.exception() is not None:
+            self.fail(f"no daemon_started within {START_S} s")
+        return started.result()
+
+    async def kill(self) -> None:
+        """SIGKILL the daemon (only the daemon: its engines lead groups of their own)."""
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def terminate(self) -> int:
+        """SIGTERM the daemon and return its exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), STOP_S)
+        except TimeoutError:
+            self.fail(f"the daemon did not exit within {STOP_S} s of SIGTERM")
+            raise
+
+    async def wait(self, pred: Callable[[Event], bool], what: str, *, start: int = 0,
+                   timeout: float = EVENT_S) -> Event:  # fmt: skip
+        try:
+            return await self.wire.wait(pred, timeout, start)
+        except TimeoutError:
+            self.fail(f"timed out after {timeout} s waiting for {what}")
+            raise
+
+    async def request(self, pool: str, verb: str, **payload: Any) -> Any:
+        payload.setdefault("command_id", uuid.uuid4().hex)
+        msg = await self.nc.request(f"poold.cmd.{pool}.{verb}", json.dumps(payload).encode(), timeout=10)
+        return REPLY_DECODER.decode(msg.data)
+
+    async def accepted(self, pool: str, verb: str, **payload: Any) -> Accepted:
+        reply = await self.request(pool, verb, **payload)
+        assert isinstance(reply, Accepted), reply
+        return reply
+
+    async def status(self, pool: str) -> PoolSnapshot:
+        msg = await self.nc.request(f"poold.cmd.{pool}.status", b"", timeout=10)
+        reply = REPLY_DECODER.decode(msg.data)
+        assert isinstance(reply, StatusReply), reply
+        return reply.pool
+
+    async def preload_ready(self, *pools: str) -> dict[str, int]:
+        """Preload ``pools`` together and wait until each is ready; returns their engine pids."""
+        mark = self.wire.mark()
+        for pool in pools:
+            await self.accepted(pool, "preload")
+        pids = {}
+        for pool in pools:
+            spawned = await self.wait(body_of(EngineSpawned, pool), f"{pool}: engine_spawned", start=mark)
+            await self.wait(changed(pool, dst="ready"), f"{pool}: ready", start=mark)
+            pids[pool] = body(spawned).pid
+        return pids
+
+    async def cleanup(self) -> list[str]:
+        """Kill whatever is left, by process group, and show the logs (pytest prints them on
+        failure). Returns what had to be killed."""
+        killed = []
+        if self.proc is not None and self.proc.returncode is None:
+            killed.append(f"daemon pid {self.proc.pid}")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        for pgid in [*self.wire.engine_pids, *self.extra_groups]:
+            # Engines lead their own group (pgid == pid); a group with no member is gone for good.
+            members = group_members(pgid)
+            if members:
+                killed.append(f"process group {pgid}: {members}")
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+        print(f"----- events seen on the wire\n{self.wire.summary()}")
+        print(f"----- daemon log {self.log_path}\n{self.log()}")
+        for path in sorted((self.run_dir / "logs").glob("*.log")):
+            print(f"----- engine log {path}\n{path.read_text(errors='replace')[-4000:]}")
+        return killed
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    # Outermost: after the rig has killed what it knows of, no child of ours and no tracked pid
+    # (every engine pid seen in an event) may be left.
+    yield from leak_guard()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, fresh_nats_server: NatsServer, nats_connect: Any) -> AsyncIterator[Rig]:
+    nc = await nats_connect(fresh_nats_server.url)
+    wire = Wire()
+    await nc.subscribe("poold.evt.>", cb=wire.on_msg)
+    await nc.subscribe("poold.node.*.evt.>", cb=wire.on_msg)
+    await nc.flush()
+    r = Rig(tmp_path, fresh_nats_server, nc, wire)
+    try:
+        yield r
+    finally:
+        killed = await r.cleanup()
+    # A test that failed early leaves its daemon and engines behind by design (its failure says
+    # why); one that got through every check must have left nothing.
+    if killed and r.finished:
+        pytest.fail("processes survived the daemon's graceful stop:\n  " + "\n  ".join(killed))
+
+
+# --- the checks every test ends with ------------------------------------------------------------
+
+
+async def stream_events(nc: NATS) -> list[Event]:
+    return [event async for _, event in read_events(nc, Subjects())]
+
+
+def assert_contiguous(events: list[Event]) -> None:
+    seqs: dict[str, list[int]] = {}
+    for e in events:
+        seqs.setdefault(e.pool or f"node:{e.node}", []).append(e.seq)
+    for key, got in seqs.items():
+        assert got == list(range(1, len(got) + 1)), f"{key}: sequences in the stream are {got}"
+
+
+async def replay_check_live(url: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pool_managerd", "replay", "--url", url, "--check-live",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, f"replay --check-live exited {proc.returncode}:\n{text}\n{err.decode()}"
+    assert MATCH in text and "live difference" not in text, text
+    return text
+
+
+async def after_stop(rig: Rig) -> list[Event]:
+    """Checks once the daemon has exited: no engine left, the log whole, replay agrees with KV."""
+    # The daemon waits for its engines (spawned or adopted) to be gone before it exits.
+    alive = [pid for pid in rig.wire.engine_pids if pid_alive(pid)]
+    assert not alive, f"engines outlived the daemon: {alive}"
+    live = [e for e in SpawnRecord.load(rig.run_dir / "engines.json") if e.is_live()]
+    assert not live, f"the spawn record names live processes: {live}"
+    events = await stream_events(rig.nc)
+    assert_contiguous(events)
+    node_events = [e for e in events if e.pool is None]
+    assert isinstance(node_events[-1].body, DaemonStopping), f"the last node event is {node_events[-1]}"
+    await replay_check_live(rig.server.url)
+    rig.finished = True
+    return events
+
+
+async def finish(rig: Rig) -> list[Event]:
+    """Stop the daemon gracefully and check what every recovery test must leave behind."""
+    rc = await rig.terminate()
+    assert rc == 0, f"exit status {rc}"
+    return await after_stop(rig)
+
+
+def body(event: Event) -> Any:
+    """An event's body, untyped: the predicate that found the event has checked its class."""
+    return event.body
+
+
+def first(events: list[Event], pred: Callable[[Event], bool]) -> Event:
+    return next(e for e in events if pred(e))
+
+
+def of(events: list[Event], pool: str, cls: type) -> list[Any]:
+    return [e.body for e in events if e.pool == pool and isinstance(e.body, cls)]
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+async def test_sigkill_while_ready_then_restart_adopts_the_running_engine(rig: Rig) -> None:
+    rig.configure([fake_pool("chat")])
+    await rig.start()
+    pid = (await rig.preload_ready("chat"))["chat"]
+
+    await rig.kill()
+    assert pid_alive(pid), "the engine died with its daemon"
+    mark = rig.wire.mark()
+    await rig.start()
+    adopted = await rig.wait(body_of(EngineAdopted, "chat"), "engine_adopted", start=mark)
+    assert body(adopted).pid == pid
+    await rig.wait(body_of(HealthChanged, "chat", ready=True), "a healthy probe of the adopted engine", start=mark)
+    snap = await rig.status("chat")
+    assert snap.state == "ready" and snap.engine is not None and snap.engine.pid == pid
+
+    events = await finish(rig)
+    assert [b.pid for b in of(events, "chat", EngineSpawned)] == [pid], "a new engine was spawned"
+    assert [b.pid for b in of(events, "chat", EngineAdopted)] == [pid]
+    # Recovery changes no state: the pool is where its log left it.
+    assert [(c.src, c.dst) for c in of(events, "chat", StateChanged)] == [
+        ("unready", "preloading"),
+        ("preloading", "ready"),
+    ]
+
+
+async def test_sigkill_mid_preload_resumes_loading_under_the_original_deadline(rig: Rig) -> None:
+    # "slow" is still loading when the daemon dies and becomes ready after adoption; "stuck" never
+    # loads, so its load timeout fires, and it must fire at the deadline the log recorded, not a
+    # full load_timeout_s after the restart.
+    stuck_timeout = 4.0
+    rig.configure([
+        fake_pool("slow", load_time=2.0, load_timeout_s=10.0),
+        fake_pool("stuck", load_time="inf", load_timeout_s=stuck_timeout,
+                  restart={"initial_s": 30.0, "max_s": 30.0}),
+    ])  # fmt: skip
+    await rig.start()
+    mark = rig.wire.mark()
+    for pool in ("slow", "stuck"):
+        await rig.accepted(pool, "preload")
+    spawned: dict[str, int] = {}
+    for pool in ("slow", "stuck"):
+        spawned[pool] = body(await rig.wait(body_of(EngineSpawned, pool), f"{pool}: spawned", start=mark)).pid
+    await rig.kill()  # right after the engine_spawned events: both engines are still loading
+    assert all(pid_alive(p) for p in spawned.values())
+    deadline = {p: body(first(rig.wire.items[mark:], changed(p, dst="preloading"))).deadline_at for p in spawned}
+
+    restart = rig.wire.mark()
+    await rig.start()
+    adopted = {}
+    for pool, pid in spawned.items():
+        event = await rig.wait(body_of(EngineAdopted, pool, pid=pid), f"{pool}: adopted", start=restart)
+        adopted[pool] = event.ts
+    ready = await rig.wait(changed("slow", dst="ready"), "slow: ready", start=restart)
+    assert body(ready).trigger == "engine_ready"
+    assert ready.ts < deadline["slow"], "slow became ready after its original load deadline"
+    failed = await rig.wait(changed("stuck", trigger="preload_failed"), "stuck: load timeout", start=restart)
+    assert body(failed).dst == "restarting", failed
+    assert "timeout" in body(failed).reason or "timed out" in body(failed).reason, failed
+    late = failed.ts - deadline["stuck"]
+    assert -0.05 < late < 1.0, f"load timeout fired {late:+.3f} s from the recorded deadline"
+    # A fresh deadline would fire a whole load_timeout_s after the restore (just before adoption).
+    assert failed.ts < adopted["stuck"] + stuck_timeout - 0.25, "the load timeout was re-armed in full"
+
+    events = await finish(rig)
+    for pool, pid in spawned.items():
+        assert [b.pid for b in of(events, pool, EngineSpawned)] == [pid], f"{pool} spawned again"
+
+
+async def test_sigkill_mid_drain_resumes_the_drain_with_its_remaining_deadline(rig: Rig) -> None:
+    # "held" keeps its lease: the drain ends at its deadline (drain_forced). "freed" has its lease
+    # released after the restart: the drain completes then, long before its deadline.
+    held_deadline_s = 3.0
+    rig.configure([fake_pool("held"), fake_pool("freed")])
+    await rig.start()
+    pids = await rig.preload_ready("held", "freed")
+    leases = {pool: (await rig.accepted(pool, "lease", ttl_s=300.0)).lease_id for pool in pids}
+    mark = rig.wire.mark()
+    await rig.accepted("held", "drain", deadline_s=held_deadline_s)
+    await rig.accepted("freed", "drain", deadline_s=60.0)
+    await rig.kill()
+    deadline = {}
+    for pool in pids:
+        event = await rig.wait(changed(pool, dst="draining"), f"{pool}: draining", start=mark)
+        deadline[pool] = body(event).deadline_at
+
+    restart = rig.wire.mark()
+    await rig.start()
+    adopted = {}
+    for pool, pid in pids.items():
+        event = await rig.wait(body_of(EngineAdopted, pool, pid=pid), f"{pool}: adopted", start=restart)
+        adopted[pool] = event.ts
+    assert (await rig.status("held")).state == "draining"
+    released = await rig.accepted("freed", "release", lease_id=leases["freed"])
+    drained = await rig.wait(changed("freed", dst="unready"), "freed: drained", start=restart)
+    assert body(drained).trigger == "drained" and body(drained).leases_left == 0, drained
+    assert drained.seq > released.seq and drained.ts < deadline["freed"]
+
+    forced = await rig.wait(changed("held", dst="unready"), "held: drain deadline", start=restart)
+    assert body(forced).trigger == "drain_deadline" and body(forced).leases_left == 1, forced
+    late = forced.ts - deadline["held"]
+    assert -0.05 < late < 1.0, f"drain deadline fired {late:+.3f} s from the recorded one"
+    assert forced.ts < adopted["held"] + held_deadline_s - 0.25, "the drain deadline was re-armed in full"
+    await rig.wait(body_of(DrainForced, "held", leases_left=1), "held: drain_forced", start=restart)
+    for pool, pid in pids.items():
+        assert await wait_pid_exit(pid, 10.0), f"{pool}: engine {pid} still runs after the drain"
+
+    events = await finish(rig)
+    for pool in pids:
+        assert of(events, pool, StateChanged)[-1].dst == "unready"
+
+
+async def test_engine_dead_across_the_restart_is_reported_and_restarted(rig: Rig) -> None:
+    rig.configure([fake_pool("chat", restart={"initial_s": 0.2, "jitter": 0.0})])
+    await rig.start()
+    old = (await rig.preload_ready("chat"))["chat"]
+    await rig.kill()
+    os.killpg(old, signal.SIGKILL)
+    assert await wait_pid_exit(old, 5.0)
+
+    restart = rig.wire.mark()
+    await rig.start()
+    exited = await rig.wait(body_of(EngineExited, "chat"), "engine_exited", start=restart)
+    assert body(exited).pid == old and not body(exited).expected
+    down = await rig.wait(changed("chat", trigger="engine_exited"), "ready -> restarting", start=restart)
+    assert (body(down).src, body(down).dst) == ("ready", "restarting")
+    spawned = await rig.wait(body_of(EngineSpawned, "chat"), "a new engine", start=restart)
+    new = body(spawned).pid
+    assert new != old
+    await rig.wait(changed("chat", dst="ready"), "ready again", start=restart)
+    snap = await rig.status("chat")
+    assert snap.state == "ready" and snap.engine is not None and snap.engine.pid == new
+    assert snap.restarts == 1
+
+    events = await finish(rig)
+    assert [b.pid for b in of(events, "chat", EngineSpawned)] == [old, new]
+    assert of(events, "chat", EngineAdopted) == []
+    # The dead engine is the pool's exit, not an orphan: nothing was reaped.
+    assert not [e for e in events if isinstance(e.body, OrphanReaped)]
+    assert [(c.trigger, c.dst) for c in of(events, "chat", StateChanged)][-3:] == [
+        ("engine_exited", "restarting"),
+        ("backoff_elapsed", "preloading"),
+        ("engine_ready", "ready"),
+    ]
+
+
+async def test_recorded_processes_no_pool_claims_are_reaped_by_process_group(rig: Rig, tmp_path: Path) -> None:
+    rig.configure([fake_pool("chat")])
+    await rig.start()
+    pid = (await rig.preload_ready("chat"))["chat"]
+    await rig.kill()
+
+    # Two strangers in the spawn record: one for a pool that has no events at all, one claiming to
+    # be a second engine of "chat" (whose log names another pid). Each has a grandchild in its
+    # group, which only a group stop reaches.
+    fakes = FakeEngines(tmp_path)
+    try:
+        record = SpawnRecord(rig.run_dir / "engines.json")
+        strangers = {}
+        for pool in ("ghost", "chat"):
+            pid_file = tmp_path / f"{pool}-grandchild.pid"
+            engine = await fakes.start("--spawn-grandchild", "--grandchild-pid-file", str(pid_file), pool=pool)
+            rig.extra_groups.append(engine.pgid)
+            grandchild = int(await wait_for_file(pid_file, engine))
+            track_pid(grandchild)
+            record.add(engine.entry())
+            strangers[engine.pid] = (engine, grandchild)
+
+        restart = rig.wire.mark()
+        await rig.start()
+        for orphan, (engine, grandchild) in strangers.items():
+            reaped = await rig.wait(body_of(OrphanReaped, pid=orphan), f"orphan_reaped {orphan}", start=restart)
+            assert reaped.pool is None and reaped.node == NODE
+            assert body(reaped).pgid == engine.pgid
+            await asyncio.wait_for(engine.wait(), 10)
+            assert await wait_pid_exit(grandchild, 5.0), f"grandchild {grandchild} of orphan {orphan} survived"
+        adopted = await rig.wait(body_of(EngineAdopted, "chat"), "engine_adopted", start=restart)
+        assert body(adopted).pid == pid
+        assert [e.pid for e in SpawnRecord.load(rig.run_dir / "engines.json")] == [pid]
+        assert (await rig.status("chat")).state == "ready"
+
+        events = await finish(rig)
+    finally:
+        await fakes.close()
+    reaped_pids = {e.body.pid for e in events if isinstance(e.body, OrphanReaped)}
+    assert set(strangers) <= reaped_pids
+    assert pid not in reaped_pids
+
+
+async def test_pool_removed_from_the_config_while_down_is_stopped(rig: Rig) -> None:
+    rig.configure([fake_pool("keep"), fake_pool("gone")])
+    await rig.start()
+    pids = await rig.preload_ready("keep", "gone")
+    await rig.kill()
+    rig.configure([fake_pool("keep")])
+
+    restart = rig.wire.mark()
+    started = await rig.start()
+    assert body(started).pools == ["keep"]
+    stopped = await rig.wait(changed("gone", dst="unready"), "gone: stopped", start=restart)
+    assert body(stopped).trigger == "stop"
+    assert await wait_pid_exit(pids["gone"], 10.0), "the removed pool's engine still runs"
+    await rig.wait(body_of(EngineAdopted, "keep", pid=pids["keep"]), "keep: adopted", start=restart)
+    assert (await rig.status("keep")).state == "ready"
+
+    events = await finish(rig)
+    gone = [e for e in events if e.pool == "gone"]
+    last_change = [e for e in gone if isinstance(e.body, StateChanged)][-1]
+    assert (body(last_change).trigger, body(last_change).src, body(last_change).dst) == (
+        "stop", "ready", "unready",
+    )  # fmt: skip
+    # Nothing happens to the pool after it was stopped (its engine's exit may be recorded).
+    assert all(isinstance(e.body, EngineExited | HealthChanged) for e in gone if e.seq > last_change.seq)
+
+
+async def test_sigterm_stops_engines_flushes_events_and_exits_zero(rig: Rig) -> None:
+    rig.configure([fake_pool("chat", slots=64)])
+    await rig.start()
+    pid = (await rig.preload_ready("chat"))["chat"]
+
+    # A burst of commands in flight when SIGTERM arrives: every one the daemon accepted must have
+    # its events in the stream when the process has exited.
+    async def lease(i: int) -> Any:
+        return await rig.request("chat", "lease", ttl_s=300.0, holder=f"h{i}")
+
+    burst = [asyncio.ensure_future(lease(i)) for i in range(40)]
+    await asyncio.wait(burst, return_when=asyncio.FIRST_COMPLETED)
+    rc = await rig.terminate()
+    assert rc == 0
+    assert not pid_alive(pid), "the engine outlived the daemon"
+    replies = await asyncio.gather(*burst, return_exceptions=True)
+    accepted = [r for r in replies if isinstance(r, Accepted)]
+    assert accepted
+
+    events = await after_stop(rig)
+    stored = {(e.pool, e.seq) for e in events}
+    assert {("chat", r.seq) for r in accepted} <= stored
+    seen = {(e.pool, e.seq) for e in rig.wire.items if e.pool is not None}
+    assert seen <= stored, f"events published but not in the stream: {sorted(seen - stored)}"
+    stopping = [e for e in events if isinstance(e.body, DaemonStopping)]
+    assert len(stopping) == 1 and stopping[0].node == NODE
+    assert len(of(events, "chat", EngineSpawned)) == 1
+
+
+async def test_sigterm_with_on_shutdown_leave_hands_engines_to_the_next_start(rig: Rig) -> None:
+    rig.configure([fake_pool("chat")], on_shutdown="leave")
+    await rig.start()
+    pid = (await rig.preload_ready("chat"))["chat"]
+    mark = rig.wire.mark()
+    assert await rig.terminate() == 0
+    stopping = await rig.wait(body_of(DaemonStopping), "daemon_stopping", start=mark)
+    assert body(stopping).reason == "engines left running"
+    assert pid_alive(pid), "on_shutdown = leave stopped the engine"
+    assert [e.pid for e in SpawnRecord.load(rig.run_dir / "engines.json")] == [pid]
+
+    rig.configure([fake_pool("chat")], on_shutdown="stop")
+    restart = rig.wire.mark()
+    await rig.start()
+    await rig.wait(body_of(EngineAdopted, "chat", pid=pid), "engine_adopted", start=restart)
+    snap = await rig.status("chat")
+    assert snap.state == "ready" and snap.engine is not None and snap.engine.pid == pid
+
+    events = await finish(rig)
+    assert [b.pid for b in of(events, "chat", EngineSpawned)] == [pid]
+    assert not of(events, "chat", EngineExited)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="recovery reports a recorded engine whose leader died while the daemon was down as "
+    "engine_exited but never kills its process group, so the engine's other processes survive "
+    "(runtime/recovery.py _reconcile: handle None -> no group kill; the orphan loop skips dead leaders)",
+)
+async def test_group_of_an_engine_that_died_while_down_is_killed(rig: Rig, tmp_path: Path) -> None:
+    # The engine's leader dies while the daemon is down, leaving a grandchild in its group. The
+    # design: "the daemon reaps them and kills the group on exit so no orphan survives it".
+    grandchild_file = tmp_path / "grandchild.pid"
+    knobs = ["--load-time", "0.1", "--spawn-grandchild", "--grandchild-pid-file", str(grandchild_file)]
+    rig.configure([fake_pool("chat", extra_args=knobs, restart={"initial_s": 30.0, "max_s": 30.0})])
+    await rig.start()
+    pid = (await rig.preload_ready("chat"))["chat"]
+    grandchild = int(grandchild_file.read_text())  # written before the engine listens
+    try:
+        await rig.kill()
+        os.kill(pid, signal.SIGKILL)  # the leader only: its group lives on in the grandchild
+        assert await wait_pid_exit(pid, 5.0)
+        restart = rig.wire.mark()
+        await rig.start()
+        await rig.wait(body_of(EngineExited, "chat", pid=pid), "engine_exited", start=restart)
+        await finish(rig)
+        assert await wait_pid_exit(grandchild, 2.0), "a grandchild of the dead engine survived recovery"
+    finally:
+        if group_members(pid):
+            os.killpg(pid, signal.SIGKILL)
