@@ -658,12 +658,6 @@ async def test_sigterm_with_on_shutdown_leave_hands_engines_to_the_next_start(ri
     assert not of(events, "chat", EngineExited)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recovery reports a recorded engine whose leader died while the daemon was down as "
-    "engine_exited but never kills its process group, so the engine's other processes survive "
-    "(runtime/recovery.py _reconcile: handle None -> no group kill; the orphan loop skips dead leaders)",
-)
 async def test_group_of_an_engine_that_died_while_down_is_killed(rig: Rig, tmp_path: Path) -> None:
     # The engine's leader dies while the daemon is down, leaving a grandchild in its group. The
     # design: "the daemon reaps them and kills the group on exit so no orphan survives it".

@@ -381,6 +381,25 @@ async def stop_group(pgid: int, grace_s: float, *, settle_s: float = 1.0) -> boo
     return await _wait_group_gone(pgid, settle_s)
 
 
+def kill_leftovers(entry: SpawnEntry) -> list[int]:
+    """SIGKILL what is left of a recorded engine's process group after its leader died.
+
+    Only members that started no earlier than the recorded leader are killed: a group id can be
+    reused once every member is gone, and a stranger's process must never be signalled. Without
+    a recorded start time nothing is killed. Returns the pids signalled.
+    """
+    if entry.start_ticks is None or entry.pgid <= 1 or entry.pgid == os.getpgrp():
+        return []
+    killed = []
+    for pid in group_members(entry.pgid):
+        ticks = proc_start_ticks(pid)
+        if ticks is not None and ticks >= entry.start_ticks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
 # --------------------------------------------------------------------------------------------
 # Spawn record
 # --------------------------------------------------------------------------------------------

@@ -735,7 +735,12 @@ class Lifecycle:
         state = model.state
         model.entry.engine = None
         model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=False, during=state))
-        how = f"exit code {exit_code}" if exit_code is not None else f"signal {signal}"
+        if exit_code is not None:
+            how = f"exit code {exit_code}"
+        elif signal is not None:
+            how = f"signal {signal}"
+        else:
+            how = "status unknown: it ended while no daemon was watching it"
         if state == "preloading":
             self._fire(model, "preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code)
         elif state == "ready":

@@ -13,12 +13,13 @@ spawn record names.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, stop_group
+from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
 from pool_managerd.core.fold import Fold, PoolView
 from pool_managerd.messages import EngineInfo, Event, EventBody, OrphanReaped, StopCmd
 from pool_managerd.runtime.actor import PoolActor
@@ -106,9 +107,11 @@ async def recover(
         if entry.pid in claimed:
             continue
         if not entry.is_live():
-            # Nothing to reap: the process is gone (an engine that died while the daemon was down
-            # is already reported by its pool as engine_exited). The entry just leaves the record.
-            log.info("spawn record entry pid %d (pool %s) is no longer running; dropped", entry.pid, entry.pool)
+            # The leader is gone (its pool reports engine_exited); children it left in its group
+            # die now, since the group kill that normally follows an exit never ran.
+            leftovers = await asyncio.to_thread(kill_leftovers, entry)
+            log.info("spawn record entry pid %d (pool %s) is no longer running; dropped (killed %s)",
+                     entry.pid, entry.pool, leftovers or "nothing")  # fmt: skip
             continue
         log.warning("reaping orphan engine pid %d (pool %s, pgid %d)", entry.pid, entry.pool, entry.pgid)
         await stop_group(entry.pgid, orphan_grace_s)
