@@ -52,6 +52,7 @@ from pool_managerd.messages import (
     HealthChanged,
     OrphanReaped,
     PoolSnapshot,
+    Rejected,
     StateChanged,
     StatusReply,
 )
@@ -373,7 +374,15 @@ async def finish(rig: Rig) -> list[Event]:
     """Stop the daemon gracefully and check what every recovery test must leave behind."""
     rc = await rig.terminate()
     assert rc == 0, f"exit status {rc}"
-    return await after_stop(rig)
+    events = await after_stop(rig)
+    # With on_shutdown = "stop" the log ends true: every pool stopped (or failed), none "ready"
+    # with an engine that no longer runs.
+    last: dict[str, str] = {}
+    for event in events:
+        if event.pool is not None and isinstance(event.body, StateChanged):
+            last[event.pool] = event.body.dst
+    assert set(last.values()) <= {"unready", "failed"}, last
+    return events
 
 
 def body(event: Event) -> Any:
@@ -410,10 +419,12 @@ async def test_sigkill_while_ready_then_restart_adopts_the_running_engine(rig: R
     events = await finish(rig)
     assert [b.pid for b in of(events, "chat", EngineSpawned)] == [pid], "a new engine was spawned"
     assert [b.pid for b in of(events, "chat", EngineAdopted)] == [pid]
-    # Recovery changes no state: the pool is where its log left it.
-    assert [(c.src, c.dst) for c in of(events, "chat", StateChanged)] == [
-        ("unready", "preloading"),
-        ("preloading", "ready"),
+    # Recovery changes no state: the pool is where its log left it, until the graceful stop at
+    # the end of the test records the engine's stop.
+    assert [(c.trigger, c.src, c.dst) for c in of(events, "chat", StateChanged)] == [
+        ("preload", "unready", "preloading"),
+        ("engine_ready", "preloading", "ready"),
+        ("stop", "ready", "unready"),
     ]
 
 
@@ -530,10 +541,11 @@ async def test_engine_dead_across_the_restart_is_reported_and_restarted(rig: Rig
     assert of(events, "chat", EngineAdopted) == []
     # The dead engine is the pool's exit, not an orphan: nothing was reaped.
     assert not [e for e in events if isinstance(e.body, OrphanReaped)]
-    assert [(c.trigger, c.dst) for c in of(events, "chat", StateChanged)][-3:] == [
+    assert [(c.trigger, c.dst) for c in of(events, "chat", StateChanged)][-4:] == [
         ("engine_exited", "restarting"),
         ("backoff_elapsed", "preloading"),
         ("engine_ready", "ready"),
+        ("stop", "unready"),  # the graceful stop at the end of the test
     ]
 
 
@@ -595,6 +607,13 @@ async def test_pool_removed_from_the_config_while_down_is_stopped(rig: Rig) -> N
     assert await wait_pid_exit(pids["gone"], 10.0), "the removed pool's engine still runs"
     await rig.wait(body_of(EngineAdopted, "keep", pid=pids["keep"]), "keep: adopted", start=restart)
     assert (await rig.status("keep")).state == "ready"
+    # Nobody serves the removed pool any more: a command gets a typed answer, not a timeout.
+    for _ in range(200):
+        reply = await rig.request("gone", "status")
+        if isinstance(reply, Rejected):
+            break
+        await asyncio.sleep(0.02)  # ok: the KV delete reaches the catch-all's watch asynchronously
+    assert isinstance(reply, Rejected) and reply.code == "unknown_pool", reply
 
     events = await finish(rig)
     gone = [e for e in events if e.pool == "gone"]

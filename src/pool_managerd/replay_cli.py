@@ -159,7 +159,9 @@ async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
         for pool, view in sorted(fold.views.items()):
             snap = await store.get(pool)
             if snap is None:
-                diffs.append(f"{pool}: no KV snapshot (log says {view.state} at seq {view.seq})")
+                # A pool removed from every configuration is stopped and its snapshot deleted.
+                if view.state != "unready":
+                    diffs.append(f"{pool}: no KV snapshot (log says {view.state} at seq {view.seq})")
                 continue
             pairs: list[tuple[str, object, object]] = [
                 ("state", view.state, snap.state),

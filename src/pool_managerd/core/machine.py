@@ -553,6 +553,13 @@ class Lifecycle:
         self.pools[definition.pool] = model
         return model
 
+    def unregister(self, pool: str) -> None:
+        """Forget a pool (removed from the configuration and stopped); its events stay in the log."""
+        model = self.pool(pool)
+        self.machine.remove_model(model)
+        self.registry.remove(pool)
+        del self.pools[pool]
+
     def pool(self, pool: str) -> PoolModel:
         try:
             return self.pools[pool]

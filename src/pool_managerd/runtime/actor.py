@@ -75,8 +75,6 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
-        self.removed = False
-        """A pool the configuration no longer lists, kept only to stop it cleanly."""
         self._background: set[asyncio.Task[None]] = set()
         self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")

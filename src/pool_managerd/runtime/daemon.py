@@ -57,6 +57,7 @@ from pool_managerd.messages import (
     NodeHeartbeat,
     PoolsReply,
     Rejected,
+    StopCmd,
     encode,
 )
 from pool_managerd.messages import PoolFenced as PoolFencedEvent
@@ -373,7 +374,11 @@ class Daemon:
         ours = [p for p in logged if p not in self.fenced and await self._last_writer(p) in (None, self.node)]
         report = await recover(self.runtime, read, known_pools=ours, publish_node=self._publish_node)
         for pool in report.removed:
-            self.runtime.actors[pool].removed = True
+            # Stopped by recovery; now nobody serves it, so commands get unknown_pool.
+            await self.runtime.remove_pool(pool)
+            if self.snapshots is not None:
+                with contextlib.suppress(Exception):
+                    await self.snapshots.delete(pool)
         self.recovery = report
         if report.violations:
             log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
@@ -676,6 +681,8 @@ class Daemon:
         if self.snapshots is not None:
             with contextlib.suppress(Exception):
                 await self.snapshots.stop_watch()
+        if stop:
+            await self._stop_pools()
         await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
             await self.runtime.close(stop_engines=stop)
@@ -700,6 +707,24 @@ class Daemon:
         if self.embedded is not None:
             self.embedded.stop()
         self._closed.set()
+
+    async def _stop_pools(self) -> None:
+        """Stop every running pool through the lifecycle, so the log and the snapshots say what
+        is true once the daemon is gone: unready, no engine. Failed pools stay failed (an operator
+        still has to acknowledge them). Commands queued before the signal are applied first."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        stamp = f"{time.time():.6f}"
+        waits = []
+        for pool, actor in runtime.actors.items():
+            if actor.fenced or runtime.lifecycle.state(pool) in ("unready", "failed"):
+                continue
+            cmd = StopCmd(command_id=f"shutdown-{self.node}-{stamp}")
+            waits.append(runtime.command(pool, cmd))
+        for result in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.warning("pool not stopped cleanly at shutdown: %s", result)
 
     async def _drain_kv(self) -> None:
         if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:

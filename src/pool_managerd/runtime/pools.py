@@ -132,6 +132,13 @@ class PoolRuntime:
         self.actors[definition.pool] = actor
         return actor
 
+    async def remove_pool(self, pool: str) -> None:
+        """Stop serving ``pool``: close its actor (stopping any engine it still holds) and forget it."""
+        actor = self.actor(pool)
+        await actor.close(stop_engines=True)
+        del self.actors[pool]
+        self.lifecycle.unregister(pool)
+
     def actor(self, pool: str) -> PoolActor:
         try:
             return self.actors[pool]
