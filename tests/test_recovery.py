@@ -592,7 +592,7 @@ async def test_recorded_processes_no_pool_claims_are_reaped_by_process_group(rig
     assert pid not in reaped_pids
 
 
-async def test_pool_removed_from_the_config_while_down_is_stopped(rig: Rig) -> None:
+async def test_pool_removed_from_the_config_while_down_is_drained_and_stopped(rig: Rig) -> None:
     rig.configure([fake_pool("keep"), fake_pool("gone")])
     await rig.start()
     pids = await rig.preload_ready("keep", "gone")
@@ -602,8 +602,8 @@ async def test_pool_removed_from_the_config_while_down_is_stopped(rig: Rig) -> N
     restart = rig.wire.mark()
     started = await rig.start()
     assert body(started).pools == ["keep"]
-    stopped = await rig.wait(changed("gone", dst="unready"), "gone: stopped", start=restart)
-    assert body(stopped).trigger == "stop"
+    stopped = await rig.wait(changed("gone", dst="unready"), "gone: drained", start=restart)
+    assert body(stopped).trigger == "drained"  # it was serving: drained (no lease held), then stopped
     assert await wait_pid_exit(pids["gone"], 10.0), "the removed pool's engine still runs"
     await rig.wait(body_of(EngineAdopted, "keep", pid=pids["keep"]), "keep: adopted", start=restart)
     assert (await rig.status("keep")).state == "ready"
@@ -619,7 +619,7 @@ async def test_pool_removed_from_the_config_while_down_is_stopped(rig: Rig) -> N
     gone = [e for e in events if e.pool == "gone"]
     last_change = [e for e in gone if isinstance(e.body, StateChanged)][-1]
     assert (body(last_change).trigger, body(last_change).src, body(last_change).dst) == (
-        "stop", "ready", "unready",
+        "drained", "draining", "unready",
     )  # fmt: skip
     # Nothing happens to the pool after it was stopped (its engine's exit may be recorded).
     assert all(isinstance(e.body, EngineExited | HealthChanged) for e in gone if e.seq > last_change.seq)

@@ -163,6 +163,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
         self.known_pools: set[str] = set()
+        self.removing: set[str] = set()
         self._unclaimed_sub: Any = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -374,11 +375,8 @@ class Daemon:
         ours = [p for p in logged if p not in self.fenced and await self._last_writer(p) in (None, self.node)]
         report = await recover(self.runtime, read, known_pools=ours, publish_node=self._publish_node)
         for pool in report.removed:
-            # Stopped by recovery; now nobody serves it, so commands get unknown_pool.
-            await self.runtime.remove_pool(pool)
-            if self.snapshots is not None:
-                with contextlib.suppress(Exception):
-                    await self.snapshots.delete(pool)
+            self.removing.add(pool)
+            self._spawn(self._forget(pool), f"forget-{pool}")
         self.recovery = report
         if report.violations:
             log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
@@ -386,6 +384,19 @@ class Daemon:
             "recovered %d pool(s); adopted %s; exited %s; orphans reaped %s; removed %s",
             len(report.restored), report.adopted, report.exited, report.orphans, report.removed,
         )  # fmt: skip
+
+    async def _forget(self, pool: str) -> None:
+        """A pool removed from the configuration: once recovery's drain or stop has made it
+        unready, stop serving it entirely (its snapshot goes, commands get unknown_pool)."""
+        runtime = self.runtime
+        assert runtime is not None
+        await runtime.wait_state(pool, frozenset({"unready"}))
+        await runtime.remove_pool(pool)
+        if self.snapshots is not None:
+            with contextlib.suppress(Exception):
+                await self.snapshots.delete(pool)
+        self.removing.discard(pool)
+        log.info("pool %s removed from the configuration: drained, stopped and forgotten", pool)
 
     async def _pools_in_log(self) -> list[str]:
         assert self.nc is not None
@@ -444,6 +455,10 @@ class Daemon:
             pool, verb = self.subjects.parse_command(msg.subject)
         except PoolManagerError as exc:
             await self._reply_unclaimed(msg, rejection(exc.code, exc.message))
+            return
+        if pool in self.removing:
+            message = f"pool {pool!r} was removed from node {self.node}'s configuration and is being drained"
+            await self._reply_unclaimed(msg, rejection("unknown_pool", message, pool=pool, verb=verb))
             return
         if self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools:
             return  # its owner answers

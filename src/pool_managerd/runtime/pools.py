@@ -123,6 +123,7 @@ class PoolRuntime:
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
         self.probe_options = dict(self.options.probe_options)
         self.health_ignored = 0
+        self._state_waiters: list[tuple[str, frozenset[str], asyncio.Future[str]]] = []
 
     # --- pools ---------------------------------------------------------------------------------
 
@@ -241,7 +242,22 @@ class PoolRuntime:
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         await self.sink.append(pool, events)
 
+    async def wait_state(self, pool: str, states: frozenset[str]) -> str:
+        """Wait until ``pool`` is in one of ``states``; returns the state (bound it with a timeout)."""
+        state = str(self.lifecycle.state(pool))
+        if state in states:
+            return state
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._state_waiters.append((pool, states, fut))
+        return await fut
+
     def after_step(self, pool: str, outcome: Outcome) -> None:
+        if self._state_waiters:
+            state = str(self.lifecycle.state(pool))
+            for waiter in [w for w in self._state_waiters if w[0] == pool and (state in w[1] or w[2].done())]:
+                self._state_waiters.remove(waiter)
+                if not waiter[2].done():
+                    waiter[2].set_result(state)
         for listener in self.listeners:
             try:
                 listener(pool, outcome)

@@ -7,8 +7,8 @@ spawn record names.
 * A pool left ``preloading`` with no engine (the daemon died between the transition and the
   spawn) counts as a failed spawn and is retried after a backoff.
 * Recorded processes that no pool claims are stopped by process group (``orphan_reaped``).
-* Pools the log knows but the configuration no longer lists are stopped (their log ends with a
-  ``stop`` to ``unready``).
+* Pools the log knows but the configuration no longer lists are drained (if serving) or stopped,
+  then forgotten once ``unready``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
+from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.fold import Fold, PoolView
-from pool_managerd.messages import EngineInfo, Event, EventBody, OrphanReaped, StopCmd
+from pool_managerd.messages import (
+    DrainCmd,
+    EngineInfo,
+    EngineSpec,
+    Event,
+    EventBody,
+    OrphanReaped,
+    PoolCommand,
+    StatusCmd,
+    StopCmd,
+)
 from pool_managerd.runtime.actor import PoolActor
 from pool_managerd.runtime.pools import PoolRuntime
 
@@ -50,6 +61,7 @@ async def recover(
     known_pools: list[str],
     publish_node: Callable[[EventBody], Awaitable[None]],
     orphan_grace_s: float = 5.0,
+    removed_drain_s: float = 30.0,
 ) -> RecoveryReport:
     """Restore every registered pool from its events and reconcile with the spawn record.
 
@@ -86,19 +98,21 @@ async def recover(
         view = fold.views.get(pool)
         if view is None or view.state == "unready":
             continue
-        # A pool dropped from the configuration: bring its log to a clean stop, then forget it.
-        from pool_managerd.core.definitions import PoolDefinition
-        from pool_managerd.messages import EngineSpec
-
+        # A pool dropped from the configuration: a serving pool is drained (its lease holders
+        # get until the deadline), anything else is stopped; the daemon forgets it once unready.
         spec = view.spec or EngineSpec(argv=["removed"])
         actor = runtime.add_pool(PoolDefinition(pool=pool, spec=spec))
         actor.submit(functools.partial(lc.restore, pool, view), label="restore")
         claimed |= _reconcile(runtime, actor, view, by_pid, report, adopt_only=True)
-        fut = actor.submit(
-            functools.partial(lc.command, pool, StopCmd(command_id=f"recovery-remove-{pool}")),
-            want_reply=True,
-            label="remove",
-        )
+        cid = f"recovery-remove-{pool}"
+        cmd: PoolCommand
+        if view.state == "draining":
+            cmd = StatusCmd(command_id=cid)  # already draining: its restored deadline stands
+        elif view.state in ("ready", "preloading"):
+            cmd = DrainCmd(command_id=cid, deadline_s=removed_drain_s)
+        else:
+            cmd = StopCmd(command_id=cid)
+        fut = actor.submit(functools.partial(lc.command, pool, cmd), want_reply=True, label="remove")
         if fut is not None:
             await fut
         report.removed.append(pool)
