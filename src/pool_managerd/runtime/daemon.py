@@ -686,6 +686,14 @@ class Daemon:
             return
         self._stopping.set()
         stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
+        phase = "commands"
+        t0 = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal phase
+            log.info("shutdown: %s done after %.3f s; next: %s", phase, time.monotonic() - t0, name)
+            phase = name
+
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
@@ -694,27 +702,38 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         if self.snapshots is not None:
+            step("kv watch")
             with contextlib.suppress(Exception):
-                await self.snapshots.stop_watch()
+                await asyncio.wait_for(self.snapshots.stop_watch(), 5.0)
         if stop:
+            step("stopping pools")
             await self._stop_pools()
         await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
+            step("closing actors")
             await self.runtime.close(stop_engines=stop)
             # The final snapshots say what the pools are now.
             for pool in self.runtime.actors:
                 self._mark_dirty(pool)
+            step("final snapshots")
             await self._drain_kv()
         if self.publisher is not None:
+            step("flushing events")
             await self.publisher.close(grace_s=5.0)
+        step("background tasks")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.nc is not None and not self.nc.is_closed:
+            step("closing the connection")
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.drain(), 5.0)
+            if not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+        step("done")
         self.metrics.close()
         if self._nvml is not None:
             with contextlib.suppress(Exception):
