@@ -133,7 +133,7 @@ def test_server_dies_with_its_owner(tmp_path: Path) -> None:
         "from pool_managerd.testing.nats_server import NatsServer\n"
         f"s = NatsServer(store_dir={str(tmp_path / 's')!r}).start()\n"
         "print(s.pid, flush=True)\n"
-        "time.sleep(60)\n"
+        "time.sleep(60)\n"  # ok: the owner process only waits to be SIGKILLed by the test
     )
     owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
