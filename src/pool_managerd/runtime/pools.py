@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import msgspec
 
 from pool_managerd.adapters.host_facts import gather_host_facts
-from pool_managerd.adapters.process import SpawnRecord
+from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.errors import PoolManagerError, UnknownPool
 from pool_managerd.core.machine import Lifecycle, Outcome
@@ -204,40 +204,33 @@ class PoolRuntime:
         return model.pending_spec or model.spec
 
     def snapshot_for(self, pool: str) -> tuple[GpuSnapshot | None, Problem | None]:
-        """The GPU snapshot a placement of ``pool`` decides against. For a simulated inventory the
-        budgets of the other pools' placements are taken off the free memory, so simulated
-        capacity planning sees what real NVML would report once those engines load."""
+        """The GPU snapshot a placement of ``pool`` decides against.
+
+        Simulated inventory: the budgets of the other pools' placements are taken off the free
+        memory, so capacity planning sees what NVML would report once those engines load.
+        Real inventory: the memory this pool's own running engine holds is given back, so a
+        reload (placed while the old engine still runs) is not refused for the old engine's sake.
+        """
         try:
             snapshot = self.gpu_source()
         except PoolManagerError as exc:
             return None, Problem(code=exc.code, message=exc.message)
-        if not snapshot.simulated:
-            return snapshot, None
-        used: dict[str, int] = {}
-        for entry in self.lifecycle.registry:
-            if entry.pool == pool or entry.placement is None:
-                continue
-            for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
-                used[uuid] = used.get(uuid, 0) + budget
-        if not used:
-            return snapshot, None
-        gpus = []
-        for gpu in snapshot.gpus:
-            taken = used.get(gpu.uuid, 0)
-            migs = [
-                msgspec.structs.replace(m, memory_free=max(0, m.memory_free - used.get(m.uuid, 0)))
-                for m in gpu.mig_instances
-            ]
-            taken += sum(used.get(m.uuid, 0) for m in gpu.mig_instances)
-            gpus.append(
-                msgspec.structs.replace(
-                    gpu,
-                    memory_free=max(0, gpu.memory_free - taken),
-                    memory_used=gpu.memory_used + taken,
-                    mig_instances=migs,
-                )
-            )
-        return msgspec.structs.replace(snapshot, gpus=gpus), None
+        taken: dict[str, int] = {}
+        if snapshot.simulated:
+            for entry in self.lifecycle.registry:
+                if entry.pool == pool or entry.placement is None:
+                    continue
+                for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
+                    taken[uuid] = taken.get(uuid, 0) + budget
+        else:
+            engine = self.lifecycle.registry.get(pool).engine
+            if engine is not None:
+                members = set(group_members(engine.pgid)) | {engine.pid}
+                for gpu in snapshot.gpus:
+                    own = sum(p.used_memory for p in gpu.processes if p.pid in members)
+                    if own:
+                        taken[gpu.uuid] = -own
+        return (_adjusted(snapshot, taken) if taken else snapshot), None
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         await self.sink.append(pool, events)
@@ -272,6 +265,21 @@ class PoolRuntime:
     async def close(self, *, stop_engines: bool = True) -> None:
         """Stop every actor and (by default) every engine; waits for the processes to be reaped."""
         await asyncio.gather(*(a.close(stop_engines=stop_engines) for a in self.actors.values()))
+
+
+def _adjusted(snapshot: GpuSnapshot, taken: dict[str, int]) -> GpuSnapshot:
+    """``snapshot`` with ``taken[uuid]`` bytes moved from free to used (negative: given back)."""
+    gpus = []
+    for gpu in snapshot.gpus:
+        migs = [
+            msgspec.structs.replace(m, memory_free=min(m.memory_total, max(0, m.memory_free - taken.get(m.uuid, 0))))
+            for m in gpu.mig_instances
+        ]
+        delta = taken.get(gpu.uuid, 0) + sum(taken.get(m.uuid, 0) for m in gpu.mig_instances)
+        free = min(gpu.memory_total, max(0, gpu.memory_free - delta))
+        used = max(0, gpu.memory_used + (gpu.memory_free - free))
+        gpus.append(msgspec.structs.replace(gpu, memory_free=free, memory_used=used, mig_instances=migs))
+    return msgspec.structs.replace(snapshot, gpus=gpus)
 
 
 def _host_facts(spec: EngineSpec, gpu_problem: Problem | None) -> object:

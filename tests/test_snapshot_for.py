@@ -1,0 +1,56 @@
+"""The GPU snapshot a placement decides against: other pools' budgets are taken off a simulated
+inventory; a pool's own running engine is given back on a real one (reloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from pool_managerd.adapters.gpu_profiles import load_gpu_source
+from pool_managerd.config import PoolConfig
+from pool_managerd.messages import EngineInfo, GpuProcess, Placement
+from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
+
+GIB = 1 << 30
+
+
+def runtime(tmp_path: Path, snapshot_simulated: bool) -> tuple[PoolRuntime, str, str]:
+    base = load_gpu_source("sim:hetero-24g-48g")
+    gpu0, gpu1 = base.gpus[0].uuid, base.gpus[1].uuid
+    me = GpuProcess(pid=os.getpid(), used_memory=10 * GIB)
+    gpus = [msgspec.structs.replace(base.gpus[0], processes=[me]), base.gpus[1]]
+    snapshot = msgspec.structs.replace(base, simulated=snapshot_simulated, gpus=gpus)
+    rt = PoolRuntime(MemoryEventSink(), lambda: snapshot, RuntimeOptions(run_dir=tmp_path))
+    for pool in ("a", "b"):
+        rt.lifecycle.register(PoolConfig(id=pool, engine="fake").definition(), simulated=snapshot_simulated)
+    return rt, gpu0, gpu1
+
+
+def test_simulated_inventory_takes_other_pools_budgets_off(tmp_path: Path) -> None:
+    rt, gpu0, gpu1 = runtime(tmp_path, snapshot_simulated=True)
+    rt.lifecycle.registry.get("a").placement = Placement(
+        mask=[gpu0, gpu1], uuids=[gpu0, gpu1], cuda_visible_devices=f"{gpu0},{gpu1}", budgets=[4 * GIB, 6 * GIB]
+    )
+    base = rt.gpu_source()
+    for_b, problem = rt.snapshot_for("b")
+    assert problem is None and for_b is not None
+    assert for_b.gpus[0].memory_free == base.gpus[0].memory_free - 4 * GIB
+    assert for_b.gpus[1].memory_free == base.gpus[1].memory_free - 6 * GIB
+    for_a, _ = rt.snapshot_for("a")  # a pool never competes with itself
+    assert for_a is not None and for_a.gpus[0].memory_free == base.gpus[0].memory_free
+
+
+def test_real_inventory_gives_a_pools_own_engine_memory_back(tmp_path: Path) -> None:
+    rt, _, _ = runtime(tmp_path, snapshot_simulated=False)
+    # This test process plays pool a's running engine: NVML lists it with 10 GiB on GPU0.
+    rt.lifecycle.registry.get("a").engine = EngineInfo(pid=os.getpid(), pgid=os.getpgrp(), port=1, started_at=0.0)
+    base = rt.gpu_source()
+    for_a, _ = rt.snapshot_for("a")
+    assert for_a is not None
+    expected = min(base.gpus[0].memory_total, base.gpus[0].memory_free + 10 * GIB)
+    assert for_a.gpus[0].memory_free == expected
+    assert for_a.gpus[1].memory_free == base.gpus[1].memory_free
+    for_b, _ = rt.snapshot_for("b")  # another pool sees the memory as used
+    assert for_b is not None and for_b.gpus[0].memory_free == base.gpus[0].memory_free
