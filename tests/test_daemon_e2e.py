@@ -269,6 +269,12 @@ async def test_the_server_refuses_a_stale_writer(fresh_nats_server: NatsServer, 
     assert "chat" in a.fenced
     refused = await a.runtime.command("chat", msgspec.convert({"command_id": cid(), "type": "stop"}, _stop()))
     assert isinstance(refused, Rejected) and refused.code == "fenced"
+    # node-a stood down: its engine is stopped outside the lifecycle and nothing more is written.
+    for _ in range(300):
+        if not a.runtime.actors["chat"].engines:
+            break
+        await asyncio.sleep(0.02)  # ok: the stop runs in the stand-down task, no event to wait on
+    assert not a.runtime.actors["chat"].engines
 
 
 def _preload() -> type:
@@ -341,3 +347,31 @@ async def test_traceparent_travels_from_command_to_events_and_metrics_are_served
 async def nc_fresh(fresh_nats_server: NatsServer, nats_connect: Any) -> NATS:
     client: NATS = await nats_connect(fresh_nats_server.url)
     return client
+
+
+async def test_two_daemons_on_a_fresh_pool_only_one_writes_and_serves(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    # Neither daemon sees an owner (the pool has no events yet), so both start serving it. The
+    # first write wins; the other daemon's first write is refused by the server, it answers
+    # "fenced", spawns nothing and stops serving the pool.
+    a = await start_daemon(fresh_nats_server.url, node="node-a")
+    b = await start_daemon(fresh_nats_server.url, node="node-b")
+    assert a.runtime is not None and b.runtime is not None
+    events = await follow(nc_fresh)
+    first = await a.runtime.command("chat", msgspec.convert({"command_id": cid(), "type": "preload"}, _preload()))
+    assert isinstance(first, Accepted)
+    await events.wait(reached("chat", "ready"))
+    late = await b.runtime.command("chat", msgspec.convert({"command_id": cid(), "type": "preload"}, _preload()))
+    assert isinstance(late, Rejected) and late.code == "fenced", late
+    assert "chat" in b.fenced
+    # From now on only node-a answers for the pool.
+    answered: list[str] = []
+    for _ in range(300):
+        reply = await req(nc_fresh, "poold.cmd.chat.status")
+        answered.append(reply.pool.node if isinstance(reply, StatusReply) else f"rejected:{reply.code}")
+        if answered[-20:] == ["node-a"] * 20:
+            break
+    assert answered[-20:] == ["node-a"] * 20, answered[-25:]
+    spawners = {e.node for e, _ in events.items if e.pool == "chat" and e.type == "engine_spawned"}
+    assert spawners == {"node-a"}

@@ -476,6 +476,12 @@ class EventPublisher:
         self._last_seq[pool] = seq
         return seq
 
+    def assume(self, pool: str, stream_seq: int) -> None:
+        """Take ``stream_seq`` as the stream sequence of ``pool``'s last event: what this daemon
+        recovered from, so a write by another daemon since then fences this one at its first
+        write (0: the pool has no events yet)."""
+        self._last_seq[pool] = stream_seq
+
     def unfence(self, pool: str) -> None:
         """Forget a fence (an operator took the pool over); its last sequence is re-learned."""
         self._fenced.pop(pool, None)
@@ -632,9 +638,24 @@ class EventPublisher:
             raise _Retry from exc
         if ack.duplicate:
             self._stats.duplicates += 1
+            if pool is not None:
+                await self._check_duplicate_is_ours(item, pool, ack.seq)
         if pool is not None:
             self._last_seq[pool] = ack.seq
         return ack.seq
+
+    async def _check_duplicate_is_ours(self, item: _Pending, pool: str, seq: int) -> None:
+        # A rival daemon numbers the pool's events the same way, so "duplicate" may mean its event
+        # N holds our Msg-Id: then our event was never stored and we must stop acting on the pool.
+        try:
+            raw = await self._js.get_msg(self.stream, seq)
+        except (TimeoutError, nats.errors.Error, OSError) as err:
+            raise _Retry from err
+        if raw.data != item.payload:
+            raise PoolFenced(
+                pool,
+                f"Msg-Id {item.msg_id} is already stored at stream sequence {seq} by another writer",
+            )
 
     async def _after_wrong_last_sequence(
         self, item: _Pending, pool: str, expected: int, exc: nats.js.errors.APIError

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pool_managerd.adapters.event_log import PoolFenced
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.adapters.process import (
     EngineHandle,
@@ -29,7 +30,7 @@ from pool_managerd.adapters.process import (
 from pool_managerd.core.definitions import Context
 from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
 from pool_managerd.core.machine import Outcome
-from pool_managerd.messages import EngineInfo, HealthReport, Placement
+from pool_managerd.messages import EngineInfo, HealthReport, Placement, Rejected
 
 if TYPE_CHECKING:
     from pool_managerd.runtime.pools import PoolRuntime
@@ -126,6 +127,11 @@ class PoolActor:
             if outcome.events:
                 try:
                     await rt.append_events(self.pool, outcome.events)
+                except PoolFenced as exc:
+                    self.fenced = True
+                    if item.reply is not None and not item.reply.done():
+                        item.reply.set_result(Outcome(_fenced_reply(self.pool, outcome, exc.reason), [], []))
+                    continue
                 except Exception:
                     log.exception("pool %s: events could not be appended; effects withheld", self.pool)
                     if item.reply is not None and not item.reply.done():
@@ -282,6 +288,20 @@ class PoolActor:
         engine.stopping = task
         task.add_done_callback(lambda _t: self.engines.pop(pid, None))
 
+    async def abandon(self) -> None:
+        """The pool was fenced: cancel its timers and probes and stop its engines, outside the
+        lifecycle (nothing is written for a pool another daemon owns now)."""
+        self.fenced = True
+        for handle in self.timers.values():
+            handle.cancel()
+        self.timers.clear()
+        grace = self.runtime.lifecycle.pool(self.pool).spec.stop_grace_s
+        for pid in list(self.engines):
+            self._stop(pid, grace, "pool fenced: another daemon writes it")
+        stops = [e.stopping for e in self.engines.values() if e.stopping is not None]
+        if stops:
+            await asyncio.gather(*stops, return_exceptions=True)
+
     # --- shutdown ------------------------------------------------------------------------------
 
     async def close(self, *, stop_engines: bool, grace_s: float | None = None) -> None:
@@ -311,6 +331,15 @@ class PoolActor:
     @property
     def idle(self) -> bool:
         return self._queue.empty()
+
+
+def _fenced_reply(pool: str, outcome: Outcome, reason: str) -> Rejected | None:
+    if outcome.reply is None:
+        return None
+    cmd_id = getattr(outcome.reply, "command_id", None)
+    verb = getattr(outcome.reply, "verb", None)
+    return Rejected(command_id=cmd_id, pool=pool, verb=verb, code="fenced",
+                    message=f"pool {pool!r} is fenced: {reason}")  # fmt: skip
 
 
 def _placeholders(model: str, port: int, host: str, placement: Placement) -> dict[str, str | int]:

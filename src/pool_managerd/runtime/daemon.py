@@ -88,7 +88,6 @@ class JetStreamSink:
     def __init__(self, publisher: EventPublisher, metrics: Metrics) -> None:
         self.publisher = publisher
         self.metrics = metrics
-        self.dropped = 0
 
     async def append(self, pool: str, events: Sequence[Event]) -> None:
         futures: list[asyncio.Future[int]] = []
@@ -100,24 +99,30 @@ class JetStreamSink:
             if pending:
                 log.warning("pool %s: %d event(s) not yet acknowledged; kept in order in the backlog", pool,
                             len(pending))  # fmt: skip
+            fenced: PoolFenced | None = None
             for fut in done:
                 exc = fut.exception()
-                if exc is not None and not isinstance(exc, PoolFenced):
+                if isinstance(exc, PoolFenced):
+                    fenced = exc
+                elif exc is not None:
                     log.error("pool %s: event refused: %s", pool, exc)
+            if fenced is not None:
+                raise fenced
 
     async def _queue(self, event: Event) -> asyncio.Future[int]:
-        for _ in range(50):
+        waited = 0.0
+        while True:
             try:
                 return self.publisher.publish_nowait(event)
             except BacklogFull:
-                # Wait for room rather than drop: events are the source of truth.
+                # Wait for room, however long: events are the source of truth and a dropped one
+                # would leave a hole in the pool's sequence. The pool's steps wait meanwhile.
+                if waited % 10.0 < 0.2:
+                    log.error("event backlog full (NATS unreachable?): pool %s waits to append %s",
+                              event.pool, event.type)  # fmt: skip
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.publisher.flush(), 0.2)
-        self.dropped += 1
-        log.error("event backlog full for %.0f s: event %s of pool %s lost", 10.0, event.type, event.pool)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        fut.set_result(0)
-        return fut
+                waited += 0.2
 
 
 @dataclass(slots=True)
@@ -221,6 +226,7 @@ class Daemon:
             self.runtime.add_pool(definition, simulated=simulated)
             owned.append(definition.pool)
         await self._recover()
+        owned = [pool for pool in owned if pool not in self.fenced]
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
         await self.snapshots.watch(self._on_snapshot)
         # Commands for pools nobody serves would otherwise meet only "no responders": answer them
@@ -365,15 +371,33 @@ class Daemon:
 
     async def _recover(self) -> None:
         """Rebuild every pool from its events and reconcile with the engines on this host."""
-        assert self.nc is not None and self.runtime is not None
-        nc = self.nc
+        assert self.nc is not None and self.runtime is not None and self.publisher is not None
+        runtime, publisher = self.runtime, self.publisher
+        logged = await self._pools_in_log()
+        candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced]
+        events: dict[str, list[Event]] = {}
+        for pool in candidates:
+            try:
+                pairs = [pair async for pair in read_events(self.nc, self.subjects, pool=pool)]
+            except PoolManagerError as exc:
+                # One unreadable message must not keep every other pool from starting.
+                if pool in runtime.actors:
+                    self._fence_at_start(pool, f"its event log cannot be read: {exc.message}")
+                log.error("pool %s: event log unreadable, not recovered: %s", pool, exc.message)
+                continue
+            events[pool] = [event for _, event in pairs]
+            if pool in runtime.actors:
+                # Writes continue from exactly what was recovered: if another daemon appended
+                # since, the first write here is refused and this daemon stops acting on the pool.
+                publisher.assume(pool, pairs[-1][0] if pairs else 0)
 
         async def read(pool: str) -> list[Event]:
-            return [event async for _, event in read_events(nc, self.subjects, pool=pool)]
+            return events.get(pool, [])
 
-        logged = await self._pools_in_log()
-        ours = [p for p in logged if p not in self.fenced and await self._last_writer(p) in (None, self.node)]
-        report = await recover(self.runtime, read, known_pools=ours, publish_node=self._publish_node)
+        removed = [
+            p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
+        ]
+        report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node)
         for pool in report.removed:
             self.removing.add(pool)
             self._spawn(self._forget(pool), f"forget-{pool}")
@@ -384,6 +408,11 @@ class Daemon:
             "recovered %d pool(s); adopted %s; exited %s; orphans reaped %s; removed %s",
             len(report.restored), report.adopted, report.exited, report.orphans, report.removed,
         )  # fmt: skip
+
+    def _fence_at_start(self, pool: str, reason: str) -> None:
+        self.fenced[pool] = reason
+        if self.runtime is not None and pool in self.runtime.actors:
+            self.runtime.actors[pool].fenced = True
 
     async def _forget(self, pool: str) -> None:
         """A pool removed from the configuration: once recovery's drain or stop has made it
@@ -407,11 +436,6 @@ class Daemon:
             with contextlib.suppress(PoolManagerError):
                 pools.add(self.subjects.parse_pool_event(subject)[0])
         return sorted(pools)
-
-    async def _last_writer(self, pool: str) -> str | None:
-        assert self.nc is not None
-        found = await last_event(self.nc, self.subjects, pool)
-        return found[1].node if found else None
 
     # --- NATS callbacks --------------------------------------------------------------------------
 
@@ -440,7 +464,21 @@ class Daemon:
         self.fenced[pool] = reason
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
-        self._spawn(self._publish_node(PoolFencedEvent(reason=reason, pool=pool)), "fenced-event")
+        self._spawn(self._stand_down(pool, reason), f"fenced-{pool}")
+
+    async def _stand_down(self, pool: str, reason: str) -> None:
+        """Another daemon writes this pool now: stop serving its commands and stop acting on it
+        (its engine, probes and timers go; nothing more is written for it)."""
+        service = self.service
+        if service is not None:
+            # nats.micro has no public way to remove one endpoint; its endpoint list is the state.
+            for endpoint in [e for e in service._endpoints if e._name == f"pool-{pool}"]:
+                with contextlib.suppress(Exception):
+                    await endpoint._stop()
+                service._endpoints.remove(endpoint)
+        if self.runtime is not None and pool in self.runtime.actors:
+            await self.runtime.actors[pool].abandon()
+        await self._publish_node(PoolFencedEvent(reason=reason, pool=pool))
 
     # --- commands --------------------------------------------------------------------------------
 
@@ -483,7 +521,7 @@ class Daemon:
         except PoolManagerError as exc:
             await self._respond(req, rejection(exc.code, exc.message), "other")
             return
-        if verb == "status" and len(data) <= 2 and self.runtime is not None:
+        if verb == "status" and len(data) <= 2 and self.runtime is not None and pool not in self.fenced:
             # Fast path for the commonest read: no task, no cache.
             try:
                 reply = await self.runtime.command(pool, decode_pool_command(verb, data))
@@ -614,6 +652,8 @@ class Daemon:
                 del self._kv_dirty[pool]
                 if self.runtime is None or self.snapshots is None or pool not in self.runtime.actors:
                     continue
+                if pool in self.fenced:
+                    continue  # the snapshot belongs to the pool's new writer now
                 try:
                     await self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool))
                 except Exception as exc:
@@ -764,9 +804,15 @@ class Daemon:
         if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
             return
         for pool in list(self._kv_dirty):
+            if pool in self.fenced or pool not in self.runtime.actors:
+                continue
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool)), 2.0)
         self._kv_dirty.clear()
+
+
+def _last_writer(events: list[Event]) -> str | None:
+    return events[-1].node if events else None
 
 
 _KNOWN_VERBS = frozenset({"preload", "drain", "reload", "stop", "reset", "lease", "release", "status", "node"})
