@@ -698,3 +698,28 @@ async def test_group_of_an_engine_that_died_while_down_is_killed(rig: Rig, tmp_p
     finally:
         if group_members(pid):
             os.killpg(pid, signal.SIGKILL)
+
+
+async def test_removed_pool_whose_engine_died_while_down_is_stopped_not_restarted(rig: Rig) -> None:
+    # The removal is decided after the engine's death moved the pool to restarting: a stop, never
+    # a drain refused as illegal and a backoff that brings the removed pool back.
+    rig.configure([fake_pool("keep"), fake_pool("gone", restart={"initial_s": 0.2, "jitter": 0.0})])
+    await rig.start()
+    pids = await rig.preload_ready("keep", "gone")
+    await rig.kill()
+    os.killpg(pids["gone"], signal.SIGKILL)  # a host reboot or the OOM killer while the daemon is down
+    assert await wait_pid_exit(pids["gone"], 5.0)
+    rig.configure([fake_pool("keep")])
+    restart = rig.wire.mark()
+    await rig.start()
+    stopped = await rig.wait(changed("gone", dst="unready"), "gone: stopped", start=restart)
+    assert body(stopped).trigger == "stop"
+    for _ in range(200):
+        reply = await rig.request("gone", "status")
+        if isinstance(reply, Rejected):
+            break
+        await asyncio.sleep(0.02)  # ok: the pool is forgotten by a task once it is unready
+    assert isinstance(reply, Rejected) and reply.code == "unknown_pool", reply
+    events = await finish(rig)
+    after = [e for e in events if e.pool == "gone" and e.seq > 0 and e.ts >= rig.wire.items[restart].ts]
+    assert not [e for e in after if isinstance(e.body, EngineSpawned)], "the removed pool was started again"

@@ -21,7 +21,7 @@ import pytest
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.http_probe import http_get
-from pool_managerd.adapters.process import pid_alive, wait_pid_exit
+from pool_managerd.adapters.process import allocate_port, pid_alive, wait_pid_exit
 from pool_managerd.config import PoolConfig, RestartConfig
 from pool_managerd.lifecycle.supervision import backoff_delay
 from pool_managerd.messages import (
@@ -479,6 +479,18 @@ async def test_reload_success_runs_the_new_model(h: Harness) -> None:
     assert old.expected
     assert (await _props(second))["model_path"] == "model-b"
     assert (await h.status()).pool.model == "model-b"
+
+
+async def test_reload_of_a_pool_on_a_fixed_port_reuses_its_own_port(h: Harness) -> None:
+    # Preflight runs while the old engine still holds the port: it is the pool's own, not "in use".
+    port = allocate_port()
+    h.add(knobs=["--load-time", "0.05"], model="model-a", port=port)
+    first = await h.ready()
+    mark = h.mark()
+    await h.send(ReloadCmd(command_id="r1", model="model-b"))
+    second = await h.body(EngineSpawned, mark)
+    await h.state("ready", mark)
+    assert second.pid != first.pid and second.port == first.port == port
 
 
 async def test_reload_failure_rolls_back_to_the_old_spec(h: Harness) -> None:

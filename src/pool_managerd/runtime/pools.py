@@ -4,6 +4,7 @@ from the outside world (clock, RNG, GPU snapshots, host facts, the event sink)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -196,7 +197,10 @@ class PoolRuntime:
             return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent)
         snapshot, problem = self.snapshot_for(pool)
         spec = self._spec_for_plan(pool)
-        host = await asyncio.to_thread(_host_facts, spec, problem)
+        engine = self.lifecycle.registry.get(pool).engine
+        # A reload is checked while the old engine still runs: the port it holds is the pool's own.
+        own_port = engine.port if engine is not None else None
+        host = await asyncio.to_thread(_host_facts, spec, problem, own_port)
         return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent, snapshot=snapshot, host=host)
 
     def _spec_for_plan(self, pool: str) -> EngineSpec:
@@ -282,14 +286,18 @@ def _adjusted(snapshot: GpuSnapshot, taken: dict[str, int]) -> GpuSnapshot:
     return msgspec.structs.replace(snapshot, gpus=gpus)
 
 
-def _host_facts(spec: EngineSpec, gpu_problem: Problem | None) -> object:
+def _host_facts(spec: EngineSpec, gpu_problem: Problem | None, own_port: int | None = None) -> object:
     path = model_path(spec)
     files = [path] if path else []
-    return gather_host_facts(
+    ports = [spec.port] if spec.port is not None and spec.port != own_port else []
+    facts = gather_host_facts(
         executables=[spec.argv[0]] if spec.argv else [],
         files=files,
         hash_files=files if spec.model_digest else [],
-        ports=[spec.port] if spec.port is not None else [],
+        ports=ports,
         host=spec.host,
         gpu_problem=gpu_problem,
     )
+    if own_port is not None and spec.port == own_port:
+        facts = dataclasses.replace(facts, free_ports=facts.free_ports | {own_port})
+    return facts

@@ -14,14 +14,16 @@ spawn record names.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
-from pool_managerd.core.definitions import PoolDefinition
+from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.fold import Fold, PoolView
+from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.messages import (
     DrainCmd,
     EngineInfo,
@@ -104,19 +106,14 @@ async def recover(
         actor = runtime.add_pool(PoolDefinition(pool=pool, spec=spec))
         actor.submit(functools.partial(lc.restore, pool, view), label="restore")
         claimed |= _reconcile(runtime, actor, view, by_pid, report, adopt_only=True)
-        cid = f"recovery-remove-{pool}"
-        cmd: PoolCommand
-        if view.state == "draining":
-            cmd = StatusCmd(command_id=cid)  # already draining: its restored deadline stands
-        elif view.state in ("ready", "preloading"):
-            cmd = DrainCmd(command_id=cid, deadline_s=removed_drain_s)
-        else:
-            cmd = StopCmd(command_id=cid)
-        fut = actor.submit(functools.partial(lc.command, pool, cmd), want_reply=True, label="remove")
+        # Decided inside the actor, after the restore and reconcile steps queued above: an engine
+        # found dead has already moved the pool on by then.
+        fut = actor.submit(functools.partial(removal_step, lc, pool, removed_drain_s), want_reply=True, label="remove")
         if fut is not None:
             await fut
         report.removed.append(pool)
 
+    dropped: list[int] = []
     for entry in record_entries:
         if entry.pid in claimed:
             continue
@@ -126,14 +123,35 @@ async def recover(
             leftovers = await asyncio.to_thread(kill_leftovers, entry)
             log.info("spawn record entry pid %d (pool %s) is no longer running; dropped (killed %s)",
                      entry.pid, entry.pool, leftovers or "nothing")  # fmt: skip
+            dropped.append(entry.pid)
             continue
         log.warning("reaping orphan engine pid %d (pool %s, pgid %d)", entry.pid, entry.pool, entry.pgid)
         await stop_group(entry.pgid, orphan_grace_s)
         report.orphans.append(entry.pid)
         await publish_node(OrphanReaped(pid=entry.pid, pgid=entry.pgid, pool=entry.pool))
-    # The record now lists exactly the engines this daemon holds.
-    runtime.spawn_record.replace_all([e for e in record_entries if e.pid in claimed])
+        dropped.append(entry.pid)
+    # Only what recovery dropped leaves the record: actors already run, and an engine a backoff
+    # spawned meanwhile has its own entry.
+    for pid in dropped:
+        runtime.spawn_record.remove(pid)
     return report
+
+
+def removal_step(lc: Lifecycle, pool: str, drain_s: float, ctx: Context) -> Outcome:
+    """Take a pool the configuration dropped towards ``unready``: drain it if it serves (lease
+    holders get ``drain_s``), let a plain drain run out, stop anything else."""
+    model = lc.pool(pool)
+    cid = f"recovery-remove-{pool}"
+    cmd: PoolCommand
+    if model.state == "ready":
+        cmd = DrainCmd(command_id=cid, deadline_s=drain_s)
+    elif model.state == "draining" and not model.reloading:
+        cmd = StatusCmd(command_id=cid)  # its restored deadline stands
+    elif model.state == "unready":
+        cmd = StatusCmd(command_id=cid)
+    else:
+        cmd = StopCmd(command_id=cid)  # preloading, restarting, failed, or a reload's drain
+    return lc.command(pool, cmd, ctx)
 
 
 def _reconcile(
@@ -154,8 +172,16 @@ def _reconcile(
             actor.submit(lambda ctx: lc.spawn_failed(pool, "engine lost across a daemon restart", ctx), label="lost")
         return set()
     entry = by_pid.get(engine.pid)
+    if entry is None:
+        # The record lost it (or never got it: the daemon died right after the spawn event): the
+        # log's facts still identify the process, and adoption checks it is alive and leads its
+        # own group before taking it over.
+        entry = SpawnEntry(pool=pool, pid=engine.pid, pgid=engine.pgid, port=engine.port, host="127.0.0.1",
+                           started_at=engine.started_at, argv=list(engine.argv), log_path=engine.log_path)  # fmt: skip
+        if view.spec is not None:
+            entry = dataclasses.replace(entry, host=view.spec.host)
     handle = None
-    if entry is not None and entry.pool == pool:
+    if entry.pool == pool:
         handle = AdoptedProcess.adopt(entry, record=runtime.spawn_record, on_exit=actor.on_engine_exit)
     if handle is None:
         report.exited[pool] = engine.pid
@@ -163,6 +189,8 @@ def _reconcile(
         actor.submit(lambda ctx: lc.engine_exited(pool, pid, None, None, ctx), label="exited-while-down")
         return set()
     report.adopted[pool] = handle.pid
+    if handle.pid not in by_pid:
+        runtime.spawn_record.add(handle.entry())  # so the next restart finds it in the record
     info = EngineInfo(
         pid=handle.pid,
         pgid=handle.pgid,
