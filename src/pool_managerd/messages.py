@@ -460,6 +460,11 @@ class StateChanged(_EventBody, tag="state_changed", kw_only=True):
     leases_left: int | None = None
     attempt: int | None = None
     reload: bool = False
+    mask: str | list[str] | None = None
+    """The device mask asked for on rows that place (``"auto"`` when none), so a restarted daemon
+    keeps placing the way the pool was asked to be placed."""
+    policy: str | None = None
+    """The split policy asked for on rows that place."""
 
 
 class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):

@@ -68,6 +68,15 @@ class PoolView:
     pending_spec: EngineSpec | None = None
     pending_placement: Placement | None = None
     reloading: bool = False
+    mask: str | list[str] | None = None
+    mask_known: bool = False
+    """Whether the log recorded the mask asked for (logs before that field leave the configured one)."""
+    policy: str | None = None
+    pending_mask: str | list[str] | None = None
+    pending_policy: str | None = None
+    rollback_spec: EngineSpec | None = None
+    rollback_mask: str | list[str] | None = None
+    rollback_policy: str | None = None
     engine: EngineInfo | None = None
     deadline_at: float | None = None
     """When the current preload/drain times out, or when the backoff ends (restarting)."""
@@ -156,11 +165,27 @@ class Fold:
         if dst in _ENGINE_STOPPED:
             # The machine stops (or has lost) the engine on these rows; its exit event may follow.
             view.engine = None
-        if body.spec is not None:
-            if body.trigger == "reload":
-                view.pending_spec = body.spec
-            else:
+        trigger = body.trigger
+        asked_mask = None if body.mask == "auto" else body.mask
+        if trigger == "reload":
+            view.pending_spec = body.spec
+            view.pending_mask, view.pending_policy = asked_mask, body.policy
+        elif trigger == "drained" and dst == "preloading":
+            # The reload's swap: the old spec is what a failure of the new one rolls back to.
+            view.rollback_spec, view.rollback_mask, view.rollback_policy = view.spec, view.mask, view.policy
+            if body.spec is not None:
                 view.spec = body.spec
+        elif body.spec is not None:
+            view.spec = body.spec
+        if body.mask is not None and trigger != "reload":
+            view.mask, view.mask_known = asked_mask, True
+        if body.policy is not None and trigger != "reload":
+            view.policy = body.policy
+        if trigger == "preload_failed" and body.reload and dst == "restarting" and view.rollback_spec is not None:
+            view.spec, view.mask, view.policy = view.rollback_spec, view.rollback_mask, view.rollback_policy
+            view.rollback_spec = view.rollback_mask = view.rollback_policy = None
+        if dst in ("ready", "unready", "failed"):
+            view.rollback_spec = view.rollback_mask = view.rollback_policy = None
         if body.trigger == "reload":
             view.reloading = True
             view.pending_placement = body.placement

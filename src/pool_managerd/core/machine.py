@@ -348,6 +348,15 @@ class PoolModel:
         placement: Placement | None = kw.get("placement") if dst in ("preloading", "draining") else None
         spec: EngineSpec | None = None
         deadline_at = None
+        mask: str | list[str] | None = None
+        policy: str | None = None
+        if trigger == "drained" and dst == "preloading":
+            mask, policy = self.pending_mask, self.pending_policy or self.split_policy
+        elif trigger in ("preload", "reload") or dst == "preloading":
+            mask = kw["mask"] if kw.get("mask") is not None else self.mask
+            policy = kw.get("policy") or self.split_policy
+        if dst == "preloading" or trigger == "reload":
+            mask = "auto" if mask is None else mask
         if dst == "preloading":
             spec = self.pending_spec if (trigger == "drained" and self.pending_spec) else self.spec
             if trigger == "drained":
@@ -373,6 +382,8 @@ class PoolModel:
                 attempt=decision.attempt if decision else None,
                 # A rollback's restart is part of the reload, not a crash restart of the pool.
                 reload=self.reloading or trigger == "reload" or bool(kw.get("rollback")),
+                mask=mask,
+                policy=policy,
             )
         )
 
@@ -464,6 +475,7 @@ class PoolModel:
         self.entry.drop_leases()
         self.rollback = (self.spec, self.mask, self.split_policy)
         self.split_policy = self.pending_policy or self.split_policy
+        self.pending_policy = None
         self.spec, self.mask = self.pending_spec, self.pending_mask
         self.pending_spec = None
         self.pending_mask = None
@@ -493,6 +505,7 @@ class PoolModel:
         self.reloading = False
         self.pending_spec = None
         self.pending_mask = None
+        self.pending_policy = None
         self.pending_placement = None
 
     def _reset_supervision(self, ev: EventData) -> None:
@@ -831,9 +844,18 @@ class Lifecycle:
             entry.version = spec_version(view.spec) if view.placement is not None else None
             entry.model = view.spec.model or None
             entry.slots_total = view.spec.slots
+        if view.mask_known:
+            model.mask = view.mask
+        if view.policy is not None:
+            model.split_policy = view.policy
         model.reloading = view.reloading and view.state == "draining"
         model.pending_spec = view.pending_spec if model.reloading else None
         model.pending_placement = view.pending_placement if model.reloading else None
+        model.pending_mask = view.pending_mask if model.reloading else None
+        model.pending_policy = view.pending_policy if model.reloading else None
+        if view.rollback_spec is not None:
+            rollback_mask = view.rollback_mask if view.mask_known else model.mask
+            model.rollback = (view.rollback_spec, rollback_mask, view.rollback_policy or model.split_policy)
         model.supervision = view.supervision()
         remaining = max(0.0, (view.deadline_at or ctx.now) - ctx.now)
         if view.state == "preloading":
