@@ -250,12 +250,16 @@ async def test_a_second_daemon_configured_with_the_same_pool_is_fenced(
 
 async def test_the_server_refuses_a_stale_writer(fresh_nats_server: NatsServer, start_daemon: StartDaemon,
                                                  nc_fresh: NATS) -> None:  # fmt: skip
-    a = await start_daemon(fresh_nats_server.url, node="node-a")
+    a = await start_daemon(fresh_nats_server.url, node="node-a", heartbeat_s=0.1)
     events = await follow(nc_fresh)
     await ready_pool(nc_fresh, events)
-    # node-b judges node-a dead (its own heartbeat period is tiny) and takes the pool over; from
-    # then on node-a's writes carry a stale expected sequence and the server refuses them.
-    b = await start_daemon(fresh_nats_server.url, node="node-b", heartbeat_s=0.001)
+    # node-a falls silent (its heartbeat stops, as on a partitioned host) for more than three of
+    # its announced periods, so node-b takes the pool over; from then on node-a's writes carry a
+    # stale expected sequence and the server refuses them.
+    for task in [t for t in a._tasks if t.get_name() == "heartbeat"]:  # noqa: SLF001
+        task.cancel()
+    await asyncio.sleep(0.5)  # ok: silence is the passing of time; nothing else can signal it
+    b = await start_daemon(fresh_nats_server.url, node="node-b")
     assert b.runtime is not None and "chat" in b.runtime.actors
     assert a.runtime is not None
     # node-b's recovery found node-a's engine gone from its own record and wrote the exit; that

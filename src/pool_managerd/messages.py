@@ -601,6 +601,8 @@ class NodeHeartbeat(_EventBody, tag="heartbeat", kw_only=True):
     memory_free: NonNeg
     simulated: bool
     pools: dict[str, str] = msgspec.field(default_factory=dict)
+    period_s: float | None = None
+    """How often this node beats: others judge its silence by its own period, not theirs."""
 
 
 EventBody = (

@@ -338,13 +338,18 @@ class Daemon:
     async def _other_owner(self, pool: str) -> str | None:
         """The node that writes ``pool``'s events, if that is another node still alive."""
         assert self.nc is not None
-        found = await last_event(self.nc, self.subjects, pool)
+        try:
+            found = await last_event(self.nc, self.subjects, pool)
+        except PoolManagerError:
+            return None  # an unreadable log: recovery fences the pool with the reason
         if found is None or found[1].node == self.node:
             return None
         other = found[1].node
         beat = await self._last_heartbeat(other)
-        if beat is not None and time.time() - beat < 3 * self.config.heartbeat_s:
-            return other
+        if beat is not None:
+            age, period = beat
+            if age < 3 * period:
+                return other
         log.warning("pool %s was written by node %s, which is silent; taking it over", pool, other)
         return None
 
@@ -357,7 +362,11 @@ class Daemon:
         with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
             self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
 
-    async def _last_heartbeat(self, node: str) -> float | None:
+    async def _last_heartbeat(self, node: str) -> tuple[float, float] | None:
+        """(age in seconds, beat period) of ``node``'s last heartbeat, or None if it has none.
+
+        The age is taken from the time the server stored the beat, so the other host's clock
+        does not matter; the period is the one that node announced."""
         assert self.nc is not None
         js = self.nc.jetstream()
         try:
@@ -365,9 +374,13 @@ class Daemon:
         except Exception:
             return None
         try:
-            return float(msgspec.json.decode(raw.data or b"{}", type=Event).ts)
-        except msgspec.ValidationError:
+            event = msgspec.json.decode(raw.data or b"{}", type=Event)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             return None
+        body = event.body
+        period = body.period_s if isinstance(body, NodeHeartbeat) and body.period_s else self.config.heartbeat_s
+        stored = raw.time.timestamp() if raw.time is not None else event.ts
+        return max(0.0, time.time() - stored), period
 
     async def _recover(self) -> None:
         """Rebuild every pool from its events and reconcile with the engines on this host."""
@@ -675,6 +688,7 @@ class Daemon:
                         memory_free=sum(g.memory_free for g in snap.gpus),
                         simulated=snap.simulated,
                         pools=pools,
+                        period_s=self.config.heartbeat_s,
                     )
                 )
             except PoolManagerError as exc:

@@ -172,16 +172,17 @@ def _reconcile(
             actor.submit(lambda ctx: lc.spawn_failed(pool, "engine lost across a daemon restart", ctx), label="lost")
         return set()
     entry = by_pid.get(engine.pid)
-    if entry is None:
+    if entry is None and view.writer == runtime.node:
         # The record lost it (or never got it: the daemon died right after the spawn event): the
         # log's facts still identify the process, and adoption checks it is alive and leads its
-        # own group before taking it over.
+        # own group before taking it over. Only for engines this node started: a pid written by
+        # another host means nothing here.
         entry = SpawnEntry(pool=pool, pid=engine.pid, pgid=engine.pgid, port=engine.port, host="127.0.0.1",
                            started_at=engine.started_at, argv=list(engine.argv), log_path=engine.log_path)  # fmt: skip
         if view.spec is not None:
             entry = dataclasses.replace(entry, host=view.spec.host)
     handle = None
-    if entry.pool == pool:
+    if entry is not None and entry.pool == pool:
         handle = AdoptedProcess.adopt(entry, record=runtime.spawn_record, on_exit=actor.on_engine_exit)
     if handle is None:
         report.exited[pool] = engine.pid
