@@ -775,11 +775,14 @@ class Daemon:
             step("flushing events")
             await self.publisher.close(grace_s=5.0)
         step("background tasks")
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            if stuck:
+                log.error("shutdown: tasks still running after cancel: %s",
+                          ", ".join(sorted(t.get_name() for t in stuck)))  # fmt: skip
         if self.nc is not None and not self.nc.is_closed:
             step("closing the connection")
             with contextlib.suppress(Exception):
