@@ -86,7 +86,6 @@ class PoolView:
     last_error: str | None = None
     last_ts: float = 0.0
     last_event: str | None = None
-    last_trigger: str | None = None
     consecutive_failures: int = 0
     restart_times: list[float] = field(default_factory=list)
     ready_since: float | None = None
@@ -158,7 +157,6 @@ class Fold:
                 f"pool {view.pool!r} seq {event.seq}: {body.src} --{body.trigger}--> {body.dst} {why}",
             )  # fmt: skip
         view.state = body.dst
-        view.last_trigger = body.trigger
         dst = body.dst
         if dst == "failed":
             view.placement = None

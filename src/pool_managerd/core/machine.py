@@ -628,7 +628,7 @@ class Lifecycle:
             return StatusReply(pool=self.registry.snapshot(model.pool_id))
         if isinstance(cmd, PreloadCmd):
             spec = model.spec
-            if cmd.model is not None and model.state in ALLOWED and "preload" in ALLOWED[model.state]:
+            if cmd.model is not None and "preload" in ALLOWED[model.state]:
                 model.spec = _with_model(spec, cmd.model)
             taken = self._fire(model, "preload", mask=cmd.device_mask, policy=cmd.policy)
             if not taken:
@@ -814,9 +814,7 @@ class Lifecycle:
                                                deadline_s=model.drain_deadline_s)  # fmt: skip
             self._fire(model, "drain_deadline", reason=outcome.reason, leases_left=outcome.leases_left)
         elif name == "lease_expiry":
-            for lease_id in model.entry.expire(ctx.now):
-                model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
-            self._after_lease_drop(model)
+            self._expire(model)
         return self._end(model, None)
 
     def restore(self, pool: str, view: PoolView, ctx: Context) -> Outcome:
@@ -873,10 +871,13 @@ class Lifecycle:
         """Drop expired leases now (also done by the ``lease_expiry`` timer)."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        for lease_id in model.entry.expire(ctx.now):
+        self._expire(model)
+        return self._end(model, None)
+
+    def _expire(self, model: PoolModel) -> None:
+        for lease_id in model.entry.expire(model.ctx.now):
             model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
         self._after_lease_drop(model)
-        return self._end(model, None)
 
     # --- helpers -------------------------------------------------------------------------------
 

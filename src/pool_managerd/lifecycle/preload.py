@@ -50,7 +50,7 @@ def plan(request: PlanRequest) -> Placement | PlanRejected:
     spec = request.spec
     definition = request.definition
     host = request.host if isinstance(request.host, HostFacts) else HostFacts()
-    mask = request.mask if request.mask is not None else None
+    mask = request.mask
     policy = request.policy or definition.split_policy or "free"
     pf = PreflightSpec(
         engine_binary=spec.argv[0] if spec.argv else "",

@@ -12,8 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pool_managerd.adapters.event_log import PoolFenced
@@ -63,7 +62,6 @@ class ActorStats:
     spawns: int = 0
     spawn_failures: int = 0
     stops: int = 0
-    probe_latency_ms: list[float] = field(default_factory=list)
 
 
 class PoolActor:
@@ -328,10 +326,6 @@ class PoolActor:
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
 
-    @property
-    def idle(self) -> bool:
-        return self._queue.empty()
-
 
 def _fenced_reply(pool: str, outcome: Outcome, reason: str) -> Rejected | None:
     if outcome.reply is None:
@@ -350,8 +344,3 @@ def _placeholders(model: str, port: int, host: str, placement: Placement) -> dic
         "tensor_split": placement.tensor_split or "",
         "n_gpus": max(1, len(placement.uuids)),
     }
-
-
-def ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

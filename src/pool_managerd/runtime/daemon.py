@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -229,6 +228,9 @@ class Daemon:
         owned = [pool for pool in owned if pool not in self.fenced]
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
         await self.snapshots.watch(self._on_snapshot)
+        # The catch-all answers "unknown pool" only for pools absent from the bucket: know them first.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.snapshots.wait_synced(), 5.0)
         # Commands for pools nobody serves would otherwise meet only "no responders": answer them
         # with a typed rejection. One daemon of the cluster answers (queue group), and only for
         # ids that are invalid or that no daemon has ever published a snapshot for.
@@ -670,7 +672,9 @@ class Daemon:
                 try:
                     await self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool))
                 except Exception as exc:
-                    log.warning("KV snapshot of %s not written (%s); retrying after reconnect", pool, exc)
+                    log.warning("KV snapshot of %s not written (%s); retrying in 1 s", pool, exc)
+                    self._kv_dirty[pool] = None
+                    asyncio.get_running_loop().call_later(1.0, self._kv_wake.set)
                     break
 
     async def _heartbeat(self) -> None:
@@ -833,7 +837,3 @@ def _last_writer(events: list[Event]) -> str | None:
 
 
 _KNOWN_VERBS = frozenset({"preload", "drain", "reload", "stop", "reset", "lease", "release", "status", "node"})
-
-
-def run_dir_default() -> Path:
-    return Path("run")

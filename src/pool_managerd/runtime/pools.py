@@ -123,7 +123,6 @@ class PoolRuntime:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
         self.probe_options = dict(self.options.probe_options)
-        self.health_ignored = 0
         self._state_waiters: list[tuple[str, frozenset[str], asyncio.Future[str]]] = []
 
     # --- pools ---------------------------------------------------------------------------------
@@ -176,7 +175,6 @@ class PoolRuntime:
         ignored and counted. Returns whether it was routed."""
         actor = self.actors.get(report.pool)
         if actor is None:
-            self.health_ignored += 1
             return False
         actor.health_report(report)
         return True
