@@ -256,7 +256,7 @@ async def test_the_server_refuses_a_stale_writer(fresh_nats_server: NatsServer, 
     # node-a falls silent (its heartbeat stops, as on a partitioned host) for more than three of
     # its announced periods, so node-b takes the pool over; from then on node-a's writes carry a
     # stale expected sequence and the server refuses them.
-    for task in [t for t in a._tasks if t.get_name() == "heartbeat"]:  # noqa: SLF001
+    for task in [t for t in a._tasks if t.get_name() == "heartbeat"]:
         task.cancel()
     await asyncio.sleep(0.5)  # ok: silence is the passing of time; nothing else can signal it
     b = await start_daemon(fresh_nats_server.url, node="node-b")
