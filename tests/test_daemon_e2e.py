@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -379,3 +380,37 @@ async def test_two_daemons_on_a_fresh_pool_only_one_writes_and_serves(
     assert answered[-20:] == ["node-a"] * 20, answered[-25:]
     spawners = {e.node for e, _ in events.items if e.pool == "chat" and e.type == "engine_spawned"}
     assert spawners == {"node-a"}
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pool_managerd", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_export_then_offline_replay_matches_the_live_replay(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS, tmp_path: Path
+) -> None:
+    await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **FAKE}, {"id": "embed", **FAKE}])
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events, "chat")
+    await ready_pool(nc_fresh, events, "embed")
+    await req(nc_fresh, "poold.cmd.embed.stop", {"command_id": cid()})
+    url = fresh_nats_server.url
+    out = tmp_path / "events.jsonl"
+    rc, _, err = await _cli("export", "--url", url, "--out", str(out))
+    assert rc == 0, err
+    lines = out.read_text().splitlines()
+    assert lines and all(json.loads(line)["v"] == 1 for line in lines)
+    rc, live, err = await _cli("replay", "--url", url, "--json")
+    assert rc == 0, err
+    rc, offline, err = await _cli("replay", "--file", str(out), "--json")
+    assert rc == 0, err
+    assert json.loads(offline)["pools"] == json.loads(live)["pools"]
+    assert json.loads(offline)["pools"]["embed"]["state"] == "unready"
+    assert json.loads(offline)["pools"]["chat"]["state"] == "ready"
+    rc, only_chat, _ = await _cli("export", "--url", url, "--out", "-", "--pool", "chat")
+    assert rc == 0 and {json.loads(line)["pool"] for line in only_chat.splitlines()} == {"chat"}
