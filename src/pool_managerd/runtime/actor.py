@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 Step = Callable[[Context], Outcome]
 
+MAX_QUEUED_HEALTH = 64
+
 
 @dataclass(slots=True)
 class _Input:
@@ -62,6 +64,7 @@ class ActorStats:
     spawns: int = 0
     spawn_failures: int = 0
     stops: int = 0
+    health_dropped: int = 0
 
 
 class PoolActor:
@@ -74,6 +77,7 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
+        self._health_queued = 0
         self._background: set[asyncio.Task[None]] = set()
         self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")
@@ -98,10 +102,23 @@ class PoolActor:
         self._queue.put_nowait(_Input(step, needs_plan, command_id, traceparent, fut, label))
         return fut
 
-    def health_report(self, report: HealthReport) -> None:
-        """Feed one health report (from our prober via NATS, or an external reporter)."""
+    def health_report(self, report: HealthReport) -> bool:
+        """Feed one health report (from our prober via NATS, or an external reporter). Returns
+        False when it was dropped: anyone may publish on the health subject, and a flood must not
+        grow the pool's input queue without bound while a step waits (at most
+        ``MAX_QUEUED_HEALTH`` reports wait at once; the prober sends one at a time)."""
+        if self._health_queued >= MAX_QUEUED_HEALTH:
+            self.stats.health_dropped += 1
+            return False
         lc = self.runtime.lifecycle
-        self.submit(lambda ctx: lc.health(self.pool, report, ctx), label="health")
+        self._health_queued += 1
+
+        def step(ctx: Context) -> Outcome:
+            self._health_queued -= 1
+            return lc.health(self.pool, report, ctx)
+
+        self.submit(step, label="health")
+        return True
 
     # --- the loop ------------------------------------------------------------------------------
 

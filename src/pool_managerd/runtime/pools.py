@@ -176,8 +176,7 @@ class PoolRuntime:
         actor = self.actors.get(report.pool)
         if actor is None:
             return False
-        actor.health_report(report)
-        return True
+        return actor.health_report(report)
 
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
         """Where our own prober's results go: NATS when wired (so others see them), else the actor."""
