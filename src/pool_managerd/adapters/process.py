@@ -595,6 +595,7 @@ class EngineHandle:
         self._on_exit = on_exit
         self._group_gone = False
         self._stop_task: asyncio.Task[ExitInfo] | None = None
+        self._recorded_gone = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
 
     @property
@@ -651,6 +652,8 @@ class EngineHandle:
         if not self._group_gone:
             self.signal_group(signal.SIGKILL)
             self._group_gone = await _wait_group_gone(self.pgid, settle_s)
+        # A stopped engine is out of the spawn record when stop() returns.
+        await self._recorded_gone.wait()
         return info
 
     async def _finish(self, info: ExitInfo) -> None:
@@ -668,11 +671,13 @@ class EngineHandle:
                 log.exception("on_exit callback of engine %s pid %d failed", self.pool, self.pid)
         self.exited.set_result(info)
         await asyncio.sleep(0)
-        if self._record is not None:
-            try:
+        try:
+            if self._record is not None:
                 await asyncio.to_thread(self._record.remove, self.pid)
-            except OSError:
-                log.exception("cannot update spawn record %s", self._record.path)
+        except OSError:
+            log.exception("cannot update spawn record %s", self._record.path if self._record else "?")
+        finally:
+            self._recorded_gone.set()
         if self._stop_task is None:
             self._group_gone = await _wait_group_gone(self.pgid, 1.0)
 
