@@ -769,6 +769,7 @@ class SnapshotStore:
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
+        self._restart_lock = asyncio.Lock()
 
     @classmethod
     async def open(
@@ -806,11 +807,14 @@ class SnapshotStore:
         await self._start_watch()
 
     async def restart_watch(self) -> None:
-        """Re-create the watch (call from the NATS reconnected callback). No-op without a watch."""
-        if self._callback is None:
-            return
-        await self._stop_current()
-        await self._start_watch()
+        """Re-create the watch (call from the NATS reconnected callback). No-op without a watch.
+
+        Serialised: two reconnects in quick succession must not leave two watchers running."""
+        async with self._restart_lock:
+            if self._callback is None:
+                return
+            await self._stop_current()
+            await self._start_watch()
 
     async def wait_synced(self) -> None:
         """Wait until the current watch has delivered every key's value present at its start."""
