@@ -116,3 +116,13 @@ def test_restore_keeps_the_mask_asked_for_at_preload_for_later_restarts() -> Non
     out = rebuilt.lc.timer_fired("p", "backoff", token, rebuilt.ctx())
     spawn = next(e for e in out.effects if isinstance(e, SpawnEngine))
     assert asked[-1].mask == "0" and spawn.placement.mask == ["0"]
+
+
+def test_a_kill_by_signal_counts_as_a_crash_live_and_in_the_fold() -> None:
+    live = Node()
+    live.take(live.lc.command("p", PreloadCmd(command_id="c1"), live.ctx()))
+    pid = live.ready()
+    live.take(live.lc.engine_exited("p", pid, None, 9, live.ctx()))  # SIGKILL: no exit code
+    assert live.model().state == "restarting"
+    assert live.model().entry.crashes == 1
+    assert fold(live.events).views["p"].crashes == 1

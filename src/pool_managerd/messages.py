@@ -465,6 +465,9 @@ class StateChanged(_EventBody, tag="state_changed", kw_only=True):
     keeps placing the way the pool was asked to be placed."""
     policy: str | None = None
     """The split policy asked for on rows that place."""
+    crashed: bool = False
+    """The row was taken because the engine exited on its own (an exit code, a signal, or an
+    exit nobody could read), which the pool's crash counter counts."""
 
 
 class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):

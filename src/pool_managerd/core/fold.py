@@ -204,7 +204,7 @@ class Fold:
             if dst == "restarting" and not body.reload:
                 view.restarts += 1
                 view.restart_times.append(event.ts)
-            if body.exit_code is not None:
+            if body.crashed or body.exit_code is not None:  # v1 logs before "crashed" had the exit code only
                 view.crashes += 1
             view.ready_since = None
             view.leases.clear()

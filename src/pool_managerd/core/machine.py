@@ -384,6 +384,7 @@ class PoolModel:
                 reload=self.reloading or trigger == "reload" or bool(kw.get("rollback")),
                 mask=mask,
                 policy=policy,
+                crashed=bool(kw.get("crashed")),
             )
         )
 
@@ -422,7 +423,7 @@ class PoolModel:
         self.entry.drop_leases()
         self.entry.health = HealthState()
         self.entry.last_error = decision.reason
-        if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
+        if ev.kwargs.get("crashed"):
             self.entry.crashes += 1
         if ev.kwargs.get("rollback"):
             old_spec, old_mask, old_policy = self.rollback or (self.spec, self.mask, self.split_policy)
@@ -446,7 +447,7 @@ class PoolModel:
         # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
         self.entry.placement = None
         self.entry.device_mask = []
-        if ev.event.name in ("engine_exited", "preload_failed") and ev.kwargs.get("exit_code") is not None:
+        if ev.kwargs.get("crashed"):
             self.entry.crashes += 1
         policy = self.definition.restart
         restarts = len(decision.state.restart_times)
@@ -762,9 +763,10 @@ class Lifecycle:
         else:
             how = "status unknown: it ended while no daemon was watching it"
         if state == "preloading":
-            self._fire(model, "preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code)
+            self._fire(model, "preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code,
+                       crashed=True)  # fmt: skip
         elif state == "ready":
-            self._fire(model, "engine_exited", cause=f"engine exited ({how})", exit_code=exit_code)
+            self._fire(model, "engine_exited", cause=f"engine exited ({how})", exit_code=exit_code, crashed=True)
         elif state == "draining":
             self._fire(model, "drained", reason=f"engine exited while draining ({how})",
                        leases_left=model.entry.active_leases)  # fmt: skip
