@@ -415,16 +415,23 @@ class PoolModel:
         self.rollback = None
         self.entry.last_error = None
 
-    def _schedule_restart(self, ev: EventData) -> None:
+    def _settle_failure(self, ev: EventData, grace_s: float | None) -> Decision:
+        """What every failure row does, restart or not: record the decision, stop the engine,
+        drop its leases and health, count a crash."""
         decision: Decision = ev.kwargs["decision"]
         self.supervision = decision.state
-        self.cancel("load_timeout", "lease_expiry")
-        self.stop_engine(decision.reason, grace_s=0.0 if ev.event.name != "engine_exited" else None)
+        self.stop_engine(decision.reason, grace_s=grace_s)
         self.entry.drop_leases()
         self.entry.health = HealthState()
         self.entry.last_error = decision.reason
         if ev.kwargs.get("crashed"):
             self.entry.crashes += 1
+        return decision
+
+    def _schedule_restart(self, ev: EventData) -> None:
+        self.cancel("load_timeout", "lease_expiry")
+        # An engine that exited needs no grace; a hung or timed-out one is killed at once too.
+        decision = self._settle_failure(ev, grace_s=0.0 if ev.event.name != "engine_exited" else None)
         if ev.kwargs.get("rollback"):
             old_spec, old_mask, old_policy = self.rollback or (self.spec, self.mask, self.split_policy)
             self.split_policy = old_policy
@@ -437,18 +444,11 @@ class PoolModel:
         self.arm("backoff", decision.delay_s)
 
     def _give_up(self, ev: EventData) -> None:
-        decision: Decision = ev.kwargs["decision"]
-        self.supervision = decision.state
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
-        self.stop_engine(decision.reason, grace_s=0.0)
-        self.entry.drop_leases()
-        self.entry.health = HealthState()
-        self.entry.last_error = decision.reason
+        decision = self._settle_failure(ev, grace_s=0.0)
         # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
         self.entry.placement = None
         self.entry.device_mask = []
-        if ev.kwargs.get("crashed"):
-            self.entry.crashes += 1
         policy = self.definition.restart
         restarts = len(decision.state.restart_times)
         self.emit(RestartLimitReached(restarts=restarts, window_s=policy.window_s, reason=decision.reason))
