@@ -25,3 +25,6 @@ def test_demo_runs_to_completion_non_interactively() -> None:
     assert "embed now serves bge-large-v2" in out  # the reload took
     assert "engine_exited   ready -> restarting" in out  # the crash was noticed and supervised
     assert out.count("engine_ready    preloading -> ready") >= 5
+    # The web dashboard was served against the embedded server's websocket listener.
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "(websocket ws://127.0.0.1:" in out

@@ -152,6 +152,8 @@ class Daemon:
         self.service: Service | None = None
         self.embedded: Any = None
         self.url: str | None = None
+        self.ws_url: str | None = None
+        """The embedded server's websocket listener, when there is one."""
         self.fenced: dict[str, str] = {}
         self.node_events = NodeEvents(self.node)
         self._gpu_fixed = gpu_snapshot
@@ -290,9 +292,15 @@ class Daemon:
 
         store = self.config.run_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log").start()
-        log.info("embedded nats-server (JetStream in %s) at %s", store, self.embedded.url)
-        print(f"embedded NATS at {self.embedded.url}", flush=True)
+        nats_cfg = self.config.nats
+        ws_port = nats_cfg.embedded_websocket_port if nats_cfg.embedded_websocket else None
+        self.embedded = NatsServer(
+            store_dir=store, log_file=self.config.run_dir / "nats.log", websocket_port=ws_port
+        ).start()
+        self.ws_url = self.embedded.ws_url
+        log.info("embedded nats-server (JetStream in %s) at %s, websocket %s", store, self.embedded.url, self.ws_url)
+        ws_hint = f" (websocket {self.ws_url}: pool-managerd dashboard --nats {self.ws_url})" if self.ws_url else ""
+        print(f"embedded NATS at {self.embedded.url}{ws_hint}", flush=True)
         return str(self.embedded.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
