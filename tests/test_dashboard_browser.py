@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
 from pool_managerd.adapters.event_log import SnapshotStore, ensure_stream
@@ -139,15 +140,22 @@ async def open_page(browser: Any, dashboard: DashboardServer, user: str | None =
     page.set_default_timeout(WAIT_MS)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    console: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
     page.errors = errors
     if user is None:
         await page.goto(dashboard.url)
     else:
         await page.goto(f"{dashboard.url}?user={user}")
+        await page.wait_for_selector('body[data-booted="1"]')
         await page.fill("#login-pass", PASSWORDS[user])
         await page.click("#login-connect")
-    await page.wait_for_selector('#conn[data-state="live"]', timeout=WAIT_MS)
-    await page.wait_for_selector('body[data-synced="1"]', timeout=WAIT_MS)
+    try:
+        await page.wait_for_selector('#conn[data-state="live"]', timeout=WAIT_MS)
+        await page.wait_for_selector('body[data-synced="1"]', timeout=WAIT_MS)
+    except PlaywrightTimeout:
+        shown = await page.inner_text("header") + " / " + await page.inner_text("#login-error")
+        pytest.fail(f"the page did not come live: {shown}; console: {console[-10:]}")
     return page
 
 

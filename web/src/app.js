@@ -52,6 +52,7 @@ const state = {
   renderQueued: false,
   synced: false,
   generation: 0,
+  timings: {}, // performance.now() of boot, connect and first full render, for benchmarks
 };
 window.__poold = state; // for tests and benchmarks: read-only inspection
 
@@ -84,6 +85,7 @@ function setConnection(kind, detail = "") {
 
 async function connect(server, user, pass) {
   await disconnect();
+  forget();
   const gen = ++state.generation;
   setConnection("connecting", server);
   $("#login-error").textContent = "";
@@ -100,8 +102,10 @@ async function connect(server, user, pass) {
     opts.pass = pass;
   }
   let nc;
+  state.timings.connecting = performance.now();
   try {
     nc = await wsconnect(opts);
+    state.timings.connected = performance.now();
   } catch (err) {
     if (gen !== state.generation) return;
     setConnection("error", server);
@@ -122,6 +126,22 @@ async function connect(server, user, pass) {
     if (gen === state.generation) setConnection("closed", server);
   });
   startWatchers(nc, gen);
+}
+
+// Another server (or user) is another fleet: nothing seen on the previous one stays on screen.
+function forget() {
+  state.pools.clear();
+  state.nodes.clear();
+  state.inventory.clear();
+  state.tail = [];
+  state.dirty.clear();
+  state.lastEventTs = null;
+  state.synced = false;
+  delete document.body.dataset.synced;
+  kvResume = tailNextSeq = nodesNextSeq = 0;
+  $("#pools tbody").replaceChildren();
+  state.orderDirty = filterDirty = tailDirty = nodesDirty = gpusDirty = true;
+  scheduleRender();
 }
 
 async function disconnect() {
@@ -193,16 +213,19 @@ let kvResume = 0; // the next KV revision to read: a rewatch continues, never re
 
 async function watchKv(nc, handle) {
   const kv = await new Kvm(nc).open(BUCKET);
+  state.timings.kvOpen ??= performance.now();
   const opts = kvResume ? { resumeFromRevision: kvResume } : {};
   if (!kvResume) {
     const status = await kv.status();
     if (status.values === 0) markSynced();
   }
   const iter = await kv.watch(opts);
+  state.timings.kvWatch ??= performance.now();
   handle.iter = iter;
   if (handle.stopped) return iter.stop();
   for await (const e of iter) {
     kvResume = e.revision + 1;
+    state.timings.kvFirst ??= performance.now();
     if (e.operation === "DEL" || e.operation === "PURGE") removePool(e.key);
     else {
       try {
@@ -216,6 +239,7 @@ async function watchKv(nc, handle) {
 }
 
 function markSynced() {
+  state.timings.synced = performance.now();
   state.synced = true;
   document.body.dataset.synced = "1";
   scheduleRender();
@@ -465,6 +489,12 @@ function scheduleRender() {
 
 function render() {
   state.renderQueued = false;
+  if (!state.synced) {
+    // While the bucket's current values stream in, painting 1,000 rows per frame would compete
+    // with reading them: count them, paint once the watch has caught up.
+    $("#pool-count").textContent = `loading… ${state.pools.size}`;
+    return;
+  }
   for (const key of state.dirty) {
     const entry = state.pools.get(key);
     if (entry) paintRow(entry);
@@ -497,6 +527,11 @@ function render() {
   if (tailDirty) renderTail();
   if (nodesDirty) renderNodes();
   if (gpusDirty) renderGpus();
+  if (state.timings.firstRender === undefined && state.pools.size) {
+    state.timings.firstRender = performance.now();
+    // When the frame with every row has been laid out and painted:
+    requestAnimationFrame(() => setTimeout(() => { state.timings.firstPaint = performance.now(); }, 0));
+  }
 }
 
 // ---------------------------------------------------------------------------------- nodes
@@ -824,7 +859,15 @@ function tickAges() {
   renderNodes();
 }
 
+// Registered before anything is awaited: a native submit would put the password in the URL.
+$("#login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  if (document.body.dataset.booted !== "1") return;
+  connect($("#login-server").value.trim(), $("#login-user").value.trim(), $("#login-pass").value);
+});
+
 async function boot() {
+  state.timings.boot = performance.now();
   try {
     const cfg = await (await fetch("config.json", { cache: "no-store" })).json();
     Object.assign(state.config, cfg);
@@ -862,10 +905,7 @@ async function boot() {
   for (const b of document.querySelectorAll(".commands button")) b.addEventListener("click", () => command(b.dataset.verb));
   $("#login-server").value = state.config.server;
   $("#login-user").value = state.config.user || "";
-  $("#login").addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    connect($("#login-server").value.trim(), $("#login-user").value.trim(), $("#login-pass").value);
-  });
+  $("#login-connect").disabled = false;
   setInterval(tickAges, 1000);
   document.body.dataset.booted = "1";
   // Without a user to log in as, connect straight away (the demo's open embedded server).
