@@ -45,10 +45,11 @@ schemas: $(STAMP)
 demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
 
-bench: $(STAMP)
+bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py
 	$(BIN)/python bench/command_latency.py
 	$(BIN)/python bench/replay_throughput.py
+	$(BIN)/python bench/dashboard_render.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache web/node_modules $(DASH_OUT)

@@ -224,6 +224,19 @@ async def test_the_table_follows_a_preload_a_crash_and_a_drain_with_a_lease_held
     )
     assert "not in the table" not in await page.inner_text("#timeline-legend")
     assert "backoff_scheduled" in await page.inner_text("#pool-events")
+    # The fleet tail filters by event type (and pool, node).
+    await page.fill("#tail-type", "backoff")
+    await page.wait_for_function(
+        "[...document.querySelectorAll('#tail tbody tr')].every(r => r.dataset.type === 'backoff_scheduled')"
+        " && document.querySelectorAll('#tail tbody tr').length === 1",
+    )
+    await page.fill("#tail-type", "")
+    await page.fill("#tail-node", "node-a")
+    await page.fill("#tail-pool", "chat")
+    await page.wait_for_function(
+        "[...document.querySelectorAll('#tail tbody tr')].every(r => r.dataset.pool === 'chat')"
+        " && document.querySelectorAll('#tail tbody tr').length >= 8",
+    )
 
     # A drain while a client holds a lease: draining with 1/2 leases until it is released.
     lease = await request(nc, "poold.cmd.chat.lease", {"command_id": uuid.uuid4().hex, "ttl_s": 60})

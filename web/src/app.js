@@ -848,10 +848,15 @@ async function command(verb) {
 
 // ------------------------------------------------------------------------------------ boot
 
+function setText(node, text) {
+  // Writing the same text still dirties layout; a thousand rows tick every second.
+  if (node.textContent !== text) node.textContent = text;
+}
+
 function tickAges() {
-  for (const cell of document.querySelectorAll("#nodes td.age")) cell.textContent = age(Number(cell.dataset.ts) || null);
+  if (document.hidden) return;
   for (const entry of state.pools.values()) {
-    if (!entry.tr.hidden && entry.values) entry.cells.age.textContent = age(entry.values.age || null);
+    if (!entry.tr.hidden && entry.values) setText(entry.cells.age, age(entry.values.age || null));
   }
   const last = $("#last-event");
   last.textContent = state.lastEventTs ? `${clock(state.lastEventTs)} (${age(state.lastEventTs)} ago)` : "none yet";
