@@ -112,14 +112,17 @@ def resolve_target(args: argparse.Namespace, default_role: str) -> Target:
     inbox: str | None = inbox_prefix(user) if user else None
     if user and not password:
         raise TargetError(f"--user {user} needs a password (--password or ${PASSWORD_ENV})")
-    if not user and args.creds_dir is not None:
+    if args.creds_dir is not None:
         role = args.role or default_role
         try:
             creds = load_credentials(Path(args.creds_dir), role)
         except CredentialError as exc:
-            raise TargetError(exc.message) from None
-        user, password, inbox = creds.user, creds.password, creds.inbox_prefix
-        url = url or creds.url
+            if not user:
+                raise TargetError(exc.message) from None
+        else:
+            url = url or creds.url
+            if not user:
+                user, password, inbox = creds.user, creds.password, creds.inbox_prefix
     tls: ssl.SSLContext | None = None
     if args.tls_ca or args.tls_cert:
         if (args.tls_cert is None) != (args.tls_key is None):
