@@ -35,7 +35,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nats.aio.client import Client as NATS
 
-from pool_managerd.accounts import ROLES, inbox_prefix, password_env, server_config
+from pool_managerd.accounts import (
+    ROLES,
+    CredentialError,
+    ensure_credentials,
+    inbox_prefix,
+    load_credentials,
+    password_env,
+    server_config,
+)
 from pool_managerd.adapters.nats_connect import ConnectFailed, first_connect
 from pool_managerd.client import PermissionDenials, PoolClient
 from pool_managerd.config import load_config
@@ -531,3 +539,26 @@ async def test_sigterm_during_the_first_connect_stops_the_daemon(tmp_path: Path)
             await proc.wait()
     assert rc == 0, "".join(seen) + err
     assert "stop requested during start-up" in err, "".join(seen) + err
+
+
+# --- credentials files ---------------------------------------------------------------------------
+
+
+def test_credentials_are_kept_while_intact_and_regenerated_when_not(tmp_path: Path) -> None:
+    first = ensure_credentials(tmp_path)
+    assert set(first) == set(ROLES)
+    assert ensure_credentials(tmp_path) == first, "intact credentials must survive a restart"
+    assert load_credentials(tmp_path, "viewer") == first["viewer"]
+    assert load_credentials(tmp_path / "auth", "viewer") == first["viewer"]
+
+    (tmp_path / "auth" / "operator.json").write_text("{not json")
+    second = ensure_credentials(tmp_path)
+    assert all(second[r].password != first[r].password for r in ROLES), "a broken set is replaced as a whole"
+    for role in ROLES:
+        assert stat.S_IMODE((tmp_path / "auth" / f"{role}.json").stat().st_mode) == 0o600
+
+    with pytest.raises(CredentialError, match="does not exist"):
+        load_credentials(tmp_path / "elsewhere", "viewer")
+    (tmp_path / "auth" / "viewer.json").write_text('{"user": "viewer"}')
+    with pytest.raises(CredentialError, match="user and password are required"):
+        load_credentials(tmp_path, "viewer")
