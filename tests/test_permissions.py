@@ -276,12 +276,39 @@ async def test_a_viewers_drain_is_refused_by_the_server_and_ctl_says_permission_
         await viewer.close()
 
     # An operator may drain but not reload: reload is the admin's.
-    args, env = as_user(secured, "operator")
-    rc, out, err = await cli("ctl", "reload", "chat", "--model", "other", *args, env=env)
+    op_args, op_env = as_user(secured, "operator")
+    rc, out, err = await cli("ctl", "reload", "chat", "--model", "other", *op_args, env=op_env)
     assert rc == 1 and "permission denied" in err, (rc, out, err)
     assert (await r.status("chat")).state == "ready"
+
+    # The viewer's live table follows a change made by someone allowed to make it.
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pool_managerd", "watch", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    assert watch.stdout is not None
+    seen: list[str] = []
+    try:
+        await _read_until(watch.stdout, " ready ", CLI_S, seen)
+        await r.accepted("chat", "stop")
+        await _read_until(watch.stdout, " unready ", CLI_S, seen)
+        watch.send_signal(signal.SIGTERM)
+        _, werr = await asyncio.wait_for(watch.communicate(), CLI_S)
+        assert watch.returncode == 0 and b"permission denied" not in werr, werr.decode()
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
     assert await r.terminate() == 0
     r.finished = True
+
+    # Every refusal the server logged is one this test asked for: reads need nothing refused.
+    expected = {("viewer", "poold.cmd.chat.drain"), ("viewer", "poold.cmd.chat.stop"),
+                ("operator", "poold.cmd.chat.reload")}  # fmt: skip
+    for line in secured.violations():
+        assert any(f"user:{u}" in line and f'"{s}"' in line for u, s in expected), line
+    assert secured.violations("daemon") == []
 
 
 # --- TLS -------------------------------------------------------------------------------------------
