@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -589,3 +591,63 @@ def test_credentials_are_kept_while_intact_and_regenerated_when_not(tmp_path: Pa
     (tmp_path / "auth" / "viewer.json").write_text('{"user": "viewer"}')
     with pytest.raises(CredentialError, match="user and password are required"):
         load_credentials(tmp_path, "viewer")
+
+
+# --- websocket: for browsers, never for the daemon's identity ------------------------------------
+
+
+def _ws_frame(payload: bytes) -> bytes:
+    """One masked binary frame, as a browser sends it (clients must mask)."""
+    mask = secrets.token_bytes(4)
+    head = bytes([0x82])
+    n = len(payload)
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _ws_read(reader: asyncio.StreamReader) -> bytes:
+    """The payload of one unmasked server frame."""
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+    elif n == 127:
+        n = int.from_bytes(await reader.readexactly(8), "big")
+    data = await reader.readexactly(n)
+    return data if b0 & 0x0F != 0x8 else b"(close) " + data
+
+
+async def _ws_connect_as(port: int, user: str, password: str) -> str:
+    """Open a websocket to nats-server, CONNECT as ``user``; returns the server's answer to PING."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        writer.write((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
+        status = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0]
+        assert b" 101 " in status, status
+        info = await _ws_read(reader)
+        assert info.startswith(b"INFO "), info
+        connect = {"user": user, "pass": password, "verbose": False, "pedantic": False, "protocol": 1}
+        writer.write(_ws_frame(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n"))
+        await writer.drain()
+        return (await asyncio.wait_for(_ws_read(reader), 10)).decode(errors="replace")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_browsers_may_use_websocket_but_the_daemon_user_may_not(tmp_path: Path) -> None:
+    passwords = {role: f"pw-{role}" for role in ROLES}
+    port = free_port()
+    websocket = f'websocket {{\n  host: "127.0.0.1"\n  port: {port}\n  no_tls: true\n}}\n'
+    server = NatsServer(store_dir=tmp_path / "nats", config=server_config(passwords) + websocket)
+    server.start()
+    try:
+        for role in ("admin", "operator", "viewer"):
+            assert (await _ws_connect_as(port, role, passwords[role])).startswith("PONG"), role
+        answer = await _ws_connect_as(port, "daemon", passwords["daemon"])
+        assert "Authorization Violation" in answer, answer
+    finally:
+        server.close()
