@@ -456,7 +456,8 @@ async def _read_until(stream: asyncio.StreamReader, needle: str, timeout: float,
 def _toml_config(tmp: Path, nats: str, **top: Any) -> Path:
     lines = ['node = "node-a"', f"run_dir = {json.dumps(str(tmp / 'run'))}", 'gpus = "sim:hetero-24g-48g"']
     lines += [f"{k} = {json.dumps(v)}" for k, v in top.items()]
-    lines += ["", "[nats]", nats, "", "[[pools]]", 'id = "chat"', 'engine = "fake"', "model_bytes = 1000000000"]
+    lines += ["", "[nats]", nats, "", "[[pools]]", 'id = "chat"', 'engine = "fake"', "model_bytes = 1000000000",
+              'extra_args = ["--load-time", "0.1"]', "stop_grace_s = 2.0"]  # fmt: skip
     path = tmp / "poold.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -481,6 +482,8 @@ async def test_the_embedded_server_of_run_uses_the_shipped_accounts_with_private
         line = await _read_until(proc.stdout, "embedded NATS at", 60, out)
         assert f"{run_dir / 'auth'}" in line and "--creds-dir" in line, line
         await _read_until(proc.stderr, "serving 1 pool(s)", 60, errs)
+        # Keep both pipes drained from here on: a full pipe would block the daemon.
+        drains = [asyncio.ensure_future(stream.read()) for stream in (proc.stdout, proc.stderr)]
 
         auth = run_dir / "auth"
         assert stat.S_IMODE(auth.stat().st_mode) == 0o700
@@ -499,11 +502,15 @@ async def test_the_embedded_server_of_run_uses_the_shipped_accounts_with_private
         assert rc == 0 and "unready" in stdout, stdout + stderr
         rc, stdout, stderr = await cli("ctl", "preload", "chat", "--creds-dir", str(run_dir), "--role", "viewer")
         assert rc == 1 and "permission denied" in stderr, stdout + stderr
-        rc, stdout, stderr = await cli("ctl", "status", "chat", env={"POOL_MANAGERD_CREDS_DIR": str(run_dir)})
-        assert rc == 0, stdout + stderr
+        rc, stdout, stderr = await cli(
+            "ctl", "preload", "chat", "--wait", env={"POOL_MANAGERD_CREDS_DIR": str(run_dir)}
+        )
+        assert rc == 0 and "chat is ready" in stdout, stdout + stderr  # as operator, the default for commands
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+        for drained in await asyncio.gather(*drains):
+            errs.append(drained.decode(errors="replace"))
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -302,7 +302,9 @@ class Daemon:
         self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log", config=config)
         # Started off the event loop's thread of control: SIGTERM is acted on while it starts.
         await self.embedded.astart()
-        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, None)
+        # A websocket listener (for browser dashboards), where the server has one.
+        websocket_url = getattr(self.embedded, "ws_url", None)
+        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, websocket_url)
         self._embedded_auth = creds["daemon"]
         auth_dir = self.config.run_dir / accounts.AUTH_DIR
         log.info("embedded nats-server (JetStream in %s) at %s; credentials in %s", store, self.embedded.url, auth_dir)
