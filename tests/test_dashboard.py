@@ -138,7 +138,7 @@ def test_the_nats_server_harness_listens_for_websockets_on_the_same_port_after_a
 def test_server_configuration_text_is_applied(tmp_path: Path) -> None:
     conf = "authorization { users = [ { user: a, password: b } ] }"
     with NatsServer(store_dir=tmp_path / "s", websocket_port=0, config=conf) as server:
-        assert (tmp_path / "s" / "nats-server.conf").read_text().endswith(conf + "\n")
+        assert (tmp_path / "s" / "nats-server.conf").read_text().startswith(conf + "\n")
         # Unauthenticated clients are turned away: the users block is in force.
         with socket.create_connection((server.host, server.port), timeout=5) as s:
             s.recv(4096)  # INFO
@@ -150,3 +150,36 @@ def test_server_configuration_text_is_applied(tmp_path: Path) -> None:
                     break
                 reply += chunk
         assert b"-ERR 'Authorization Violation'" in reply
+
+
+def test_the_cli_serves_a_run_dirs_credentials_and_websocket_url(tmp_path: Path) -> None:
+    from pool_managerd import accounts
+
+    creds = accounts.ensure_credentials(tmp_path)
+    accounts.publish_locations(tmp_path, creds, "nats://127.0.0.1:4222", "ws://127.0.0.1:4443")
+    proc = subprocess.Popen([sys.executable, "-m", "pool_managerd", "dashboard", "--port", "0",
+                             "--creds-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.match(
+            r"dashboard: (http://127\.0\.0\.1:\d+/)\s+\(NATS websocket ws://127\.0\.0\.1:4443 as viewer\)", line
+        )
+        assert match, line
+        _, headers, config = get(match.group(1) + "config.json")
+        assert headers["Cache-Control"] == "no-store"
+        want = {"server": "ws://127.0.0.1:4443", "prefix": "poold", "user": "viewer",
+                "password": creds["viewer"].password, "inbox_prefix": "_INBOX.viewer"}  # fmt: skip
+        assert json.loads(config) == want
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_cli_refuses_a_missing_credentials_dir_with_exit_2(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "pool_managerd", "dashboard", "--creds-dir", str(tmp_path / "nope")],
+                          check=False, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 2 and "no credentials for 'viewer'" in done.stderr

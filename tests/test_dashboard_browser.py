@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
+from pool_managerd import accounts
 from pool_managerd.adapters.event_log import SnapshotStore, ensure_stream
 from pool_managerd.config import load_config
 from pool_managerd.dashboard import DashboardServer, PageConfig
@@ -39,9 +40,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-USERS_CONF = Path(__file__).parent / "fixtures" / "nats-users.conf"
-"""The test's users (daemon, operator, viewer); swap this file for the shipped permission set."""
-PASSWORDS = {"daemon": "daemon-pw", "operator": "operator-pw", "viewer": "viewer-pw"}
+PASSWORDS = {"daemon": "daemonpw1", "admin": "adminpw1", "operator": "operatorpw1", "viewer": "viewerpw1"}
+"""The shipped users and permissions (``accounts.server_config``) with these passwords."""
 WAIT_MS = 15_000
 FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
 
@@ -66,8 +66,8 @@ async def browser() -> AsyncIterator[Any]:
 
 @pytest.fixture
 def secured_server(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own with a websocket listener and the test's users."""
-    server = NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=USERS_CONF.read_text())
+    """A nats-server of this test's own with a websocket listener and the shipped users."""
+    server = NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=accounts.server_config(PASSWORDS))
     server.start()
     try:
         yield server
@@ -94,7 +94,8 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
     daemons: list[Daemon] = []
 
     async def start(url: str, pools: list[dict[str, Any]], **nats: Any) -> Daemon:
-        nats_cfg = {"urls": [url], "user": "daemon", "password": PASSWORDS["daemon"], "reconnect_wait_s": 0.1, **nats}
+        nats_cfg = {"urls": [url], "user": "daemon", "password": PASSWORDS["daemon"],
+                    "inbox_prefix": accounts.inbox_prefix("daemon"), "reconnect_wait_s": 0.1, **nats}  # fmt: skip
         config = load_config(None, node="node-a", run_dir=tmp_path / "node-a", gpus="sim:hetero-24g-48g",
                              heartbeat_s=5.0, nats=nats_cfg, pools=pools)  # fmt: skip
         daemon = Daemon(config)
@@ -123,7 +124,8 @@ def dashboard_for() -> Iterator[Callable[[NatsServer], DashboardServer]]:
 
 
 async def operator_client(nats_connect: Any, server: NatsServer) -> NATS:
-    client: NATS = await nats_connect(server.url, user="operator", password=PASSWORDS["operator"])
+    client: NATS = await nats_connect(server.url, user="operator", password=PASSWORDS["operator"],
+                                      inbox_prefix=accounts.inbox_prefix("operator"))  # fmt: skip
     return client
 
 
@@ -357,3 +359,31 @@ async def test_a_thousand_simulated_pools_render_filter_sort_and_update(
     )
     assert await page.locator("#timeline .seg.illegal").count() == 1
     assert page.errors == []
+
+
+async def test_the_page_served_with_run_dir_credentials_connects_to_the_embedded_server_as_that_user(
+    browser: Any, tmp_path: Path
+) -> None:
+    config = load_config(None, node="node-e", run_dir=tmp_path / "run", gpus="sim:hetero-24g-48g",
+                         heartbeat_s=5.0, nats={"urls": []}, pools=[{"id": "chat", **FAKE}])  # fmt: skip
+    daemon = Daemon(config)
+    await daemon.start()
+    dashboard = None
+    try:
+        assert daemon.ws_url is not None
+        creds = accounts.load_credentials(tmp_path / "run", "viewer")
+        assert creds.websocket_url == daemon.ws_url
+        page_config = PageConfig(server=daemon.ws_url, user=creds.user, password=creds.password,
+                                 inbox_prefix=creds.inbox_prefix)  # fmt: skip
+        dashboard = DashboardServer(page_config).start()
+        page = await open_page(browser, dashboard)  # no form: the served credentials connect
+        await page.wait_for_selector(row("chat", "unready"))
+        await page.wait_for_selector('#nodes tr[data-node="node-e"][data-status="live"]')
+        assert "as viewer" in await page.inner_text("#conn-detail")
+        # The password is used for the connection and kept nowhere the page's scripts can read.
+        assert await page.evaluate("window.__poold.config.password") is None
+        assert page.errors == []
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+        await daemon.stop()

@@ -192,9 +192,14 @@ async def _main(args: argparse.Namespace) -> int:
     await daemon.start()
     import nats
 
+    from pool_managerd.accounts import load_credentials
+
     assert daemon.url is not None
-    dashboard = _start_dashboard(args, daemon.ws_url, config.nats.prefix)
-    nc = await nats.connect(daemon.url, name="pool-managerd-demo")
+    # The tour reloads a pool, so it connects as admin: the embedded server enforces the accounts.
+    creds = load_credentials(run_dir, "admin")
+    nc = await nats.connect(daemon.url, name="pool-managerd-demo", user=creds.user, password=creds.password,
+                            inbox_prefix=creds.inbox_prefix)  # fmt: skip
+    dashboard = _start_dashboard(args, daemon.ws_url, config.nats.prefix, load_credentials(run_dir, "operator"))
     tour = Tour(nc, config.node, args.interactive)
     sub = await nc.subscribe("poold.evt.>", cb=tour.on_event)
     code = 0
@@ -203,8 +208,8 @@ async def _main(args: argparse.Namespace) -> int:
         if args.duration > 0:
             where = f"\n   the dashboard: {dashboard.url}" if dashboard is not None else ""
             print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:{where}\n"
-                  f"   pool-managerd ctl status chat-8b --url {daemon.url}\n"
-                  f"   pool-managerd watch --url {daemon.url}", flush=True)  # fmt: skip
+                  f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}\n"
+                  f"   pool-managerd watch --creds-dir {run_dir}", flush=True)  # fmt: skip
             await asyncio.sleep(args.duration)
         code = 1 if tour.failures else 0
         if args.interactive and dashboard is not None:
@@ -222,13 +227,16 @@ async def _main(args: argparse.Namespace) -> int:
     return code
 
 
-def _start_dashboard(args: argparse.Namespace, ws_url: str | None, prefix: str) -> Any:
-    """Serve the web dashboard against the embedded server's websocket; None when it cannot be."""
+def _start_dashboard(args: argparse.Namespace, ws_url: str | None, prefix: str, creds: Any) -> Any:
+    """Serve the web dashboard against the embedded server's websocket, connected as ``creds``'
+    user (the demo's operator: commands from the page work, a reload is refused as it would be
+    for any operator); None when it cannot be served."""
     if args.dashboard_port is None or ws_url is None:
         return None
     from pool_managerd.dashboard import DashboardError, DashboardServer, PageConfig
 
-    page = PageConfig(server=ws_url, prefix=prefix)
+    page = PageConfig(server=ws_url, prefix=prefix, user=creds.user, password=creds.password,
+                      inbox_prefix=creds.inbox_prefix)  # fmt: skip
     problem: Exception | None = None
     for port in dict.fromkeys((args.dashboard_port, 0)):  # the usual port, else any free one
         try:

@@ -83,7 +83,7 @@ function setConnection(kind, detail = "") {
   document.body.dataset.conn = kind;
 }
 
-async function connect(server, user, pass) {
+async function connect(server, user, pass, inboxPrefix) {
   await disconnect();
   forget();
   const gen = ++state.generation;
@@ -100,6 +100,8 @@ async function connect(server, user, pass) {
   if (user) {
     opts.user = user;
     opts.pass = pass;
+    // Replies come only on the user's own inbox prefix (the shipped permissions allow no other).
+    opts.inboxPrefix = inboxPrefix || `_INBOX.${user}`;
   }
   let nc;
   state.timings.connecting = performance.now();
@@ -879,7 +881,12 @@ async function boot() {
   } catch {
     /* served without a config: the form asks */
   }
-  for (const k of ["server", "prefix", "user"]) if (params.get(k)) state.config[k] = params.get(k);
+  for (const k of ["server", "prefix"]) if (params.get(k)) state.config[k] = params.get(k);
+  // Another user than the served one: the form asks for that user's password.
+  if (params.get("user") && params.get("user") !== state.config.user) {
+    state.config.user = params.get("user");
+    delete state.config.inbox_prefix;
+  }
   state.lifecycle = await (await fetch("lifecycle.json")).json();
   state.rows = new Set(state.lifecycle.transitions.map((t) => `${t.trigger}|${t.source}|${t.dest}`));
   const sf = $("#state-filter");
@@ -913,9 +920,17 @@ async function boot() {
   $("#login-connect").disabled = false;
   setInterval(tickAges, 1000);
   document.body.dataset.booted = "1";
-  // Without a user to log in as, connect straight away (the demo's open embedded server).
-  if (state.config.server && !state.config.user && params.get("connect") !== "0") {
-    connect(state.config.server, "", "");
+  // With credentials from the serving host, or without a user to log in as (an open server),
+  // connect straight away; otherwise the form asks for the password.
+  const cfgPass = state.config.password;
+  const paramUser = params.get("user");
+  delete state.config.password; // kept nowhere but in the connection
+  if (state.config.server && params.get("connect") !== "0") {
+    if (cfgPass && (!paramUser || paramUser === state.config.user)) {
+      connect(state.config.server, state.config.user, cfgPass, state.config.inbox_prefix);
+    } else if (!state.config.user) {
+      connect(state.config.server, "", "");
+    }
   }
 }
 

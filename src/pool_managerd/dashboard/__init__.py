@@ -3,7 +3,10 @@
 The page is a NATS client in the browser (the official JavaScript client over websockets,
 bundled into ``static/app.js`` by ``make dashboard`` from ``web/``). It reads only the published
 contract, so this server has no API: it serves a fixed list of files plus ``config.json``, which
-tells the page which websocket URL and subject prefix to use (never a credential).
+tells the page which websocket URL and subject prefix to use and, when the server was given a
+user's credentials file (``--creds-dir``), that user's name, password and inbox prefix, so the
+page connects as that user without a login form. They are read on the host at start-up, never
+built into the page.
 """
 
 from __future__ import annotations
@@ -53,9 +56,18 @@ class PageConfig:
     server: str
     """A ``ws://`` or ``wss://`` URL of a nats-server websocket listener."""
     prefix: str = "poold"
+    user: str | None = None
+    password: str | None = None
+    inbox_prefix: str | None = None
+    """The user's own reply prefix (``_INBOX.<user>`` with the shipped permissions)."""
 
     def to_json(self) -> bytes:
-        return json.dumps({"server": self.server, "prefix": self.prefix}).encode()
+        raw = {"server": self.server, "prefix": self.prefix}
+        for key in ("user", "password", "inbox_prefix"):
+            value = getattr(self, key)
+            if value is not None:
+                raw[key] = value
+        return json.dumps(raw).encode()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -14,7 +14,8 @@ Guarantees:
   survive a ``kill()`` exactly as they would survive a host crash;
 * ``websocket_port`` adds a plain (no TLS) websocket listener on the same host, for browser
   clients such as the dashboard; ``config`` adds server configuration text (accounts, users and
-  permissions), written with the websocket block into one file in the store dir.
+  permissions), written with the websocket block into one file in the store dir, readable by
+  its owner only (it may hold passwords).
 """
 
 from __future__ import annotations
@@ -413,13 +414,18 @@ class NatsServer:
         if self.config is None and not self.websocket_port:
             return None
         parts = []
+        if self.config is not None:
+            parts.append(self.config.rstrip() + "\n")
         if self.websocket_port:
             # No TLS: this listener serves a local page; a real cluster configures its own.
             parts.append(f'websocket {{\n  host: "{self.host}"\n  port: {self.websocket_port}\n  no_tls: true\n}}\n')
-        if self.config is not None:
-            parts.append(self.config.rstrip() + "\n")
         path = self.store_dir / "nats-server.conf"  # JetStream keeps its files under jetstream/
-        path.write_text("".join(parts), encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # passwords: an existing file keeps its mode through O_CREAT
+            os.write(fd, "".join(parts).encode("utf-8"))
+        finally:
+            os.close(fd)
         return path
 
     def _spawn(self) -> None:
