@@ -34,4 +34,4 @@ def test_demo_runs_to_completion_non_interactively(tmp_path: Path) -> None:
     assert "Violation" not in server_log, server_log[-3000:]
     # The web dashboard was served against the embedded server's websocket listener.
     assert "dashboard: http://127.0.0.1:" in out
-    assert "websocket ws://127.0.0.1:" in out
+    assert "embedded NATS websocket at ws://127.0.0.1:" in out

@@ -318,7 +318,8 @@ class Daemon:
         print(f"embedded NATS at {self.embedded.url}; credentials (admin, operator, viewer) in {auth_dir}:"
               f" pool-managerd ctl --creds-dir {self.config.run_dir} ...", flush=True)  # fmt: skip
         if self.ws_url:
-            print(f"embedded NATS websocket {self.ws_url}: pool-managerd dashboard --nats {self.ws_url}", flush=True)
+            hint = f"pool-managerd dashboard --creds-dir {self.config.run_dir}"
+            print(f"embedded NATS websocket at {self.ws_url}: {hint}", flush=True)
         return str(self.embedded.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
