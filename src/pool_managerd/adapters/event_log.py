@@ -22,6 +22,9 @@ Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and `
   reading the pool's last message: if it carries this event's Msg-Id *and* its exact bytes, the
   event was stored and the publish succeeded; otherwise another writer appended and the pool is
   fenced.
+* nats-server 2.11.x (the oldest supported, see ``pool_managerd.nats_version``) dedupes first:
+  the same resend is acked ``duplicate``. A duplicate ack is checked by bytes too, so either
+  order ends the same way.
 """
 
 from __future__ import annotations
