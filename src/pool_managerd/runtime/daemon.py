@@ -495,7 +495,9 @@ class Daemon:
         only after a round trip, and the publisher may already be writing by then."""
         if self.incompatible is not None:
             return False
-        if self.nc is None:
+        if self.nc is None or not self.nc.is_connected:
+            # No verdict mid-reconnect (the new server's INFO may not be in yet); writes wait for
+            # the connection anyway and are asked again once it is up.
             return True
         try:
             check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
