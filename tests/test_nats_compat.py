@@ -122,7 +122,7 @@ def stop() -> StopCmd:
     return msgspec.convert({"type": "stop", "command_id": cid()}, StopCmd)
 
 
-async def single_daemon_path(nc: NATS, events: Events, a: Daemon) -> None:
+async def single_daemon_path(nc: NATS, events: Events) -> None:
     """preload -> ready -> lease -> drain (held) -> release -> unready on pool chat."""
     await ready_pool(nc, events, "chat")
     lease = await req(nc, "poold.cmd.chat.lease", {"command_id": cid(), "ttl_s": 30})
@@ -149,7 +149,9 @@ async def test_the_end_to_end_path_and_the_second_daemon_fence_hold(
     a = await start_daemon(server.url, node="node-a", pools=[{"id": "chat", **FAKE}, {"id": "spare", **FAKE}])
     assert a.server_version is not None and a.server_version.release == release(version)
     events = await follow(nc)
-    await single_daemon_path(nc, events, a)
+    await nc.subscribe("poold.node.*.evt.>", cb=events.on_msg)
+    await nc.flush()
+    await single_daemon_path(nc, events)
     assert [(c.src, c.dst) for c in events.state_changes("chat")] == [
         ("unready", "preloading"),
         ("preloading", "ready"),
@@ -175,6 +177,9 @@ async def test_the_end_to_end_path_and_the_second_daemon_fence_hold(
     stopped = await a.runtime.command("spare", stop())
     assert isinstance(stopped, Accepted) and stopped.state == "unready", stopped
 
+    await events.wait(
+        lambda e: e.node == "node-b" and e.type == "pool_fenced" and getattr(e.body, "pool", None) == "spare"
+    )
     log = await stored_events(nc)
     for pool in ("chat", "spare"):
         mine = [e for e in log if e.pool == pool]
