@@ -228,10 +228,11 @@ async def test_below_the_floor_the_daemon_exits_2_with_one_line_and_creates_noth
 
 
 async def test_below_the_floor_the_fence_would_take_the_daemons_own_writes_for_a_rivals(
-    servers: Servers, start_daemon: StartDaemon, nats_connect: Any, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, servers: Servers, start_daemon: StartDaemon, nats_connect: Any
 ) -> None:
     """Why the floor exists: with the check bypassed, 2.10 compares the expected sequence with the
     exact subject and refuses the daemon's own events, so it fences a pool nobody else writes."""
+    # (monkeypatch comes first so that the bypass outlives the daemon's stop at teardown.)
     monkeypatch.setattr(daemon_module, "check_server_version", lambda version, url=None: version)
     server = await servers.start(BELOW_FLOOR)
     nc: NATS = await nats_connect(server.url)
