@@ -1,8 +1,8 @@
 """``pool-managerd run --config FILE``: the daemon.
 
-Exit status: 0 after SIGTERM/SIGINT, 1 when NATS is unreachable at start or closed for good,
-2 for an invalid configuration or a nats-server below the supported version (at start, or
-reached by a reconnect)."""
+Exit status: 0 after SIGTERM/SIGINT; 1 when the NATS connection closes for good; 2 for a setup
+problem: an invalid configuration, no NATS connection at start, or a nats-server below the
+supported version (at start, or reached by a reconnect)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pool-managerd: invalid configuration:\n{exc.message}", file=sys.stderr)
         return 2
+    from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.runtime import logs
     from pool_managerd.runtime.daemon import Daemon
+    from pool_managerd.testing.nats_server import NatsServerError
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
     daemon = Daemon(config)
@@ -37,6 +39,14 @@ def run(args: argparse.Namespace) -> int:
     except NatsServerTooOld as exc:
         # One line, and before any pool was touched: like a bad configuration, it needs an operator.
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
+        return 2
+    except ConnectFailed as exc:
+        # Wrong credentials, refused TLS or no server within startup_timeout_s: a setup problem,
+        # like an invalid configuration, so the same exit status.
+        print(f"pool-managerd: {exc.message}", file=sys.stderr)
+        return 2
+    except NatsServerError as exc:
+        print(f"pool-managerd: embedded nats-server: {exc}", file=sys.stderr)
         return 2
     except PoolManagerError as exc:
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
