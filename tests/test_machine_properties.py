@@ -24,7 +24,17 @@ from hypothesis.stateful import (
 
 from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.machine import ALLOWED, COMMAND_TRIGGERS, ROWS, STATES, Lifecycle, Outcome, is_legal
+from pool_managerd.core.inputs import CommandInput, TimerFired
+from pool_managerd.core.machine import (
+    ALLOWED,
+    COMMAND_TRIGGERS,
+    ROWS,
+    STATES,
+    Lifecycle,
+    Outcome,
+    client_verbs,
+    is_legal,
+)
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import (
     Accepted,
@@ -34,6 +44,7 @@ from pool_managerd.messages import (
     EngineInfo,
     EngineSpec,
     HealthReport,
+    InternalError,
     LeaseCmd,
     Placement,
     PoolCommand,
@@ -61,6 +72,8 @@ SPEC = EngineSpec(
 POLICY = RestartPolicy(initial_s=1.0, max_s=8.0, stable_s=30.0, max_consecutive_failures=3, max_restarts=6)
 PLACEMENT = Placement(mask=["0"], uuids=["GPU-0"], cuda_visible_devices="GPU-0", simulated=True)
 REFUSAL = PlanRejected("placement_failed", "not enough memory", (Problem(code="oom", message="GPU 0 is full"),))
+BROKEN = object()
+"""What a buggy planner returns: not a Placement, so the preload row's after-callback raises."""
 TIMER_NAMES: tuple[TimerName, ...] = ("load_timeout", "backoff", "drain_deadline", "lease_expiry")
 LEASE_IDS = ("l1", "l2", "l3")
 
@@ -96,11 +109,15 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.pending_spawns: list[SpawnEngine] = []  # answered in order, as the runtime actor does
         self.live: set[int] = set()  # engines the shell started that have not exited
         self.asked_to_stop: set[int] = set()
+        self.cause: str | None = None  # the last command: what every later event carries
+        self.bug = False
 
     # --- the fake planner ---------------------------------------------------------------------
 
     def planner(self, request: PlanRequest) -> Placement | PlanRejected:
         assert request.pool == POOL
+        if self.bug:
+            return BROKEN  # type: ignore[return-value]
         return PLACEMENT if self.plan_ok else REFUSAL
 
     # --- helpers ------------------------------------------------------------------------------
@@ -159,11 +176,13 @@ class LifecycleMachine(RuleBasedStateMachine):
         verb = cmd.__struct_config__.tag
         assert out.reply is not None
         assert all(e.command_id == cmd.command_id for e in out.events)
+        if verb != "status":
+            self.cause = cmd.command_id
         if verb in COMMAND_TRIGGERS and verb not in ALLOWED[before]:
             # An illegal trigger: one command_rejected event, nothing else changes.
             assert isinstance(out.reply, Rejected), out.reply
             assert out.reply.code == "illegal_transition"
-            assert out.reply.allowed == list(ALLOWED[before])
+            assert out.reply.allowed == list(client_verbs(before))
             assert [type(e.body) for e in out.events] == [CommandRejected]
             assert out.effects == []
             assert self.state == before
@@ -177,8 +196,55 @@ class LifecycleMachine(RuleBasedStateMachine):
     def fact(self, before: PoolState, out: Outcome) -> Outcome:
         assert out.reply is None
         self.check(before, out)
-        assert all(e.command_id is None for e in out.events)
+        assert all(e.command_id == self.cause and e.fingerprint is None for e in out.events)
         return out
+
+    # --- rules: a bug inside a step -----------------------------------------------------------
+
+    @rule(kind=st.sampled_from(["unknown_input", "broken_plan"]), after_crash=st.booleans())
+    def buggy_step(self, kind: str, after_crash: bool) -> None:
+        """A step raises (after the machine may already have moved): nothing it did is kept, an
+        internal_error is recorded without a gap, and the pool is failed."""
+        if after_crash:
+            self._bring_up(6)
+            if self.entry.engine is not None and self.state == "ready":
+                self._engine_exited(self.entry.engine.pid, (1, None), 0.5)
+        before = self.state
+        before_seq = self.seq
+        if kind == "broken_plan" and before == "restarting" and "backoff" in self.timers:
+            # The restart's re-placement gets the broken plan: the row to preloading raises.
+            timer = self.timers.pop("backoff")
+            self.now = max(self.now, timer.due)
+            self.bug = True
+            try:
+                out = self.lc.step(POOL, TimerFired("backoff", timer.token), self.ctx())
+            finally:
+                self.bug = False
+        elif kind == "broken_plan":
+            self.bug = True
+            cmd = PreloadCmd(command_id=f"bug-{self.seq}") if before == "unready" else ReloadCmd(
+                command_id=f"bug-{self.seq}", model=f"m{self.model_counter + 100}")  # fmt: skip
+            try:
+                out = self.lc.step(POOL, CommandInput(cmd), self.ctx())
+            finally:
+                self.bug = False
+            self.cause = cmd.command_id
+        else:
+            out = self.lc.step(POOL, object(), self.ctx())  # type: ignore[arg-type]
+        raised = any(isinstance(e.body, InternalError) for e in out.events)
+        if kind == "unknown_input":
+            assert raised
+        if not raised:
+            self.check(before, out)  # a reload refused before any placement was asked for
+            return
+        self.check(before, out)
+        assert self.state == "failed"
+        assert out.events[0].seq == before_seq + 1 and isinstance(out.events[0].body, InternalError)
+        changes = [e.body for e in out.events if isinstance(e.body, StateChanged)]
+        if before != "failed":
+            assert [(c.src, c.trigger, c.dst) for c in changes] == [(before, "internal_error", "failed")]
+        assert not any(isinstance(e, SpawnEngine) for e in out.effects)
+        assert self.entry.active_leases == 0 and self.entry.placement is None
 
     # --- rules: time ------------------------------------------------------------------------
 
@@ -612,6 +678,11 @@ class Driver:
     def fire(self, name: TimerName) -> None:
         self._do(self.lc.timer_fired(POOL, name, self.timers.pop(name), Context(now=self.now)))
 
+    def bug(self) -> None:
+        """A step that raises (an input the core does not know): the pool goes to failed."""
+        self._do(self.lc.step(POOL, object(), Context(now=self.now)))  # type: ignore[arg-type]
+        assert self.state == "failed"
+
     def ready(self) -> int:
         if self.state == "unready":
             self.cmd(PreloadCmd(command_id="p"))
@@ -685,6 +756,26 @@ def walk_every_row() -> list[tuple[str, str, str]]:
     d.plan_ok = False
     d.fire("backoff")
     assert d.state == "failed"
+    seen += d.seen
+
+    # A bug inside a step, from every state but failed: -internal_error-> failed.
+    d = Driver(RestartPolicy(max_consecutive_failures=100))
+    d.bug()  # unready
+    d.cmd(ResetCmd(command_id="x"))
+    d.cmd(PreloadCmd(command_id="p"))
+    d.bug()  # preloading
+    d.cmd(ResetCmd(command_id="x"))
+    pid = d.ready()
+    d.bug()  # ready
+    d.cmd(ResetCmd(command_id="x"))
+    pid = d.ready()
+    d.cmd(LeaseCmd(command_id="l", ttl_s=999.0))
+    d.cmd(DrainCmd(command_id="d"))
+    d.bug()  # draining
+    d.cmd(ResetCmd(command_id="x"))
+    pid = d.ready()
+    d.exit(pid)
+    d.bug()  # restarting
     seen += d.seen
     return seen
 

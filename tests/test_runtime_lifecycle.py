@@ -591,3 +591,38 @@ async def test_close_stops_engines_with_their_spec_grace(h: Harness) -> None:
     took = time.monotonic() - t0
     assert not pid_alive(spawned.pid)
     assert took <= grace + 1.0, f"close took {took:.2f} s for an engine whose stop grace is {grace} s"
+
+
+# ----------------------------------------------------------------------------------------------
+# A step that raises
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails_the_pool(h: Harness) -> None:
+    # A bug inside a step: the planner hands back something that is not a Placement, so the
+    # preload row's after-callback raises once the machine has already moved to "preloading".
+    from pool_managerd.lifecycle.preload import plan
+    from pool_managerd.messages import InternalError
+
+    broken = object()
+    h.rt.lifecycle.planner = lambda _request: broken  # type: ignore[assignment,return-value]
+    h.add(knobs=["--load-time", "0.1"])
+    reply = await h.rt.command("p", PreloadCmd(command_id="boom"))
+    assert isinstance(reply, Rejected) and reply.code == "internal", reply
+    assert "Traceback" not in reply.message and "object at 0x" not in reply.message
+    events = h.sink.of("p")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), "a sequence gap"
+    error = next(e.body for e in events if isinstance(e.body, InternalError))
+    assert error.code == "step_raised"
+    assert [(c.trigger, c.src, c.dst) for c in h.bodies(StateChanged)] == [("internal_error", "unready", "failed")]
+    snap = (await h.status()).pool
+    assert snap.state == "failed" and snap.engine is None and snap.placement is None
+    assert h.rt.lifecycle.registry.get("p").seq == events[-1].seq
+    assert h.bodies(EngineSpawned) == [], "the broken step's effects ran"
+
+    # The pool is consistent: an operator resets it, and a sound planner preloads it.
+    h.rt.lifecycle.pool("p").planner = plan
+    await h.send(ResetCmd(command_id="reset"))
+    await h.ready()
+    events = h.sink.of("p")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))

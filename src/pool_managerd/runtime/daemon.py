@@ -41,6 +41,7 @@ from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.config import DaemonConfig
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.messages import (
     HEALTH_DECODER,
     SCHEMA_VERSION,
@@ -57,6 +58,7 @@ from pool_managerd.messages import (
     PoolsReply,
     Rejected,
     StopCmd,
+    command_fingerprint,
     encode,
 )
 from pool_managerd.messages import PoolFenced as PoolFencedEvent
@@ -413,6 +415,12 @@ class Daemon:
             p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
         ]
         report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node)
+        # Exactly once across restarts: the replies of the commands still in the cache window are
+        # rebuilt from the log, so a client retrying across the restart gets its first answer.
+        since = self.cache.clock() - self.cache.ttl_s
+        for pool in runtime.actors:
+            for old in rebuild_replies(events.get(pool, []), since=since):
+                self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         for pool in report.removed:
             self.removing.add(pool)
             self._spawn(self._forget(pool), f"forget-{pool}")
@@ -576,7 +584,11 @@ class Daemon:
                     body = await apply()
                 else:
                     # The verb is part of what was asked: the same id with another verb is a conflict.
-                    body = await self.cache.run(pool, cmd.command_id, verb.encode() + b"\0" + data, apply)
+                    # A retry is the same command when it decodes to the same values (key order,
+                    # whitespace and defaults spelled out do not matter); the verb is part of it.
+                    body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
+                    if body.startswith(b'{"type":"rejected"') and b'"code":"overloaded"' in body:
+                        self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
             except PoolManagerError as exc:
                 body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
             except Exception:
