@@ -474,3 +474,17 @@ async def test_export_then_offline_replay_matches_the_live_replay(
     assert json.loads(offline)["pools"]["chat"]["state"] == "ready"
     rc, only_chat, _ = await _cli("export", "--url", url, "--out", "-", "--pool", "chat")
     assert rc == 0 and {json.loads(line)["pool"] for line in only_chat.splitlines()} == {"chat"}
+
+
+async def test_node_events_never_restart_at_one_when_their_sequence_cannot_be_read(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    from pool_managerd.adapters.event_log import ensure_stream
+    from pool_managerd.core.errors import PoolManagerError
+    from pool_managerd.subjects import Subjects
+
+    js = nc_fresh.jetstream()
+    await ensure_stream(js, Subjects())
+    await js.publish("poold.node.node-a.evt.heartbeat", b"not an event")
+    with pytest.raises(PoolManagerError, match="refusing to restart node events at 1"):
+        await start_daemon(fresh_nats_server.url)

@@ -212,6 +212,9 @@ class Fold:
                 view.crashes += 1
             view.ready_since = None
             view.leases.clear()
+        if trigger == "drained":
+            # Both rows stop the old engine, and its leases go with it (a reload's swap too).
+            view.leases.clear()
         if trigger == "internal_error":
             # The machine stopped everything it could not trust: engine, leases, a reload.
             view.last_error = body.reason or view.last_error
@@ -220,7 +223,9 @@ class Fold:
             view.reloading = False
             view.pending_spec = view.pending_placement = None
         if dst == "ready":
-            view.ready_since = event.ts
+            if not (body.trigger == "drain_deadline" and view.ready_since is not None):
+                # An aborted reload keeps the engine that has been ready all along.
+                view.ready_since = event.ts
             view.last_error = None
             if body.trigger == "drain_deadline":
                 view.reloading = False

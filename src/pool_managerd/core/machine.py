@@ -404,8 +404,10 @@ class PoolModel:
             cause = f"re-placement failed: {kw['plan_rejected'].message}"
         if self.rollback is not None and ev.event.name == "preload_failed":
             # A reloaded spec that fails is not a crash loop of the pool: restore the old spec now.
+            # The old engine is gone too: the pool is not ready since anything any more.
+            settled = replace(self.supervision, ready_since=None)
             kw["decision"] = Decision(True, 0.0, self.supervision.consecutive_failures,
-                                      f"{cause}; reload failed, rolling back", self.supervision)  # fmt: skip
+                                      f"{cause}; reload failed, rolling back", settled)  # fmt: skip
             kw["rollback"] = True
             return
         policy = self.definition.restart
@@ -609,6 +611,8 @@ class PoolModel:
         self.entry.placement = None
         self.entry.device_mask = []
         self.entry.last_error = reason
+        # Not ready any more: a later failure must not count this run as a stable period.
+        self.supervision = replace(self.supervision, ready_since=None)
         self._clear_reload()
         self.rollback = None
 
