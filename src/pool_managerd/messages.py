@@ -280,10 +280,13 @@ RejectCode = Literal[
     "command_id_conflict",
     "fenced",
     "unavailable",
+    "permission_denied",
     "internal",
     "overloaded",
 ]
-"""Stable rejection codes. Clients may switch on them; they never change meaning."""
+"""Stable rejection codes. Clients may switch on them; they never change meaning.
+``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
+(the connection's user may not publish it), so no daemon saw it."""
 
 
 class Accepted(_Base, tag_field="type", tag="accepted", kw_only=True):
