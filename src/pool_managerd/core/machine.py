@@ -483,16 +483,17 @@ class PoolModel:
         if ev.event.name == "drained":
             placement = self.pending_placement
             self.pending_placement = None
-        assert placement is not None  # guarded by _is_placed / staged by reload
+        if not isinstance(placement, Placement):
+            # Guarded by _is_placed / staged by reload: anything else is a planner breaking its
+            # contract, found after the row was taken; the step is undone as a whole.
+            raise TypeError(f"the planner returned {type(placement).__name__}, not a Placement")
         self.entry.placement = placement
-        self.entry.device_mask = list(placement.mask)
         self.entry.model = self.spec.model or None
         self.entry.engine_version = self.spec.engine_version
         self.entry.version = spec_version(self.spec)
         self.entry.engine_digest = self.spec.model_digest
         self.entry.slots_total = self.spec.slots
         self.entry.health = HealthState()
-        self.entry.draining = False
         self.attempt += 1
         self.arm("load_timeout", self.spec.load_timeout_s)
         self.effects.append(SpawnEngine(self.spec, placement, self.attempt))
@@ -536,13 +537,11 @@ class PoolModel:
         decision = self._settle_failure(ev, grace_s=0.0)
         # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
         self.entry.placement = None
-        self.entry.device_mask = []
         policy = self.definition.restart
         restarts = len(decision.state.restart_times)
         self.emit(RestartLimitReached(restarts=restarts, window_s=policy.window_s, reason=decision.reason))
 
     def _begin_drain(self, ev: EventData) -> None:
-        self.entry.draining = True
         self.drain_deadline_s = float(ev.kwargs.get("deadline_s", 30.0))
         if drain_policy.complete_now(self.entry.active_leases):
             # Queued by the machine: runs right after this transition completes.
@@ -574,10 +573,8 @@ class PoolModel:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
         self.stop_engine(str(ev.kwargs.get("reason") or ev.event.name), ev.kwargs.get("grace_s"))
         self.entry.drop_leases()
-        self.entry.draining = False
         self.entry.health = HealthState()
         self.entry.placement = None
-        self.entry.device_mask = []
         self._clear_reload()
         self.rollback = None
 
@@ -587,7 +584,6 @@ class PoolModel:
 
     def _abort_reload(self, ev: EventData) -> None:
         self.cancel("drain_deadline")
-        self.entry.draining = False
         self._clear_reload()
 
     def _clear_reload(self) -> None:
@@ -606,10 +602,8 @@ class PoolModel:
         reason = str(ev.kwargs.get("reason") or "internal error")
         self.stop_engine(reason)
         self.entry.drop_leases()
-        self.entry.draining = False
         self.entry.health = HealthState()
         self.entry.placement = None
-        self.entry.device_mask = []
         self.entry.last_error = reason
         # Not ready any more: a later failure must not count this run as a stable period.
         self.supervision = replace(self.supervision, ready_since=None)
@@ -1033,11 +1027,9 @@ class Lifecycle:
         entry = model.entry
         entry.seq = view.seq
         entry.placement = view.placement
-        entry.device_mask = list(view.placement.mask) if view.placement else []
         entry.engine = view.engine
         entry.restarts, entry.crashes, entry.last_error = view.restarts, view.crashes, view.last_error
         entry.leases = {lid: Lease(lid, exp) for lid, exp in sorted(view.leases.items())}
-        entry.draining = view.state == "draining"
         entry.last_event = view.last_event
         entry.updated_at = view.last_ts
         if view.spec is not None:
