@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check schemas demo bench lock test-pythons clean
+.PHONY: test lint check schemas demo bench faults lock test-pythons clean
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -34,6 +34,10 @@ schemas: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pool-managerd demo
+
+## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/lifecycle_latency.py

@@ -127,7 +127,7 @@ async def recover(
     # Only what recovery dropped leaves the record: actors already run, and an engine a backoff
     # spawned meanwhile has its own entry.
     for pid in dropped:
-        runtime.spawn_record.remove(pid)
+        await asyncio.to_thread(runtime.spawn_record.remove, pid)  # two fsyncs each: off the loop
     return report
 
 
