@@ -626,3 +626,42 @@ async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails
     await h.ready()
     events = h.sink.of("p")
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+class RefusingSink(StampedSink):
+    """Refuses, once, the append of a step that holds an event of type ``refuse`` (a log that
+    cannot take a step: the fault is deterministic, the rest is the real runtime)."""
+
+    def __init__(self, rng: RecordingRandom, refuse: str) -> None:
+        super().__init__(rng)
+        self.refuse: str | None = refuse
+        self.refused: list[Event] = []
+
+    async def append(self, pool: str, events: Sequence[Event]) -> None:
+        if self.refuse is not None and any(e.type == self.refuse for e in events):
+            self.refuse = None
+            self.refused = list(events)
+            raise OSError("the event log refused the append")
+        await super().append(pool, events)
+
+
+async def test_a_step_whose_events_are_not_appended_is_undone_and_its_effects_never_run(tmp_path: Path) -> None:
+    rng = RecordingRandom(7)
+    sink = RefusingSink(rng, refuse="state_changed")
+    options = RuntimeOptions(node="n1", run_dir=tmp_path / "run", probe_options=dict(DAEMON_PROBE_OPTIONS), rng=rng)
+    h = Harness(PoolRuntime(sink, lambda: SNAPSHOT, options), sink, rng, tmp_path)
+    try:
+        h.add(knobs=["--load-time", "0.1"])
+        reply = await h.rt.command("p", PreloadCmd(command_id="first"))
+        assert isinstance(reply, Rejected) and reply.code == "unavailable", reply
+        assert [e.seq for e in sink.refused] == [1]
+        snap = (await h.status()).pool
+        assert snap.state == "unready" and snap.placement is None and snap.seq == 0
+        assert h.rt.actor("p").stats.spawns == 0 and h.rt.actor("p").engines == {}, "the undone step's effects ran"
+        # The log and the pool agree: the next preload is event 1, and it runs.
+        await h.ready()
+        events = sink.of("p")
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[0].command_id != "first"
+    finally:
+        await h.rt.close()
