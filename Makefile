@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check compat schemas demo bench lock test-pythons clean dashboard
+.PHONY: test lint check compat schemas demo bench faults lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -56,6 +56,10 @@ schemas: $(STAMP)
 
 demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
+
+## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py
 
 bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py
