@@ -322,11 +322,21 @@ async def test_spawn_record_tracks_live_engines(fakes: FakeEngines, tmp_path: Pa
     assert sorted(p.name for p in record.path.parent.iterdir()) == ["engines.json"]  # no temp files
 
 
-def test_spawn_record_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _entry(pid: int) -> SpawnEntry:
+    return SpawnEntry(f"p{pid}", pid, pid, 1000 + pid, "127.0.0.1", 1.0, ["e"], None)
+
+
+def test_spawn_record_compaction_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "engines.json"
     record = SpawnRecord(path)
-    first = SpawnEntry("a", 10, 10, 1000, "127.0.0.1", 1.0, ["e"], None)
+    first = _entry(10)
     record.add(first)
+    # Churn until the next update compacts the journal (over 64 lines), with the rename failing.
+    for pid in range(11, 42):
+        record.add(_entry(pid))
+        record.remove(pid)
+    record.add(_entry(42))
+    assert record._lines == 65
     before = path.read_bytes()
 
     def boom(src: object, dst: object) -> None:
@@ -334,11 +344,56 @@ def test_spawn_record_write_is_atomic(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk gone"):
-        record.add(SpawnEntry("b", 11, 11, 1001, "127.0.0.1", 2.0, ["e"], None))
+        record.remove(42)
     monkeypatch.undo()
     assert path.read_bytes() == before
+    assert SpawnRecord.load(path) == [first, _entry(42)] == record.entries
+    assert [p.name for p in tmp_path.iterdir()] == ["engines.json"]  # no temp file left
+    record.remove(42)  # compacts now
     assert SpawnRecord.load(path) == [first]
-    assert [p.name for p in tmp_path.iterdir()] == ["engines.json"]
+    assert path.read_bytes().count(b"\n") == 2
+
+
+def test_spawn_record_updates_cost_one_line(tmp_path: Path) -> None:
+    # An update appends one line whatever the number of engines: no rewrite of the whole record.
+    path = tmp_path / "engines.json"
+    record = SpawnRecord(path, fsync=False)
+    sizes = []
+    for pid in range(100, 1300):
+        before = path.stat().st_size if path.exists() else 0
+        record.add(_entry(pid))
+        sizes.append(path.stat().st_size - before)
+    assert max(sizes[1:]) < 300, max(sizes[1:])
+    for pid in range(100, 1300, 2):
+        record.remove(pid)
+    assert sorted(e.pid for e in SpawnRecord.load(path)) == list(range(101, 1300, 2))
+    # Compaction kept the journal within about twice the live entries.
+    assert path.read_bytes().count(b"\n") <= 2 * 600 + 2
+
+
+def test_spawn_record_ignores_an_append_torn_by_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "engines.json"
+    record = SpawnRecord(path)
+    record.add(_entry(10))
+    record.add(_entry(11))
+    intact = path.read_bytes()
+    path.write_bytes(intact + b'{"add":{"pool":"p12","pid":1')  # the crash hit mid-append
+    assert SpawnRecord.load(path) == [_entry(10), _entry(11)]
+    # A damaged line that is not the last one is corruption, not a torn append.
+    path.write_bytes(intact.replace(b'{"add":{"pool":"p11"', b'{"add":{"pool":"p11" garbage') + b"\n")
+    with pytest.raises(SpawnRecordError, match="line 3"):
+        SpawnRecord.load(path)
+
+
+def test_spawn_record_reads_and_replaces_the_version_1_document(tmp_path: Path) -> None:
+    path = tmp_path / "engines.json"
+    old = _entry(7)
+    path.write_text(json.dumps({"version": 1, "engines": [dataclasses.asdict(old)]}, indent=1))
+    record = SpawnRecord(path)
+    assert record.entries == [old]
+    record.add(_entry(8))
+    assert path.read_bytes().startswith(b'{"version": 2}\n')
+    assert SpawnRecord.load(path) == [old, _entry(8)]
 
 
 def test_spawn_record_load_errors(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Every engine runs in its own session and process group (``start_new_session=True
 pgid equals its pid) with stdout and stderr going straight to a per-pool log file: the daemon is
 not in the engine's output path, so a slow or dead daemon never blocks or SIGPIPEs an engine.
 
-Exit is observed by awaiting the process (the asyncio child watcher), never by polling. When the
+Exit is observed by watching the child's pidfd on the event loop (no thread per engine), never by
+polling. When the
 leader exits, for whatever reason, the whole group is SIGKILLed so no grandchild outlives it.
 
 Processes this daemon did not spawn (found in the spawn record after a restart) cannot be
@@ -27,6 +28,7 @@ import shutil
 import signal
 import socket
 import string
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +61,7 @@ __all__ = [
     "rotate_log",
     "spawn",
     "stop_group",
+    "wait_child",
     "wait_pid_exit",
 ]
 
@@ -285,6 +288,17 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _group_exists(pgid: int) -> bool:
+    """False when no process (zombies included) is in group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_pgid(pgid: int) -> None:
     if pgid <= 1:
         raise ValueError(f"refusing to signal process group {pgid}")
@@ -356,10 +370,55 @@ async def wait_pid_exit(pid: int, within_s: float | None) -> bool:
     return True
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_child(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for a child of this process to exit, reap it, and return its return code (negative:
+    the signal that killed it), as ``Popen.returncode`` says it.
+
+    Watches the child's pidfd on the event loop (readable once it has exited), so a thousand
+    engines cost a thousand descriptors and no thread; without pidfds (not Linux, or a kernel
+    before 5.3) a worker thread waits.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return await asyncio.to_thread(proc.wait)
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG never blocks)
+            except ChildProcessError:
+                # Reaped elsewhere (someone else's waitpid(-1)): the status is lost.
+                proc.returncode = proc.returncode if proc.returncode is not None else 255
+                return proc.returncode
+            if pid == proc.pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                return proc.returncode
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+    finally:
+        os.close(fd)
+
+
 async def _wait_group_gone(pgid: int, within_s: float) -> bool:
     """Wait until ``pgid`` has no live member, re-scanning as members exit (they may fork)."""
     deadline = time.monotonic() + within_s
     while True:
+        # The common case first: the leader was reaped and left nothing behind, so the group
+        # is gone and the kernel says so without a scan of /proc (milliseconds per engine).
+        if not _group_exists(pgid):
+            return True
         # A /proc scan takes milliseconds on a busy host: keep it off the event loop.
         members = await asyncio.to_thread(group_members, pgid)
         if not members:
@@ -454,17 +513,28 @@ class SpawnEntry:
         )
 
 
-_RECORD_VERSION: Final = 1
+_RECORD_VERSION: Final = 2
+_LEGACY_VERSION: Final = 1
+_COMPACT_MIN_OPS: Final = 64
 
 
 class SpawnRecord:
-    """The daemon's list of live engines, one JSON file rewritten atomically on every change.
+    """The daemon's list of live engines: an append-only journal with compaction.
 
-    Format: ``{"version": 1, "engines": [<SpawnEntry as an object>, ...]}``. Writes go to a
-    temporary file in the same directory, are fsynced, then ``os.replace``d over the record (and
-    the directory fsynced), so a crash at any instant leaves either the old or the new record.
-    Writes are synchronous and serialised by a lock: an exit's removal runs in a worker thread
-    (off the event loop, after the exit was reported) while a spawn may add on the loop.
+    Format: JSON lines. The first is ``{"version": 2}``; each further line is
+    ``{"add": <SpawnEntry as an object>}`` or ``{"del": <pid>}``. An update appends one short
+    line and fsyncs it, so its cost does not grow with the number of engines (the whole-file
+    rewrite it replaces cost 12 ms for the first engine and 158 ms for the 1000th). Once the
+    journal holds more than twice as many lines as live engines (and at least 64), it is
+    compacted: the live entries are written to a temporary file in the same directory, fsynced
+    and ``os.replace``d over the journal (and the directory fsynced), so compaction costs O(1)
+    per update on average. A crash at any instant leaves a readable record: a rename is atomic
+    and an append torn by a crash can only be the last line, which :meth:`load` ignores (its
+    update never returned, so the engine it describes was never released). The version 1 format
+    (one JSON document) is still read, and replaced by a journal at the first update.
+
+    Writes are synchronous and serialised by a lock; callers on the event loop run them in a
+    worker thread (an fsync costs milliseconds).
     """
 
     def __init__(self, path: Path | str, *, fsync: bool = True) -> None:
@@ -472,6 +542,8 @@ class SpawnRecord:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._entries: dict[int, SpawnEntry] = {e.pid: e for e in self.load(self.path)}
+        # Lines in the journal now; None: the file is absent or not a journal (rewrite first).
+        self._lines: int | None = self._journal_lines()
 
     @staticmethod
     def load(path: Path | str) -> list[SpawnEntry]:
@@ -483,43 +555,78 @@ class SpawnRecord:
         except FileNotFoundError:
             return []
         try:
-            doc = json.loads(raw)
-            if isinstance(doc, list):  # tolerate a bare list of entries
-                doc = {"version": _RECORD_VERSION, "engines": doc}
-            if doc.get("version") != _RECORD_VERSION:
-                raise ValueError(f"unsupported version {doc.get('version')!r}")
-            return [SpawnEntry.from_json(e) for e in doc["engines"]]
+            return _parse_record(raw)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SpawnRecordError(f"spawn record {p} is unreadable: {exc}") from None
+
+    def _journal_lines(self) -> int | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if not raw.startswith(b'{"version": 2}\n'):
+            return None
+        return raw.count(b"\n")
 
     @property
     def entries(self) -> list[SpawnEntry]:
         return list(self._entries.values())
 
     def add(self, entry: SpawnEntry) -> None:
+        """Record ``entry`` durably (one appended line, fsynced) before returning."""
         with self._lock:
             self._entries[entry.pid] = entry
-            self._write()
+            try:
+                self._append({"add": asdict(entry)})
+            except BaseException:
+                self._entries.pop(entry.pid, None)
+                raise
 
     def remove(self, pid: int) -> None:
+        """Forget ``pid`` durably; a pid not in the record costs nothing."""
         with self._lock:
-            if self._entries.pop(pid, None) is not None:
-                self._write()
+            entry = self._entries.pop(pid, None)
+            if entry is None:
+                return
+            try:
+                self._append({"del": pid})
+            except BaseException:
+                self._entries[pid] = entry
+                raise
 
     def replace_all(self, entries: Iterable[SpawnEntry]) -> None:
         """Rewrite the record with exactly ``entries`` (e.g. after adoption/orphan reaping)."""
         with self._lock:
             self._entries = {e.pid: e for e in entries}
-            self._write()
+            self._rewrite()
 
-    def _write(self) -> None:
-        doc = {"version": _RECORD_VERSION, "engines": [asdict(e) for e in self._entries.values()]}
-        data = json.dumps(doc, indent=1).encode()
+    def _append(self, op: Mapping[str, Any]) -> None:
+        if self._lines is None:
+            self._rewrite()  # absent or a version 1 document: start the journal from the entries
+            return
+        if self._lines > max(_COMPACT_MIN_OPS, 2 * len(self._entries) + 1):
+            self._rewrite()
+            return
+        line = json.dumps(op, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, line)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._lines += 1
+
+    def _rewrite(self) -> None:
+        lines = [b'{"version": 2}\n']
+        lines += [
+            json.dumps({"add": asdict(e)}, separators=(",", ":")).encode() + b"\n" for e in self._entries.values()
+        ]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp.{os.getpid()}.{threading.get_ident()}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.write(b"".join(lines))
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
@@ -527,12 +634,41 @@ class SpawnRecord:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self._lines = len(lines)
         if self.fsync:
             dfd = os.open(self.path.parent, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
+
+
+def _parse_record(raw: bytes) -> list[SpawnEntry]:
+    """Entries of a journal (version 2) or of a version 1 document."""
+    if not raw.startswith(b'{"version": 2}\n'):
+        doc = json.loads(raw)
+        if isinstance(doc, list):  # tolerate a bare list of entries
+            doc = {"version": _LEGACY_VERSION, "engines": doc}
+        if doc.get("version") != _LEGACY_VERSION:
+            raise ValueError(f"unsupported version {doc.get('version')!r}")
+        return [SpawnEntry.from_json(e) for e in doc["engines"]]
+    entries: dict[int, SpawnEntry] = {}
+    lines = raw.split(b"\n")
+    # The text after the last newline is an append a crash tore (or nothing): its update never
+    # returned, so nothing depends on it.
+    for n, line in enumerate(lines[1:-1], start=2):
+        try:
+            op = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"line {n}: {exc}") from None
+        if "add" in op:
+            entry = SpawnEntry.from_json(op["add"])
+            entries[entry.pid] = entry
+        elif "del" in op:
+            entries.pop(int(op["del"]), None)
+        else:
+            raise ValueError(f"line {n}: neither add nor del")
+    return list(entries.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,7 +830,7 @@ class EngineProcess(EngineHandle):
     A gated engine (``gate`` is the write end of its gate pipe) is held before ``exec`` until
     :meth:`release`; it never runs if the daemon dies first (the pipe closes and the gate exits)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, *, gate: int | None = None, **kw: Any) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], *, gate: int | None = None, **kw: Any) -> None:
         super().__init__(pid=proc.pid, **kw)
         self.proc = proc
         self._gate = gate
@@ -731,7 +867,7 @@ class EngineProcess(EngineHandle):
         return self.proc.returncode
 
     async def _watch(self) -> None:
-        rc = await self.proc.wait()
+        rc = await wait_child(self.proc)
         self._close_gate()
         info = (
             ExitInfo(exit_code=None, signal=-rc, expected=self.stop_requested)
@@ -806,6 +942,25 @@ def _check_executable(exe: str, env: Mapping[str, str], cwd: Path | str | None) 
         raise SpawnError("not_found", f"cannot spawn engine {exe!r}: executable not found on PATH")
 
 
+async def _popen(args: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen`` in a worker thread. A caller cancelled meanwhile does not leak the
+    child: it is killed and reaped before the cancellation goes on."""
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, **kw)
+
+    fut = asyncio.get_running_loop().run_in_executor(None, start)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            proc: subprocess.Popen[bytes] = await fut
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await wait_child(proc)
+        raise
+
+
 async def spawn(
     argv: Sequence[str],
     *,
@@ -878,16 +1033,20 @@ async def spawn(
         launch = ["/bin/sh", "-c", _GATE_SCRIPT, GATE_NAME, *argv]
     started_at = time.time()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *launch,
-            stdin=gate_r if gate_r is not None else asyncio.subprocess.DEVNULL,
-            stdout=log_fd if log_fd is not None else asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.STDOUT if log_fd is not None else asyncio.subprocess.DEVNULL,
+        # Popen, not asyncio's subprocess: on Python 3.11 asyncio watches each child with a
+        # thread of its own (1,000 engines, 1,000 threads); wait_child watches a pidfd on the
+        # loop instead. The fork runs in a worker thread, as asyncio's own would yield to the
+        # loop: a reply published just before (a command's "accepted") goes out meanwhile.
+        proc = await _popen(
+            launch,
+            stdin=gate_r if gate_r is not None else subprocess.DEVNULL,
+            stdout=log_fd if log_fd is not None else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if log_fd is not None else subprocess.DEVNULL,
             env=full_env,
             cwd=cwd,
             start_new_session=True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
         errno_ = exc.errno if isinstance(exc, OSError) else None
         reason = {
             errno.ENOENT: "not_found",
