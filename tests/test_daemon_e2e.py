@@ -488,3 +488,38 @@ async def test_node_events_never_restart_at_one_when_their_sequence_cannot_be_re
     await js.publish("poold.node.node-a.evt.heartbeat", b"not an event")
     with pytest.raises(PoolManagerError, match="refusing to restart node events at 1"):
         await start_daemon(fresh_nats_server.url)
+
+
+async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_only(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    # Probes every 20 ms: the pool gets every result without NATS; observers see the first
+    # outcomes and then nothing until the outcome changes or health_publish_s passes.
+    shown: list[HealthReport] = []
+
+    async def on_health(msg: Msg) -> None:
+        shown.append(msgspec.json.decode(msg.data, type=HealthReport))
+
+    await nc_fresh.subscribe("poold.health.chat", cb=on_health)
+
+    events = await follow(nc_fresh)
+    daemon = await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **FAKE, "probe_interval_s": 0.02}],
+                                health_publish_s=300.0)  # fmt: skip
+    await ready_pool(nc_fresh, events)
+    assert daemon.runtime is not None
+    actor = daemon.runtime.actors["chat"]
+    (engine,) = actor.engines.values()
+    prober = engine.prober
+    assert prober is not None
+    start = prober.probes
+    async with asyncio.timeout(20):
+        while prober.probes < start + 50:
+            await asyncio.sleep(0.05)  # ok: probes are counted, not announced
+    await nc_fresh.flush()
+    oks = [r for r in shown if r.ok]
+    assert len(oks) == 1, f"{len(oks)} healthy reports shown for {prober.probes} probes"
+    assert all(not r.ok for r in shown[: shown.index(oks[0])])
+    # The pool saw the later probes all the same.
+    seen = daemon.runtime.lifecycle.registry.get("chat").health.last_report_at
+    assert seen is not None and seen > oks[0].ts
+    assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "ready"

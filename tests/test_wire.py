@@ -197,7 +197,7 @@ BODIES: dict[str, Any] = {
     "orphan_reaped": OrphanReaped(pid=5, pgid=5, pool="p"),
     "daemon_started": DaemonStarted(version="0.1.0", pools=["a", "b"], simulated=True),
     "daemon_stopping": DaemonStopping(reason="SIGTERM"),
-    "heartbeat": NodeHeartbeat(gpus=1, memory_total=10, memory_free=5, simulated=True, pools={"a": "ready"}),
+    "heartbeat": NodeHeartbeat(gpus=1, memory_total=10, memory_free=5, simulated=True, states={"ready": 1}),
 }
 
 

@@ -319,6 +319,9 @@ class DaemonConfig(BaseSettings):
     metrics_addr: str | None = None
     """``host:port`` for Prometheus ``/metrics``; None disables it."""
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
+    health_publish_s: Annotated[float, Field(gt=0)] = 30.0
+    """How often a pool's unchanged probe outcome is shown again on ``poold.health.<pool>``
+    (a change is shown at once; the pool itself gets every result directly)."""
     on_shutdown: Literal["stop", "leave"] = "stop"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats: NatsConfig = Field(default_factory=NatsConfig)

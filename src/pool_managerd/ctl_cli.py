@@ -291,7 +291,10 @@ def event_detail(event: Event) -> str:
         case DaemonStopping():
             return b.reason
         case NodeHeartbeat():
-            return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}"
+            pools = ", ".join(f"{n} {state}" for state, n in sorted(b.states.items()))
+            return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}" + (
+                f"; pools: {pools}" if pools else ""
+            )
     raw = msgspec.to_builtins(b)
     return " ".join(f"{k}={v}" for k, v in raw.items() if k != "type")
 

@@ -613,13 +613,19 @@ class DaemonStopping(_EventBody, tag="daemon_stopping", kw_only=True):
 
 
 class NodeHeartbeat(_EventBody, tag="heartbeat", kw_only=True):
-    """Every 10 s: the node is alive; a GPU summary and pool states."""
+    """Every 10 s: the node is alive; a GPU summary and how many pools are in each state.
+
+    A summary, not a list: its size does not grow with the pool count (each pool's state is in
+    its own events and KV snapshot)."""
 
     gpus: int
     memory_total: NonNeg
     memory_free: NonNeg
     simulated: bool
     pools: dict[str, str] = msgspec.field(default_factory=dict)
+    """No longer filled (it listed every pool and its state); kept so older beats still decode."""
+    states: dict[str, NonNeg] = msgspec.field(default_factory=dict)
+    """How many pools this node serves in each lifecycle state."""
     period_s: float | None = None
     """How often this node beats: others judge its silence by its own period, not theirs."""
 

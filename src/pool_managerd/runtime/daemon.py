@@ -95,6 +95,8 @@ ACK_BOUND_S = 2.0
 """How long a step waits for its events' PubAcks before running its effects anyway. Normally
 events are durable before effects run; while NATS is unreachable the pool keeps working and the
 events wait, in order, in the publisher's backlog."""
+ORIGIN_HEADER = "Poold-Node"
+"""Header naming the node whose prober published a health report; the daemon skips its own."""
 
 
 class JetStreamSink:
@@ -181,6 +183,7 @@ class Daemon:
         self._kv_dirty: dict[str, None] = {}
         self._kv_wake = asyncio.Event()
         self._health_sub: Any = None
+        self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
@@ -761,18 +764,28 @@ class Daemon:
     # --- health ----------------------------------------------------------------------------------
 
     def _publish_health(self, report: HealthReport) -> None:
-        """Our prober's results go out on NATS; the daemon consumes them back like any report."""
+        """Show our prober's results to observers on ``poold.health.<pool>``: when the outcome
+        changes, else at most once per ``health_publish_s`` per pool. The pool already has the
+        result (the prober feeds it directly), so a healthy probe costs no NATS message."""
         if self.nc is None or not self.nc.is_connected:
-            # Without NATS the machine still needs its facts: feed the actor directly.
-            if self.runtime is not None:
-                self.runtime.health_report(report)
             return
-        self._spawn(self.nc.publish(self.subjects.health(report.pool), encode(report)), "health-pub")
+        key = (report.ok, report.loading, report.status, report.error, report.engine_pid)
+        now = time.monotonic()
+        last = self._health_shown.get(report.pool)
+        if last is not None and last[0] == key and now - last[1] < self.config.health_publish_s:
+            return
+        self._health_shown[report.pool] = (key, now)
+        self._spawn(
+            self.nc.publish(self.subjects.health(report.pool), encode(report), headers={ORIGIN_HEADER: self.node}),
+            "health-pub",
+        )
 
     async def _on_health(self, msg: Msg) -> None:
         runtime = self.runtime
         if runtime is None:
             return
+        if msg.headers and msg.headers.get(ORIGIN_HEADER) == self.node:
+            return  # our own prober's, shown to observers: the pool had it first
         try:
             pool = self.subjects.parse_health(msg.subject)
             report = HEALTH_DECODER.decode(msg.data)
@@ -825,16 +838,17 @@ class Daemon:
             try:
                 self.metrics.backlog.set(self.publisher.backlog if self.publisher else 0)
                 snap = self.gpu_source()
-                pools: dict[str, str] = {}
+                states: dict[str, int] = {}
                 if self.runtime is not None:
-                    pools = {e.pool: str(e.state) for e in self.runtime.lifecycle.registry}
+                    for e in self.runtime.lifecycle.registry:
+                        states[str(e.state)] = states.get(str(e.state), 0) + 1
                 await self._publish_node(
                     NodeHeartbeat(
                         gpus=len(snap.gpus),
                         memory_total=sum(g.memory_total for g in snap.gpus),
                         memory_free=sum(g.memory_free for g in snap.gpus),
                         simulated=snap.simulated,
-                        pools=pools,
+                        states=states,
                         period_s=self.config.heartbeat_s,
                     )
                 )

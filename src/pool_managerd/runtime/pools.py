@@ -182,11 +182,11 @@ class PoolRuntime:
         return actor.health_report(report)
 
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
-        """Where our own prober's results go: NATS when wired (so others see them), else the actor."""
+        """Where our own prober's results go: straight to the pool (no round trip through NATS),
+        then to ``health_out`` for observers when wired."""
+        actor.health_report(report)
         if self.health_out is not None:
             self.health_out(report)
-        else:
-            actor.health_report(report)
 
     # --- the world as the actors see it --------------------------------------------------------
 
