@@ -365,7 +365,7 @@ async def test_discovery_lists_the_endpoints(fresh_nats_server: NatsServer, star
     await start_daemon(fresh_nats_server.url)
     info = json.loads((await nc_fresh.request("$SRV.INFO.pool-managerd", b"", timeout=5)).data)
     subjects = {ep["subject"] for ep in info["endpoints"]}
-    assert {"poold.cmd.chat.*", "poold.node.node-a.cmd.*"} <= subjects
+    assert subjects == {"poold.cmd.*.*", "poold.node.node-a.cmd.*"}  # one endpoint for all pools, one for the node
     ping = json.loads((await nc_fresh.request("$SRV.PING.pool-managerd", b"", timeout=5)).data)
     assert ping["name"] == "pool-managerd"
     table = await req(nc_fresh, "poold.node.node-a.cmd.lifecycle")
@@ -523,3 +523,44 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
     seen = daemon.runtime.lifecycle.registry.get("chat").health.last_report_at
     assert seen is not None and seen > oks[0].ts
     assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "ready"
+
+
+async def test_a_node_with_many_pools_pages_its_pools_and_keeps_discovery_small(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    from pool_managerd.client import PoolClient
+    from pool_managerd.messages import POOLS_PAGE_MAX
+
+    count = POOLS_PAGE_MAX * 2 + 50
+    names = [f"p{i:04d}" for i in range(count)]
+    await start_daemon(fresh_nats_server.url, pools=[{"id": n, **FAKE} for n in names])
+    seen: list[str] = []
+    after: str | None = None
+    pages = 0
+    while True:
+        body = {} if after is None else {"after": after}
+        msg = await nc_fresh.request("poold.node.node-a.cmd.pools", json.dumps(body).encode(), timeout=10)
+        assert len(msg.data) <= nc_fresh.max_payload
+        page = REPLY_DECODER.decode(msg.data)
+        assert isinstance(page, PoolsReply) and page.total == count, page
+        assert len(page.pools) <= POOLS_PAGE_MAX
+        seen += [s.pool for s in page.pools]
+        pages += 1
+        if page.next is None:
+            break
+        after = page.next
+    assert seen == names and pages == 3
+    merged = await PoolClient(nc_fresh, timeout=10).node("node-a", "pools")
+    assert isinstance(merged, PoolsReply) and [s.pool for s in merged.pools] == names
+    bad = await req(nc_fresh, "poold.node.node-a.cmd.pools", {"limit": POOLS_PAGE_MAX + 1})
+    assert isinstance(bad, Rejected) and bad.code == "bad_request", bad
+
+    # One endpoint for every pool of the node: discovery does not grow with the pool count.
+    info = await nc_fresh.request("$SRV.INFO.pool-managerd", b"", timeout=5)
+    stats = await nc_fresh.request("$SRV.STATS.pool-managerd", b"", timeout=5)
+    assert len(json.loads(info.data)["endpoints"]) == 2
+    assert len(info.data) < 4096 and len(stats.data) < 4096, (len(info.data), len(stats.data))
+    # Commands still reach each pool, and unknown pools are still answered.
+    assert (await req(nc_fresh, f"poold.cmd.{names[-1]}.status")).pool.pool == names[-1]
+    unknown = await req(nc_fresh, "poold.cmd.nope.status")
+    assert isinstance(unknown, Rejected) and unknown.code == "unknown_pool", unknown

@@ -297,3 +297,54 @@ async def test_prober_sees_the_fake_engine_load(fakes: FakeEngines) -> None:
     results = await wait_ready(engine)
     assert results[-1].ok
     assert {r.error for r in results[:-1]} <= {"connection refused", "loading (HTTP 503)"}
+
+
+async def _probes(count: int, port: int) -> tuple[HealthProber, list[ProbeResult]]:
+    results: list[ProbeResult] = []
+    enough = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        if len(results) >= count:
+            enough.set()
+
+    prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady")
+    prober.start()
+    try:
+        await asyncio.wait_for(enough.wait(), 10)
+    finally:
+        await prober.stop()
+    return prober, results
+
+
+async def test_prober_keeps_its_connection_alive_between_probes(fakes: FakeEngines) -> None:
+    engine = await fakes.start(load_time=0.0)
+    await wait_ready(engine)
+    prober, results = await _probes(20, engine.port)
+    assert all(r.ok for r in results)
+    assert prober.connects == 1, f"{prober.connects} connections for {len(results)} probes"
+
+
+async def test_prober_reconnects_when_the_engine_closes_the_connection() -> None:
+    # An engine that answers "Connection: close" (or closes idle connections) costs a reconnect
+    # per probe, never a failed probe.
+    connections = itertools.count(1)
+
+    async def closing(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        next(connections)
+        await r.readuntil(b"\r\n\r\n")
+        await respond(w, b"HTTP/1.1 200 OK")
+
+    async def idle_close(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Keep-alive framing, then the connection is closed after the answer without saying so.
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await w.drain()
+
+    async with server(closing) as port:
+        prober, results = await _probes(5, port)
+    assert all(r.ok for r in results) and prober.connects == len(results) == next(connections) - 1
+    async with server(idle_close) as port:
+        prober, results = await _probes(5, port)
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert prober.connects == len(results)

@@ -54,6 +54,8 @@ from pool_managerd.messages import (
     Event,
     InventoryReply,
     LifecycleReply,
+    PoolsCmd,
+    PoolSnapshot,
     PoolsReply,
     PoolState,
     RejectCode,
@@ -444,7 +446,25 @@ class PoolClient:
     # --- node commands ---------------------------------------------------------------------------
 
     async def node(self, node: str, verb: str, *, timeout: float | None = None) -> NodeReply:
-        """Send a node command (``pools``, ``inventory``, ``lifecycle``) to the daemon of ``node``."""
+        """Send a node command (``pools``, ``inventory``, ``lifecycle``) to the daemon of ``node``.
+
+        ``pools`` is asked page by page (see ``PoolsCmd.after``) and answered as one reply with
+        every page's pools; a page refused midway is the answer."""
+        if verb != "pools":
+            return await self._node_once(node, verb, None, timeout)
+        pools: list[PoolSnapshot] = []
+        after: str | None = None
+        for _ in range(100_000):  # a daemon's pages always advance; this only bounds a broken one
+            reply = await self._node_once(node, verb, after, timeout)
+            if not isinstance(reply, PoolsReply):
+                return reply
+            pools += reply.pools
+            if reply.next is None or reply.next == after:
+                return PoolsReply(node=reply.node, pools=pools, total=reply.total)
+            after = reply.next
+        return _reject("internal", f"node {node}: pools pages do not end", verb=verb)
+
+    async def _node_once(self, node: str, verb: str, after: str | None, timeout: float | None) -> NodeReply:
         try:
             validate_id(node, "node")
         except PoolManagerError as exc:
@@ -455,7 +475,7 @@ class PoolClient:
         wait = self.timeout if timeout is None else timeout
         subject = self.subjects.node_command(node, verb)
         try:
-            msg = await self._request(subject, encode(cls()), wait, None)
+            msg = await self._request(subject, encode(PoolsCmd(after=after) if after else cls()), wait, None)
         except _Denied:
             return _reject("permission_denied", f"permission denied: this NATS user may not ask node {node} for "
                            f"{verb} (the server refused {subject})", verb=verb)  # fmt: skip

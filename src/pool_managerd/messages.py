@@ -239,8 +239,18 @@ class _NodeCommand(_Base, tag_field="type", kw_only=True):
     v: int = SCHEMA_VERSION
 
 
+POOLS_PAGE_MAX = 200
+"""Most pools in one ``pools`` reply (about 300 KB of snapshots, under NATS's default 1 MB max
+payload); a reply is cut shorter still if its encoding would pass the server's max payload."""
+
+
 class PoolsCmd(_NodeCommand, tag="pools", kw_only=True):
-    """List every pool this node owns, with snapshots."""
+    """List the pools this node owns, with snapshots, one page at a time in pool id order."""
+
+    after: Id | None = None
+    """Start after this pool id: the previous page's ``next`` (None: from the first pool)."""
+    limit: Annotated[int, Meta(ge=1, le=POOLS_PAGE_MAX)] = POOLS_PAGE_MAX
+    """Most pools in this page."""
 
 
 class InventoryCmd(_NodeCommand, tag="inventory", kw_only=True):
@@ -378,11 +388,15 @@ class StatusReply(_Base, tag_field="type", tag="status", kw_only=True):
 
 
 class PoolsReply(_Base, tag_field="type", tag="pools", kw_only=True):
-    """Reply to the node ``pools`` command."""
+    """Reply to the node ``pools`` command: one page of the node's pools, in pool id order."""
 
     v: int = SCHEMA_VERSION
     node: str
     pools: list[PoolSnapshot]
+    next: str | None = None
+    """Ask again with ``after`` set to this for the next page; None: this is the last page."""
+    total: NonNeg = 0
+    """How many pools the node owns in all."""
 
 
 class InventoryReply(_Base, tag_field="type", tag="inventory", kw_only=True):

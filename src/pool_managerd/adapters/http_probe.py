@@ -1,9 +1,11 @@
 """HTTP health probing of engines: a raw asyncio HTTP/1.1 client and a scheduled prober.
 
-Stdlib only: one GET per connection (``Connection: close``) is all a health check needs, and it
-costs a connect plus a read of the response head on loopback. 200 is healthy, 503 is llama.cpp's
-"Loading model" (and the usual "not ready yet" of other engines), a refused or timed-out
-connection is an error (vLLM and SGLang do not listen until loaded).
+Stdlib only. :func:`probe` and :func:`http_get` make one GET per connection (``Connection:
+close``); the scheduled :class:`HealthProber` keeps its connection alive between probes (an
+engine that closes it costs a reconnect, nothing more), so a steady probe is a write and a read.
+200 is healthy, 503 is llama.cpp's "Loading model" (and the usual "not ready yet" of other
+engines), a refused or timed-out connection is an error (vLLM and SGLang do not listen until
+loaded).
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ class _ProbeFailure(Exception):
         self.error = error
 
 
-def _request(host: str, port: int, path: str) -> bytes:
+def _request(host: str, port: int, path: str, *, keep_alive: bool = False) -> bytes:
     if not path.startswith("/") or any(c in path for c in " \r\n\t"):
         raise ValueError(f"invalid HTTP path {path!r}")
     host_header = f"[{host}]" if ":" in host else host
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host_header}:{port}\r\nUser-Agent: {_USER_AGENT}\r\n"
-        "Accept: */*\r\nConnection: close\r\n\r\n"
+        f"Accept: */*\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     ).encode("latin-1")
 
 
@@ -131,6 +133,90 @@ async def _exchange(
             writer.transport.abort()
 
 
+def _classify(status: int | None, latency_ms: float, error: str | None = None) -> ProbeResult:
+    if status is None:
+        return ProbeResult(ok=False, status=None, loading=False, latency_ms=latency_ms, error=error)
+    if status == 200:
+        return ProbeResult(ok=True, status=200, loading=False, latency_ms=latency_ms)
+    if status == 503:
+        return ProbeResult(ok=False, status=503, loading=True, latency_ms=latency_ms, error="loading (HTTP 503)")
+    return ProbeResult(ok=False, status=status, loading=False, latency_ms=latency_ms, error=f"HTTP {status}")
+
+
+_KEEP_MAX_BODY = 64 * 1024
+"""A health answer longer than this is read to the end only on a connection that then closes."""
+
+
+class _Connection:
+    """One kept-alive HTTP/1.1 connection to an engine, for a prober's successive GETs.
+
+    A probe on a kept connection costs a write and a read instead of a TCP handshake, a
+    teardown and a TIME_WAIT socket. The connection is dropped (the next probe reconnects)
+    whenever the engine says ``Connection: close``, frames the body in a way that needs reading
+    to the end (no ``Content-Length``), or anything goes wrong.
+    """
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.host = host
+        self.port = port
+        self.request = _request(host, port, path, keep_alive=True)
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._streams is not None
+
+    def close(self) -> None:
+        streams, self._streams = self._streams, None
+        if streams is not None:
+            streams[1].transport.abort()
+
+    async def get(self, connect_timeout_s: float, read_timeout_s: float) -> int:
+        """One GET on the kept connection (opened first if needed); returns the status."""
+        if self._streams is None:
+            try:
+                async with asyncio.timeout(connect_timeout_s):
+                    self._streams = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
+            except TimeoutError:
+                raise _ProbeFailure("connect timeout") from None
+            except ConnectionRefusedError:
+                raise _ProbeFailure("connection refused") from None
+            except OSError as exc:
+                raise _ProbeFailure(f"connect failed: {exc.strerror or exc}") from None
+        reader, writer = self._streams
+        keep = False
+        try:
+            writer.write(self.request)
+            async with asyncio.timeout(read_timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, headers = _parse_head(head)
+                length = headers.get("content-length")
+                keep = (
+                    head.startswith(b"HTTP/1.1")
+                    and "close" not in headers.get("connection", "").lower()
+                    and "transfer-encoding" not in headers
+                    and length is not None
+                    and length.isdigit()
+                    and int(length) <= _KEEP_MAX_BODY
+                )
+                if keep and length is not None:
+                    await reader.readexactly(int(length))
+            return status
+        except TimeoutError:
+            raise _ProbeFailure("read timeout") from None
+        except asyncio.IncompleteReadError:
+            raise _ProbeFailure("connection closed before a complete response") from None
+        except asyncio.LimitOverrunError:
+            raise _ProbeFailure("response head too large") from None
+        except ConnectionResetError:
+            raise _ProbeFailure("connection reset") from None
+        except OSError as exc:
+            raise _ProbeFailure(f"read failed: {exc.strerror or exc}") from None
+        finally:
+            if not keep:
+                self.close()
+
+
 async def probe(
     host: str,
     port: int,
@@ -150,12 +236,7 @@ async def probe(
         return ProbeResult(
             ok=False, status=None, loading=False, latency_ms=(time.monotonic() - t0) * 1000, error=f.error
         )
-    latency_ms = (time.monotonic() - t0) * 1000
-    if status == 200:
-        return ProbeResult(ok=True, status=200, loading=False, latency_ms=latency_ms)
-    if status == 503:
-        return ProbeResult(ok=False, status=503, loading=True, latency_ms=latency_ms, error="loading (HTTP 503)")
-    return ProbeResult(ok=False, status=status, loading=False, latency_ms=latency_ms, error=f"HTTP {status}")
+    return _classify(status, (time.monotonic() - t0) * 1000)
 
 
 async def http_get(
@@ -243,6 +324,9 @@ class HealthProber:
         self._probe_now = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._conn = _Connection(host, port, path)
+        self.connects = 0
+        """TCP connections opened so far (one per probe without keep-alive)."""
 
     @property
     def mode(self) -> ProbeMode:
@@ -303,7 +387,7 @@ class HealthProber:
         while True:
             t_start = loop.time()
             self._probe_now = False
-            result = await probe(self.host, self.port, self.path, self.connect_timeout_s, self.read_timeout_s)
+            result = await self._probe()
             self.probes += 1
             self.last_result = result
             self.consecutive_failures = 0 if result.ok else self.consecutive_failures + 1
@@ -314,6 +398,28 @@ class HealthProber:
             except Exception:
                 log.exception("health prober %s: on_result failed", self.name)
             await self._pause(loop, t_start)
+
+    async def _probe(self) -> ProbeResult:
+        """One GET, on the kept connection when there is one. A kept connection the engine has
+        closed meanwhile (idle timeout, restart) fails at once (closed, reset, broken pipe): that
+        probe is retried once on a fresh connection rather than counted as a failure."""
+        t0 = time.monotonic()
+        for attempt in (0, 1):
+            reused = self._conn.open
+            if not reused:
+                self.connects += 1
+            try:
+                status = await self._conn.get(self.connect_timeout_s, self.read_timeout_s)
+            except _ProbeFailure as f:
+                # A timeout is the engine's answer (or lack of one), whatever the connection.
+                if reused and attempt == 0 and "timeout" not in f.error:
+                    continue
+                return _classify(None, (time.monotonic() - t0) * 1000, f.error)
+            except BaseException:
+                self._conn.close()  # cancelled (stop()): no half-used connection lingers
+                raise
+            return _classify(status, (time.monotonic() - t0) * 1000)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pause(self, loop: asyncio.AbstractEventLoop, t_start: float) -> None:
         gap = self._take_gap()

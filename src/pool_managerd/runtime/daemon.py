@@ -11,6 +11,7 @@ Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush ev
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import signal
@@ -58,6 +59,7 @@ from pool_managerd.messages import (
     InventoryReply,
     LifecycleCmd,
     NodeHeartbeat,
+    PoolsCmd,
     PoolsReply,
     Rejected,
     StopCmd,
@@ -184,6 +186,9 @@ class Daemon:
         self._kv_wake = asyncio.Event()
         self._health_sub: Any = None
         self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
+        self._served: set[str] = set()
+        self._kv_shown: dict[str, tuple[bytes, float]] = {}
+        """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
@@ -285,16 +290,20 @@ class Daemon:
             description="pool-managerd: GPU inference engine pools",
             metadata={"node": self.node, "schema": str(SCHEMA_VERSION)},
         )
-        for pool in owned:
-            await self.service.add_endpoint(
-                EndpointConfig(
-                    name=f"pool-{pool}",
-                    subject=self.subjects.commands_of(pool),
-                    handler=self._on_command,
-                    queue_group=f"poold-{pool}",
-                    metadata={"pool": pool, "node": self.node},
-                )
+        # One endpoint (one subscription) for every pool of this node, the pool taken from the
+        # subject: $SRV.INFO and $SRV.STATS stay the same size whatever the pool count. Every node
+        # hears every pool command; the owner answers, the others (and the catch-all, for pools
+        # nobody serves) stay silent.
+        self._served = set(owned)
+        await self.service.add_endpoint(
+            EndpointConfig(
+                name=f"pools-{self.node}",
+                subject=f"{self.subjects.prefix}.cmd.*.*",
+                handler=self._on_command,
+                queue_group=f"poold-pools-{self.node}",
+                metadata={"node": self.node},
             )
+        )
         await self.service.add_endpoint(
             EndpointConfig(
                 name=f"node-{self.node}",
@@ -610,13 +619,7 @@ class Daemon:
     async def _stand_down(self, pool: str, reason: str) -> None:
         """Another daemon writes this pool now: stop serving its commands and stop acting on it
         (its engine, probes and timers go; nothing more is written for it)."""
-        service = self.service
-        if service is not None:
-            # nats.micro has no public way to remove one endpoint; its endpoint list is the state.
-            for endpoint in [e for e in service._endpoints if e._name == f"pool-{pool}"]:
-                with contextlib.suppress(Exception):
-                    await endpoint._stop()
-                service._endpoints.remove(endpoint)
+        self._served.discard(pool)  # its commands are the new owner's to answer
         if self.runtime is not None and pool in self.runtime.actors:
             await self.runtime.actors[pool].abandon()
         await self._publish_node(PoolFencedEvent(reason=reason, pool=pool))
@@ -659,9 +662,10 @@ class Daemon:
         traceparent = msg_headers.get("traceparent")
         try:
             pool, verb = self.subjects.parse_command(subject)
-        except PoolManagerError as exc:
-            await self._respond(req, rejection(exc.code, exc.message), "other")
-            return
+        except PoolManagerError:
+            return  # the catch-all answers malformed subjects
+        if pool not in self._served:
+            return  # another node's pool, or nobody's: its owner or the catch-all answers
         if self._inflight >= MAX_INFLIGHT_COMMANDS:
             # Bounded work per daemon: past it a client is told to come back, at once.
             busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
@@ -756,10 +760,28 @@ class Daemon:
             elif isinstance(cmd, LifecycleCmd):
                 reply = describe()
             else:
-                reply = PoolsReply(node=self.node, pools=runtime.lifecycle.registry.snapshots())
+                await self._respond_raw(req, self._pools_page(cmd), "node")
+                return
         except PoolManagerError as exc:
             reply = rejection(exc.code, exc.message)
         await self._respond(req, reply, "node")
+
+    def _pools_page(self, cmd: PoolsCmd) -> bytes:
+        """One page of the ``pools`` reply, never over the server's max payload."""
+        runtime = self.runtime
+        assert runtime is not None
+        snaps = sorted(runtime.lifecycle.registry.snapshots(), key=lambda s: s.pool)
+        start = 0 if cmd.after is None else bisect.bisect_right([s.pool for s in snaps], cmd.after)
+        budget = (self.nc.max_payload if self.nc is not None and self.nc.max_payload else 1024 * 1024) - 4096
+        count = min(cmd.limit, len(snaps) - start)
+        while True:
+            page = snaps[start : start + count]
+            more = start + count < len(snaps)
+            body = encode(PoolsReply(node=self.node, pools=page, next=page[-1].pool if more and page else None,
+                                     total=len(snaps)))  # fmt: skip
+            if len(body) <= budget or count <= 1:
+                return body
+            count //= 2
 
     # --- health ----------------------------------------------------------------------------------
 
@@ -825,8 +847,18 @@ class Daemon:
                 if not self._server_supported():
                     self._kv_dirty.clear()
                     break
+                snap = self.runtime.lifecycle.registry.snapshot(pool)
+                # A healthy probe changes only the probe's own figures (heartbeat time, latency,
+                # step time): not worth a put of its own, and a reader sees them at most
+                # snapshot_refresh_s late. Anything else a reader shows is written at once.
+                shown = encode(msgspec.structs.replace(snap, last_heartbeat=None, perf_hints={}, updated_at=0.0))
+                now = time.monotonic()
+                last = self._kv_shown.get(pool)
+                if last is not None and last[0] == shown and now - last[1] < self.config.snapshot_refresh_s:
+                    continue
                 try:
-                    await self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool))
+                    await self.snapshots.put(snap)
+                    self._kv_shown[pool] = (shown, now)
                 except Exception as exc:
                     log.warning("KV snapshot of %s not written (%s); retrying in 1 s", pool, exc)
                     self._kv_dirty[pool] = None

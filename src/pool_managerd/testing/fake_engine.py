@@ -196,19 +196,30 @@ class FakeEngine:
         }
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # HTTP/1.1 keep-alive like llama-server: requests are answered on the same connection
+        # until the client says "Connection: close" or goes away.
+        try:
+            while await self._answer(reader, writer):
+                pass
+        finally:
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the connection is to be closed."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            writer.close()
-            return
+            return False
         if self.hanging:
             # A wedged engine: the kernel accepted the connection, the application never answers.
             await asyncio.get_running_loop().create_future()
+        lines = head.split(b"\r\n")
+        keep = not any(line.lower().startswith(b"connection:") and b"close" in line.lower() for line in lines[1:])
         try:
-            method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            method, target, _version = lines[0].decode("latin-1").split(" ", 2)
         except ValueError:
             status, body = 400, {"error": {"code": 400, "message": "Bad Request"}}
-            method = "GET"
+            method, keep = "GET", False
         else:
             status, body = self.route(method, target)
         payload = json.dumps(body, separators=(",", ":")).encode()
@@ -217,15 +228,16 @@ class FakeEngine:
         )
         writer.write(
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode("latin-1")
+            f"Content-Length: {len(payload)}\r\nConnection: {'keep-alive' if keep else 'close'}\r\n\r\n".encode(
+                "latin-1"
+            )
             + (b"" if method == "HEAD" else payload)
         )
         try:
             await writer.drain()
         except ConnectionError:
-            pass
-        finally:
-            writer.close()
+            return False
+        return keep
 
 
 def _spawn_grandchild(args: argparse.Namespace) -> None:
