@@ -531,3 +531,36 @@ async def test_may_write_holds_the_backlog_in_order_until_it_allows(nc: NATS, js
         seqs = await asyncio.wait_for(asyncio.gather(*futs), WAIT)
     assert seqs == sorted(seqs)
     assert [e.seq for _, e in await collect(read_events(nc, js_ns.subjects, "p1", stream=js_ns.stream))] == [1, 2]
+
+
+async def test_a_backlog_episode_is_logged_once_not_per_step(
+    nc: NATS, js_ns: JsNamespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pool_managerd.runtime import daemon as daemon_mod
+    from pool_managerd.runtime.metrics import Metrics
+
+    await setup_stream(nc, js_ns)
+    writable = False
+    pub = publisher(nc, js_ns, may_write=lambda: writable, retry_initial_s=0.01, retry_max_s=0.02)
+    await pub.start()
+    monkeypatch.setattr(daemon_mod, "ACK_BOUND_S", 0.05)
+    sink = daemon_mod.JetStreamSink(pub, Metrics())
+    caplog.set_level("INFO", logger=daemon_mod.__name__)
+    try:
+        # The log is behind (writes held): twenty steps go on, one warning says so.
+        for seq in range(1, 21):
+            await sink.append(f"p{seq}", [ev(f"p{seq}", 1)])
+        warnings = [r for r in caplog.records if "not yet acknowledged" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        writable = True
+        async with asyncio.timeout(WAIT):
+            await pub.flush()
+        await sink.append("p21", [ev("p21", 1)])  # acked in time: the episode is over
+        assert any("caught up: 20 step(s)" in r.getMessage() for r in caplog.records)
+        # A new episode warns again.
+        writable = False
+        await sink.append("p22", [ev("p22", 1)])
+        assert len([r for r in caplog.records if "not yet acknowledged" in r.getMessage()]) == 2
+        writable = True
+    finally:
+        await pub.close()

@@ -107,17 +107,28 @@ class JetStreamSink:
     def __init__(self, publisher: EventPublisher, metrics: Metrics) -> None:
         self.publisher = publisher
         self.metrics = metrics
+        self._behind = 0
+        """Steps that went on without their acks in the current backlog episode (0: none)."""
 
     async def append(self, pool: str, events: Sequence[Event]) -> None:
         futures: list[asyncio.Future[int]] = []
+        if self._behind and self.publisher.backlog == 0:
+            log.info("event log caught up: %d step(s) had gone on before their events were acknowledged",
+                     self._behind)  # fmt: skip
+            self._behind = 0
         for event in events:
             futures.append(await self._queue(event))
         self.metrics.backlog.set(self.publisher.backlog)
         if futures:
             done, pending = await asyncio.wait(futures, timeout=ACK_BOUND_S)
             if pending:
-                log.warning("pool %s: %d event(s) not yet acknowledged; kept in order in the backlog", pool,
-                            len(pending))  # fmt: skip
+                # Once per episode (until the backlog drains), not per step: a preload of a
+                # thousand pools behind a slow server would otherwise log a thousand warnings.
+                if not self._behind:
+                    log.warning("pool %s: %d event(s) not yet acknowledged after %.0f s; kept in order in the "
+                                "backlog (%d waiting); steps go on meanwhile", pool, len(pending), ACK_BOUND_S,
+                                self.publisher.backlog)  # fmt: skip
+                self._behind += 1
             fenced: PoolFenced | None = None
             for fut in done:
                 exc = fut.exception()
