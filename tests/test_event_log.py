@@ -564,3 +564,24 @@ async def test_a_backlog_episode_is_logged_once_not_per_step(
         writable = True
     finally:
         await pub.close()
+
+
+async def test_read_events_by_pool_matches_one_read_per_pool(nc: NATS, js_ns: JsNamespace) -> None:
+    await setup_stream(nc, js_ns)
+    pub = publisher(nc, js_ns)
+    await pub.start()
+    try:
+        for seq in range(1, 4):
+            for pool in ("a", "b", "c"):
+                await pub.publish(ev(pool, seq))
+            await pub.publish(ev(None, seq))  # node events are not any pool's
+    finally:
+        await pub.close()
+    from pool_managerd.adapters.event_log import read_events_by_pool
+
+    batched = await read_events_by_pool(nc, js_ns.subjects, ["a", "c", "none"], stream=js_ns.stream)
+    for pool in ("a", "c", "none"):
+        one = await collect(read_events(nc, js_ns.subjects, pool=pool, stream=js_ns.stream))
+        assert batched[pool] == one
+    assert [e.seq for _, e in batched["a"]] == [1, 2, 3] and batched["none"] == []
+    assert set(batched) == {"a", "c", "none"}
