@@ -61,6 +61,7 @@ from pool_managerd.messages import (
     LifecycleCmd,
     NodeHeartbeat,
     PoolsCmd,
+    PoolSnapshot,
     PoolsReply,
     Rejected,
     StopCmd,
@@ -199,7 +200,7 @@ class Daemon:
         self._health_sub: Any = None
         self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
         self._served: set[str] = set()
-        self._kv_shown: dict[str, tuple[bytes, float]] = {}
+        self._kv_shown: dict[str, tuple[PoolSnapshot, float]] = {}
         """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
         self.ready = asyncio.Event()
@@ -875,7 +876,7 @@ class Daemon:
                 # A healthy probe changes only the probe's own figures (heartbeat time, latency,
                 # step time): not worth a put of its own, and a reader sees them at most
                 # snapshot_refresh_s late. Anything else a reader shows is written at once.
-                shown = encode(msgspec.structs.replace(snap, last_heartbeat=None, perf_hints={}, updated_at=0.0))
+                shown = msgspec.structs.replace(snap, last_heartbeat=None, perf_hints={}, updated_at=0.0)
                 now = time.monotonic()
                 last = self._kv_shown.get(pool)
                 if last is not None and last[0] == shown and now - last[1] < self.config.snapshot_refresh_s:
