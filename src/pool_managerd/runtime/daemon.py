@@ -99,6 +99,8 @@ ACK_BOUND_S = 2.0
 """How long a step waits for its events' PubAcks before running its effects anyway. Normally
 events are durable before effects run; while NATS is unreachable the pool keeps working and the
 events wait, in order, in the publisher's backlog."""
+OWNER_CHECKS_AT_ONCE = 64
+"""Start-up ownership reads (one per pool) in flight at once."""
 ORIGIN_HEADER = "Poold-Node"
 """Header naming the node whose prober published a health report; the daemon skips its own."""
 
@@ -275,8 +277,17 @@ class Daemon:
         )
         self.runtime.listeners.append(self._after_step)
         owned = []
-        for definition in cfg.definitions():
-            other = await self._other_owner(definition.pool)
+        definitions = list(cfg.definitions())
+        # One read of the log per pool: concurrently (bounded), not one after another (a thousand
+        # pools took seconds here before recovery even began).
+        gate = asyncio.Semaphore(OWNER_CHECKS_AT_ONCE)
+
+        async def owner(pool: str) -> str | None:
+            async with gate:
+                return await self._other_owner(pool)
+
+        others = await asyncio.gather(*(owner(d.pool) for d in definitions))
+        for definition, other in zip(definitions, others, strict=True):
             if other is not None:
                 self.fenced[definition.pool] = other
                 log.error("pool %s is owned by %s; not serving it here", definition.pool, other)
