@@ -862,6 +862,14 @@ class Daemon:
         if runtime is None:
             return
         self.metrics.observe(runtime.lifecycle.registry.get(pool), outcome)
+        if not outcome.events:
+            # A pool's state changes only through its events: a step without any (a healthy
+            # probe, a status read) changed at most the probe's own figures, which the snapshot
+            # carries at most snapshot_refresh_s late. Skipping it here spares building and
+            # comparing a snapshot per probe.
+            last = self._kv_shown.get(pool)
+            if last is not None and time.monotonic() - last[1] < self.config.snapshot_refresh_s:
+                return
         self._mark_dirty(pool)
 
     def _mark_dirty(self, pool: str) -> None:
