@@ -501,6 +501,12 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
         shown.append(msgspec.json.decode(msg.data, type=HealthReport))
 
     await nc_fresh.subscribe("poold.health.chat", cb=on_health)
+    puts: list[bytes] = []
+
+    async def on_put(msg: Msg) -> None:
+        puts.append(msg.data)
+
+    await nc_fresh.subscribe("$KV.*.chat", cb=on_put)
 
     events = await follow(nc_fresh)
     daemon = await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **FAKE, "probe_interval_s": 0.02}],
@@ -511,11 +517,22 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
     (engine,) = actor.engines.values()
     prober = engine.prober
     assert prober is not None
-    start = prober.probes
+    async with asyncio.timeout(20):
+        # Until the ready snapshot is written (the put is acked, so it reached us before the
+        # flush's PONG): from then on only healthy probes happen.
+        while True:
+            written = daemon._kv_shown.get("chat")
+            if written is not None and written[0].health_ready and "chat" not in daemon._kv_dirty:
+                break
+            await asyncio.sleep(0.02)  # ok: the KV writer announces nothing
+    await nc_fresh.flush()
+    start, puts_before = prober.probes, len(puts)
     async with asyncio.timeout(20):
         while prober.probes < start + 50:
             await asyncio.sleep(0.05)  # ok: probes are counted, not announced
     await nc_fresh.flush()
+    # Healthy probes change nothing a reader shows: no snapshot written for them.
+    assert len(puts) == puts_before, f"{len(puts) - puts_before} KV puts for 50 healthy probes"
     oks = [r for r in shown if r.ok]
     assert len(oks) == 1, f"{len(oks)} healthy reports shown for {prober.probes} probes"
     assert all(not r.ok for r in shown[: shown.index(oks[0])])
