@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint check schemas demo bench clean
+.PHONY: test lint check schemas asyncapi demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,21 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## test: lint, type-check, architecture contracts, then the whole suite
-test: lint
+ASYNCAPI := tools/asyncapi
+ASYNCAPI_STAMP := $(ASYNCAPI)/node_modules/.installed
+
+# The official AsyncAPI parser, installed exactly as package-lock.json pins it (no install scripts).
+$(ASYNCAPI_STAMP): $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
+	@command -v npm >/dev/null || { echo "make asyncapi needs node and npm (the AsyncAPI parser is a node package)"; exit 1; }
+	cd $(ASYNCAPI) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(ASYNCAPI_STAMP)
+
+## asyncapi: schemas/asyncapi.json must pass the official AsyncAPI parser (@asyncapi/parser 3.x)
+asyncapi: $(ASYNCAPI_STAMP)
+	node $(ASYNCAPI)/check.mjs schemas/asyncapi.json
+
+## test: lint, type-check, architecture contracts, the AsyncAPI parser, then the whole suite
+test: lint asyncapi
 	$(BIN)/pytest -q
 
 schemas: $(STAMP)
@@ -34,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/replay_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(ASYNCAPI)/node_modules
