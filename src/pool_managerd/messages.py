@@ -41,6 +41,13 @@ class _Base(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=Fals
     """Common base: keyword-only fields; unknown fields are ignored for forward compatibility."""
 
 
+class _State(_Base, kw_only=True, omit_defaults=False):
+    """Base of messages that tell a reader what is true now (status, KV snapshot, ``pools``,
+    ``accepted``): every field is always written, ``null`` or ``0`` included, so an unready pool
+    still says ``"state":"unready"`` and a fully leased one ``"slots_free":0``. The schemas list
+    every field of these as required; the defaults only let older values still decode."""
+
+
 # --------------------------------------------------------------------------------------------
 # GPU inventory
 # --------------------------------------------------------------------------------------------
@@ -284,7 +291,7 @@ RejectCode = Literal[
 """Stable rejection codes. Clients may switch on them; they never change meaning."""
 
 
-class Accepted(_Base, tag_field="type", tag="accepted", kw_only=True):
+class Accepted(_State, tag_field="type", tag="accepted", kw_only=True):
     """The command was applied. ``seq`` is the first pool event it produced and ``last_seq`` the
     last (a drain that completes at once writes two); both are the pool's current sequence when
     it produced none (a no-op reload)."""
@@ -314,7 +321,7 @@ class Rejected(_Base, tag_field="type", tag="rejected", kw_only=True):
     problems: list[Problem] = msgspec.field(default_factory=list)
 
 
-class LeaseInfo(_Base, kw_only=True):
+class LeaseInfo(_State, kw_only=True):
     """One active lease."""
 
     lease_id: str
@@ -322,7 +329,7 @@ class LeaseInfo(_Base, kw_only=True):
     holder: str | None = None
 
 
-class EngineInfo(_Base, kw_only=True):
+class EngineInfo(_State, kw_only=True):
     """The engine process the pool currently runs."""
 
     pid: int
@@ -333,7 +340,7 @@ class EngineInfo(_Base, kw_only=True):
     log_path: str | None = None
 
 
-class PoolSnapshot(_Base, kw_only=True):
+class PoolSnapshot(_State, kw_only=True):
     """A pool's current state and registry fields: the ``status`` reply and the KV value."""
 
     v: int = SCHEMA_VERSION
@@ -365,14 +372,14 @@ class PoolSnapshot(_Base, kw_only=True):
     last_event: str | None = None
 
 
-class StatusReply(_Base, tag_field="type", tag="status", kw_only=True):
+class StatusReply(_State, tag_field="type", tag="status", kw_only=True):
     """Reply to ``status``."""
 
     v: int = SCHEMA_VERSION
     pool: PoolSnapshot
 
 
-class PoolsReply(_Base, tag_field="type", tag="pools", kw_only=True):
+class PoolsReply(_State, tag_field="type", tag="pools", kw_only=True):
     """Reply to the node ``pools`` command."""
 
     v: int = SCHEMA_VERSION

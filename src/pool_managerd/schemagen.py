@@ -50,10 +50,31 @@ def _optional_command_tags(defs: dict[str, Any]) -> dict[str, Any]:
     return defs
 
 
+def _written_fields(cls: type[msgspec.Struct]) -> list[str]:
+    tag = cls.__struct_config__.tag_field
+    return ([tag] if tag else []) + [field.encode_name for field in msgspec.structs.fields(cls)]
+
+
+_ALWAYS_WRITTEN: dict[str, list[str]] = {
+    obj.__name__: _written_fields(obj)
+    for obj in vars(messages).values()
+    if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and not obj.__struct_config__.omit_defaults
+}
+
+
+def _always_present(defs: dict[str, Any]) -> dict[str, Any]:
+    """A message that never omits a field lists every field as required: what a reader can rely
+    on is what the daemon writes, not what msgspec would accept (defaults let old values decode)."""
+    for name, fields in _ALWAYS_WRITTEN.items():
+        if name in defs:
+            defs[name]["required"] = list(fields)
+    return defs
+
+
 def message_schema(name: str, cls: type[msgspec.Struct]) -> dict[str, Any]:
     """The JSON Schema 2020-12 document of one wire message."""
     schema = msgspec.json.schema(cls)
-    _optional_command_tags(schema.get("$defs", {}))
+    _always_present(_optional_command_tags(schema.get("$defs", {})))
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"pool-managerd/{name}.json", "title": name, **schema}
 
 
@@ -218,7 +239,10 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": operations,
-        "components": {"messages": components_messages, "schemas": _asyncapi_schema(_optional_command_tags(schemas))},
+        "components": {
+            "messages": components_messages,
+            "schemas": _asyncapi_schema(_always_present(_optional_command_tags(schemas))),
+        },
     }
 
 
