@@ -290,6 +290,28 @@ RejectCode = Literal[
 ]
 """Stable rejection codes. Clients may switch on them; they never change meaning."""
 
+REJECT_STATUS: dict[str, str] = {
+    "bad_request": "400",
+    "payload_too_large": "413",
+    "invalid_id": "400",
+    "unknown_pool": "404",
+    "unknown_verb": "404",
+    "illegal_transition": "409",
+    "preflight_failed": "422",
+    "placement_failed": "422",
+    "not_ready": "409",
+    "draining": "409",
+    "no_slots": "409",
+    "unknown_lease": "404",
+    "command_id_conflict": "409",
+    "fenced": "503",
+    "unavailable": "503",
+    "internal": "500",
+}
+"""The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
+HTTP-style status). The body keeps the precise ``code``; the header lets generic micro tooling
+see an error."""
+
 
 class Accepted(_State, tag_field="type", tag="accepted", kw_only=True):
     """The command was applied. ``seq`` is the first pool event it produced and ``last_seq`` the

@@ -119,8 +119,9 @@ REJECTION_HEADERS: dict[str, Any] = {
         "Nats-Service-Error": {"type": "string", "description": "the rejection's message (one line)"},
         "Nats-Service-Error-Code": {
             "type": "string",
-            "description": "HTTP-style status of the rejection code, e.g. 400 bad_request, 404 unknown_pool, "
-            "409 illegal_transition (README: error convention)",
+            "description": "HTTP-style status of the body's code: "
+            + ", ".join(f"{code} {status}" for code, status in messages.REJECT_STATUS.items()),
+            "enum": sorted(set(messages.REJECT_STATUS.values())),
         },
     },
     "required": ["Nats-Service-Error", "Nats-Service-Error-Code"],
