@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jsonschema import Draft7Validator, Draft202012Validator
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from referencing import Registry
-from referencing.jsonschema import DRAFT7
 
+from contract_helpers import README, Example, channel_of, matching_reply, message_schema, parse
 from pool_managerd.config import load_config
 from pool_managerd.messages import REJECT_STATUS
 from pool_managerd.runtime import daemon as daemon_module
@@ -32,62 +29,9 @@ from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
 
-REPO = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO / "schemas"
-ASYNCAPI: dict[str, Any] = json.loads((SCHEMAS / "asyncapi.json").read_text())
-_ASYNCAPI_URI = "urn:pool-managerd:asyncapi"
-_REGISTRY: Registry[Any] = Registry().with_resource(_ASYNCAPI_URI, DRAFT7.create_resource(ASYNCAPI))
-
 FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
 
 StartDaemon = Callable[..., Awaitable[Daemon]]
-
-
-# --- the contract as a client reads it -----------------------------------------------------------
-
-
-def message_schema(name: str) -> Draft202012Validator:
-    """The validator of ``schemas/messages/<name>.json``."""
-    return Draft202012Validator(json.loads((SCHEMAS / "messages" / f"{name}.json").read_text()))
-
-
-def _channel_of(subject: str) -> str:
-    """The AsyncAPI channel whose address ``subject`` matches (parameters match one token)."""
-    found = []
-    for name, channel in ASYNCAPI["channels"].items():
-        address = channel.get("address")
-        if not address:
-            continue
-        pattern = re.escape(address).replace(r"\{pool\}", "[^.]+").replace(r"\{node\}", "[^.]+")
-        pattern = pattern.replace(r"\{event\}", "[^.]+")
-        if re.fullmatch(pattern, subject):
-            found.append(name)
-    assert len(found) == 1, f"{subject} matches channels {found}"
-    return found[0]
-
-
-def declared_replies(subject: str) -> dict[str, Draft7Validator]:
-    """Message name → payload validator for every reply the document declares for ``subject``."""
-    channel = _channel_of(subject)
-    ops = [op for op in ASYNCAPI["operations"].values() if op["channel"]["$ref"] == f"#/channels/{channel}"]
-    replies = [op["reply"] for op in ops if "reply" in op]
-    assert len(replies) == 1, f"{subject}: no single request/reply operation"
-    reply_channel = ASYNCAPI["channels"][replies[0]["channel"]["$ref"].split("/")[-1]]
-    out = {}
-    for ref in reply_channel["messages"].values():
-        name = ref["$ref"].split("/")[-1]
-        payload = ASYNCAPI["components"]["messages"][name]["payload"]["$ref"]
-        out[name] = Draft7Validator({"$ref": _ASYNCAPI_URI + payload}, registry=_REGISTRY)
-    return out
-
-
-def matching_reply(subject: str, reply: dict[str, Any]) -> str:
-    """The declared reply message ``reply`` is, or a failure naming what it matched none of."""
-    declared = declared_replies(subject)
-    matches = [name for name, validator in declared.items() if validator.is_valid(reply)]
-    assert matches, f"reply on {subject} is none of {sorted(declared)}: {reply}"
-    return matches[0]
-
 
 # --- the daemon ---------------------------------------------------------------------------------
 
@@ -166,7 +110,7 @@ async def test_every_reply_the_daemon_sends_is_declared_on_its_channel(
 
     async def ask(subject: str, payload: dict[str, Any] | bytes | None = None) -> dict[str, Any]:
         reply = await req(client, subject, payload)
-        seen.add((_channel_of(subject), matching_reply(subject, reply)))
+        seen.add((channel_of(subject), matching_reply(subject, reply)))
         return reply
 
     malformed = b'{"command_id": '
@@ -365,3 +309,34 @@ async def test_a_loading_engine_probed_many_times_writes_few_kv_snapshots(
 async def kv_state(client: NATS, state: str) -> bool:
     value = await kv_value(client, "chat")
     return value is not None and value.get("state") == state
+
+
+# --- the README's requests get the replies it shows ----------------------------------------------
+
+README_REQUESTS = [e for e in parse(README.read_text(encoding="utf-8"))[0] if e.kind == "request"]
+
+
+# Free text or lists whose wording may change without changing the contract; everything else in
+# a shown reply must be what the daemon answers.
+_WORDING = frozenset({"message", "allowed"})
+
+
+def _same(shown: Any, got: Any, where: str = "$") -> list[str]:
+    if isinstance(shown, dict) and isinstance(got, dict):
+        diffs = [f"{where}: keys {sorted(set(shown) ^ set(got))}"] if set(shown) != set(got) else []
+        for key in set(shown) & set(got):
+            if key not in _WORDING:
+                diffs += _same(shown[key], got[key], f"{where}.{key}")
+        return diffs
+    return [] if shown == got else [f"{where}: README {shown!r}, daemon {got!r}"]
+
+
+@pytest.mark.parametrize("example", README_REQUESTS, ids=str)
+async def test_every_readme_request_gets_the_reply_shown(
+    example: Example, fresh_nats_server: NatsServer, start_daemon: StartDaemon, client: NATS
+) -> None:
+    # As the README says: an unready pool "chat" with one slot on node "node-1".
+    await start_daemon(fresh_nats_server.url, node="node-1", pools=[{"id": "chat", "slots": 1, **FAKE}])
+    assert example.body is not None
+    got = await req(client, example.subject, example.body.encode())
+    assert not _same(example.shown, got), f"{example}: " + "; ".join(_same(example.shown, got))
