@@ -218,6 +218,7 @@ async def test_rejections_carry_micro_error_headers_and_count_in_srv_stats(
         ("poold.cmd.chat.drain", {"command_id": cid()}, "illegal_transition"),
         ("poold.cmd.chat.lease", {"command_id": cid(), "ttl_s": -1}, "bad_request"),
         ("poold.cmd.chat.launch", {"command_id": cid()}, "unknown_verb"),
+        ("poold.cmd.chat.preload", {"type": "drain", "command_id": cid()}, "bad_request"),  # type must be the verb
         ("poold.cmd.chat.release", {"command_id": cid(), "lease_id": "nope"}, "unknown_lease"),
         ("poold.cmd.chat.status", b"[", "bad_request"),
     ]
