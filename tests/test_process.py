@@ -368,3 +368,25 @@ async def test_adopt_watches_and_stops_an_engine(fakes: FakeEngines, tmp_path: P
     assert (await asyncio.wait_for(engine.wait(), DEADLINE_S)).signal == signal.SIGKILL
     assert SpawnRecord.load(record.path) == []
     assert AdoptedProcess.adopt(entry) is None
+
+
+async def test_wait_pid_exit_works_with_descriptors_above_1024() -> None:
+    # A daemon with many engines holds more than 1024 descriptors; the exit watcher must not depend
+    # on an API (select) that refuses them.
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        proc = await asyncio.create_subprocess_exec("sleep", "30")
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        assert probe > 1024, "the test must run with descriptors above 1024"
+        waiter = asyncio.ensure_future(wait_pid_exit(proc.pid, DEADLINE_S))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        proc.kill()
+        await proc.wait()
+        assert await waiter
+        # Already gone: the immediate check answers without waiting.
+        assert await wait_pid_exit(proc.pid, 0.0)
+    finally:
+        for fd in filler:
+            os.close(fd)

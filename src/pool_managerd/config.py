@@ -8,6 +8,7 @@ anything. Engine presets fill in argv templates and supervision defaults per eng
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from pool_managerd.adapters.gpu_profiles import SIM_PREFIX, list_profiles
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.lifecycle.supervision import RestartPolicy
@@ -25,6 +27,8 @@ from pool_managerd.messages import EngineSpec
 from pool_managerd.subjects import ID_RE
 
 EngineKind = Literal["llamacpp", "vllm", "tgi", "sglang", "custom", "fake"]
+
+PREFIX_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 PLACEHOLDERS = ("{model}", "{port}", "{host}", "{tensor_split}", "{n_gpus}")
 
@@ -109,7 +113,8 @@ PRESETS: dict[str, Preset] = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are floats to pydantic; a timeout of inf never fires, so refuse them everywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RestartConfig(_Strict):
@@ -265,6 +270,18 @@ class NatsConfig(_Strict):
     event_max_age_s: Annotated[float, Field(gt=0)] | None = 30 * 24 * 3600.0
     publish_backlog: Annotated[int, Field(ge=1)] = 10_000
 
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str) -> str:
+        # The prefix is the first tokens of every subject the daemon builds; a wildcard or an empty
+        # token would make the daemon subscribe to (and answer for) subjects it does not own.
+        if not value or not all(PREFIX_TOKEN_RE.fullmatch(token) for token in value.split(".")):
+            raise ValueError(
+                f"{value!r} is not a subject prefix: dot-separated tokens of letters, digits, '_' and '-' "
+                "(no wildcards, spaces or empty tokens)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _tls_pair(self) -> NatsConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -278,7 +295,7 @@ class DaemonConfig(BaseSettings):
     """The whole daemon configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="POOL_MANAGERD_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="POOL_MANAGERD_", env_nested_delimiter="__", extra="forbid", frozen=True, allow_inf_nan=False
     )
 
     node: str = "node-1"
@@ -300,14 +317,50 @@ class DaemonConfig(BaseSettings):
             raise ValueError(f"{value!r} is not a valid node id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
         return value
 
-    @model_validator(mode="after")
-    def _unique_pools(self) -> DaemonConfig:
-        seen: set[str] = set()
-        for pool in self.pools:
-            if pool.id in seen:
-                raise ValueError(f"pool id {pool.id!r} appears twice")
-            seen.add(pool.id)
-        return self
+    @field_validator("pools")
+    @classmethod
+    def _unique_pools(cls, pools: list[PoolConfig]) -> list[PoolConfig]:
+        first: dict[str, int] = {}
+        for index, pool in enumerate(pools):
+            if pool.id in first:
+                raise ValueError(f"pools[{index}].id {pool.id!r} repeats pools[{first[pool.id]}].id")
+            first[pool.id] = index
+        return pools
+
+    @field_validator("gpus")
+    @classmethod
+    def _known_gpu_source(cls, value: str) -> str:
+        if value == "nvml":
+            return value
+        if value.startswith(SIM_PREFIX):
+            known = list_profiles()
+            if value[len(SIM_PREFIX) :] not in known:
+                raise ValueError(f"unknown simulated GPU profile {value!r}; known: {', '.join(known)}")
+            return value
+        if not Path(value).is_file():
+            raise ValueError(f"{value!r} is neither 'nvml', 'sim:<profile>' nor a readable GPU snapshot file")
+        return value
+
+    @field_validator("run_dir")
+    @classmethod
+    def _run_dir_usable(cls, value: Path) -> Path:
+        # Only what can be known without creating anything: the daemon makes the folder at start.
+        for path in (value, *value.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise ValueError(f"{str(path)!r} exists and is not a directory")
+                break
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _valid_metrics_addr(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or any(c.isspace() for c in host):
+            raise ValueError(f"{value!r} is not host:port (port 0-65535, e.g. '127.0.0.1:9464')")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -348,7 +401,9 @@ def _format(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "(root)"
-        lines.append(f"{source}: {key}: {err['msg']}")
+        # pydantic prefixes our own ValueError texts with "Value error, ": the key already says where.
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
 

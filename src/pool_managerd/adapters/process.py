@@ -323,7 +323,11 @@ async def wait_pid_exit(pid: int, within_s: float | None) -> bool:
     if fd >= 0:
         ready: asyncio.Future[None] = loop.create_future()
         try:
-            if select.select([fd], [], [], 0)[0]:
+            # poll, not select: select() refuses descriptors numbered 1024 and above, which a daemon
+            # watching hundreds of engines reaches (its watchers then died and exits went unseen).
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if poller.poll(0):
                 return True
 
             def on_readable() -> None:
