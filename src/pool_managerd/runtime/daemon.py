@@ -283,7 +283,12 @@ class Daemon:
         for pool in owned:
             self._mark_dirty(pool)
         # Every subscription is known to the server before start() returns: a client that sends
-        # right after must meet the pool's endpoint, never only the catch-all.
+        # right after must meet the pool's endpoint, never only the catch-all. nats-py writes a
+        # flush's PING straight to the socket while SUBs still wait in its pending buffer for the
+        # flusher task, so the first PONG can come back before the server has seen the last SUB
+        # (a request sent then met only the catch-all and timed out). By the time that PONG is
+        # read the flusher has written them, so a second PING follows them on the wire.
+        await self.nc.flush()
         await self.nc.flush()
         self.ready.set()
         log.info("pool-managerd %s on node %s serving %d pool(s) via %s", __version__, self.node, len(owned), self.url)
