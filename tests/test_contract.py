@@ -195,6 +195,10 @@ async def test_state_bearing_fields_are_present_at_their_defaults(
     full = (await req(client, "poold.cmd.chat.status"))["pool"]
     assert (full["slots_free"], full["active_leases"]) == (0, 1)
     await until(lambda: kv_says(slots_free=0, active_leases=1), "the KV snapshot of the fully leased pool")
+    # A change right after a write waits out the coalescing window, and is still written.
+    release = await req(client, "poold.cmd.chat.release", {"command_id": cid(), "lease_id": lease["lease_id"]})
+    assert release["type"] == "accepted"
+    await until(lambda: kv_says(slots_free=1, active_leases=0, leases=[]), "the KV snapshot after the release")
 
 
 # --- rejections follow the nats micro error convention -------------------------------------------

@@ -169,8 +169,6 @@ class Daemon:
         self._kv_wake = asyncio.Event()
         self._kv_written: dict[str, _Written] = {}
         self._kv_timers: dict[str, asyncio.TimerHandle] = {}
-        self.kv_puts = 0
-        """KV snapshot writes so far (what the coalescing saves shows in it)."""
         self._health_sub: Any = None
         self.exit_code = 0
         self.ready = asyncio.Event()
@@ -729,7 +727,6 @@ class Daemon:
                     loop.call_later(1.0, self._kv_wake.set)
                     break
                 self._kv_written[pool] = written
-                self.kv_puts += 1
 
     def _kv_later(self, pool: str, delay: float) -> None:
         """Mark ``pool`` dirty after ``delay``, unless an earlier wake-up is already set."""
@@ -891,11 +888,12 @@ class Daemon:
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
 
     async def _drain_kv(self) -> None:
-        if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
-            return
+        # Every pool is written now, whatever was waiting to coalesce.
         for timer in self._kv_timers.values():
             timer.cancel()
         self._kv_timers.clear()
+        if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
+            return
         for pool in list(self._kv_dirty):
             if pool in self.fenced or pool not in self.runtime.actors:
                 continue
