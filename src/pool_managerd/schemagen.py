@@ -160,7 +160,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         channels[request] = _channel(address, summary, {key: request}, [param])
         channels[f"{request}_reply"] = {
             "address": None,
-            "summary": f"reply to {summary} (the request's reply subject)",
+            "summary": f"every reply to {address} (on the request's reply subject): {', '.join(replies)}",
             "messages": {k: {"$ref": f"#/components/messages/{v}"} for k, v in replies.items()},
         }
         operations[op] = {
