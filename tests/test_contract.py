@@ -306,8 +306,9 @@ async def test_a_loading_engine_probed_many_times_writes_few_kv_snapshots(
     await client.flush()
 
     assert counted >= 40
-    # Every write showed something new; the probes of the loading engine wrote nothing by themselves.
-    assert 2 <= len(puts) <= len(events) + 1, (len(puts), len(events), counted)
+    # Every write showed something new; the probes of the loading engine wrote nothing by themselves
+    # (at most a probe-bookkeeping refresh every KV_PROBE_REFRESH_S, should a slow machine take that long).
+    assert 2 <= len(puts) <= len(events) + 2, (len(puts), len(events), counted)
     assert puts[-1]["state"] == "ready" and puts[-1]["seq"] == len(events)
 
 
