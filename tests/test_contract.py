@@ -99,6 +99,44 @@ async def state_is(nc: NATS, pool: str, state: str) -> bool:
     return bool((await req(nc, f"poold.cmd.{pool}.status"))["pool"]["state"] == state)
 
 
+# --- a client may send as soon as start() returns ---------------------------------------------
+
+
+async def test_start_returns_after_a_ping_that_follows_every_subscription(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What start() promises (a request sent right after meets the pool's endpoint) holds only if
+    # the server has answered a PING written after the endpoints' SUBs. nats-py writes PINGs
+    # straight to the socket and SUBs through its flusher task, so the order is checked on the
+    # daemon's own wire bytes, deterministically.
+    wire: list[bytes] = []
+    connect = Daemon._connect
+
+    async def recording_connect(self: Daemon, urls: list[str]) -> NATS:
+        nc = await connect(self, urls)
+        transport: Any = nc._transport
+        write, writelines = transport.write, transport.writelines
+
+        def record(data: bytes) -> None:
+            wire.append(bytes(data))
+            write(data)
+
+        def record_lines(lines: list[bytes]) -> None:
+            wire.extend(bytes(line) for line in lines)
+            writelines(lines)
+
+        transport.write, transport.writelines = record, record_lines
+        return nc
+
+    monkeypatch.setattr(Daemon, "_connect", recording_connect)
+    await start_daemon(fresh_nats_server.url)
+    sent = list(wire)
+    subs = [i for i, data in enumerate(sent) if data.startswith(b"SUB poold.cmd.chat.* ")]
+    pings = [i for i, data in enumerate(sent) if data.startswith(b"PING")]
+    assert subs, sent
+    assert pings and max(pings) > max(subs), "start() returned before a PING that follows the endpoint's SUB"
+
+
 # --- every reply a subject produces is declared on its channel -----------------------------------
 
 
