@@ -1,20 +1,27 @@
-# One entry point for humans and CI. `make test` works on a fresh machine with python3 and make.
+# One entry point for humans and CI. `make test` works on a fresh machine with python3 (3.11-3.13) and make.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every dependency, pinned with hashes; `make lock` writes it from pyproject.toml.
+LOCKFILE := requirements.lock
+# uv and packaging, pinned with hashes: what `make lock` resolves with.
+LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check schemas asyncapi demo bench clean
+.PHONY: test lint check schemas asyncapi demo bench lock test-pythons clean
 
-$(STAMP): pyproject.toml
+# A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
+# The project goes in last without dependencies or build isolation: its build backend is in the lock too.
+$(STAMP): $(LOCKFILE) pyproject.toml
+	rm -rf $(VENV)
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes -r $(LOCKFILE)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench tools
+	$(BIN)/ruff format --check src tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -46,5 +53,21 @@ bench: $(STAMP)
 	$(BIN)/python bench/command_latency.py
 	$(BIN)/python bench/replay_throughput.py
 
+$(LOCK_TOOLS)/.installed: tools/lock-tools.txt
+	rm -rf $(LOCK_TOOLS)
+	$(PY) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install -q --require-hashes -r tools/lock-tools.txt
+	touch $@
+
+## lock: re-resolve requirements.lock from pyproject.toml, keeping pins that still fit;
+## `make lock UPGRADE=1` moves every pin to the newest version pyproject allows.
+lock: $(LOCK_TOOLS)/.installed
+	$(LOCK_TOOLS)/bin/python tools/lockfile.py write --uv $(LOCK_TOOLS)/bin/uv $(if $(UPGRADE),--upgrade)
+
+## test-pythons: the pure suite on Python 3.11, 3.12 and 3.13, and the schema drift test under each
+## msgspec release the project supports; venvs from the lock, cached under .venvs/
+test-pythons:
+	PY="$(PY)" bash tools/test-pythons.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(ASYNCAPI)/node_modules
+	rm -rf $(VENV) .venvs .pytest_cache .mypy_cache .ruff_cache $(ASYNCAPI)/node_modules

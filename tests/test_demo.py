@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
-def test_demo_runs_to_completion_non_interactively() -> None:
+def test_demo_runs_to_completion_non_interactively(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "pool_managerd", "demo", "--non-interactive"],
+        [sys.executable, "-m", "pool_managerd", "demo", "--non-interactive", "--run-dir", str(run_dir)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -25,3 +27,8 @@ def test_demo_runs_to_completion_non_interactively() -> None:
     assert "embed now serves bge-large-v2" in out  # the reload took
     assert "engine_exited   ready -> restarting" in out  # the crash was noticed and supervised
     assert out.count("engine_ready    preloading -> ready") >= 5
+    # The embedded server enforced the shipped accounts, and the tour needed nothing they refuse.
+    assert (run_dir / "auth" / "admin.json").is_file()
+    server_log = (run_dir / "nats.log").read_text()
+    assert "authorization" in (run_dir / "nats" / "nats-server.conf").read_text()
+    assert "Violation" not in server_log, server_log[-3000:]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pool_managerd.accounts import ROLES, password_env
 from pool_managerd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +37,18 @@ def test_every_file_the_compose_mounts_exists_and_the_config_loads() -> None:
     assert [p.id for p in config.pools] == ["chat-8b", "embed"]
     assert config.metrics_addr and config.metrics_addr.endswith(":9464")
     assert "9464:9464" in doc["services"]["pool-managerd"]["ports"]
+
+
+def test_compose_runs_nats_with_the_shipped_permissions_and_the_daemon_as_its_user() -> None:
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    nats = doc["services"]["nats"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"] if v.startswith("./")}
+    command = nats["command"]
+    conf = command[command.index("-c") + 1]
+    assert (REPO / mounts[conf]).resolve() == (REPO / "deploy" / "nats-server.conf").resolve()
+    # Every password the shipped file reads is passed in, and none has a default.
+    for role in ROLES:
+        assert f"${{{password_env(role)}:?" in nats["environment"][password_env(role)]
+    daemon_env = doc["services"]["pool-managerd"]["environment"]
+    assert daemon_env["POOL_MANAGERD_NATS__USER"] == "daemon"
+    assert password_env("daemon") in daemon_env["POOL_MANAGERD_NATS__PASSWORD"]

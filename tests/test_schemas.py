@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import msgspec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pool_managerd import messages, schemagen
 
@@ -63,6 +69,76 @@ def _ns(out: Path, *, check: bool) -> object:
     import argparse
 
     return argparse.Namespace(out=out, check=check)
+
+
+# --- descriptions do not depend on msgspec's or the interpreter's docstring handling ----------
+
+
+# How a docstring reaches msgspec: as written (Python <= 3.12 with msgspec 0.22), through
+# inspect.cleandoc (msgspec 0.23), or with the indentation of its later lines already gone (the
+# Python 3.13 compiler). The schema text must be the same for all three.
+def _compiler_dedent(doc: str) -> str:
+    first, _, rest = doc.partition("\n")
+    return first + ("\n" + textwrap.dedent(rest) if rest else "")
+
+
+def _struct_classes() -> list[type]:
+    seen: dict[str, type] = {}
+    for obj in vars(messages).values():
+        if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__doc__:
+            seen[obj.__qualname__] = obj
+    return list(seen.values())
+
+
+def test_every_docstring_gives_one_description_however_it_was_dedented() -> None:
+    classes = _struct_classes()
+    # The case that drifted: docstrings of several lines (their indentation differs by version).
+    assert sum("\n" in (c.__doc__ or "") for c in classes) >= 3
+    for cls in classes:
+        raw = cls.__doc__ or ""
+        want = schemagen.clean_text(raw)
+        assert schemagen.clean_text(inspect.cleandoc(raw)) == want, cls.__qualname__
+        assert schemagen.clean_text(_compiler_dedent(raw)) == want, cls.__qualname__
+
+
+def test_generated_descriptions_have_no_common_indent() -> None:
+    for rel, text in schemagen.render().items():
+        if not rel.endswith(".json"):
+            continue
+        for desc in _descriptions(json.loads(text)):
+            later = [line for line in desc.split("\n")[1:] if line]
+            assert not later or min(len(line) - len(line.lstrip(" ")) for line in later) == 0, (rel, desc)
+
+
+def _descriptions(node: object) -> list[str]:
+    if isinstance(node, dict):
+        out = [v for k, v in node.items() if k == "description" and isinstance(v, str)]
+        for k, v in node.items():
+            if not (k == "description" and isinstance(v, str)):
+                out += _descriptions(v)
+        return out
+    if isinstance(node, list):
+        return [d for v in node for d in _descriptions(v)]
+    return []
+
+
+_DOC_LINES = st.lists(
+    st.tuples(st.integers(0, 12), st.text(alphabet="ab `.:-", max_size=12)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(_DOC_LINES, st.integers(0, 8))
+def test_clean_text_agrees_with_cleandoc_and_is_idempotent(lines: list[tuple[int, str]], first_indent: int) -> None:
+    doc = "\n".join(" " * (first_indent if i == 0 else n) + t for i, (n, t) in enumerate(lines))
+    once = schemagen.clean_text(doc)
+    assert schemagen.clean_text(once) == once
+    assert schemagen.clean_text(inspect.cleandoc(doc)) == once
+    assert schemagen.clean_text(_compiler_dedent(doc)) == once
+    if lines[0][1].strip():
+        # A docstring that starts on its first line (this project's style) reads as cleandoc gives it.
+        assert once == inspect.cleandoc("\n".join(line.rstrip() for line in doc.split("\n")))
 
 
 def _refs(node: object) -> list[str]:

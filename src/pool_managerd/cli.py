@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pool_managerd.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
     "replay": ("pool_managerd.replay_cli", "rebuild pool states from the event log, check its invariants"),
     "export": ("pool_managerd.export_cli", "write the event stream as JSONL, replayable offline"),
+    "nats-config": ("pool_managerd.nats_config_cli", "print the nats-server users and permissions (deploy/)"),
 }
 """name → (module exposing ``add_arguments(parser)`` and ``run(args) -> int``, help)."""
 

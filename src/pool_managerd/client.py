@@ -30,9 +30,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self, TypeAlias, cast
@@ -69,6 +70,7 @@ __all__ = [
     "EventStream",
     "NodeInfo",
     "NodeReply",
+    "PermissionDenials",
     "PoolClient",
     "WaitResult",
 ]
@@ -211,16 +213,91 @@ class EventStream:
                 yield event
 
 
+_VIOLATION_RE = re.compile(r'Permissions Violation for (Publish|Subscription) to "([^"]+)"', re.IGNORECASE)
+
+
+class PermissionDenials:
+    """Turns the server's permission refusals into answers.
+
+    A NATS server that refuses a publish says so asynchronously (``-ERR 'Permissions Violation
+    for Publish to "<subject>"'``) and drops the message; the request would only time out. Pass
+    this object as the connection's ``error_cb`` (it forwards everything to ``forward``) and to
+    :class:`PoolClient`: a request the server refused is answered ``permission_denied`` at once.
+    """
+
+    def __init__(self, forward: Callable[[Exception], Any] | None = None) -> None:
+        self._forward = forward
+        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self.refused: list[tuple[str, str]] = []
+        """Every (operation, subject) refused on this connection, in order."""
+
+    async def __call__(self, exc: Exception) -> None:
+        found = _VIOLATION_RE.search(str(exc))
+        if found is not None:
+            what, subject = found.group(1).lower(), found.group(2)
+            self.refused.append((what, subject))
+            for fut in self._waiters.pop(subject, []):
+                if not fut.done():
+                    fut.set_result(what)
+        if self._forward is not None:
+            result = self._forward(exc)
+            if asyncio.iscoroutine(result):
+                await result
+
+    @contextlib.contextmanager
+    def expect(self, subject: str) -> Iterator[asyncio.Future[str]]:
+        """A future resolved when the server refuses ``subject``; forgotten on exit."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(subject, []).append(fut)
+        try:
+            yield fut
+        finally:
+            waiters = self._waiters.get(subject)
+            if waiters is not None and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[subject]
+            fut.cancel()
+
+
 class PoolClient:
     """Typed client of one pool-managerd deployment (one subject prefix) on a NATS connection.
 
-    The connection is the caller's: the client neither connects nor closes it.
+    The connection is the caller's: the client neither connects nor closes it. With
+    ``denials`` (the connection's :class:`PermissionDenials` error callback) a command the server
+    refuses to deliver is answered ``permission_denied`` at once instead of timing out.
     """
 
-    def __init__(self, nc: NATS, prefix: str = DEFAULT_PREFIX, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = 5.0,
+        *,
+        denials: PermissionDenials | None = None,
+    ) -> None:
         self.nc = nc
         self.subjects = Subjects(prefix)
         self.timeout = timeout
+        self.denials = denials
+
+    async def _request(self, subject: str, payload: bytes, wait: float, headers: dict[str, str] | None) -> Msg:
+        """``nc.request``; raises :class:`_Denied` when the server refuses to deliver it."""
+        if self.denials is None:
+            return await self.nc.request(subject, payload, timeout=wait, headers=headers)
+        with self.denials.expect(subject) as refused:
+            request = asyncio.ensure_future(self.nc.request(subject, payload, timeout=wait, headers=headers))
+            waits: set[asyncio.Future[Any]] = {request, refused}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not request.done():
+                    request.cancel()
+                    with contextlib.suppress(BaseException):
+                        await request
+            if not request.done() or request.cancelled():
+                raise _Denied(subject)
+            return request.result()
 
     # --- pool commands ---------------------------------------------------------------------------
 
@@ -277,7 +354,10 @@ class PoolClient:
         wait = self.timeout if timeout is None else timeout
         headers = {"traceparent": traceparent} if traceparent else None
         try:
-            msg = await self.nc.request(subject, payload, timeout=wait, headers=headers)
+            msg = await self._request(subject, payload, wait, headers)
+        except _Denied:
+            return _reject("permission_denied", f"permission denied: this NATS user may not send {verb} to pool "
+                           f"{pool} (the server refused {subject})", pool=pool, verb=verb, command_id=cid)  # fmt: skip
         except nats.errors.NoRespondersError:
             return _reject("unknown_pool", f"no daemon serves pool {pool!r}", pool=pool, verb=verb, command_id=cid)
         except nats.errors.TimeoutError:
@@ -373,8 +453,12 @@ class PoolClient:
         if cls is None:
             return _reject("unknown_verb", f"unknown node verb {verb!r}; known: {', '.join(NODE_COMMANDS)}", verb=verb)
         wait = self.timeout if timeout is None else timeout
+        subject = self.subjects.node_command(node, verb)
         try:
-            msg = await self.nc.request(self.subjects.node_command(node, verb), encode(cls()), timeout=wait)
+            msg = await self._request(subject, encode(cls()), wait, None)
+        except _Denied:
+            return _reject("permission_denied", f"permission denied: this NATS user may not ask node {node} for "
+                           f"{verb} (the server refused {subject})", verb=verb)  # fmt: skip
         except nats.errors.NoRespondersError:
             return _reject("unavailable", f"no daemon serves node {node!r}", verb=verb)
         except nats.errors.TimeoutError:
@@ -513,6 +597,12 @@ class PoolClient:
             await _follow(stream, result, after_seq=reply.pool.seq, command_id=None, deadline=deadline,
                           on_event=on_event, stop_at_rest=False)  # fmt: skip
             return result
+
+
+class _Denied(Exception):
+    def __init__(self, subject: str) -> None:
+        super().__init__(subject)
+        self.subject = subject
 
 
 class _LocalReject(PoolManagerError):

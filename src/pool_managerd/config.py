@@ -259,6 +259,9 @@ class NatsConfig(_Strict):
     user: str | None = None
     password: str | None = None
     token: str | None = None
+    inbox_prefix: str | None = None
+    """Where replies to this client go; default ``_INBOX.<user>`` with a ``user`` (what the
+    shipped permissions allow each user), else nats-py's ``_INBOX``."""
     tls_ca_file: Path | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -280,6 +283,13 @@ class NatsConfig(_Strict):
                 f"{value!r} is not a subject prefix: dot-separated tokens of letters, digits, '_' and '-' "
                 "(no wildcards, spaces or empty tokens)"
             )
+        return value
+
+    @field_validator("inbox_prefix")
+    @classmethod
+    def _valid_inbox(cls, value: str | None) -> str | None:
+        if value is not None and not all(PREFIX_TOKEN_RE.fullmatch(token) for token in value.split(".")):
+            raise ValueError(f"{value!r} is not an inbox prefix: dot-separated literal subject tokens")
         return value
 
     @model_validator(mode="after")

@@ -23,15 +23,18 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TextIO, cast, get_args
 
 import msgspec
-import nats
-import nats.errors
-from nats.aio.client import Client as NATS
 
-from pool_managerd.client import CommandReply, NodeReply, PoolClient, WaitResult
+from pool_managerd.cli_connect import (
+    TargetError,
+    add_connection_arguments,
+    connect,
+    resolve_target,
+)
+from pool_managerd.client import CommandReply, NodeReply, PermissionDenials, PoolClient, WaitResult
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.messages import (
     NODE_COMMANDS,
@@ -67,15 +70,13 @@ from pool_managerd.messages import (
     encode,
 )
 from pool_managerd.placement import format_bytes
-from pool_managerd.subjects import DEFAULT_PREFIX, Subjects
+from pool_managerd.subjects import Subjects
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
-URL_ENV = "POOL_MANAGERD_URL"
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
 NODE_VERBS: tuple[str, ...] = tuple(NODE_COMMANDS)
@@ -113,19 +114,6 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
-
-
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--url``, ``--prefix`` and ``--timeout`` (shared with ``watch``)."""
-    parser.add_argument(
-        "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_URL),
-        help=f"NATS server URL (default: ${URL_ENV} or {DEFAULT_URL})",
-    )
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"subject prefix (default: {DEFAULT_PREFIX})")
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, metavar="S", help="seconds to wait for NATS and for a reply (default 5)"
-    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +181,13 @@ def _parse_argv(text: str) -> list[str]:
     return value
 
 
+def default_role(verb: str) -> str:
+    """The least role that may send ``verb``: what ``--creds-dir`` uses without ``--role``."""
+    if verb == "reload":
+        return "admin"
+    return "viewer" if verb == "status" or verb in NODE_VERBS else "operator"
+
+
 def wait_target(args: argparse.Namespace) -> PoolState | None:
     """The state ``--wait`` asks for, or None without ``--wait``."""
     if args.wait is None:
@@ -206,50 +201,6 @@ def wait_target(args: argparse.Namespace) -> PoolState | None:
     if args.wait not in STATES:
         raise UsageError(f"--wait {args.wait!r}: not a state (one of: {', '.join(STATES)})")
     return cast(PoolState, args.wait)
-
-
-# --------------------------------------------------------------------------------------------
-# Connecting
-# --------------------------------------------------------------------------------------------
-
-
-async def _quiet(exc: Exception) -> None:
-    return None
-
-
-async def connect(
-    url: str,
-    timeout: float,
-    *,
-    reconnect_forever: bool = False,
-    reconnected_cb: Callable[[], Awaitable[None]] | None = None,
-) -> NATS:
-    """Connect to ``url`` within ``timeout`` s; raises ``ConnectionError`` with a readable message.
-
-    ``reconnect_forever`` (for ``watch``) keeps reconnecting after a connection is lost; the first
-    connection still has to succeed within ``timeout``. ``reconnected_cb`` runs after each
-    reconnect.
-    """
-    opts: dict[str, Any] = {
-        "servers": [url],
-        "name": "pool-managerd-cli",
-        "connect_timeout": max(0.1, min(timeout, 5.0)),
-        "allow_reconnect": True,
-        # nats-py retries the *first* connect as many times as it may reconnect: one retry keeps a
-        # refused connection fast; -1 would retry it forever (bounded by the wait_for below).
-        "max_reconnect_attempts": -1 if reconnect_forever else 1,
-        "reconnect_time_wait": 0.5 if reconnect_forever else 0.1,
-        "error_cb": _quiet,
-    }
-    if reconnected_cb is not None:
-        opts["reconnected_cb"] = reconnected_cb
-    try:
-        return await asyncio.wait_for(nats.connect(**opts), timeout)
-    except (TimeoutError, nats.errors.Error, OSError) as exc:
-        detail = str(exc) or type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            detail = f"no connection within {timeout:g} s"
-        raise ConnectionError(f"cannot reach NATS at {url}: {detail}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,12 +532,17 @@ async def _main(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be > 0")
     Subjects(args.prefix)  # raises on an invalid prefix
     try:
-        nc = await connect(args.url, args.timeout)
+        target = resolve_target(args, default_role(args.verb))
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+    denials = PermissionDenials()
+    try:
+        nc = await connect(target, args.timeout, error_cb=denials)
     except ConnectionError as exc:
         _print(f"unavailable: {exc}", sys.stderr)
         return EXIT_UNAVAILABLE
     try:
-        client = PoolClient(nc, prefix=args.prefix, timeout=args.timeout)
+        client = PoolClient(nc, prefix=args.prefix, timeout=args.timeout, denials=denials)
         if args.verb in POOL_VERBS:
             return await _pool_command(client, args, fields)
         return await _node_command(client, args)

@@ -192,8 +192,13 @@ async def _main(args: argparse.Namespace) -> int:
     await daemon.start()
     import nats
 
+    from pool_managerd.accounts import load_credentials
+
     assert daemon.url is not None
-    nc = await nats.connect(daemon.url, name="pool-managerd-demo")
+    # The tour reloads a pool, so it connects as admin: the embedded server enforces the accounts.
+    creds = load_credentials(run_dir, "admin")
+    nc = await nats.connect(daemon.url, name="pool-managerd-demo", user=creds.user, password=creds.password,
+                            inbox_prefix=creds.inbox_prefix)  # fmt: skip
     tour = Tour(nc, config.node, args.interactive)
     sub = await nc.subscribe("poold.evt.>", cb=tour.on_event)
     code = 0
@@ -201,8 +206,8 @@ async def _main(args: argparse.Namespace) -> int:
         await tour.run()
         if args.duration > 0:
             print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:\n"
-                  f"   pool-managerd ctl status chat-8b --url {daemon.url}\n"
-                  f"   pool-managerd watch --url {daemon.url}", flush=True)  # fmt: skip
+                  f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}\n"
+                  f"   pool-managerd watch --creds-dir {run_dir}", flush=True)  # fmt: skip
             await asyncio.sleep(args.duration)
         code = 1 if tour.failures else 0
     finally:

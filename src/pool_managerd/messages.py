@@ -286,9 +286,12 @@ RejectCode = Literal[
     "command_id_conflict",
     "fenced",
     "unavailable",
+    "permission_denied",
     "internal",
 ]
-"""Stable rejection codes. Clients may switch on them; they never change meaning."""
+"""Stable rejection codes. Clients may switch on them; they never change meaning.
+``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
+(the connection's user may not publish it), so no daemon saw it."""
 
 REJECT_STATUS: dict[str, str] = {
     "bad_request": "400",
@@ -307,10 +310,12 @@ REJECT_STATUS: dict[str, str] = {
     "fenced": "503",
     "unavailable": "503",
     "internal": "500",
+    "permission_denied": "403",
 }
 """The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
 HTTP-style status). The body keeps the precise ``code``; the header lets generic micro tooling
-see an error."""
+see an error. The daemon never sends ``permission_denied`` (a client answers it itself); its
+status is listed so every code has one."""
 
 
 class Accepted(_State, tag_field="type", tag="accepted", kw_only=True):

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from pool_managerd.cli_connect import add_auth_arguments
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.core.fold import Fold, PoolView
 from pool_managerd.core.upcast import decode_event
@@ -75,13 +75,18 @@ def read_file(path: Path, sel: Selection) -> Iterator[tuple[int, Event]]:
                 yield lineno, event
 
 
-async def read_stream(url: str, prefix: str, sel: Selection) -> AsyncIterator[tuple[int, Event]]:
-    """Events of stream ``POOLD_EVENTS`` as (stream sequence, event)."""
-    import nats
+async def _connect(args: argparse.Namespace) -> Any:
+    from pool_managerd.cli_connect import connect, resolve_target
 
+    return await connect(resolve_target(args, "viewer"), 5.0)
+
+
+async def read_stream(args: argparse.Namespace, sel: Selection) -> AsyncIterator[tuple[int, Event]]:
+    """Events of stream ``POOLD_EVENTS`` as (stream sequence, event), as ``args`` says to connect."""
     from pool_managerd.adapters.event_log import read_events
 
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2)
+    prefix = args.prefix
+    nc = await _connect(args)
     try:
         async for seq, event in read_events(nc, Subjects(prefix), sel.pool, sel.from_seq, sel.until_seq):
             if sel.until_time is not None and event.ts > sel.until_time:
@@ -142,18 +147,16 @@ async def _collect(args: argparse.Namespace, sel: Selection, out: TextIO) -> tup
         for position, event in read_file(args.file, sel):
             take(position, event)
     else:
-        async for position, event in read_stream(args.url, args.prefix, sel):
+        async for position, event in read_stream(args, sel):
             take(position, event)
     return fold, count
 
 
 async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
-    import nats
-
     from pool_managerd.adapters.event_log import SnapshotStore
 
     diffs: list[str] = []
-    nc = await nats.connect(args.url, connect_timeout=5, max_reconnect_attempts=2)
+    nc = await _connect(args)
     try:
         store = await SnapshotStore.open(nc)
         for pool, view in sorted(fold.views.items()):
@@ -178,9 +181,11 @@ async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--url", default=os.environ.get("POOL_MANAGERD_URL", "nats://127.0.0.1:4222"))
+    source.add_argument("--url", help="NATS server URL (default: $POOL_MANAGERD_URL, the credentials' url, "
+                        "or nats://127.0.0.1:4222)")  # fmt: skip
     source.add_argument("--file", type=Path, help="an exported JSONL log instead of the stream")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    add_auth_arguments(parser)
     parser.add_argument("--pool", help="one pool only")
     parser.add_argument("--from-seq", type=int, help="first stream sequence (line number with --file)")
     parser.add_argument("--until-seq", type=int, help="last stream sequence (line number with --file)")
@@ -237,8 +242,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSONL file to write ('-' for stdout)")
-    parser.add_argument("--url", default=os.environ.get("POOL_MANAGERD_URL", "nats://127.0.0.1:4222"))
+    parser.add_argument("--url", help="NATS server URL (default: $POOL_MANAGERD_URL, the credentials' url, "
+                        "or nats://127.0.0.1:4222)")  # fmt: skip
     parser.add_argument("--prefix", default=DEFAULT_PREFIX)
+    add_auth_arguments(parser)
     parser.add_argument("--pool")
     parser.add_argument("--from-seq", type=int)
     parser.add_argument("--until-seq", type=int)
@@ -248,7 +255,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
     sel = Selection(args.pool, args.from_seq, args.until_seq, args.until_time)
     n = 0
-    async for _, event in read_stream(args.url, args.prefix, sel):
+    async for _, event in read_stream(args, sel):
         out.write(encode(event).decode() + "\n")
         n += 1
     return n

@@ -22,13 +22,23 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pool-managerd: invalid configuration:\n{exc.message}", file=sys.stderr)
         return 2
+    from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.runtime import logs
     from pool_managerd.runtime.daemon import Daemon
+    from pool_managerd.testing.nats_server import NatsServerError
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
     daemon = Daemon(config)
     try:
         return asyncio.run(daemon.run_until_stopped())
+    except ConnectFailed as exc:
+        # Wrong credentials, refused TLS or no server within startup_timeout_s: a setup problem,
+        # like an invalid configuration, so the same exit status.
+        print(f"pool-managerd: {exc.message}", file=sys.stderr)
+        return 2
+    except NatsServerError as exc:
+        print(f"pool-managerd: embedded nats-server: {exc}", file=sys.stderr)
+        return 2
     except PoolManagerError as exc:
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
         return 1

@@ -25,6 +25,38 @@ from pool_managerd.subjects import DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STRE
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 
+def clean_text(text: str) -> str:
+    """One dedent for every docstring-derived text, so the bytes written never depend on the library.
+
+    msgspec 0.22 copies ``__doc__`` as written, 0.23 runs it through ``inspect.cleandoc``, and Python
+    3.13 strips the indentation at compile time: three different texts for one docstring. This trims
+    every line's trailing blanks and the blank lines at both ends, then takes the first line without
+    its leading blanks and removes the common indentation of the others. Blank lines go first because
+    cleandoc drops them too; that makes the result a fixed point (``clean_text(clean_text(t)) ==
+    clean_text(t)``), so text one of them already dedented comes out the same as the raw docstring.
+    """
+    lines = [line.rstrip() for line in text.expandtabs(8).split("\n")]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        return ""
+    margin = min((len(line) - len(line.lstrip(" ")) for line in lines[1:] if line), default=0)
+    return "\n".join([lines[0].lstrip(" "), *(line[margin:] for line in lines[1:])])
+
+
+def normalise(node: Any) -> Any:
+    """A copy of a generated schema (or AsyncAPI) tree with every ``description`` run through :func:`clean_text`."""
+    if isinstance(node, dict):
+        return {
+            k: clean_text(v) if k == "description" and isinstance(v, str) else normalise(v) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [normalise(v) for v in node]
+    return node
+
+
 _COMMAND_TYPES: dict[str, str] = {
     cls.__name__: str(cls.__struct_config__.tag)
     for cls in (*messages.POOL_COMMANDS.values(), *messages.NODE_COMMANDS.values())
@@ -75,7 +107,8 @@ def message_schema(name: str, cls: type[msgspec.Struct]) -> dict[str, Any]:
     """The JSON Schema 2020-12 document of one wire message."""
     schema = msgspec.json.schema(cls)
     _always_present(_optional_command_tags(schema.get("$defs", {})))
-    return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"pool-managerd/{name}.json", "title": name, **schema}
+    doc: dict[str, Any] = normalise(schema)
+    return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"pool-managerd/{name}.json", "title": name, **doc}
 
 
 def _channel(address: str, summary: str, messages_: dict[str, str], params: list[str]) -> dict[str, Any]:
@@ -248,7 +281,8 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
 
 
 def _dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    # Every generated JSON file passes here: normalising at the last step covers whatever produced it.
+    return json.dumps(normalise(obj), indent=2, sort_keys=True) + "\n"
 
 
 def render() -> dict[str, str]:

@@ -30,13 +30,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from pool_managerd.adapters.event_log import SnapshotStore, last_event
+from pool_managerd.cli_connect import TargetError, add_connection_arguments, connect, resolve_target
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.ctl_cli import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    add_connection_arguments,
-    connect,
     event_detail,
     format_age,
     format_clock,
@@ -222,8 +221,19 @@ async def _main(args: argparse.Namespace) -> int:
             await store.restart_watch()
         watch.changed.set()
 
+    async def on_error(exc: Exception) -> None:
+        # A refused subscription or read would leave the table silently empty: say so.
+        if "permissions violation" in str(exc).lower():
+            print(f"permission denied: {str(exc).removeprefix('nats: ')}", file=sys.stderr, flush=True)
+
     try:
-        nc = await connect(args.url, args.timeout, reconnect_forever=not args.once, reconnected_cb=on_reconnected)
+        target = resolve_target(args, "viewer")
+    except TargetError as exc:
+        print(f"pool-managerd watch: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        nc = await connect(target, args.timeout, reconnect_forever=not args.once, reconnected_cb=on_reconnected,
+                           error_cb=on_error)  # fmt: skip
     except ConnectionError as exc:
         print(f"unavailable: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import nats
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro import add_service
@@ -27,6 +25,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointConfig, Service
 
 from pool_managerd import __version__
+from pool_managerd.accounts import Credentials, inbox_prefix
 from pool_managerd.adapters.event_log import (
     BacklogFull,
     EventLogError,
@@ -38,6 +37,7 @@ from pool_managerd.adapters.event_log import (
     read_events,
 )
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
+from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.config import DaemonConfig
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.machine import Outcome, describe
@@ -176,6 +176,7 @@ class Daemon:
         self.known_pools: set[str] = set()
         self.removing: set[str] = set()
         self._unclaimed_sub: Any = None
+        self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
 
@@ -203,7 +204,7 @@ class Daemon:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         urls = list(cfg.nats.urls)
         if not urls:
-            urls = [self._start_embedded()]
+            urls = [await self._start_embedded()]
         self.url = urls[0]
         self.nc = await self._connect(urls)
         js = self.nc.jetstream()
@@ -297,14 +298,30 @@ class Daemon:
         except PoolManagerError:
             return False
 
-    def _start_embedded(self) -> str:
+    async def _start_embedded(self) -> str:
+        """Start the embedded nats-server with the shipped accounts and connect as ``daemon``.
+
+        Credentials live in ``<run_dir>/auth`` (0700; one 0600 JSON file per user); ``ctl``,
+        ``watch`` and ``demo`` read them with ``--creds-dir <run_dir>``.
+        """
+        from pool_managerd import accounts
         from pool_managerd.testing.nats_server import NatsServer
 
         store = self.config.run_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log").start()
-        log.info("embedded nats-server (JetStream in %s) at %s", store, self.embedded.url)
-        print(f"embedded NATS at {self.embedded.url}", flush=True)
+        creds = accounts.ensure_credentials(self.config.run_dir)
+        config = accounts.server_config({role: c.password for role, c in creds.items()}, self.config.nats.prefix)
+        self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log", config=config)
+        # Started off the event loop's thread of control: SIGTERM is acted on while it starts.
+        await self.embedded.astart()
+        # A websocket listener (for browser dashboards), where the server has one.
+        websocket_url = getattr(self.embedded, "ws_url", None)
+        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, websocket_url)
+        self._embedded_auth = creds["daemon"]
+        auth_dir = self.config.run_dir / accounts.AUTH_DIR
+        log.info("embedded nats-server (JetStream in %s) at %s; credentials in %s", store, self.embedded.url, auth_dir)
+        print(f"embedded NATS at {self.embedded.url}; credentials (admin, operator, viewer) in {auth_dir}:"
+              f" pool-managerd ctl --creds-dir {self.config.run_dir} ...", flush=True)  # fmt: skip
         return str(self.embedded.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
@@ -331,6 +348,11 @@ class Daemon:
             opts["user"], opts["password"] = cfg.user, cfg.password
         if cfg.token:
             opts["token"] = cfg.token
+        if self._embedded_auth is not None:
+            opts["user"], opts["password"] = self._embedded_auth.user, self._embedded_auth.password
+        inbox = cfg.inbox_prefix or (inbox_prefix(opts["user"]) if opts.get("user") else None)
+        if inbox:
+            opts["inbox_prefix"] = inbox
         if cfg.tls_ca_file or cfg.tls_cert_file:
             import ssl
 
@@ -338,16 +360,10 @@ class Daemon:
             if cfg.tls_cert_file and cfg.tls_key_file:
                 ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
             opts["tls"] = ctx
-        deadline = time.monotonic() + cfg.startup_timeout_s
-        while True:
-            try:
-                # The first connect does not retry by itself; reconnects after it never stop.
-                return await nats.connect(**opts)
-            except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    raise PoolManagerError(f"cannot reach NATS at {', '.join(urls)}: {exc}") from None
-                log.warning("NATS not reachable yet (%s); retrying", exc)
-                await asyncio.sleep(min(1.0, cfg.reconnect_wait_s))
+        who = ", ".join(urls) + (f" as user {opts['user']!r}" if opts.get("user") else "")
+        # The first connect has startup_timeout_s and ends at once on refused credentials or TLS;
+        # reconnects after it never stop.
+        return await first_connect(opts, timeout=cfg.startup_timeout_s, who=who)
 
     async def _other_owner(self, pool: str) -> str | None:
         """The node that writes ``pool``'s events, if that is another node still alive."""
@@ -467,6 +483,10 @@ class Daemon:
     # --- NATS callbacks --------------------------------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
+        if is_permission_violation(exc):
+            # The server refused something this daemon needs: the deployment's permissions are short.
+            log.error("NATS refused an operation (check the daemon user's permissions): %s", exc)
+            return
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
@@ -794,10 +814,22 @@ class Daemon:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await self.start()
-            await self._stopping.wait()
+            # A signal during start-up (a first connect still retrying, a long recovery) ends it.
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stop requested during start-up")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                starting.result()
+                await self._stopping.wait()
         finally:
+            for task in (starting, stopping):
+                task.cancel()
             await self.stop()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,7 +11,9 @@ Guarantees:
   reach it, we decide how it dies), on Linux it gets ``PR_SET_PDEATHSIG=SIGKILL`` so even a
   SIGKILLed owner takes it down, and every live server is killed at interpreter exit;
 * :meth:`NatsServer.restart` comes back on the same port and store dir, so file-stored streams
-  survive a ``kill()`` exactly as they would survive a host crash.
+  survive a ``kill()`` exactly as they would survive a host crash;
+* ``config`` adds server configuration text (accounts, users and permissions), written into one
+  file in the store dir, readable by its owner only (it may hold passwords).
 """
 
 from __future__ import annotations
@@ -155,12 +157,14 @@ class NatsServer:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         die_with_parent: bool = True,
+        config: str | None = None,
     ) -> None:
         self.host = host
         self._fixed_port = port is not None
         self.port: int = port if port is not None else 0
         self._fixed_monitor = monitor_port != 0
         self.monitor_port: int | None = monitor_port
+        self.config = config
         self.server_name = server_name
         self.extra_args = list(extra_args)
         self.binary = binary
@@ -382,7 +386,26 @@ class NatsServer:
             argv += ["-m", str(self.monitor_port)]
         if self.server_name:
             argv += ["-n", self.server_name]
+        conf = self._config_file()
+        if conf is not None:
+            argv += ["-c", str(conf)]
         return argv + self.extra_args
+
+    def _config_file(self) -> Path | None:
+        """The server configuration file, written before each spawn, or None without ``config``.
+
+        Command-line flags win over the file, so the port, store and host given here still hold.
+        """
+        if self.config is None:
+            return None
+        path = self.store_dir / "nats-server.conf"  # JetStream keeps its files under jetstream/
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # passwords: an existing file keeps its mode through O_CREAT
+            os.write(fd, (self.config.rstrip() + "\n").encode("utf-8"))
+        finally:
+            os.close(fd)
+        return path
 
     def _spawn(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
