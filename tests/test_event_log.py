@@ -505,3 +505,29 @@ async def test_snapshot_watch_survives_server_restart(fresh_nats_server: NatsSer
     assert await _expect(q) == ("p1", s2)
     assert await store.get("p1") == s2
     await store.close()
+
+
+async def test_may_write_holds_the_backlog_in_order_until_it_allows(nc: NATS, js_ns: JsNamespace) -> None:
+    """The daemon's gate for servers below the supported version: nothing is written while it
+    says no, nothing is dropped, and the order holds once it says yes."""
+    await setup_stream(nc, js_ns)
+    allowed = False
+    asked = asyncio.Event()
+    calls = 0
+
+    def may_write() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls >= 3:
+            asked.set()
+        return allowed
+
+    async with publisher(nc, js_ns, may_write=may_write, retry_max_s=0.01) as pub:
+        futs = [pub.publish_nowait(ev("p1", n)) for n in (1, 2)]
+        await asyncio.wait_for(asked.wait(), WAIT)  # asked again and again, refused each time
+        assert not any(f.done() for f in futs) and pub.backlog == 2
+        assert (await nc.jetstream().stream_info(js_ns.stream)).state.messages == 0
+        allowed = True
+        seqs = await asyncio.wait_for(asyncio.gather(*futs), WAIT)
+    assert seqs == sorted(seqs)
+    assert [e.seq for _, e in await collect(read_events(nc, js_ns.subjects, "p1", stream=js_ns.stream))] == [1, 2]

@@ -1,4 +1,8 @@
-"""``pool-managerd run --config FILE``: the daemon."""
+"""``pool-managerd run --config FILE``: the daemon.
+
+Exit status: 0 after SIGTERM/SIGINT; 1 when the NATS connection closes for good; 2 for a setup
+problem: an invalid configuration, no NATS connection at start, or a nats-server below the
+supported version (at start, or reached by a reconnect)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 from pool_managerd.config import ConfigError, load_config
 from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.nats_version import NatsServerTooOld
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         return asyncio.run(daemon.run_until_stopped())
+    except NatsServerTooOld as exc:
+        # One line, and before any pool was touched: like a bad configuration, it needs an operator.
+        print(f"pool-managerd: {exc.message}", file=sys.stderr)
+        return 2
     except ConnectFailed as exc:
         # Wrong credentials, refused TLS or no server within startup_timeout_s: a setup problem,
         # like an invalid configuration, so the same exit status.

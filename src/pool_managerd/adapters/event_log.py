@@ -22,6 +22,9 @@ Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and `
   reading the pool's last message: if it carries this event's Msg-Id *and* its exact bytes, the
   event was stored and the publish succeeded; otherwise another writer appended and the pool is
   fenced.
+* nats-server 2.11.x (the oldest supported, see ``pool_managerd.nats_version``) dedupes first:
+  the same resend is acked ``duplicate``. A duplicate ack is checked by bytes too, so either
+  order ends the same way.
 """
 
 from __future__ import annotations
@@ -391,6 +394,10 @@ class EventPublisher:
 
     Cancelling an awaiting :meth:`publish` does not withdraw the event: once queued it is part
     of the log's order and will be written.
+
+    ``may_write()``, when given, is asked before every write; while it says no the backlog waits
+    exactly as it does while disconnected (the daemon uses it to write nothing to a server below
+    its supported version).
     """
 
     def __init__(
@@ -404,6 +411,7 @@ class EventPublisher:
         ack_timeout: float = 5.0,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 1.0,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         if max_backlog < 1:
             raise ValueError("max_backlog must be at least 1")
@@ -416,6 +424,7 @@ class EventPublisher:
         self.ack_timeout = ack_timeout
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.may_write = may_write
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -605,7 +614,7 @@ class EventPublisher:
     async def _publish_one(self, item: _Pending) -> int:
         # Sending while the client is reconnecting would only park a copy in its pending buffer
         # that is flushed later next to our retry; wait for the connection instead.
-        if not self._nc.is_connected:
+        if not self._nc.is_connected or (self.may_write is not None and not self.may_write()):
             raise _Retry
         event = item.event
         pool = event.pool

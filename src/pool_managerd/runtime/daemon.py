@@ -1,6 +1,8 @@
 """The daemon: NATS wiring around the pool runtime.
 
-Start-up: connect (or start an embedded nats-server), ensure the event stream and KV bucket,
+Start-up: connect (or start an embedded nats-server), check the server is at least
+:data:`~pool_managerd.nats_version.NATS_SERVER_FLOOR` (below it: :class:`NatsServerTooOld`
+before anything is created or spawned), ensure the event stream and KV bucket,
 claim the configured pools (a pool another live node writes is fenced here), recover each pool
 from its events, then serve commands through ``nats.micro`` and consume health reports.
 Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush events, exit 0.
@@ -61,6 +63,12 @@ from pool_managerd.messages import (
     encode,
 )
 from pool_managerd.messages import PoolFenced as PoolFencedEvent
+from pool_managerd.nats_version import (
+    NATS_SERVER_FLOOR_TEXT,
+    NatsServerTooOld,
+    ServerVersion,
+    check_server_version,
+)
 from pool_managerd.runtime import logs
 from pool_managerd.runtime.commands import (
     ERROR_CODE_HEADER,
@@ -176,6 +184,8 @@ class Daemon:
         self.known_pools: set[str] = set()
         self.removing: set[str] = set()
         self._unclaimed_sub: Any = None
+        self.server_version: ServerVersion | None = None
+        self.incompatible: NatsServerTooOld | None = None
         self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -207,11 +217,27 @@ class Daemon:
             urls = [await self._start_embedded()]
         self.url = urls[0]
         self.nc = await self._connect(urls)
+        try:
+            self.server_version = check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+        except NatsServerTooOld as exc:
+            # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
+            # and closing on purpose is no lost connection to report.
+            self.incompatible = exc
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            if self.embedded is not None:
+                self.embedded.stop()
+            self._closed.set()
+            raise
         js = self.nc.jetstream()
         await ensure_stream(js, self.subjects, cfg.nats.event_max_age_s)
         self.snapshots = await SnapshotStore.open(js)
         self.publisher = EventPublisher(
-            self.nc, self.subjects, max_backlog=cfg.nats.publish_backlog, on_fenced=self._on_fenced
+            self.nc,
+            self.subjects,
+            max_backlog=cfg.nats.publish_backlog,
+            on_fenced=self._on_fenced,
+            may_write=self._server_supported,
         )
         await self.publisher.start()
         await self._continue_node_sequence(js)
@@ -290,7 +316,8 @@ class Daemon:
         await self.nc.flush()
         await self.nc.flush()
         self.ready.set()
-        log.info("pool-managerd %s on node %s serving %d pool(s) via %s", __version__, self.node, len(owned), self.url)
+        log.info("pool-managerd %s on node %s serving %d pool(s) via %s (nats-server %s; supported: %s or newer)",
+                 __version__, self.node, len(owned), self.url, self.server_version, NATS_SERVER_FLOOR_TEXT)  # fmt: skip
 
     def _simulated(self) -> bool:
         try:
@@ -490,10 +517,43 @@ class Daemon:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and self.incompatible is None:
             log.warning("disconnected from NATS; events wait in the backlog")
 
+    def _server_supported(self) -> bool:
+        """Whether the server this client is connected to now may be written to.
+
+        Checked before every event write as well as on reconnect: nats-py reports the reconnect
+        only after a round trip, and the publisher may already be writing by then."""
+        if self.incompatible is not None:
+            return False
+        if self.nc is None or not self.nc.is_connected:
+            # No verdict mid-reconnect (the new server's INFO may not be in yet); writes wait for
+            # the connection anyway and are asked again once it is up.
+            return True
+        try:
+            check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+        except NatsServerTooOld as exc:
+            self._incompatible_server(exc)
+            return False
+        return True
+
+    def _incompatible_server(self, exc: NatsServerTooOld) -> None:
+        """A reconnect reached a server below the floor: stand down loudly, exit 2.
+
+        Its writes cannot be fenced, so nothing more is written (events, node events, KV
+        snapshots); commands stop being answered; engines are left running, exactly as with
+        ``on_shutdown = "leave"``, for a daemon connected to a supported server to adopt."""
+        if self.incompatible is not None:
+            return
+        self.incompatible = exc
+        log.error("standing down: %s", exc.message)
+        self.exit_code = 2
+        self._stopping.set()
+
     async def _on_reconnected(self) -> None:
+        if not self._server_supported():
+            return
         log.info("reconnected to NATS")
         if self.snapshots is not None:
             self._spawn(self.snapshots.restart_watch(), "kv-rewatch")
@@ -503,7 +563,7 @@ class Daemon:
             self._mark_dirty(pool)
 
     async def _on_closed(self) -> None:
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and self.incompatible is None:
             log.error("NATS connection closed for good; exiting")
             self.exit_code = 1
             self._stopping.set()
@@ -730,6 +790,9 @@ class Daemon:
                     continue
                 if pool in self.fenced:
                     continue  # the snapshot belongs to the pool's new writer now
+                if not self._server_supported():
+                    self._kv_dirty.clear()
+                    break
                 snapshot = self.runtime.lifecycle.registry.snapshot(pool)
                 now = loop.time()
                 written = _Written.of(snapshot, now)
@@ -842,6 +905,9 @@ class Daemon:
             return
         self._stopping.set()
         stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
+        # Standing down from a server below the floor: write nothing more, leave the engines.
+        writable = self.incompatible is None
+        stop = stop and writable
         phase = "commands"
         t0 = time.monotonic()
 
@@ -864,18 +930,22 @@ class Daemon:
         if stop:
             step("stopping pools")
             await self._stop_pools()
-        await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
+        if writable:
+            await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
             step("closing actors")
             await self.runtime.close(stop_engines=stop)
             # The final snapshots say what the pools are now.
             for pool in self.runtime.actors:
                 self._mark_dirty(pool)
-            step("final snapshots")
-            await self._drain_kv()
+            if writable:
+                step("final snapshots")
+                await self._drain_kv()
         if self.publisher is not None:
             step("flushing events")
-            await self.publisher.close(grace_s=5.0)
+            if not writable and self.publisher.backlog:
+                log.error("%d event(s) not written: the server cannot fence them", self.publisher.backlog)
+            await self.publisher.close(grace_s=5.0 if writable else 0.0)
         step("background tasks")
         tasks = list(self._tasks)
         for task in tasks:
@@ -963,6 +1033,26 @@ def _kv_due(last: _Written | None, now: _Written) -> float | None:
         return None
     wait = KV_COALESCE_S if last.shown != now.shown else KV_PROBE_REFRESH_S
     return max(now.at, last.at + wait)
+
+
+def _reported_version(nc: NATS) -> ServerVersion | None:
+    """The version in the connected server's INFO, or None when it gives none we can read."""
+    reported = nc.connected_server_version
+    try:
+        version = ServerVersion(int(reported.major), int(reported.minor), int(reported.patch),
+                                str(reported.prerelease or ""))  # fmt: skip
+    except (ValueError, TypeError):
+        return None
+    # nats-py's stand-in for "no INFO version yet".
+    return None if version.release == (0, 0, 0) and version.prerelease == "unknown" else version
+
+
+def _safe_url(nc: NATS) -> str | None:
+    """The connected server as scheme://host:port: never the credentials a URL may carry."""
+    url = nc.connected_url
+    if url is None or url.hostname is None:
+        return None
+    return f"{url.scheme}://{url.hostname}:{url.port}" if url.port else f"{url.scheme}://{url.hostname}"
 
 
 def _last_writer(events: list[Event]) -> str | None:
