@@ -137,6 +137,34 @@ async def test_start_returns_after_a_ping_that_follows_every_subscription(
     assert pings and max(pings) > max(subs), "start() returned before a PING that follows the endpoint's SUB"
 
 
+@pytest.mark.parametrize("flush", ["shielded", "bare"])
+async def test_a_flush_cancelled_in_flight_leaves_the_connection_working(
+    nats_server: NatsServer, nats_connect: Any, flush: str
+) -> None:
+    # A stop during start-up cancels start() wherever it is, the final flushes included. The
+    # daemon's flush must leave the connection reading; nats-py's own, cancelled while its PING is
+    # out, does not (its PONG then raises in the read loop) -- shown here so the guard stays needed.
+    nc: NATS = await nats_connect(nats_server.url, max_reconnect_attempts=0, allow_reconnect=False)
+    subject = f"t{uuid.uuid4().hex}.echo"
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(b"pong")
+
+    await nc.subscribe(subject, cb=echo)
+    await nc.flush()
+    task = asyncio.ensure_future(daemon_module.flush_through_cancel(nc) if flush == "shielded" else nc.flush())
+    await asyncio.sleep(0)  # the PING is on the wire, the PONG not yet read
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    try:
+        reply = await nc.request(subject, b"", timeout=3)
+        working = reply.data == b"pong"
+    except Exception:
+        working = False
+    assert working == (flush == "shielded")
+
+
 # --- every reply a subject produces is declared on its channel -----------------------------------
 
 

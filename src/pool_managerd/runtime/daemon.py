@@ -313,8 +313,8 @@ class Daemon:
         # flusher task, so the first PONG can come back before the server has seen the last SUB
         # (a request sent then met only the catch-all and timed out). By the time that PONG is
         # read the flusher has written them, so a second PING follows them on the wire.
-        await self.nc.flush()
-        await self.nc.flush()
+        await flush_through_cancel(self.nc)
+        await flush_through_cancel(self.nc)
         self.ready.set()
         log.info("pool-managerd %s on node %s serving %d pool(s) via %s (nats-server %s; supported: %s or newer)",
                  __version__, self.node, len(owned), self.url, self.server_version, NATS_SERVER_FLOOR_TEXT)  # fmt: skip
@@ -1053,6 +1053,19 @@ def _safe_url(nc: NATS) -> str | None:
     if url is None or url.hostname is None:
         return None
     return f"{url.scheme}://{url.hostname}:{url.port}" if url.port else f"{url.scheme}://{url.hostname}"
+
+
+async def flush_through_cancel(nc: NATS) -> None:
+    """``nc.flush()`` that a cancellation (a stop during start-up) cannot break.
+
+    Cancelled mid-flight, nats-py's flush leaves its cancelled PONG future queued; the PONG then
+    raises ``InvalidStateError`` inside the client's read loop, which stops reading, and every
+    later ack, reply and KV write on the connection times out. Shielded, the flush finishes on its
+    own (bounded by nats-py's flush timeout) while the caller is cancelled at once."""
+    flush = asyncio.ensure_future(nc.flush())
+    # Retrieved here, so a flush that fails after its caller left is not an unhandled error.
+    flush.add_done_callback(lambda done: done.cancelled() or done.exception())
+    await asyncio.shield(flush)
 
 
 def _last_writer(events: list[Event]) -> str | None:
