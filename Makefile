@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check compat schemas asyncapi demo bench lock test-pythons clean
+.PHONY: test lint check compat schemas asyncapi demo bench faults lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -18,6 +18,23 @@ $(STAMP): $(LOCKFILE) pyproject.toml
 	$(BIN)/python -m pip install -q --require-hashes -r $(LOCKFILE)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# The web dashboard: npm installs the pinned packages of web/package-lock.json (no install
+# scripts run), esbuild bundles the page into the Python package, which serves it.
+DASH_OUT := src/pool_managerd/dashboard/static
+DASH_STAMP := $(DASH_OUT)/.built
+NPM ?= npm
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && $(NPM) ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+$(DASH_STAMP): web/node_modules/.installed web/build.mjs $(wildcard web/src/*) schemas/lifecycle.json
+	cd web && node build.mjs
+	touch $@
+
+## dashboard: build the web page that `pool-managerd dashboard` and the demo serve
+dashboard: $(DASH_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench tools
@@ -39,7 +56,7 @@ asyncapi: $(ASYNCAPI_STAMP)
 	node $(ASYNCAPI)/check.mjs schemas/asyncapi.json
 
 ## test: lint, type-check, architecture contracts, the AsyncAPI parser, then the whole suite
-test: lint asyncapi
+test: lint dashboard asyncapi
 	$(BIN)/pytest -q
 
 ## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
@@ -50,13 +67,18 @@ compat: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/pool-managerd schemas --out schemas
 
-demo: $(STAMP)
+demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
 
-bench: $(STAMP)
+## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
+faults: $(STAMP)
+	$(BIN)/python bench/faults.py
+
+bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py
 	$(BIN)/python bench/command_latency.py
 	$(BIN)/python bench/replay_throughput.py
+	$(BIN)/python bench/dashboard_render.py
 
 $(LOCK_TOOLS)/.installed: tools/lock-tools.txt
 	rm -rf $(LOCK_TOOLS)
@@ -75,4 +97,4 @@ test-pythons:
 	PY="$(PY)" bash tools/test-pythons.sh
 
 clean:
-	rm -rf $(VENV) .venvs .pytest_cache .mypy_cache .ruff_cache $(ASYNCAPI)/node_modules
+	rm -rf $(VENV) .venvs .pytest_cache .mypy_cache .ruff_cache web/node_modules $(DASH_OUT) $(ASYNCAPI)/node_modules

@@ -112,7 +112,9 @@ def parse(text: str) -> tuple[list[Example], list[str]]:
             line, number = lines[i], start + i
             head = _REQUEST.match(line) or _EVENT.match(line)
             if head is None:
-                if "{" in line:
+                # JSON, as opposed to other braces (a nats-server config block): an object with a
+                # quoted key, on its own or quoted in a command line.
+                if line.lstrip().startswith('{"') or "'{\"" in line:
                     unclaimed.append(f"README.md:{number}: {line}")
                 i += 1
                 continue

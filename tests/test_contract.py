@@ -388,17 +388,11 @@ async def kv_state(client: NATS, state: str) -> bool:
 README_REQUESTS = [e for e in parse(README.read_text(encoding="utf-8"))[0] if e.kind == "request"]
 
 
-# Free text or lists whose wording may change without changing the contract; everything else in
-# a shown reply must be what the daemon answers.
-_WORDING = frozenset({"message", "allowed"})
-
-
 def _same(shown: Any, got: Any, where: str = "$") -> list[str]:
     if isinstance(shown, dict) and isinstance(got, dict):
         diffs = [f"{where}: keys {sorted(set(shown) ^ set(got))}"] if set(shown) != set(got) else []
         for key in set(shown) & set(got):
-            if key not in _WORDING:
-                diffs += _same(shown[key], got[key], f"{where}.{key}")
+            diffs += _same(shown[key], got[key], f"{where}.{key}")
         return diffs
     return [] if shown == got else [f"{where}: README {shown!r}, daemon {got!r}"]
 

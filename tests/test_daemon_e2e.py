@@ -206,6 +206,66 @@ async def test_retry_with_the_same_command_id_is_applied_once(
     assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "ready"
 
 
+async def test_a_retry_is_the_same_command_when_it_decodes_the_same(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url)
+    events = await follow(nc_fresh)
+    first = await nc_fresh.request("poold.cmd.chat.preload", b'{"type":"preload","command_id":"k1"}', timeout=10)
+    # Another key order, another client's spacing, a default written out: the same command.
+    for again in (b'{"command_id":"k1","type":"preload"}', b'{ "command_id" : "k1" }\n',
+                  b'{"command_id":"k1","device_mask":null}'):  # fmt: skip
+        retry = await nc_fresh.request("poold.cmd.chat.preload", again, timeout=10)
+        assert retry.data == first.data, (again, retry.data)
+    await events.wait(reached("chat", "ready"))
+    assert sum(1 for c in events.state_changes("chat") if c.trigger == "preload") == 1
+    # Another value of a field is another command.
+    clash = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": "k1", "model": "other"})
+    assert isinstance(clash, Rejected) and clash.code == "command_id_conflict", clash
+
+
+async def test_events_a_command_causes_carry_its_id_and_traceparent_until_the_next_command(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url)
+    events = await follow(nc_fresh)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": "pre-1"}, headers={"traceparent": trace})
+    assert isinstance(reply, Accepted)
+    await events.wait(reached("chat", "ready"))
+    caused = [(e, h) for e, h in events.items if e.pool == "chat"]
+    kinds = {e.type for e, _ in caused}
+    assert {"engine_spawned", "state_changed", "health_changed"} <= kinds, kinds
+    for event, headers in caused:
+        assert (event.command_id, event.traceparent) == ("pre-1", trace), event
+        assert headers.get("traceparent") == trace
+    # Only the command's own step carries its fingerprint.
+    assert [e.fingerprint is not None for e, _ in caused][:1] == [True]
+    ready = next(e for e, _ in caused if isinstance(e.body, StateChanged) and e.body.dst == "ready")
+    assert ready.fingerprint is None
+    # The next command takes over.
+    mark = len(events.items)
+    stop = await req(nc_fresh, "poold.cmd.chat.stop", {"command_id": "stop-1"})
+    assert isinstance(stop, Accepted)
+    await events.wait(lambda e: e.pool == "chat" and e.type == "engine_exited")
+    later = [e for e, _ in events.items[mark:] if e.pool == "chat"]
+    assert later and all(e.command_id == "stop-1" and e.traceparent is None for e in later), later
+
+
+async def test_illegal_transition_allows_only_verbs_a_client_may_send(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url)
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": cid()})
+    assert isinstance(reply, Rejected) and reply.code == "illegal_transition", reply
+    assert reply.allowed == ["drain", "reload", "stop", "lease", "release", "status"]
+    for fact in ("engine_ready", "engine_exited", "health_lost", "internal_error"):
+        assert fact not in reply.message
+    assert "allowed: drain, reload, stop, lease, release, status" in reply.message
+
+
 @pytest.mark.parametrize(
     ("subject", "payload", "code"),
     [
@@ -231,7 +291,7 @@ async def test_bad_input_gets_a_typed_rejection_and_changes_nothing(
     after = (await req(nc_fresh, "poold.cmd.chat.status")).pool
     assert before is not None and after.state == before.state == "unready"
     if code == "illegal_transition":
-        assert reply.allowed == ["preload"] and reply.state == "unready"
+        assert reply.allowed == ["preload", "status"] and reply.state == "unready"
 
 
 async def test_a_second_daemon_configured_with_the_same_pool_is_fenced(
@@ -414,3 +474,17 @@ async def test_export_then_offline_replay_matches_the_live_replay(
     assert json.loads(offline)["pools"]["chat"]["state"] == "ready"
     rc, only_chat, _ = await _cli("export", "--url", url, "--out", "-", "--pool", "chat")
     assert rc == 0 and {json.loads(line)["pool"] for line in only_chat.splitlines()} == {"chat"}
+
+
+async def test_node_events_never_restart_at_one_when_their_sequence_cannot_be_read(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    from pool_managerd.adapters.event_log import ensure_stream
+    from pool_managerd.core.errors import PoolManagerError
+    from pool_managerd.subjects import Subjects
+
+    js = nc_fresh.jetstream()
+    await ensure_stream(js, Subjects())
+    await js.publish("poold.node.node-a.evt.heartbeat", b"not an event")
+    with pytest.raises(PoolManagerError, match="refusing to restart node events at 1"):
+        await start_daemon(fresh_nats_server.url)

@@ -32,3 +32,6 @@ def test_demo_runs_to_completion_non_interactively(tmp_path: Path) -> None:
     server_log = (run_dir / "nats.log").read_text()
     assert "authorization" in (run_dir / "nats" / "nats-server.conf").read_text()
     assert "Violation" not in server_log, server_log[-3000:]
+    # The web dashboard was served against the embedded server's websocket listener.
+    assert "dashboard: http://127.0.0.1:" in out
+    assert "embedded NATS websocket at ws://127.0.0.1:" in out

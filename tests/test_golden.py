@@ -48,7 +48,8 @@ def test_golden_log_replays_to_the_committed_states(log: Path) -> None:
 def test_golden_log_covers_every_row_of_the_table(log: Path) -> None:
     events = [decode_event(line) for line in log.read_bytes().splitlines() if line.strip()]
     taken = {(e.body.src, e.body.trigger, e.body.dst) for e in events if e.type == "state_changed"}  # type: ignore[union-attr]
-    assert {(r.source, r.trigger, r.dest) for r in ROWS} <= taken
+    # internal_error rows are taken only by a bug (tests/test_machine_properties.py injects one).
+    assert {(r.source, r.trigger, r.dest) for r in ROWS if r.trigger != "internal_error"} <= taken
 
 
 def test_timeline_names_triggers_and_commands() -> None:

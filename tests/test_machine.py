@@ -26,6 +26,7 @@ from pool_managerd.core.machine import (
     TRIGGERS,
     Lifecycle,
     Outcome,
+    client_verbs,
     describe,
     is_legal,
     mermaid,
@@ -197,8 +198,14 @@ def test_table_shape() -> None:
         assert row.source in STATES and row.dest in STATES
         assert row.trigger in ALLOWED[row.source]
         assert is_legal(row.source, row.trigger, row.dest)
-    assert ALLOWED["unready"] == ("preload",)
+    assert ALLOWED["unready"] == ("preload", "internal_error")
     assert ALLOWED["failed"] == ("stop", "reset")
+    # What a client may send: commands only, never internal facts; status always.
+    assert client_verbs("unready") == ("preload", "status")
+    assert client_verbs("ready") == ("drain", "reload", "stop", "lease", "release", "status")
+    assert client_verbs("draining") == ("stop", "release", "status")
+    assert client_verbs("failed") == ("stop", "reset", "status")
+    assert all(DESTINATIONS[(s, "internal_error")] == frozenset({"failed"}) for s in STATES if s != "failed")
     assert "stop" in ALLOWED["preloading"] and "stop" not in ALLOWED["unready"]
     assert DESTINATIONS[("ready", "engine_exited")] == frozenset({"restarting", "failed"})
     assert DESTINATIONS[("draining", "drained")] == frozenset({"unready", "preloading"})
@@ -994,9 +1001,16 @@ def test_illegal_trigger_is_rejected_and_changes_nothing(state: PoolState, cmd: 
     assert isinstance(out.reply, Rejected)
     assert out.reply.code == "illegal_transition"
     assert out.reply.state == state
-    assert out.reply.allowed == list(ALLOWED[state])
+    # ``allowed`` lists what a client may send now: commands only, never internal facts.
+    assert out.reply.allowed == list(client_verbs(state))
+    assert "status" in out.reply.allowed and not set(out.reply.allowed) - {
+        *COMMAND_TRIGGERS,
+        "lease",
+        "release",
+        "status",
+    }
     assert f"{verb!r} is not allowed in state {state!r}" in out.reply.message
-    assert all(trigger in out.reply.message for trigger in ALLOWED[state])
+    assert all(v in out.reply.message for v in client_verbs(state))
     assert out.effects == []
     (event,) = out.events
     assert event.body == CommandRejected(
@@ -1047,8 +1061,11 @@ def test_events_carry_the_command_id_and_traceparent() -> None:
     out = h.cmd(PreloadCmd(command_id="cmd-42"), traceparent="00-abc-def-01")
     assert out.events and all(e.command_id == "cmd-42" for e in out.events)
     assert all(e.traceparent == "00-abc-def-01" for e in out.events)
+    assert all(e.fingerprint and e.fingerprint.startswith("preload:") for e in out.events)
+    # What the command causes later carries it too (not its fingerprint: that marks its own step).
     out, _ = h.spawned()
-    assert out.events and all(e.command_id is None and e.traceparent is None for e in out.events)
+    assert out.events and all(e.command_id == "cmd-42" and e.traceparent == "00-abc-def-01" for e in out.events)
+    assert all(e.fingerprint is None for e in out.events)
     # An explicit command id in the context wins (the shell may pass one through).
     out = h.cmd(StopCmd(command_id="inner"), command_id="outer")
     assert {e.command_id for e in out.events} == {"outer"}

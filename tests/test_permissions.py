@@ -496,7 +496,14 @@ async def test_the_embedded_server_of_run_uses_the_shipped_accounts_with_private
         assert len({c["password"] for c in creds.values()}) == len(ROLES), "passwords are not distinct"
         conf = run_dir / "nats" / "nats-server.conf"
         assert stat.S_IMODE(conf.stat().st_mode) == 0o600
-        assert conf.read_text() == server_config({r: c["password"] for r, c in creds.items()})
+        shipped = server_config({r: c["password"] for r, c in creds.items()})
+        # The shipped users, then the websocket listener for browser dashboards, nothing else.
+        assert conf.read_text().startswith(shipped)
+        ws_port = int(creds["viewer"]["websocket_url"].rsplit(":", 1)[1])
+        assert (
+            conf.read_text()[len(shipped) :]
+            == f'websocket {{\n  host: "127.0.0.1"\n  port: {ws_port}\n  no_tls: true\n}}\n'
+        )
 
         rc, stdout, stderr = await cli("ctl", "status", "chat", "--creds-dir", str(run_dir))
         assert rc == 0 and "unready" in stdout, stdout + stderr

@@ -50,6 +50,8 @@ from pool_managerd.messages import (
     Event,
     EventBody,
     HealthChanged,
+    LeaseGranted,
+    LeaseReleased,
     OrphanReaped,
     PoolSnapshot,
     Rejected,
@@ -198,8 +200,9 @@ class Rig:
     def fail(self, why: str) -> None:
         pytest.fail(f"{why}\nevents seen:\n{self.wire.summary()}")
 
-    async def start(self) -> Event:
-        """Start the daemon; returns its ``daemon_started`` event (published after recovery)."""
+    async def start(self, env: dict[str, str] | None = None) -> Event:
+        """Start the daemon; returns its ``daemon_started`` event (published after recovery).
+        ``env`` is added to the daemon's environment (e.g. a fault point)."""
         assert self.proc is None or self.proc.returncode is not None, "a daemon is already running"
         mark = self.wire.mark()
         self.starts += 1
@@ -211,6 +214,7 @@ class Rig:
                 sys.executable, "-m", "pool_managerd", "run", "--config", str(self.config_path),
                 "--log-format", "text",
                 stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+                env={**os.environ, **(env or {})},
             )  # fmt: skip
         finally:
             os.close(fd)
@@ -445,7 +449,10 @@ async def test_sigkill_mid_preload_resumes_loading_under_the_original_deadline(r
     spawned: dict[str, int] = {}
     for pool in ("slow", "stuck"):
         spawned[pool] = body(await rig.wait(body_of(EngineSpawned, pool), f"{pool}: spawned", start=mark)).pid
-    await rig.kill()  # right after the engine_spawned events: both engines are still loading
+    for pool in ("slow", "stuck"):
+        # Let run (released from its gate once engine_spawned was logged) and answering 503.
+        await rig.wait(body_of(HealthChanged, pool, live=True), f"{pool}: loading", start=mark)
+    await rig.kill()  # both engines are still loading
     assert all(pid_alive(p) for p in spawned.values())
     deadline = {p: body(first(rig.wire.items[mark:], changed(p, dst="preloading"))).deadline_at for p in spawned}
 
@@ -723,3 +730,89 @@ async def test_removed_pool_whose_engine_died_while_down_is_stopped_not_restarte
     events = await finish(rig)
     after = [e for e in events if e.pool == "gone" and e.seq > 0 and e.ts >= rig.wire.items[restart].ts]
     assert not [e for e in after if isinstance(e.body, EngineSpawned)], "the removed pool was started again"
+
+
+# --- crash windows around a spawn, and retries across a restart ------------------------------------
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line contains ``marker``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            stat = Path(f"/proc/{name}/stat").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and stat[stat.rfind(b")") + 2 :][:1] != b"Z":
+            found.append(int(name))
+    return found
+
+
+async def only_processes(marker: str, allowed: set[int], within_s: float = 10.0) -> list[int]:
+    """Wait until every live process carrying ``marker`` is in ``allowed``; returns them."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = processes_with(marker)
+        if set(found) <= allowed or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)  # ok: a process's exit has no event we can wait on from here
+
+
+@pytest.mark.parametrize("fault", ["spawn:after_fork", "spawn:after_record", "spawn:after_release"])
+async def test_a_crash_at_any_point_of_a_spawn_leaves_no_unrecorded_engine(rig: Rig, fault: str) -> None:
+    # The daemon SIGKILLs itself at the fault point (right after the fork, after the spawn record
+    # is durable, right after the engine was let run). Whatever the instant, the restarted daemon
+    # must end up with exactly one engine for the pool, and nothing may outlive the final stop.
+    marker = f"crash-{uuid.uuid4().hex[:12]}"
+    rig.configure([fake_pool("chat", extra_args=["--load-time", "0.1", "--alias", marker])])
+    await rig.start(env={"POOL_MANAGERD_FAULTS": fault})
+    reply = await rig.request("chat", "preload")
+    assert isinstance(reply, Accepted), reply
+    assert rig.proc is not None
+    rc = await asyncio.wait_for(rig.proc.wait(), EVENT_S)
+    assert rc == -signal.SIGKILL, f"the fault point did not fire: exit status {rc}"
+    for pid in processes_with(marker):
+        rig.extra_groups.append(pid)  # killed at teardown whatever happens
+        track_pid(pid)
+
+    mark = rig.wire.mark()
+    await rig.start()
+    await rig.wait(changed("chat", dst="ready"), "chat: ready after the restart", start=mark)
+    snap = await rig.status("chat")
+    assert snap.engine is not None
+    left = await only_processes(marker, {snap.engine.pid})
+    assert left == [snap.engine.pid], f"engines of pool chat running: {left} (current {snap.engine.pid})"
+
+    await finish(rig)
+    assert processes_with(marker) == [], "an engine outlived the daemon's graceful stop"
+
+
+async def test_a_lease_and_a_release_retried_after_a_restart_get_their_first_answers(rig: Rig) -> None:
+    rig.configure([fake_pool("chat", slots=2)])
+    await rig.start()
+    await rig.preload_ready("chat")
+    lease = await rig.request("chat", "lease", command_id="lease-1", ttl_s=300)
+    assert isinstance(lease, Accepted) and lease.lease_id == "lease-1", lease
+    other = await rig.request("chat", "lease", command_id="lease-2", ttl_s=300)
+    assert isinstance(other, Accepted), other
+    released = await rig.request("chat", "release", command_id="rel-2", lease_id="lease-2")
+    assert isinstance(released, Accepted), released
+
+    await rig.kill()
+    await rig.start()
+    # The same commands again, with the keys in another order: the answers are the first ones
+    # and nothing is applied twice.
+    msg = await rig.nc.request("poold.cmd.chat.lease", b'{"ttl_s": 300.0,  "command_id":"lease-1"}', timeout=10)
+    again = REPLY_DECODER.decode(msg.data)
+    assert again == lease
+    msg = await rig.nc.request("poold.cmd.chat.release", b'{"lease_id":"lease-2","command_id":"rel-2"}', timeout=10)
+    assert REPLY_DECODER.decode(msg.data) == released
+    clash = await rig.request("chat", "lease", command_id="lease-1", ttl_s=5)
+    assert isinstance(clash, Rejected) and clash.code == "command_id_conflict", clash
+
+    events = await finish(rig)
+    assert [b.lease_id for b in of(events, "chat", LeaseGranted)] == ["lease-1", "lease-2"]
+    assert [b.lease_id for b in of(events, "chat", LeaseReleased)] == ["lease-2"]

@@ -591,3 +591,77 @@ async def test_close_stops_engines_with_their_spec_grace(h: Harness) -> None:
     took = time.monotonic() - t0
     assert not pid_alive(spawned.pid)
     assert took <= grace + 1.0, f"close took {took:.2f} s for an engine whose stop grace is {grace} s"
+
+
+# ----------------------------------------------------------------------------------------------
+# A step that raises
+# ----------------------------------------------------------------------------------------------
+
+
+async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails_the_pool(h: Harness) -> None:
+    # A bug inside a step: the planner hands back something that is not a Placement, so the
+    # preload row's after-callback raises once the machine has already moved to "preloading".
+    from pool_managerd.lifecycle.preload import plan
+    from pool_managerd.messages import InternalError
+
+    broken = object()
+    h.rt.lifecycle.planner = lambda _request: broken  # type: ignore[assignment,return-value]
+    h.add(knobs=["--load-time", "0.1"])
+    reply = await h.rt.command("p", PreloadCmd(command_id="boom"))
+    assert isinstance(reply, Rejected) and reply.code == "internal", reply
+    assert "Traceback" not in reply.message and "object at 0x" not in reply.message
+    events = h.sink.of("p")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1)), "a sequence gap"
+    error = next(e.body for e in events if isinstance(e.body, InternalError))
+    assert error.code == "step_raised"
+    assert [(c.trigger, c.src, c.dst) for c in h.bodies(StateChanged)] == [("internal_error", "unready", "failed")]
+    snap = (await h.status()).pool
+    assert snap.state == "failed" and snap.engine is None and snap.placement is None
+    assert h.rt.lifecycle.registry.get("p").seq == events[-1].seq
+    assert h.bodies(EngineSpawned) == [], "the broken step's effects ran"
+
+    # The pool is consistent: an operator resets it, and a sound planner preloads it.
+    h.rt.lifecycle.pool("p").planner = plan
+    await h.send(ResetCmd(command_id="reset"))
+    await h.ready()
+    events = h.sink.of("p")
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+class RefusingSink(StampedSink):
+    """Refuses, once, the append of a step that holds an event of type ``refuse`` (a log that
+    cannot take a step: the fault is deterministic, the rest is the real runtime)."""
+
+    def __init__(self, rng: RecordingRandom, refuse: str) -> None:
+        super().__init__(rng)
+        self.refuse: str | None = refuse
+        self.refused: list[Event] = []
+
+    async def append(self, pool: str, events: Sequence[Event]) -> None:
+        if self.refuse is not None and any(e.type == self.refuse for e in events):
+            self.refuse = None
+            self.refused = list(events)
+            raise OSError("the event log refused the append")
+        await super().append(pool, events)
+
+
+async def test_a_step_whose_events_are_not_appended_is_undone_and_its_effects_never_run(tmp_path: Path) -> None:
+    rng = RecordingRandom(7)
+    sink = RefusingSink(rng, refuse="state_changed")
+    options = RuntimeOptions(node="n1", run_dir=tmp_path / "run", probe_options=dict(DAEMON_PROBE_OPTIONS), rng=rng)
+    h = Harness(PoolRuntime(sink, lambda: SNAPSHOT, options), sink, rng, tmp_path)
+    try:
+        h.add(knobs=["--load-time", "0.1"])
+        reply = await h.rt.command("p", PreloadCmd(command_id="first"))
+        assert isinstance(reply, Rejected) and reply.code == "unavailable", reply
+        assert [e.seq for e in sink.refused] == [1]
+        snap = (await h.status()).pool
+        assert snap.state == "unready" and snap.placement is None and snap.seq == 0
+        assert h.rt.actor("p").stats.spawns == 0 and h.rt.actor("p").engines == {}, "the undone step's effects ran"
+        # The log and the pool agree: the next preload is event 1, and it runs.
+        await h.ready()
+        events = sink.of("p")
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        assert events[0].command_id != "first"
+    finally:
+        await h.rt.close()

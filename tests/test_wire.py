@@ -42,6 +42,7 @@ from pool_managerd.messages import (
     GpuSnapshot,
     HealthChanged,
     HealthReport,
+    InternalError,
     InventoryCmd,
     InventoryReply,
     LeaseCmd,
@@ -178,6 +179,7 @@ BODIES: dict[str, Any] = {
         code="preflight_failed", message="no GPU", problems=[Problem(code="no_gpu", message="none", device="0")]
     ),
     "command_rejected": CommandRejected(verb="drain", code="illegal_transition", message="m", state="unready"),
+    "internal_error": InternalError(step="preload", error="AttributeError"),
     "engine_spawned": EngineSpawned(
         pid=1, pgid=1, port=2, argv=["a"], cuda_visible_devices="GPU-aaaa", log_path="/l", attempt=3
     ),

@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pool_managerd.run_cli", "run the daemon (embedded NATS when no URL is configured)"),
     "ctl": ("pool_managerd.ctl_cli", "send a command to a pool or node and print the reply"),
     "watch": ("pool_managerd.watch_cli", "live table of every pool, fed by the KV bucket and the event stream"),
+    "dashboard": ("pool_managerd.dashboard_cli", "serve the web dashboard (a NATS websocket client) and print its URL"),
     "demo": ("pool_managerd.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
     "replay": ("pool_managerd.replay_cli", "rebuild pool states from the event log, check its invariants"),
     "export": ("pool_managerd.export_cli", "write the event stream as JSONL, replayable offline"),

@@ -199,20 +199,27 @@ async def _main(args: argparse.Namespace) -> int:
     creds = load_credentials(run_dir, "admin")
     nc = await nats.connect(daemon.url, name="pool-managerd-demo", user=creds.user, password=creds.password,
                             inbox_prefix=creds.inbox_prefix)  # fmt: skip
+    dashboard = _start_dashboard(args, daemon.ws_url, config.nats.prefix, load_credentials(run_dir, "operator"))
     tour = Tour(nc, config.node, args.interactive)
     sub = await nc.subscribe("poold.evt.>", cb=tour.on_event)
     code = 0
     try:
         await tour.run()
         if args.duration > 0:
-            print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:\n"
+            where = f"\n   the dashboard: {dashboard.url}" if dashboard is not None else ""
+            print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:{where}\n"
                   f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}\n"
                   f"   pool-managerd watch --creds-dir {run_dir}", flush=True)  # fmt: skip
             await asyncio.sleep(args.duration)
         code = 1 if tour.failures else 0
+        if args.interactive and dashboard is not None:
+            tour.say(f"The dashboard stays up at {dashboard.url} until you press Enter")
+            await tour.pause()
     finally:
         await sub.unsubscribe()
         await nc.close()
+        if dashboard is not None:
+            dashboard.stop()
         await daemon.stop()
         if tmp is not None:
             tmp.cleanup()
@@ -220,7 +227,34 @@ async def _main(args: argparse.Namespace) -> int:
     return code
 
 
+def _start_dashboard(args: argparse.Namespace, ws_url: str | None, prefix: str, creds: Any) -> Any:
+    """Serve the web dashboard against the embedded server's websocket, connected as ``creds``'
+    user (the demo's operator: commands from the page work, a reload is refused as it would be
+    for any operator); None when it cannot be served."""
+    if args.dashboard_port is None or ws_url is None:
+        return None
+    from pool_managerd.dashboard import DashboardError, DashboardServer, PageConfig
+
+    page = PageConfig(server=ws_url, prefix=prefix, user=creds.user, password=creds.password,
+                      inbox_prefix=creds.inbox_prefix)  # fmt: skip
+    problem: Exception | None = None
+    for port in dict.fromkeys((args.dashboard_port, 0)):  # the usual port, else any free one
+        try:
+            server = DashboardServer(page, port=port).start()
+        except DashboardError as exc:
+            problem = exc
+            continue
+        print(f"dashboard: {server.url}  (open it now: the tour's pools change there live)", flush=True)
+        return server
+    print(f"dashboard not served: {problem}", flush=True)
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dashboard-port", type=int, default=8900,
+                        help="serve the web dashboard on this port (0: any free one; default %(default)s)")  # fmt: skip
+    parser.add_argument("--no-dashboard", dest="dashboard_port", action="store_const", const=None,
+                        help="do not serve the web dashboard")  # fmt: skip
     parser.add_argument("--duration", type=float, default=0.0, help="keep serving this long after the tour")
     parser.add_argument("--run-dir", type=Path, help="keep the run dir (logs, NATS store) here")
     mode = parser.add_mutually_exclusive_group()

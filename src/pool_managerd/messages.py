@@ -16,6 +16,7 @@ Groups:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Literal
 
 import msgspec
@@ -288,6 +289,7 @@ RejectCode = Literal[
     "unavailable",
     "permission_denied",
     "internal",
+    "overloaded",
 ]
 """Stable rejection codes. Clients may switch on them; they never change meaning.
 ``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
@@ -310,6 +312,7 @@ REJECT_STATUS: dict[str, str] = {
     "fenced": "503",
     "unavailable": "503",
     "internal": "500",
+    "overloaded": "429",
     "permission_denied": "403",
 }
 """The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
@@ -521,6 +524,17 @@ class CommandRejected(_EventBody, tag="command_rejected", kw_only=True):
     state: PoolState | None = None
 
 
+class InternalError(_EventBody, tag="internal_error", kw_only=True):
+    """A step of the pool raised: nothing it computed was kept, and the pool moves to ``failed``
+    (an operator ``reset``s it). ``code`` is stable (``step_raised``); ``step`` names the input
+    (a verb, ``health``, ``engine_exited``, a timer...); ``error`` is the exception's class name,
+    never its text."""
+
+    code: Literal["step_raised"] = "step_raised"
+    step: str
+    error: str
+
+
 class EngineSpawned(_EventBody, tag="engine_spawned", kw_only=True):
     """An engine process was started."""
 
@@ -646,6 +660,7 @@ EventBody = (
     StateChanged
     | PreloadRejected
     | CommandRejected
+    | InternalError
     | EngineSpawned
     | EngineExited
     | EngineAdopted
@@ -678,7 +693,13 @@ class Event(_Base, kw_only=True):
     node: str
     pool: str | None = None
     command_id: str | None = None
+    """The command that caused the event: set on the command's own events and on every event
+    the pool writes after it (engine spawned, ready, ...) until the pool's next command."""
     traceparent: str | None = None
+    """The W3C trace context of that command, on the same events as ``command_id``."""
+    fingerprint: str | None = None
+    """Set only on the events of the command's own step: ``<verb>:<hash>`` of the decoded
+    command (see :func:`command_fingerprint`). Recovery rebuilds the command's reply from them."""
     body: EventBody
 
     @property
@@ -690,6 +711,22 @@ class Event(_Base, kw_only=True):
 # --------------------------------------------------------------------------------------------
 # Encoding helpers shared by every layer
 # --------------------------------------------------------------------------------------------
+
+_canonical_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def command_fingerprint(cmd: Struct) -> str:
+    """What makes two commands "the same" for an idempotent retry: ``<verb>:<hash>`` over the
+    decoded command with every field present (defaults filled in) and keys sorted.
+
+    So key order, whitespace, number spelling (``30`` and ``30.0``) and a field written out at its
+    default value make no difference; the verb and every field's decoded value do. Headers
+    (``traceparent``) are not part of the command."""
+    verb = str(cmd.__struct_config__.tag)
+    fields = msgspec.structs.asdict(cmd)
+    digest = hashlib.blake2b(_canonical_encoder.encode(fields), digest_size=12).hexdigest()
+    return f"{verb}:{digest}"
+
 
 _json_encoder = msgspec.json.Encoder()
 

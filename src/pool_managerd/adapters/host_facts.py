@@ -8,11 +8,13 @@ preload and restart; a file over the cap gets ``sha256=None`` (preflight then re
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import shutil
 import socket
 import stat
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -42,18 +44,37 @@ def find_executable(name: str) -> ExecutableFact:
     return ExecutableFact(path=None)
 
 
+_DIGESTS: collections.OrderedDict[tuple[str, int, int, int, int], str] = collections.OrderedDict()
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 64
+
+
 def sha256_file(path: str | os.PathLike[str], cap: int = DEFAULT_HASH_CAP) -> str | None:
-    """Hex SHA-256 of a regular file no larger than ``cap`` bytes; None otherwise."""
+    """Hex SHA-256 of a regular file no larger than ``cap`` bytes; None otherwise.
+
+    Digests are cached by (path, device and inode, size, mtime): a model of several GiB is
+    hashed once, not at every preload and restart; any rewrite of the file changes its mtime or
+    size and is hashed again."""
     p = Path(path)
     try:
         st = p.stat()
         if not stat.S_ISREG(st.st_mode) or st.st_size > cap:
             return None
+        key = (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with _DIGESTS_LOCK:
+            cached = _DIGESTS.get(key)
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
         with p.open("rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
-        return h.hexdigest()
+        digest = h.hexdigest()
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = digest
+            while len(_DIGESTS) > _DIGESTS_MAX:
+                _DIGESTS.popitem(last=False)
+        return digest
     except OSError:
         return None
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import string
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from pool_managerd.adapters.faults import fault_point
 from pool_managerd.core.errors import PoolManagerError
 
 log = logging.getLogger(__name__)
@@ -687,14 +689,42 @@ class EngineHandle:
 
 
 class EngineProcess(EngineHandle):
-    """An engine spawned by this daemon (see :func:`spawn`); exit is observed by ``wait()``."""
+    """An engine spawned by this daemon (see :func:`spawn`); exit is observed by ``wait()``.
 
-    def __init__(self, proc: asyncio.subprocess.Process, **kw: Any) -> None:
+    A gated engine (``gate`` is the write end of its gate pipe) is held before ``exec`` until
+    :meth:`release`; it never runs if the daemon dies first (the pipe closes and the gate exits)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, *, gate: int | None = None, **kw: Any) -> None:
         super().__init__(pid=proc.pid, **kw)
         self.proc = proc
+        self._gate = gate
         self._watch_task = asyncio.get_running_loop().create_task(
             self._watch(), name=f"watch-engine-{kw['pool']}-{proc.pid}"
         )
+
+    @property
+    def gated(self) -> bool:
+        """Whether the engine still waits at its gate."""
+        return self._gate is not None
+
+    def release(self) -> None:
+        """Let a gated engine run (a no-op for one that runs already)."""
+        gate, self._gate = self._gate, None
+        if gate is None:
+            return
+        try:
+            os.write(gate, b"go\n")
+        except OSError as exc:
+            # The gate is gone (the process was killed meanwhile): its exit is reported as usual.
+            log.warning("engine %s pid %d: gate not opened: %s", self.pool, self.pid, exc)
+        finally:
+            os.close(gate)
+
+    def _close_gate(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            with contextlib.suppress(OSError):
+                os.close(gate)
 
     @property
     def returncode(self) -> int | None:
@@ -702,6 +732,7 @@ class EngineProcess(EngineHandle):
 
     async def _watch(self) -> None:
         rc = await self.proc.wait()
+        self._close_gate()
         info = (
             ExitInfo(exit_code=None, signal=-rc, expected=self.stop_requested)
             if rc < 0
@@ -754,6 +785,27 @@ class AdoptedProcess(EngineHandle):
 # --------------------------------------------------------------------------------------------
 
 
+_GATE_SCRIPT: Final = 'read -r _ || exit 125; exec "$@" </dev/null'
+"""The engine's gate: wait for one line on stdin (the gate pipe), then become the engine, with
+the same pid, process group and start time. EOF (the daemon died) exits 125 without running it."""
+GATE_NAME: Final = "pool-managerd-gate"
+
+
+def _check_executable(exe: str, env: Mapping[str, str], cwd: Path | str | None) -> None:
+    """The errors exec would give, raised before the fork (the gate execs the engine later)."""
+    if "/" in exe:
+        path = Path(exe) if cwd is None or os.path.isabs(exe) else Path(cwd) / exe
+        if cwd is not None and not Path(cwd).is_dir():
+            return  # the fork reports the working directory
+        if not path.exists():
+            raise SpawnError("not_found", f"cannot spawn engine {exe!r}: executable not found")
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise SpawnError("permission", f"cannot spawn engine {exe!r}: permission denied (not executable?)")
+        return
+    if shutil.which(exe, path=env.get("PATH", os.defpath)) is None:
+        raise SpawnError("not_found", f"cannot spawn engine {exe!r}: executable not found on PATH")
+
+
 async def spawn(
     argv: Sequence[str],
     *,
@@ -769,6 +821,7 @@ async def spawn(
     record: SpawnRecord | None = None,
     on_exit: OnExit | None = None,
     check_port: bool = True,
+    gated: bool = False,
 ) -> EngineProcess:
     """Start an engine in its own process group and return its handle.
 
@@ -777,6 +830,11 @@ async def spawn(
     stdout and stderr are appended to ``log_path`` (rotated first when over ``log_max_bytes``,
     ``log_keep`` old files kept) after a header line; without ``log_path`` they go to
     /dev/null. ``port`` is checked free first when ``check_port``.
+
+    With ``gated`` the engine is forked held at a gate, its spawn record entry is written (off
+    the event loop) before this returns, and it runs only once :meth:`EngineProcess.release` is
+    called: a crash at any instant leaves either no engine or a recorded one. A gated spawn
+    whose record cannot be written is killed and raises :class:`SpawnError`.
 
     Raises :class:`SpawnError` (never a bare ``OSError``) when the engine cannot be started.
     """
@@ -805,11 +863,24 @@ async def spawn(
                 os.close(log_fd)
             raise SpawnError("log", f"cannot open engine log {lp}: {exc.strerror or exc}") from None
 
+    gate_r: int | None = None
+    gate_w: int | None = None
+    launch = argv
+    if gated:
+        try:
+            _check_executable(argv[0], full_env, cwd)
+        except SpawnError as exc:
+            if log_fd is not None:
+                os.write(log_fd, f"==== spawn failed: {exc.message}\n".encode())
+                os.close(log_fd)
+            raise
+        gate_r, gate_w = os.pipe()  # both ends close-on-exec; the child gets gate_r as stdin only
+        launch = ["/bin/sh", "-c", _GATE_SCRIPT, GATE_NAME, *argv]
     started_at = time.time()
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            *launch,
+            stdin=gate_r if gate_r is not None else asyncio.subprocess.DEVNULL,
             stdout=log_fd if log_fd is not None else asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.STDOUT if log_fd is not None else asyncio.subprocess.DEVNULL,
             env=full_env,
@@ -832,10 +903,15 @@ async def spawn(
             }.get(reason, (exc.strerror if isinstance(exc, OSError) else None) or str(exc))
         if lp is not None and log_fd is not None:
             os.write(log_fd, f"==== spawn failed: {detail}\n".encode())
+        if gate_w is not None:
+            os.close(gate_w)
         raise SpawnError(reason, f"cannot spawn engine {argv[0]!r} for pool {pool!r}: {detail}") from None
     finally:
         if log_fd is not None:
             os.close(log_fd)
+        if gate_r is not None:
+            os.close(gate_r)
+    fault_point("spawn:after_fork")
 
     engine = EngineProcess(
         proc,
@@ -847,11 +923,19 @@ async def spawn(
         log_path=lp,
         record=record,
         on_exit=on_exit,
+        gate=gate_w,
     )
     if record is not None:
         try:
-            record.add(engine.entry())
-        except OSError:
-            log.exception("cannot write spawn record %s", record.path)
-    log.info("spawned engine %s pid %d port %d: %s", pool, engine.pid, port, argv)
+            # Two fsyncs: off the event loop.
+            await asyncio.to_thread(record.add, engine.entry())
+        except OSError as exc:
+            if not gated:
+                log.exception("cannot write spawn record %s", record.path)
+            else:
+                # An engine nobody could find after a crash must not run at all.
+                await engine.stop(0.0)
+                raise SpawnError("record", f"cannot write spawn record {record.path}: {exc.strerror or exc}") from None
+    fault_point("spawn:after_record")
+    log.info("spawned engine %s pid %d port %d%s: %s", pool, engine.pid, port, " (gated)" if gated else "", argv)
     return engine

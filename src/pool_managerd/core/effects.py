@@ -26,6 +26,16 @@ class SpawnEngine:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseEngine:
+    """Let the engine ``pid`` run. The shell forks an engine held at a gate and writes its spawn
+    record before reporting ``engine_spawned``; the machine releases it only once the event that
+    names it is in the log, so a crash at any instant leaves no engine the record and the log do
+    not know."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class StopEngine:
     """Stop one engine: SIGTERM to its process group, SIGKILL after ``grace_s``."""
 
@@ -49,4 +59,4 @@ class CancelTimer:
     name: TimerName
 
 
-Effect = SpawnEngine | StopEngine | ArmTimer | CancelTimer
+Effect = SpawnEngine | ReleaseEngine | StopEngine | ArmTimer | CancelTimer

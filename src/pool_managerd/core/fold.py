@@ -89,6 +89,8 @@ class PoolView:
     consecutive_failures: int = 0
     restart_times: list[float] = field(default_factory=list)
     ready_since: float | None = None
+    cause: tuple[str | None, str | None] = (None, None)
+    """(command_id, traceparent) of the last command the pool applied."""
 
     def supervision(self) -> SupervisionState:
         return SupervisionState(self.consecutive_failures, tuple(self.restart_times), self.ready_since)
@@ -137,6 +139,8 @@ class Fold:
             view.writer = event.node
         view.seq = event.seq
         view.last_ts = event.ts
+        if event.fingerprint is not None:
+            view.cause = (event.command_id, event.traceparent)
         body = event.body
         cls = body.__class__
         view.last_event = _TAGS[cls]
@@ -208,8 +212,20 @@ class Fold:
                 view.crashes += 1
             view.ready_since = None
             view.leases.clear()
+        if trigger == "drained":
+            # Both rows stop the old engine, and its leases go with it (a reload's swap too).
+            view.leases.clear()
+        if trigger == "internal_error":
+            # The machine stopped everything it could not trust: engine, leases, a reload.
+            view.last_error = body.reason or view.last_error
+            view.ready_since = None
+            view.leases.clear()
+            view.reloading = False
+            view.pending_spec = view.pending_placement = None
         if dst == "ready":
-            view.ready_since = event.ts
+            if not (body.trigger == "drain_deadline" and view.ready_since is not None):
+                # An aborted reload keeps the engine that has been ready all along.
+                view.ready_since = event.ts
             view.last_error = None
             if body.trigger == "drain_deadline":
                 view.reloading = False

@@ -12,6 +12,8 @@ the shell executes. Decisions are stored in the trigger's keyword arguments and 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -21,7 +23,21 @@ import msgspec
 from transitions import EventData, Machine
 
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, ReleaseEngine, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.inputs import (
+    CommandInput,
+    EngineAdoptedInput,
+    EngineExitedInput,
+    EngineStarted,
+    ExpireLeases,
+    HealthInput,
+    PoolInput,
+    RemoveInput,
+    RestoreInput,
+    SpawnFailed,
+    TimerFired,
+    label,
+)
 
 if TYPE_CHECKING:
     from pool_managerd.core.fold import PoolView
@@ -48,6 +64,7 @@ from pool_managerd.messages import (
     EventBody,
     HealthChanged,
     HealthReport,
+    InternalError,
     LeaseCmd,
     LeaseExpired,
     LeaseGranted,
@@ -70,6 +87,7 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
     TransitionRow,
+    command_fingerprint,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +164,9 @@ ROWS: tuple[Row, ...] = (
           after=("_stop_and_clear",)) for s in STATES if s != "unready"),
     Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop",
         after=("_reset_supervision",)),
+    *(Row("internal_error", s, "failed", "fact",
+          "a step raised: nothing it computed is kept, the engine is stopped, an operator resets the pool",
+          after=("_internal_failure",)) for s in STATES if s != "failed"),
 )  # fmt: skip
 """The lifecycle table. Rows sharing (trigger, source) are tried in order; guards pick one."""
 
@@ -162,6 +183,23 @@ DESTINATIONS: Mapping[tuple[PoolState, str], frozenset[PoolState]] = {
     for row in ROWS
 }
 """(source, trigger) → the states the table may lead to: what the replay fold checks against."""
+
+
+CLIENT_VERBS: tuple[str, ...] = ("preload", "drain", "reload", "stop", "reset", "lease", "release", "status")
+"""The verbs a client may send on ``poold.cmd.<pool>.<verb>``."""
+
+
+def client_verbs(state: PoolState) -> tuple[str, ...]:
+    """The verbs a client may send to a pool in ``state`` (what ``illegal_transition`` lists as
+    ``allowed``): the table's command rows from ``state``, ``lease`` when ready, ``release``
+    while leases can be held, and ``status`` always. Internal facts never appear."""
+    verbs = [t for t in ALLOWED[state] if t in COMMAND_TRIGGERS]
+    if state == "ready":
+        verbs.append("lease")
+    if state in ("ready", "draining"):
+        verbs.append("release")
+    verbs.append("status")
+    return tuple(v for v in CLIENT_VERBS if v in verbs)
 
 
 def allowed_triggers(state: PoolState) -> tuple[str, ...]:
@@ -204,11 +242,35 @@ def mermaid() -> str:
 
 @dataclass(slots=True)
 class Outcome:
-    """The result of one step: the reply (for commands), events to append, effects to run."""
+    """The result of one step: the reply (for commands), events to append, effects to run.
+    ``undo`` puts the pool back as it was before the step (see :meth:`Lifecycle.revert`)."""
 
     reply: Accepted | Rejected | StatusReply | None
     events: list[Event]
     effects: list[Effect]
+    undo: Checkpoint | None = None
+
+
+_MODEL_FIELDS = (
+    "spec", "mask", "split_policy", "pending_spec", "pending_mask", "pending_placement", "rollback",
+    "pending_policy", "reloading", "supervision", "timers", "timer_seq", "stopping", "attempt",
+    "drain_deadline_s", "last_plan_rejected", "cause",
+)  # fmt: skip
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A pool as it was before a step: machine state, model fields and registry entry."""
+
+    state: PoolState
+    model: dict[str, Any]
+    entry: dict[str, Any]
+
+
+def _copied(value: Any) -> Any:
+    # The mutable containers a step may change in place; everything else is immutable.
+    return copy.copy(value) if isinstance(value, dict | set | list) else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +305,10 @@ class PoolModel:
         self.drain_deadline_s = 0.0
         self.ctx = Context(now=0.0)
         self.last_plan_rejected: PlanRejected | None = None
+        self.cause: tuple[str | None, str | None] = (None, None)
+        """(command_id, traceparent) of the pool's last command: every event carries them."""
+        self.fingerprint: str | None = None
+        """Set while a command's own step runs: what its events carry as ``fingerprint``."""
         self.events: list[Event] = []
         self.effects: list[Effect] = []
 
@@ -250,19 +316,39 @@ class PoolModel:
     def pool_id(self) -> str:
         return self.entry.pool
 
+    # --- transactions ----------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """Everything a step may change, copied."""
+        return Checkpoint(
+            self.state,
+            {name: _copied(getattr(self, name)) for name in _MODEL_FIELDS},
+            {name: _copied(getattr(self.entry, name)) for name in _ENTRY_FIELDS},
+        )
+
+    def revert(self, saved: Checkpoint, machine: Machine) -> None:
+        """Put the pool back exactly as ``saved`` recorded it."""
+        machine.set_state(saved.state, model=self)
+        for name, value in saved.model.items():
+            setattr(self, name, _copied(value))
+        for name, value in saved.entry.items():
+            setattr(self.entry, name, _copied(value))
+
     # --- outbox ----------------------------------------------------------------------------
 
     def emit(self, body: EventBody) -> Event:
         """Append an event with the next per-pool sequence."""
         self.entry.seq += 1
+        command_id, traceparent = self.cause
         event = Event(
             v=SCHEMA_VERSION,
             seq=self.entry.seq,
             ts=self.ctx.now,
             node=self.entry.node,
             pool=self.entry.pool,
-            command_id=self.ctx.command_id,
-            traceparent=self.ctx.traceparent,
+            command_id=command_id,
+            traceparent=traceparent,
+            fingerprint=self.fingerprint,
             body=body,
         )
         # For a state change the trigger says more than "state_changed" (watch and status show it).
@@ -318,8 +404,10 @@ class PoolModel:
             cause = f"re-placement failed: {kw['plan_rejected'].message}"
         if self.rollback is not None and ev.event.name == "preload_failed":
             # A reloaded spec that fails is not a crash loop of the pool: restore the old spec now.
+            # The old engine is gone too: the pool is not ready since anything any more.
+            settled = replace(self.supervision, ready_since=None)
             kw["decision"] = Decision(True, 0.0, self.supervision.consecutive_failures,
-                                      f"{cause}; reload failed, rolling back", self.supervision)  # fmt: skip
+                                      f"{cause}; reload failed, rolling back", settled)  # fmt: skip
             kw["rollback"] = True
             return
         policy = self.definition.restart
@@ -395,16 +483,17 @@ class PoolModel:
         if ev.event.name == "drained":
             placement = self.pending_placement
             self.pending_placement = None
-        assert placement is not None  # guarded by _is_placed / staged by reload
+        if not isinstance(placement, Placement):
+            # Guarded by _is_placed / staged by reload: anything else is a planner breaking its
+            # contract, found after the row was taken; the step is undone as a whole.
+            raise TypeError(f"the planner returned {type(placement).__name__}, not a Placement")
         self.entry.placement = placement
-        self.entry.device_mask = list(placement.mask)
         self.entry.model = self.spec.model or None
         self.entry.engine_version = self.spec.engine_version
         self.entry.version = spec_version(self.spec)
         self.entry.engine_digest = self.spec.model_digest
         self.entry.slots_total = self.spec.slots
         self.entry.health = HealthState()
-        self.entry.draining = False
         self.attempt += 1
         self.arm("load_timeout", self.spec.load_timeout_s)
         self.effects.append(SpawnEngine(self.spec, placement, self.attempt))
@@ -448,13 +537,11 @@ class PoolModel:
         decision = self._settle_failure(ev, grace_s=0.0)
         # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
         self.entry.placement = None
-        self.entry.device_mask = []
         policy = self.definition.restart
         restarts = len(decision.state.restart_times)
         self.emit(RestartLimitReached(restarts=restarts, window_s=policy.window_s, reason=decision.reason))
 
     def _begin_drain(self, ev: EventData) -> None:
-        self.entry.draining = True
         self.drain_deadline_s = float(ev.kwargs.get("deadline_s", 30.0))
         if drain_policy.complete_now(self.entry.active_leases):
             # Queued by the machine: runs right after this transition completes.
@@ -486,10 +573,8 @@ class PoolModel:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
         self.stop_engine(str(ev.kwargs.get("reason") or ev.event.name), ev.kwargs.get("grace_s"))
         self.entry.drop_leases()
-        self.entry.draining = False
         self.entry.health = HealthState()
         self.entry.placement = None
-        self.entry.device_mask = []
         self._clear_reload()
         self.rollback = None
 
@@ -499,7 +584,6 @@ class PoolModel:
 
     def _abort_reload(self, ev: EventData) -> None:
         self.cancel("drain_deadline")
-        self.entry.draining = False
         self._clear_reload()
 
     def _clear_reload(self) -> None:
@@ -512,6 +596,19 @@ class PoolModel:
     def _reset_supervision(self, ev: EventData) -> None:
         self.supervision = supervision.reset(self.supervision)
         self.entry.last_error = None
+
+    def _internal_failure(self, ev: EventData) -> None:
+        self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
+        reason = str(ev.kwargs.get("reason") or "internal error")
+        self.stop_engine(reason)
+        self.entry.drop_leases()
+        self.entry.health = HealthState()
+        self.entry.placement = None
+        self.entry.last_error = reason
+        # Not ready any more: a later failure must not count this run as a stable period.
+        self.supervision = replace(self.supervision, ready_since=None)
+        self._clear_reload()
+        self.rollback = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,6 +686,94 @@ class Lifecycle:
         model.ctx = ctx
         model.events = []
         model.effects = []
+        model.fingerprint = None
+
+    # --- the one entry point of the shell ------------------------------------------------------
+
+    def step(self, pool: str, inp: PoolInput, ctx: Context) -> Outcome:
+        """Apply one input to ``pool``: a transaction.
+
+        Either the step completes (its events, effects and reply are returned, and ``undo`` can
+        still put the pool back, should its events not reach the log), or it raises inside and
+        nothing it did is kept: the pool is put back as it was, an ``internal_error`` event is
+        recorded and the pool moves to ``failed``, so memory is never ahead of the log and the
+        next event never leaves a sequence gap."""
+        model = self.pool(pool)
+        saved = model.checkpoint()
+        try:
+            outcome = self._dispatch(pool, inp, ctx)
+        except Exception as exc:
+            model.revert(saved, self.machine)
+            outcome = self._internal_error(model, inp, exc, ctx, saved)
+        outcome.undo = saved
+        return outcome
+
+    def revert(self, pool: str, outcome: Outcome) -> None:
+        """Undo a step whose events could not be appended (its effects must not run)."""
+        if outcome.undo is not None and pool in self.pools:
+            self.pools[pool].revert(outcome.undo, self.machine)
+
+    def _dispatch(self, pool: str, inp: PoolInput, ctx: Context) -> Outcome:
+        if isinstance(inp, CommandInput):
+            return self.command(pool, inp.cmd, ctx)
+        if isinstance(inp, HealthInput):
+            return self.health(pool, inp.report, ctx)
+        if isinstance(inp, TimerFired):
+            return self.timer_fired(pool, inp.name, inp.token, ctx)
+        if isinstance(inp, EngineStarted):
+            return self.engine_spawned(pool, inp.info, inp.cuda_visible_devices, ctx, inp.attempt)
+        if isinstance(inp, SpawnFailed):
+            return self.spawn_failed(pool, inp.error, ctx, inp.attempt)
+        if isinstance(inp, EngineExitedInput):
+            return self.engine_exited(pool, inp.pid, inp.exit_code, inp.signal, ctx)
+        if isinstance(inp, EngineAdoptedInput):
+            return self.engine_adopted(pool, inp.info, ctx)
+        if isinstance(inp, RestoreInput):
+            return self.restore(pool, inp.view, ctx)
+        if isinstance(inp, RemoveInput):
+            return self.remove(pool, inp.drain_s, ctx)
+        if isinstance(inp, ExpireLeases):
+            return self.expire_leases(pool, ctx)
+        raise TypeError(f"not a pool input: {type(inp).__name__}")
+
+    def _internal_error(
+        self, model: PoolModel, inp: PoolInput, exc: Exception, ctx: Context, saved: Checkpoint
+    ) -> Outcome:
+        name = label(inp)
+        verb = name if isinstance(inp, CommandInput) else None
+        self._begin(model, ctx)
+        if isinstance(inp, CommandInput):
+            model.cause = (ctx.command_id or inp.cmd.command_id, ctx.traceparent)
+            model.fingerprint = command_fingerprint(inp.cmd)
+        # The exception's class names the bug without leaking its text (paths, values) anywhere.
+        error = type(exc).__name__
+        try:
+            model.emit(InternalError(step=name, error=error))
+            if model.state != "failed":
+                self._fire(model, "internal_error", reason=f"internal error in step {name} ({error}); pool stopped")
+        except Exception:
+            # Even the way out failed: keep the pool exactly as it was and report the bare error.
+            model.revert(saved, self.machine)
+            self._begin(model, ctx)
+        reply: Rejected | None = None
+        if verb is not None:
+            reply = Rejected(command_id=model.cause[0], pool=model.pool_id, verb=verb, code="internal",
+                             message=internal_error_message(verb, model.pool_id), state=model.state)  # fmt: skip
+        return self._end(model, reply)
+
+    def remove(self, pool: str, drain_s: float, ctx: Context) -> Outcome:
+        """Take a pool the configuration dropped towards ``unready``: drain it if it serves (lease
+        holders get ``drain_s``), let a plain drain run out, stop anything else."""
+        model = self.pool(pool)
+        cid = f"recovery-remove-{pool}"
+        cmd: PoolCommand
+        if model.state == "ready":
+            cmd = DrainCmd(command_id=cid, deadline_s=drain_s)
+        elif model.state in ("draining", "unready") and not model.reloading:
+            cmd = StatusCmd(command_id=cid)  # its restored deadline stands, or nothing to do
+        else:
+            cmd = StopCmd(command_id=cid)  # preloading, restarting, failed, or a reload's drain
+        return self.command(pool, cmd, ctx)
 
     def _end(self, model: PoolModel, reply: Accepted | Rejected | StatusReply | None) -> Outcome:
         model.entry.state = model.state
@@ -614,10 +799,17 @@ class Lifecycle:
         self._begin(model, ctx)
         verb = cmd.__struct_config__.tag
         assert isinstance(verb, str)
+        if not isinstance(cmd, StatusCmd):
+            # Every event from here to the pool's next command is caused by this one.
+            model.cause = (ctx.command_id, ctx.traceparent)
+            model.fingerprint = command_fingerprint(cmd)
         try:
             reply = self._command(model, verb, cmd)
-        except IllegalTransition as exc:
-            reply = self._reject(model, verb, "illegal_transition", exc.message, exc.allowed)
+        except IllegalTransition:
+            verbs = client_verbs(model.state)
+            message = (f"pool {model.pool_id!r}: {verb!r} is not allowed in state {model.state!r} "
+                       f"(allowed: {', '.join(verbs)})")  # fmt: skip
+            reply = self._reject(model, verb, "illegal_transition", message, verbs)
         except LeaseRefused as exc:
             reply = self._reject(model, verb, cast(RejectCode, exc.code), exc.message)
         except UnknownLease as exc:
@@ -717,6 +909,8 @@ class Lifecycle:
             model.emit(EngineSpawned(pid=info.pid, pgid=info.pgid, port=info.port, argv=list(info.argv),
                                      cuda_visible_devices=cuda_visible_devices, log_path=info.log_path,
                                      attempt=model.attempt))  # fmt: skip
+            # The engine waits at its gate until this event is in the log.
+            model.effects.append(ReleaseEngine(info.pid))
         else:
             # The pool moved on (stopped, drained) while the spawn was in flight: stop the newcomer.
             model.stopping.add(info.pid)
@@ -829,14 +1023,13 @@ class Lifecycle:
         model = self.pool(pool)
         self._begin(model, ctx)
         self.machine.set_state(view.state, model=model)
+        model.cause = view.cause
         entry = model.entry
         entry.seq = view.seq
         entry.placement = view.placement
-        entry.device_mask = list(view.placement.mask) if view.placement else []
         entry.engine = view.engine
         entry.restarts, entry.crashes, entry.last_error = view.restarts, view.crashes, view.last_error
         entry.leases = {lid: Lease(lid, exp) for lid, exp in sorted(view.leases.items())}
-        entry.draining = view.state == "draining"
         entry.last_event = view.last_event
         entry.updated_at = view.last_ts
         if view.spec is not None:
@@ -895,6 +1088,11 @@ class Lifecycle:
             self._fire(model, "drained", reason="leases reached 0", leases_left=0)
         else:
             self._arm_lease_expiry(model)
+
+
+def internal_error_message(verb: str, pool: str) -> str:
+    """The message of the ``internal`` rejection a command gets when its step raised."""
+    return f"internal error while applying {verb!r} to pool {pool!r}; the pool is failed until it is reset"
 
 
 def spec_version(spec: EngineSpec) -> str:

@@ -11,44 +11,95 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from pool_managerd.adapters.event_log import PoolFenced
+from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.adapters.process import (
     EngineHandle,
+    EngineProcess,
     ExitInfo,
     SpawnError,
+    SpawnRecord,
     TemplateError,
     allocate_port,
     render_argv,
     spawn,
 )
 from pool_managerd.core.definitions import Context
-from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.machine import Outcome
-from pool_managerd.messages import EngineInfo, HealthReport, Placement, Rejected
-
-if TYPE_CHECKING:
-    from pool_managerd.runtime.pools import PoolRuntime
+from pool_managerd.core.effects import (
+    ArmTimer,
+    CancelTimer,
+    Effect,
+    ReleaseEngine,
+    SpawnEngine,
+    StopEngine,
+    TimerName,
+)
+from pool_managerd.core.errors import UnknownPool
+from pool_managerd.core.inputs import (
+    CommandInput,
+    EngineExitedInput,
+    EngineStarted,
+    HealthInput,
+    PoolInput,
+    SpawnFailed,
+    TimerFired,
+    label,
+)
+from pool_managerd.core.machine import Lifecycle, Outcome
+from pool_managerd.messages import EngineInfo, Event, HealthReport, Placement, RejectCode, Rejected
 
 log = logging.getLogger(__name__)
 
-Step = Callable[[Context], Outcome]
-
 MAX_QUEUED_HEALTH = 64
+MAX_QUEUED_COMMANDS = 64
+"""Commands waiting in one pool's inbox at most; past it a command is answered ``overloaded``."""
+
+
+class ActorHost(Protocol):
+    """What a pool actor needs from the runtime around it, and nothing more."""
+
+    lifecycle: Lifecycle
+    spawn_record: SpawnRecord
+    probe_options: dict[str, Any]
+
+    async def context(self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None) -> Context:
+        """The clock, RNG and (for placements) GPU snapshot and host facts of one step."""
+        ...
+
+    async def append_events(self, pool: str, events: Sequence[Event]) -> None:
+        """Make a step's events durable (or queued in order, past the ack bound)."""
+        ...
+
+    def after_step(self, pool: str, outcome: Outcome) -> None:
+        """Derived state (snapshots, metrics, waiters) after a step's effects ran."""
+        ...
+
+    def log_path(self, pool: str) -> Path:
+        """The engine log of ``pool``."""
+        ...
+
+    def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
+        """Where this actor's own prober results go."""
+        ...
+
+
+class Overloaded(Exception):
+    """The pool's inbox holds :data:`MAX_QUEUED_COMMANDS` commands already."""
 
 
 @dataclass(slots=True)
 class _Input:
-    step: Step
+    inp: PoolInput
     needs_plan: bool = False
     command_id: str | None = None
     traceparent: str | None = None
     reply: asyncio.Future[Outcome] | None = None
-    label: str = ""
 
 
 @dataclass(slots=True)
@@ -56,6 +107,8 @@ class _Engine:
     handle: EngineHandle
     prober: HealthProber | None = None
     stopping: asyncio.Task[ExitInfo] | None = None
+    health_path: str = "/health"
+    probe_interval_s: float = 2.0
 
 
 @dataclass(slots=True)
@@ -65,12 +118,14 @@ class ActorStats:
     spawn_failures: int = 0
     stops: int = 0
     health_dropped: int = 0
+    internal_errors: int = 0
+    reverted: int = 0
 
 
 class PoolActor:
     """Runs one pool: a serial input queue over the shared lifecycle, and the effect executor."""
 
-    def __init__(self, runtime: PoolRuntime, pool: str) -> None:
+    def __init__(self, runtime: ActorHost, pool: str) -> None:
         self.runtime = runtime
         self.pool = pool
         self.engines: dict[int, _Engine] = {}
@@ -78,7 +133,10 @@ class PoolActor:
         self.stats = ActorStats()
         self.fenced = False
         self._health_queued = 0
+        self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._spawns: set[asyncio.Task[None]] = set()
+        self._spawn_lock = asyncio.Lock()
         self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")
 
@@ -86,21 +144,31 @@ class PoolActor:
 
     def submit(
         self,
-        step: Step,
+        inp: PoolInput,
         *,
         needs_plan: bool = False,
         command_id: str | None = None,
         traceparent: str | None = None,
         want_reply: bool = False,
-        label: str = "",
     ) -> asyncio.Future[Outcome] | None:
-        """Queue one step; with ``want_reply`` a future resolves with its outcome once the step's
-        events are appended (before its effects run)."""
+        """Queue one input; with ``want_reply`` a future resolves with its outcome once the step's
+        events are appended (before its effects run). A command past the pool's bound raises
+        :class:`Overloaded` (facts are never refused: each stands for a process or a timer)."""
+        if isinstance(inp, CommandInput):
+            if self._commands_queued >= MAX_QUEUED_COMMANDS:
+                raise Overloaded(self.pool)
+            self._commands_queued += 1
+        elif isinstance(inp, HealthInput):
+            self._health_queued += 1
         fut: asyncio.Future[Outcome] | None = None
         if want_reply:
             fut = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Input(step, needs_plan, command_id, traceparent, fut, label))
+        self._queue.put_nowait(_Input(inp, needs_plan, command_id, traceparent, fut))
         return fut
+
+    @property
+    def queued_commands(self) -> int:
+        return self._commands_queued
 
     def health_report(self, report: HealthReport) -> bool:
         """Feed one health report (from our prober via NATS, or an external reporter). Returns
@@ -110,62 +178,76 @@ class PoolActor:
         if self._health_queued >= MAX_QUEUED_HEALTH:
             self.stats.health_dropped += 1
             return False
-        lc = self.runtime.lifecycle
-        self._health_queued += 1
-
-        def step(ctx: Context) -> Outcome:
-            self._health_queued -= 1
-            return lc.health(self.pool, report, ctx)
-
-        self.submit(step, label="health")
+        self.submit(HealthInput(report))
         return True
 
     # --- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         rt = self.runtime
+        lc = rt.lifecycle
         while True:
             item = await self._queue.get()
             if item is None:
                 return
+            if isinstance(item.inp, CommandInput):
+                self._commands_queued -= 1
+            elif isinstance(item.inp, HealthInput):
+                self._health_queued -= 1
+            if self.pool not in lc.pools:
+                if item.reply is not None and not item.reply.done():
+                    item.reply.set_exception(UnknownPool(self.pool))
+                continue
             try:
                 ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent)
-                outcome = item.step(ctx)
-            except Exception as exc:
-                # The core raises only typed errors for bad input; anything else is a bug that must
-                # not take the daemon down with it.
-                log.exception("pool %s: step %s failed", self.pool, item.label)
-                if item.reply is not None and not item.reply.done():
-                    item.reply.set_exception(exc)
+            except Exception:
+                # The world could not be read (host facts, GPU snapshot): nothing was applied.
+                log.exception("pool %s: no context for step %s", self.pool, label(item.inp))
+                _settle(item, Outcome(_rejected(self.pool, item, "unavailable", "the host could not be read"), [], []))
                 continue
+            # A step never raises: a bug inside it is recorded as internal_error (core.machine).
+            outcome = lc.step(self.pool, item.inp, ctx)
             self.stats.steps += 1
+            if any(e.type == "internal_error" for e in outcome.events):
+                self.stats.internal_errors += 1
+                log.error("pool %s: step %s raised; the pool is failed", self.pool, label(item.inp))
             if outcome.events:
                 try:
                     await rt.append_events(self.pool, outcome.events)
                 except PoolFenced as exc:
+                    lc.revert(self.pool, outcome)
                     self.fenced = True
-                    if item.reply is not None and not item.reply.done():
-                        item.reply.set_result(Outcome(_fenced_reply(self.pool, outcome, exc.reason), [], []))
+                    _settle(item, Outcome(_fenced_reply(self.pool, outcome, exc.reason), [], []))
                     continue
                 except Exception:
-                    log.exception("pool %s: events could not be appended; effects withheld", self.pool)
-                    if item.reply is not None and not item.reply.done():
-                        item.reply.set_result(outcome)
+                    # Not in the log: the step did not happen. Memory goes back to what the log
+                    # says, so the next event follows the last one appended.
+                    log.exception("pool %s: events of step %s not appended; step undone", self.pool,
+                                  label(item.inp))  # fmt: skip
+                    lc.revert(self.pool, outcome)
+                    self.stats.reverted += 1
+                    reply = _rejected(self.pool, item, "unavailable", "the event log refused the step; nothing applied")
+                    _settle(item, Outcome(reply, [], []))
                     continue
-            if item.reply is not None and not item.reply.done():
-                item.reply.set_result(outcome)
+            _settle(item, outcome)
             if self.fenced:
                 continue
             for effect in outcome.effects:
                 try:
-                    await self._execute(effect)
+                    self._execute(effect)
                 except Exception:
                     log.exception("pool %s: effect %r failed", self.pool, effect)
             rt.after_step(self.pool, outcome)
 
-    async def _execute(self, effect: Effect) -> None:
+    def _execute(self, effect: Effect) -> None:
         if isinstance(effect, SpawnEngine):
-            await self._spawn(effect)
+            # Off the inbox: the old engine's stop and the fork are waited for in a task, so the
+            # pool keeps answering commands meanwhile; the result comes back as an input.
+            task = asyncio.get_running_loop().create_task(self._spawn(effect), name=f"spawn-{self.pool}")
+            self._spawns.add(task)
+            task.add_done_callback(self._spawns.discard)
+        elif isinstance(effect, ReleaseEngine):
+            self._release(effect.pid)
         elif isinstance(effect, StopEngine):
             self._stop(effect.pid, effect.grace_s, effect.reason)
         elif isinstance(effect, ArmTimer):
@@ -181,14 +263,11 @@ class PoolActor:
         old = self.timers.pop(effect.name, None)
         if old is not None:
             old.cancel()
-        lc = self.runtime.lifecycle
         name, token = effect.name, effect.token
 
         def fire() -> None:
             self.timers.pop(name, None)
-            self.submit(
-                lambda ctx: lc.timer_fired(self.pool, name, token, ctx), needs_plan=name == "backoff", label=name
-            )
+            self.submit(TimerFired(name, token), needs_plan=name == "backoff")
 
         self.timers[name] = asyncio.get_running_loop().call_later(effect.delay_s, fire)
 
@@ -196,50 +275,59 @@ class PoolActor:
 
     async def _spawn(self, effect: SpawnEngine) -> None:
         rt = self.runtime
-        lc = rt.lifecycle
-        # A reload or restart reuses the same GPUs: the previous engine must be gone first.
-        pending = [e.stopping for e in self.engines.values() if e.stopping is not None]
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-        spec = effect.spec
-        try:
-            port = spec.port if spec.port is not None else allocate_port(spec.host)
-            argv = render_argv(spec.argv, _placeholders(spec.model, port, spec.host, effect.placement))
-            env = {**spec.env, "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}
-            handle = await spawn(
-                argv,
-                pool=self.pool,
+        async with self._spawn_lock:
+            # A reload or restart reuses the same GPUs: the previous engine must be gone first.
+            pending = [e.stopping for e in self.engines.values() if e.stopping is not None]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            spec = effect.spec
+            try:
+                port = spec.port if spec.port is not None else allocate_port(spec.host)
+                argv = render_argv(spec.argv, _placeholders(spec.model, port, spec.host, effect.placement))
+                env = {**spec.env, "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}
+                handle = await spawn(
+                    argv,
+                    pool=self.pool,
+                    port=port,
+                    host=spec.host,
+                    env=env,
+                    log_path=rt.log_path(self.pool),
+                    record=rt.spawn_record,
+                    on_exit=self._on_exit,
+                    gated=True,
+                )
+            except (SpawnError, TemplateError, OSError) as exc:
+                self.stats.spawn_failures += 1
+                message = getattr(exc, "message", None) or str(exc)
+                self.submit(SpawnFailed(message, effect.attempt))
+                return
+            self.stats.spawns += 1
+            info = EngineInfo(
+                pid=handle.pid,
+                pgid=handle.pgid,
                 port=port,
-                host=spec.host,
-                env=env,
-                log_path=rt.log_path(self.pool),
-                record=rt.spawn_record,
-                on_exit=self._on_exit,
+                started_at=handle.started_at,
+                argv=list(argv),
+                log_path=str(handle.log_path) if handle.log_path else None,
             )
-        except (SpawnError, TemplateError, OSError) as exc:
-            self.stats.spawn_failures += 1
-            message = getattr(exc, "message", None) or str(exc)
-            attempt = effect.attempt
-            self.submit(lambda ctx: lc.spawn_failed(self.pool, message, ctx, attempt), label="spawn_failed")
+            self.engines[handle.pid] = _Engine(handle, health_path=spec.health_path,
+                                               probe_interval_s=spec.probe_interval_s)  # fmt: skip
+            # Held at its gate until the machine has logged engine_spawned (ReleaseEngine).
+            self.submit(EngineStarted(info, effect.placement.cuda_visible_devices, effect.attempt))
+
+    def _release(self, pid: int) -> None:
+        engine = self.engines.get(pid)
+        if engine is None or engine.stopping is not None:
             return
-        self.stats.spawns += 1
-        info = EngineInfo(
-            pid=handle.pid,
-            pgid=handle.pgid,
-            port=port,
-            started_at=handle.started_at,
-            argv=list(argv),
-            log_path=str(handle.log_path) if handle.log_path else None,
-        )
-        self.engines[handle.pid] = _Engine(handle)
-        cuda = effect.placement.cuda_visible_devices
-        attempt = effect.attempt
-        self.submit(lambda ctx: lc.engine_spawned(self.pool, info, cuda, ctx, attempt), label="engine_spawned")
-        self._start_probing(handle, spec.health_path, spec.probe_interval_s)
+        handle = engine.handle
+        if isinstance(handle, EngineProcess):
+            handle.release()
+        fault_point("spawn:after_release")
+        self._start_probing(handle, engine.health_path, engine.probe_interval_s)
 
     def track(self, handle: EngineHandle, health_path: str, probe_interval_s: float, *, steady: bool) -> None:
         """Hold and probe an engine this actor did not spawn (adopted after a daemon restart)."""
-        self.engines[handle.pid] = _Engine(handle)
+        self.engines[handle.pid] = _Engine(handle, health_path=health_path, probe_interval_s=probe_interval_s)
         self._start_probing(handle, health_path, probe_interval_s, steady=steady)
 
     def on_engine_exit(self, handle: EngineHandle, info: ExitInfo) -> None:
@@ -288,9 +376,7 @@ class PoolActor:
             self._stop_probing(engine)
         if engine is not None and engine.stopping is None:
             self.engines.pop(handle.pid, None)
-        lc = self.runtime.lifecycle
-        pid, code, sig = handle.pid, info.exit_code, info.signal
-        self.submit(lambda ctx: lc.engine_exited(self.pool, pid, code, sig, ctx), label="engine_exited")
+        self.submit(EngineExitedInput(handle.pid, info.exit_code, info.signal))
 
     def _stop(self, pid: int, grace_s: float, reason: str) -> None:
         engine = self.engines.get(pid)
@@ -310,6 +396,8 @@ class PoolActor:
         for handle in self.timers.values():
             handle.cancel()
         self.timers.clear()
+        if self._spawns:
+            await asyncio.gather(*self._spawns, return_exceptions=True)
         grace = self.runtime.lifecycle.pool(self.pool).spec.stop_grace_s
         for pid in list(self.engines):
             self._stop(pid, grace, "pool fenced: another daemon writes it")
@@ -327,6 +415,10 @@ class PoolActor:
         self._queue.put_nowait(None)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._spawns:
+            # A spawn in flight registers its engine (or fails) within the old engine's stop;
+            # its engine_spawned is never applied, so the engine is stopped below with the rest.
+            await asyncio.gather(*self._spawns, return_exceptions=True)
         for engine in list(self.engines.values()):
             self._stop_probing(engine)
         if self._background:
@@ -342,6 +434,19 @@ class PoolActor:
                     waits.append(stopping)
             if waits:
                 await asyncio.gather(*waits, return_exceptions=True)
+
+
+def _settle(item: _Input, outcome: Outcome) -> None:
+    if item.reply is not None and not item.reply.done():
+        item.reply.set_result(outcome)
+
+
+def _rejected(pool: str, item: _Input, code: RejectCode, message: str) -> Rejected | None:
+    if not isinstance(item.inp, CommandInput):
+        return None
+    verb = str(item.inp.cmd.__struct_config__.tag)
+    return Rejected(command_id=item.inp.cmd.command_id, pool=pool, verb=verb, code=code,
+                    message=f"pool {pool!r}: {message}")  # fmt: skip
 
 
 def _fenced_reply(pool: str, outcome: Outcome, reason: str) -> Rejected | None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -108,32 +107,44 @@ def error_headers(reply: Rejected) -> dict[str, str]:
 
 @dataclass(slots=True)
 class _Cached:
-    fingerprint: bytes
+    fingerprint: str
     reply: asyncio.Future[bytes]
     at: float
+
+
+CACHE_MAX_ENTRIES = 10_000
+CACHE_TTL_S = 600.0
+"""How long a reply is remembered (and rebuilt from the log after a restart): five times the
+event stream's 120 s ``Nats-Msg-Id`` dedupe window, so a client retrying within its own
+timeouts always meets its first answer."""
 
 
 class CommandCache:
     """Remembers replies by (pool, command_id) so a retried command is applied once.
 
-    A retry with the same id and the same payload gets the first reply (waiting for it if the
-    first is still in flight); the same id with a different payload is a ``command_id_conflict``.
-    Bounded in size and age; status reads are never cached.
+    A retry with the same id and the same decoded command (same fingerprint, see
+    :func:`~pool_managerd.messages.command_fingerprint`) gets the first reply, waiting for it if
+    the first is still in flight; the same id with another verb or other field values is a
+    ``command_id_conflict``. Bounded by count and by age (``ttl_s``, wall clock, so that replies
+    rebuilt from the log after a restart age from when they were first given); an entry still in
+    flight is never evicted, and the ones behind it still expire. Status reads are never cached.
     """
 
-    def __init__(self, max_entries: int = 10_000, ttl_s: float = 600.0) -> None:
+    def __init__(
+        self, max_entries: int = CACHE_MAX_ENTRIES, ttl_s: float = CACHE_TTL_S, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_entries = max_entries
         self.ttl_s = ttl_s
+        self.clock = clock
         self._entries: OrderedDict[tuple[str, str], _Cached] = OrderedDict()
         self.hits = 0
 
-    async def run(self, pool: str, command_id: str, payload: bytes,
+    async def run(self, pool: str, command_id: str, fingerprint: str,
                   apply: Callable[[], Awaitable[bytes]]) -> bytes:  # fmt: skip
         """Return the reply for this command, applying it only the first time its id is seen."""
-        now = time.monotonic()
+        now = self.clock()
         self._expire(now)
         key = (pool, command_id)
-        fingerprint = hashlib.blake2b(payload, digest_size=16).digest()
         cached = self._entries.get(key)
         if cached is not None:
             if cached.fingerprint != fingerprint:
@@ -156,15 +167,30 @@ class CommandCache:
         fut.set_result(reply)
         return reply
 
+    def seed(self, pool: str, command_id: str, fingerprint: str, reply: bytes, at: float) -> None:
+        """Remember a reply given before a restart (rebuilt from the event log)."""
+        if self.clock() - at > self.ttl_s:
+            return
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut.set_result(reply)
+        self._entries[(pool, command_id)] = _Cached(fingerprint, fut, at)
+        self._entries.move_to_end((pool, command_id))
+        self._expire(self.clock())
+
+    def forget(self, pool: str, command_id: str) -> None:
+        """Drop one entry (a reply that must not be replayed, e.g. ``overloaded``)."""
+        self._entries.pop((pool, command_id), None)
+
     def _expire(self, now: float) -> None:
-        while self._entries:
-            first = next(iter(self._entries.values()))
-            if len(self._entries) > self.max_entries or now - first.at > self.ttl_s:
-                if not first.reply.done():
-                    break
-                self._entries.popitem(last=False)
-            else:
-                break
+        over = len(self._entries) - self.max_entries
+        for key in list(self._entries):
+            entry = self._entries[key]
+            if over <= 0 and now - entry.at <= self.ttl_s:
+                break  # oldest first: everything after this one is younger
+            if not entry.reply.done():
+                continue  # in flight: its caller is still waiting for it
+            del self._entries[key]
+            over -= 1
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.micro import add_service
@@ -43,6 +44,7 @@ from pool_managerd.adapters.nats_connect import first_connect, is_permission_vio
 from pool_managerd.config import DaemonConfig
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.messages import (
     HEALTH_DECODER,
     SCHEMA_VERSION,
@@ -60,6 +62,7 @@ from pool_managerd.messages import (
     PoolsReply,
     Rejected,
     StopCmd,
+    command_fingerprint,
     encode,
 )
 from pool_managerd.messages import PoolFenced as PoolFencedEvent
@@ -87,6 +90,11 @@ from pool_managerd.runtime.recovery import RecoveryReport, recover
 from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
 log = logging.getLogger(__name__)
+
+MAX_INFLIGHT_COMMANDS = 1024
+"""Commands one daemon works on at once (all pools); past it a command is answered ``overloaded``."""
+SHUTDOWN_POOLS_S = 30.0
+"""How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
 
 ACK_BOUND_S = 2.0
 """How long a step waits for its events' PubAcks before running its effects anyway. Normally
@@ -165,6 +173,8 @@ class Daemon:
         self.service: Service | None = None
         self.embedded: Any = None
         self.url: str | None = None
+        self.ws_url: str | None = None
+        """The embedded server's websocket listener, when there is one."""
         self.fenced: dict[str, str] = {}
         self.node_events = NodeEvents(self.node)
         self._gpu_fixed = gpu_snapshot
@@ -184,6 +194,7 @@ class Daemon:
         self.known_pools: set[str] = set()
         self.removing: set[str] = set()
         self._unclaimed_sub: Any = None
+        self._inflight = 0
         self.server_version: ServerVersion | None = None
         self.incompatible: NatsServerTooOld | None = None
         self._embedded_auth: Credentials | None = None
@@ -338,17 +349,25 @@ class Daemon:
         store.mkdir(parents=True, exist_ok=True)
         creds = accounts.ensure_credentials(self.config.run_dir)
         config = accounts.server_config({role: c.password for role, c in creds.items()}, self.config.nats.prefix)
-        self.embedded = NatsServer(store_dir=store, log_file=self.config.run_dir / "nats.log", config=config)
+        nats_cfg = self.config.nats
+        ws_port = nats_cfg.embedded_websocket_port if nats_cfg.embedded_websocket else None
+        self.embedded = NatsServer(
+            store_dir=store, log_file=self.config.run_dir / "nats.log", config=config, websocket_port=ws_port
+        )
         # Started off the event loop's thread of control: SIGTERM is acted on while it starts.
         await self.embedded.astart()
         # A websocket listener (for browser dashboards), where the server has one.
-        websocket_url = getattr(self.embedded, "ws_url", None)
-        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, websocket_url)
+        self.ws_url = self.embedded.ws_url
+        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, self.ws_url)
         self._embedded_auth = creds["daemon"]
         auth_dir = self.config.run_dir / accounts.AUTH_DIR
-        log.info("embedded nats-server (JetStream in %s) at %s; credentials in %s", store, self.embedded.url, auth_dir)
+        log.info("embedded nats-server (JetStream in %s) at %s, websocket %s; credentials in %s",
+                 store, self.embedded.url, self.ws_url, auth_dir)  # fmt: skip
         print(f"embedded NATS at {self.embedded.url}; credentials (admin, operator, viewer) in {auth_dir}:"
               f" pool-managerd ctl --creds-dir {self.config.run_dir} ...", flush=True)  # fmt: skip
+        if self.ws_url:
+            hint = f"pool-managerd dashboard --creds-dir {self.config.run_dir}"
+            print(f"embedded NATS websocket at {self.ws_url}: {hint}", flush=True)
         return str(self.embedded.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
@@ -411,13 +430,31 @@ class Daemon:
         return None
 
     async def _continue_node_sequence(self, js: Any) -> None:
-        """Node events continue their sequence across restarts: their Msg-Id must stay unique."""
+        """Node events continue their sequence across restarts: their Msg-Id must stay unique.
+
+        Starting again at 1 would have the server drop the heartbeats as duplicates within its
+        dedupe window (and other nodes judge this one dead), so a sequence that cannot be read
+        stops the start-up with the reason instead."""
+        subject = self.subjects.node_events(self.node)
+        for attempt in range(3):
+            try:
+                raw = await js.get_last_msg(STREAM_NAME, subject)
+                break
+            except nats.js.errors.NotFoundError:
+                return  # this node never wrote an event: its sequence starts at 1
+            except Exception as exc:
+                if attempt == 2:
+                    raise PoolManagerError(
+                        f"cannot read the last sequence of {subject} ({type(exc).__name__}: {exc}); "
+                        "refusing to restart node events at 1"
+                    ) from None
+                await asyncio.sleep(0.5)  # ok: a short retry of a read right after connecting
         try:
-            raw = await js.get_last_msg(STREAM_NAME, self.subjects.node_events(self.node))
-        except Exception:
-            return
-        with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
             self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise PoolManagerError(
+                f"the last event on {subject} is unreadable ({exc}); refusing to restart node events at 1"
+            ) from None
 
     async def _last_heartbeat(self, node: str) -> tuple[float, float] | None:
         """(age in seconds, beat period) of ``node``'s last heartbeat, or None if it has none.
@@ -468,6 +505,12 @@ class Daemon:
             p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
         ]
         report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node)
+        # Exactly once across restarts: the replies of the commands still in the cache window are
+        # rebuilt from the log, so a client retrying across the restart gets its first answer.
+        since = self.cache.clock() - self.cache.ttl_s
+        for pool in runtime.actors:
+            for old in rebuild_replies(events.get(pool, []), since=since):
+                self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         for pool in report.removed:
             self.removing.add(pool)
             self._spawn(self._forget(pool), f"forget-{pool}")
@@ -633,6 +676,12 @@ class Daemon:
             endpoint = f"pool-{subject.rsplit('.', 2)[-2]}"
             await self._respond(req, rejection(exc.code, exc.message), "other", endpoint)
             return
+        if self._inflight >= MAX_INFLIGHT_COMMANDS:
+            # Bounded work per daemon: past it a client is told to come back, at once.
+            busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
+                             pool=pool, verb=verb)  # fmt: skip
+            await self._respond(req, busy, verb, f"pool-{pool}")
+            return
         if verb == "status" and len(data) <= 2 and self.runtime is not None and pool not in self.fenced:
             # Fast path for the commonest read: no task, no cache.
             try:
@@ -641,9 +690,16 @@ class Daemon:
                 return
             except PoolManagerError:
                 pass
+        self._inflight += 1
         self._spawn(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
 
     async def _command(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
+        try:
+            await self._command_inner(req, pool, verb, data, traceparent)
+        finally:
+            self._inflight -= 1
+
+    async def _command_inner(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
         token = logs.pool_var.set(pool)
         logs.trace_var.set(logs.trace_id(traceparent))
         try:
@@ -672,7 +728,11 @@ class Daemon:
                     body = await apply()
                 else:
                     # The verb is part of what was asked: the same id with another verb is a conflict.
-                    body = await self.cache.run(pool, cmd.command_id, verb.encode() + b"\0" + data, apply)
+                    # A retry is the same command when it decodes to the same values (key order,
+                    # whitespace and defaults spelled out do not matter); the verb is part of it.
+                    body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
+                    if body.startswith(b'{"type":"rejected"') and b'"code":"overloaded"' in body:
+                        self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
             except PoolManagerError as exc:
                 body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
             except Exception:
@@ -929,12 +989,21 @@ class Daemon:
                 await asyncio.wait_for(self.snapshots.stop_watch(), 5.0)
         if stop:
             step("stopping pools")
-            await self._stop_pools()
+            grace = max((d.spec.stop_grace_s for d in self.config.definitions()), default=0.0)
+            try:
+                await asyncio.wait_for(self._stop_pools(), grace + SHUTDOWN_POOLS_S)
+            except TimeoutError:
+                log.error("shutdown: pools not stopped within %.0f s; closing the actors anyway",
+                          grace + SHUTDOWN_POOLS_S)  # fmt: skip
         if writable:
             await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
             step("closing actors")
-            await self.runtime.close(stop_engines=stop)
+            try:
+                # Each engine stop is bounded by its grace and settle time; the whole phase too.
+                await asyncio.wait_for(self.runtime.close(stop_engines=stop), SHUTDOWN_POOLS_S * 2)
+            except TimeoutError:
+                log.error("shutdown: actors not closed within %.0f s", SHUTDOWN_POOLS_S * 2)
             # The final snapshots say what the pools are now.
             for pool in self.runtime.actors:
                 self._mark_dirty(pool)

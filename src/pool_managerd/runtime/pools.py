@@ -19,6 +19,7 @@ from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.errors import PoolManagerError, UnknownPool
+from pool_managerd.core.inputs import CommandInput
 from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.lifecycle.preload import model_path, plan
 from pool_managerd.messages import (
@@ -33,7 +34,7 @@ from pool_managerd.messages import (
     StatusCmd,
     StatusReply,
 )
-from pool_managerd.runtime.actor import PoolActor
+from pool_managerd.runtime.actor import Overloaded, PoolActor
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +157,17 @@ class PoolRuntime:
         if actor.fenced:
             return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="fenced",
                             message=f"pool {pool!r} is fenced: another daemon writes its events")  # fmt: skip
-        lc = self.lifecycle
-        fut = actor.submit(
-            lambda ctx: lc.command(pool, cmd, ctx),
-            needs_plan=verb in PLAN_VERBS,
-            command_id=cmd.command_id,
-            traceparent=traceparent,
-            want_reply=True,
-            label=verb,
-        )
+        try:
+            fut = actor.submit(
+                CommandInput(cmd),
+                needs_plan=verb in PLAN_VERBS,
+                command_id=cmd.command_id,
+                traceparent=traceparent,
+                want_reply=True,
+            )
+        except Overloaded:
+            return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="overloaded",
+                            message=f"pool {pool!r} has too many commands waiting; retry later")  # fmt: skip
         assert fut is not None
         outcome = await fut
         assert outcome.reply is not None

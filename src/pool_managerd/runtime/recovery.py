@@ -15,25 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
-from pool_managerd.core.definitions import Context, PoolDefinition
+from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.fold import Fold, PoolView
-from pool_managerd.core.machine import Lifecycle, Outcome
+from pool_managerd.core.inputs import EngineAdoptedInput, EngineExitedInput, RemoveInput, RestoreInput, SpawnFailed
 from pool_managerd.messages import (
-    DrainCmd,
     EngineInfo,
     EngineSpec,
     Event,
     EventBody,
     OrphanReaped,
-    PoolCommand,
-    StatusCmd,
-    StopCmd,
 )
 from pool_managerd.runtime.actor import PoolActor
 from pool_managerd.runtime.pools import PoolRuntime
@@ -73,7 +68,6 @@ async def recover(
     record_entries = SpawnRecord.load(runtime.spawn_record.path)
     by_pid = {e.pid: e for e in record_entries}
     claimed: set[int] = set()
-    lc = runtime.lifecycle
 
     for pool, actor in list(runtime.actors.items()):
         events = await read_events(pool)
@@ -86,7 +80,7 @@ async def recover(
         view = fold.views.get(pool)
         if view is None:
             continue
-        actor.submit(functools.partial(lc.restore, pool, view), label="restore")
+        actor.submit(RestoreInput(view))
         report.restored[pool] = view.state
         claimed |= _reconcile(runtime, actor, view, by_pid, report)
 
@@ -104,11 +98,11 @@ async def recover(
         # get until the deadline), anything else is stopped; the daemon forgets it once unready.
         spec = view.spec or EngineSpec(argv=["removed"])
         actor = runtime.add_pool(PoolDefinition(pool=pool, spec=spec))
-        actor.submit(functools.partial(lc.restore, pool, view), label="restore")
+        actor.submit(RestoreInput(view))
         claimed |= _reconcile(runtime, actor, view, by_pid, report, adopt_only=True)
         # Decided inside the actor, after the restore and reconcile steps queued above: an engine
         # found dead has already moved the pool on by then.
-        fut = actor.submit(functools.partial(removal_step, lc, pool, removed_drain_s), want_reply=True, label="remove")
+        fut = actor.submit(RemoveInput(removed_drain_s), want_reply=True)
         if fut is not None:
             await fut
         report.removed.append(pool)
@@ -133,25 +127,8 @@ async def recover(
     # Only what recovery dropped leaves the record: actors already run, and an engine a backoff
     # spawned meanwhile has its own entry.
     for pid in dropped:
-        runtime.spawn_record.remove(pid)
+        await asyncio.to_thread(runtime.spawn_record.remove, pid)  # two fsyncs each: off the loop
     return report
-
-
-def removal_step(lc: Lifecycle, pool: str, drain_s: float, ctx: Context) -> Outcome:
-    """Take a pool the configuration dropped towards ``unready``: drain it if it serves (lease
-    holders get ``drain_s``), let a plain drain run out, stop anything else."""
-    model = lc.pool(pool)
-    cid = f"recovery-remove-{pool}"
-    cmd: PoolCommand
-    if model.state == "ready":
-        cmd = DrainCmd(command_id=cid, deadline_s=drain_s)
-    elif model.state == "draining" and not model.reloading:
-        cmd = StatusCmd(command_id=cid)  # its restored deadline stands
-    elif model.state == "unready":
-        cmd = StatusCmd(command_id=cid)
-    else:
-        cmd = StopCmd(command_id=cid)  # preloading, restarting, failed, or a reload's drain
-    return lc.command(pool, cmd, ctx)
 
 
 def _reconcile(
@@ -163,13 +140,12 @@ def _reconcile(
     *,
     adopt_only: bool = False,
 ) -> set[int]:
-    lc = runtime.lifecycle
     pool = view.pool
     engine = view.engine
     if engine is None:
         if view.state == "preloading" and not adopt_only:
             report.respawned.append(pool)
-            actor.submit(lambda ctx: lc.spawn_failed(pool, "engine lost across a daemon restart", ctx), label="lost")
+            actor.submit(SpawnFailed("engine lost across a daemon restart"))
         return set()
     entry = by_pid.get(engine.pid)
     if entry is None and view.writer == runtime.node:
@@ -187,7 +163,7 @@ def _reconcile(
     if handle is None:
         report.exited[pool] = engine.pid
         pid = engine.pid
-        actor.submit(lambda ctx: lc.engine_exited(pool, pid, None, None, ctx), label="exited-while-down")
+        actor.submit(EngineExitedInput(pid, None, None))
         return set()
     report.adopted[pool] = handle.pid
     if handle.pid not in by_pid:
@@ -200,7 +176,7 @@ def _reconcile(
         argv=list(handle.argv),
         log_path=str(handle.log_path) if handle.log_path else None,
     )
-    actor.submit(lambda ctx: lc.engine_adopted(pool, info, ctx), label="adopted")
+    actor.submit(EngineAdoptedInput(info))
     spec = view.spec
     actor.track(handle, spec.health_path if spec else "/health", spec.probe_interval_s if spec else 2.0,
                 steady=view.state != "preloading")  # fmt: skip

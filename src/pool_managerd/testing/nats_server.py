@@ -12,8 +12,10 @@ Guarantees:
   SIGKILLed owner takes it down, and every live server is killed at interpreter exit;
 * :meth:`NatsServer.restart` comes back on the same port and store dir, so file-stored streams
   survive a ``kill()`` exactly as they would survive a host crash;
-* ``config`` adds server configuration text (accounts, users and permissions), written into one
-  file in the store dir, readable by its owner only (it may hold passwords).
+* ``websocket_port`` adds a plain (no TLS) websocket listener on the same host, for browser
+  clients such as the dashboard; ``config`` adds server configuration text (accounts, users and
+  permissions), written with the websocket block into one file in the store dir, readable by
+  its owner only (it may hold passwords).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ class NatsServer:
         extra_args: Sequence[str] = (),
         binary: str | None = None,
         die_with_parent: bool = True,
+        websocket_port: int | None = None,
         config: str | None = None,
     ) -> None:
         self.host = host
@@ -164,6 +167,8 @@ class NatsServer:
         self.port: int = port if port is not None else 0
         self._fixed_monitor = monitor_port != 0
         self.monitor_port: int | None = monitor_port
+        self._fixed_ws = websocket_port != 0
+        self.websocket_port: int | None = websocket_port
         self.config = config
         self.server_name = server_name
         self.extra_args = list(extra_args)
@@ -196,6 +201,11 @@ class NatsServer:
     def monitor_url(self) -> str | None:
         """``http://host:monitor_port`` when monitoring is enabled."""
         return f"http://{self.host}:{self.monitor_port}" if self.monitor_port else None
+
+    @property
+    def ws_url(self) -> str | None:
+        """``ws://host:websocket_port`` when the websocket listener is enabled (stable across restarts)."""
+        return f"ws://{self.host}:{self.websocket_port}" if self.websocket_port else None
 
     @property
     def pid(self) -> int | None:
@@ -238,10 +248,12 @@ class NatsServer:
                     self.port = 0
                 if not self._fixed_monitor and self.monitor_port is not None:
                     self.monitor_port = 0
-                if self._fixed_port and self._fixed_monitor:
+                if not self._fixed_ws and self.websocket_port is not None:
+                    self.websocket_port = 0
+                if self._fixed_port and self._fixed_monitor and self._fixed_ws:
                     time.sleep(0.05)  # ok: the kernel offers no event for "port released"
                 continue
-            self._fixed_port = self._fixed_monitor = True
+            self._fixed_port = self._fixed_monitor = self._fixed_ws = True
             return self
 
     async def astart(self, ready_timeout: float = 15.0) -> Self:
@@ -261,7 +273,7 @@ class NatsServer:
             self.kill()
             # Rare (a lost port race): the synchronous path knows how to retry.
             return self.start(max(0.5, deadline - time.monotonic()))
-        self._fixed_port = self._fixed_monitor = True
+        self._fixed_port = self._fixed_monitor = self._fixed_ws = True
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -370,6 +382,8 @@ class NatsServer:
             self.port = free_port(self.host)
         if self.monitor_port == 0:
             self.monitor_port = free_port(self.host)
+        if self.websocket_port == 0:
+            self.websocket_port = free_port(self.host)
 
     def _argv(self) -> list[str]:
         argv = [
@@ -392,17 +406,24 @@ class NatsServer:
         return argv + self.extra_args
 
     def _config_file(self) -> Path | None:
-        """The server configuration file, written before each spawn, or None without ``config``.
+        """The server configuration file, written before each spawn, or None when not needed.
 
         Command-line flags win over the file, so the port, store and host given here still hold.
+        The websocket listener has no command-line flag, hence the file.
         """
-        if self.config is None:
+        if self.config is None and not self.websocket_port:
             return None
+        parts = []
+        if self.config is not None:
+            parts.append(self.config.rstrip() + "\n")
+        if self.websocket_port:
+            # No TLS: this listener serves a local page; a real cluster configures its own.
+            parts.append(f'websocket {{\n  host: "{self.host}"\n  port: {self.websocket_port}\n  no_tls: true\n}}\n')
         path = self.store_dir / "nats-server.conf"  # JetStream keeps its files under jetstream/
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.fchmod(fd, 0o600)  # passwords: an existing file keeps its mode through O_CREAT
-            os.write(fd, (self.config.rstrip() + "\n").encode("utf-8"))
+            os.write(fd, "".join(parts).encode("utf-8"))
         finally:
             os.close(fd)
         return path

@@ -12,21 +12,20 @@ from pool_managerd.messages import EngineInfo, Placement, PoolState
 
 @dataclass(slots=True)
 class Entry:
-    """Mutable per-pool record. Only the lifecycle machine writes ``state``."""
+    """Mutable per-pool record. Only the lifecycle machine writes ``state``; what follows from
+    other fields (``draining``, ``device_mask``) is derived from them, not stored."""
 
     pool: str
     node: str = ""
     state: PoolState = "unready"
     seq: int = 0
     health: HealthState = field(default_factory=HealthState)
-    draining: bool = False
     last_error: str | None = None
     last_heartbeat: float | None = None
     version: str | None = None
     engine_version: str | None = None
     engine_digest: str | None = None
     model: str | None = None
-    device_mask: list[str] = field(default_factory=list)
     slots_total: int = 1
     leases: dict[str, Lease] = field(default_factory=dict)
     perf_hints: dict[str, float] = field(default_factory=dict)
@@ -39,6 +38,16 @@ class Entry:
     last_event: str | None = None
 
     @property
+    def draining(self) -> bool:
+        """Derived from ``state``: never stored twice."""
+        return self.state == "draining"
+
+    @property
+    def device_mask(self) -> list[str]:
+        """The GPUs of the current placement, in mask order (derived, never stored twice)."""
+        return list(self.placement.mask) if self.placement is not None else []
+
+    @property
     def active_leases(self) -> int:
         """Leases held now; derived from the lease table, so it can never go below zero."""
         return len(self.leases)
@@ -49,7 +58,7 @@ class Entry:
 
     def acquire(self, lease_id: str, ttl_s: float, now: float, holder: str | None = None) -> Lease:
         """Take (or renew) a slot. Refusals say why: draining, not ready, or no free slot."""
-        if self.draining or self.state == "draining":
+        if self.state == "draining":
             raise LeaseRefused("draining", f"pool {self.pool!r} is draining; no new leases")
         if self.state != "ready":
             raise LeaseRefused("not_ready", f"pool {self.pool!r} is {self.state}, not ready")

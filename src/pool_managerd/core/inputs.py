@@ -1,0 +1,126 @@
+"""What reaches a pool: one typed value per kind of input, applied by :meth:`Lifecycle.step`.
+
+The shell never hands the core a closure: every command, probe result, timer, engine fact and
+recovery step is one of these values, so what a pool was asked to do can be logged, queued with
+a bound and followed from the wire to the machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pool_managerd.core.effects import TimerName
+from pool_managerd.messages import EngineInfo, HealthReport, PoolCommand
+
+if TYPE_CHECKING:
+    from pool_managerd.core.fold import PoolView
+
+
+@dataclass(frozen=True, slots=True)
+class CommandInput:
+    """A client's (or the daemon's own) pool command."""
+
+    cmd: PoolCommand
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthInput:
+    """One health report of the pool's engine."""
+
+    report: HealthReport
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """A timer armed by ``ArmTimer`` fired (stale tokens are ignored)."""
+
+    name: TimerName
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStarted:
+    """The shell forked the engine that ``SpawnEngine`` number ``attempt`` asked for (held at its
+    gate, recorded)."""
+
+    info: EngineInfo
+    cuda_visible_devices: str
+    attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed:
+    """The shell could not start the engine of spawn ``attempt``."""
+
+    error: str
+    attempt: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineExitedInput:
+    """An engine process ended (observed by waiting on it)."""
+
+    pid: int
+    exit_code: int | None
+    signal: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAdoptedInput:
+    """After a daemon restart the engine the log names was found alive and taken over."""
+
+    info: EngineInfo
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreInput:
+    """Put the pool back where its event log left it (daemon recovery)."""
+
+    view: PoolView
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveInput:
+    """The configuration dropped the pool: take it towards ``unready`` (drain if it serves)."""
+
+    drain_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireLeases:
+    """Drop expired leases now."""
+
+
+PoolInput = (
+    CommandInput
+    | HealthInput
+    | TimerFired
+    | EngineStarted
+    | SpawnFailed
+    | EngineExitedInput
+    | EngineAdoptedInput
+    | RestoreInput
+    | RemoveInput
+    | ExpireLeases
+)
+
+
+def label(inp: PoolInput) -> str:
+    """A short, bounded name of an input (logs, the ``internal_error`` event)."""
+    if isinstance(inp, CommandInput):
+        return str(inp.cmd.__struct_config__.tag)
+    if isinstance(inp, TimerFired):
+        return inp.name
+    names: dict[type, str] = {
+        HealthInput: "health",
+        EngineStarted: "engine_spawned",
+        SpawnFailed: "spawn_failed",
+        EngineExitedInput: "engine_exited",
+        EngineAdoptedInput: "engine_adopted",
+        RestoreInput: "restore",
+        RemoveInput: "remove",
+        ExpireLeases: "expire_leases",
+    }
+    return names.get(type(inp), "unknown")
