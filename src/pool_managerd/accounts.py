@@ -151,7 +151,7 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
         ]
         # Replies to commands, discovery and JetStream flow control go to whatever reply subject
         # the request carried: allow_responses grants exactly that. A command reaches the daemon
-        # twice (its pool's endpoint and the unknown-pool catch-all) and the server counts every
+        # twice (its node's pool endpoint and the unknown-pool catch-all) and the server counts every
         # delivery against the allowance, so one reply needs two.
         return Permissions(tuple(publish), tuple(subscribe), responses=2)
     publish, subscribe = _viewer(prefix, role)

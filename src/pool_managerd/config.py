@@ -319,9 +319,6 @@ class DaemonConfig(BaseSettings):
     metrics_addr: str | None = None
     """``host:port`` for Prometheus ``/metrics``; None disables it."""
     heartbeat_s: Annotated[float, Field(gt=0)] = 10.0
-    snapshot_refresh_s: Annotated[float, Field(gt=0)] = 60.0
-    """How stale a pool's KV snapshot may get in the figures only a probe changes (last probe
-    time, probe latency); a change of anything else is written at once."""
     health_publish_s: Annotated[float, Field(gt=0)] = 30.0
     """How often a pool's unchanged probe outcome is shown again on ``poold.health.<pool>``
     (a change is shown at once; the pool itself gets every result directly)."""
