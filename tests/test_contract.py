@@ -131,7 +131,8 @@ async def test_start_returns_after_a_ping_that_follows_every_subscription(
     monkeypatch.setattr(Daemon, "_connect", recording_connect)
     await start_daemon(fresh_nats_server.url)
     sent = list(wire)
-    subs = [i for i, data in enumerate(sent) if data.startswith(b"SUB poold.cmd.chat.* ")]
+    # The node's one endpoint for every pool (queue group poold-pools-<node>), not the catch-all.
+    subs = [i for i, data in enumerate(sent) if data.startswith(b"SUB poold.cmd.*.* poold-pools-")]
     pings = [i for i, data in enumerate(sent) if data.startswith(b"PING")]
     assert subs, sent
     assert pings and max(pings) > max(subs), "start() returned before a PING that follows the endpoint's SUB"
@@ -340,12 +341,10 @@ async def test_a_loading_engine_probed_many_times_writes_few_kv_snapshots(
     fresh_nats_server: NatsServer, start_daemon: StartDaemon, client: NATS
 ) -> None:
     slow = {**FAKE, "extra_args": ["--load-time", "inf"]}
-    await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **slow}])
+    daemon = await start_daemon(fresh_nats_server.url, pools=[{"id": "chat", **slow}])
     await until(lambda: kv_state(client, "unready"), "the first snapshot")
     puts: list[dict[str, Any]] = []
     events: list[str] = []
-    probes = asyncio.Event()
-    counted = 0
 
     async def on_put(msg: Msg) -> None:
         puts.append(json.loads(msg.data))
@@ -353,19 +352,21 @@ async def test_a_loading_engine_probed_many_times_writes_few_kv_snapshots(
     async def on_event(msg: Msg) -> None:
         events.append(msg.subject)
 
-    async def on_health(msg: Msg) -> None:
-        nonlocal counted
-        counted += 1
-        if counted >= 40:
-            probes.set()
-
     await client.subscribe("$KV.poold_pools.chat", cb=on_put)
     await client.subscribe("poold.evt.chat.>", cb=on_event)
-    await client.subscribe("poold.health.chat", cb=on_health)
     await client.flush()
 
     assert (await req(client, "poold.cmd.chat.preload", {"command_id": cid()}))["type"] == "accepted"
-    await asyncio.wait_for(probes.wait(), 20)  # 40 probes of an engine that is still loading
+
+    async def probed(count: int) -> bool:
+        # The prober feeds the pool directly (observers see only changes), so count at the prober.
+        actor = daemon.runtime.actors["chat"] if daemon.runtime is not None else None
+        return actor is not None and any(e.prober is not None and e.prober.probes >= count
+                                         for e in actor.engines.values())  # fmt: skip
+
+    await until(lambda: probed(40), "40 probes of an engine that is still loading")
+    assert daemon.runtime is not None
+    counted = max(e.prober.probes for e in daemon.runtime.actors["chat"].engines.values() if e.prober)
     engine = (await req(client, "poold.cmd.chat.status"))["pool"]["engine"]
     os.kill(engine["pid"], signal.SIGUSR1)  # the fake engine's "loading done"
     await until(lambda: kv_state(client, "ready"), "the ready snapshot in KV")

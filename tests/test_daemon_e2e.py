@@ -521,8 +521,8 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
         # Until the ready snapshot is written (the put is acked, so it reached us before the
         # flush's PONG): from then on only healthy probes happen.
         while True:
-            written = daemon._kv_shown.get("chat")
-            if written is not None and written[0].health_ready and "chat" not in daemon._kv_dirty:
+            written = daemon._kv_written.get("chat")
+            if written is not None and b'"health_ready":true' in written.full and "chat" not in daemon._kv_dirty:
                 break
             await asyncio.sleep(0.02)  # ok: the KV writer announces nothing
     await nc_fresh.flush()
@@ -531,8 +531,9 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
         while prober.probes < start + 50:
             await asyncio.sleep(0.05)  # ok: probes are counted, not announced
     await nc_fresh.flush()
-    # Healthy probes change nothing a reader shows: no snapshot written for them.
-    assert len(puts) == puts_before, f"{len(puts) - puts_before} KV puts for 50 healthy probes"
+    # Healthy probes change nothing a reader shows: no snapshot of their own (at most the probe
+    # bookkeeping's refresh, every 5 s, should a slow machine take that long for 50 probes).
+    assert len(puts) - puts_before <= 1, f"{len(puts) - puts_before} KV puts for 50 healthy probes"
     oks = [r for r in shown if r.ok]
     assert len(oks) == 1, f"{len(oks)} healthy reports shown for {prober.probes} probes"
     assert all(not r.ok for r in shown[: shown.index(oks[0])])
