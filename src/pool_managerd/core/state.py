@@ -1,0 +1,270 @@
+"""One pool's state as one immutable value, and the one function that changes it. Pure.
+
+:class:`PoolValue` is everything the event log says about a pool. :func:`evolve` applies one
+event to it and returns the next value; nothing else ever produces a new value. The live
+machine (:mod:`pool_managerd.core.machine`) evolves its pool with every event it emits, the
+replay fold (:mod:`pool_managerd.core.fold`) with every event it reads, and a restarted daemon
+takes the folded value as it is: live, replay and recovery cannot drift apart.
+
+What a pool observes without recording it (the probe streak, the last heartbeat, timer tokens,
+pids being stopped) is not part of the value: it is bookkeeping of the shell's effects, fresh
+after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgspec
+
+from pool_managerd.core.errors import LeaseRefused, UnknownLease
+from pool_managerd.lifecycle.supervision import SupervisionState
+from pool_managerd.messages import (
+    EngineAdopted,
+    EngineExited,
+    EngineInfo,
+    EngineSpawned,
+    EngineSpec,
+    Event,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    Placement,
+    PoolState,
+    StateChanged,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One slot held by a client until ``expires_at`` (unless released or renewed)."""
+
+    lease_id: str
+    expires_at: float
+    holder: str | None = None
+
+
+RESTART_HISTORY = 1024
+"""How many restart times a value keeps: supervision only counts those inside its window."""
+
+Mask = str | list[str] | None
+Rollback = tuple[EngineSpec, Mask, str | None]
+
+_FAILURE_TRIGGERS = frozenset({"preload_failed", "engine_exited", "health_lost", "backoff_elapsed"})
+_DEADLINE_STATES = frozenset({"preloading", "draining", "restarting"})
+_ENGINE_STOPPED = frozenset({"unready", "restarting", "failed", "preloading"})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolValue:
+    """Everything the event log says about one pool, as of its last event.
+
+    Frozen; its mappings are never changed in place (:func:`evolve` copies what it changes), so
+    a value once taken can be kept as a checkpoint or compared with another as a whole."""
+
+    pool: str
+    state: PoolState = "unready"
+    seq: int = 0
+    spec: EngineSpec | None = None
+    """The spec the pool runs (replay without a configuration knows it from the first preload)."""
+    mask: Mask = None
+    policy: str | None = None
+    placement: Placement | None = None
+    engine: EngineInfo | None = None
+    leases: Mapping[str, Lease] = field(default_factory=dict)
+    reloading: bool = False
+    pending_spec: EngineSpec | None = None
+    pending_mask: Mask = None
+    pending_policy: str | None = None
+    pending_placement: Placement | None = None
+    rollback: Rollback | None = None
+    """What a failed reload goes back to: (spec, mask, policy) of the engine it replaced."""
+    consecutive_failures: int = 0
+    restart_times: tuple[float, ...] = ()
+    ready_since: float | None = None
+    restarts: int = 0
+    crashes: int = 0
+    last_error: str | None = None
+    deadline_at: float | None = None
+    """When the current preload/drain times out, or when the backoff ends (restarting)."""
+    attempt: int = 0
+    """How many spawns the pool has asked for: an engine reported for an older one is stale."""
+    version: str | None = None
+    model: str | None = None
+    engine_version: str | None = None
+    engine_digest: str | None = None
+    slots_total: int = 1
+    cause: tuple[str | None, str | None] = (None, None)
+    """(command_id, traceparent) of the last command the pool applied: later events carry it."""
+    last_event: str | None = None
+    last_ts: float = 0.0
+
+    @property
+    def supervision(self) -> SupervisionState:
+        """What restart supervision decides from."""
+        return SupervisionState(self.consecutive_failures, self.restart_times, self.ready_since)
+
+    @property
+    def active_leases(self) -> int:
+        return len(self.leases)
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.slots_total - self.active_leases)
+
+    def next_expiry(self) -> float | None:
+        """When the next lease runs out, if any is held."""
+        return min((lease.expires_at for lease in self.leases.values()), default=None)
+
+
+def initial(pool: str, spec: EngineSpec | None = None, mask: Mask = None, policy: str | None = None) -> PoolValue:
+    """A pool before its first event: what its definition says (or nothing, for a bare replay)."""
+    return PoolValue(pool=pool, spec=spec, mask=mask, policy=policy, slots_total=spec.slots if spec else 1)
+
+
+def spec_version(spec: EngineSpec) -> str:
+    """A short, stable fingerprint of an engine spec: which spec a pool runs, at a glance."""
+    return hashlib.blake2b(msgspec.json.encode(spec), digest_size=6).hexdigest()
+
+
+# --- leases: checks the machine makes before it emits a lease event ------------------------------
+
+
+def check_acquire(value: PoolValue, lease_id: str) -> None:
+    """Raise :class:`LeaseRefused` unless ``lease_id`` may be granted (or renewed) now."""
+    if value.state == "draining":
+        raise LeaseRefused("draining", f"pool {value.pool!r} is draining; no new leases")
+    if value.state != "ready":
+        raise LeaseRefused("not_ready", f"pool {value.pool!r} is {value.state}, not ready")
+    if lease_id not in value.leases and value.slots_free == 0:
+        raise LeaseRefused(
+            "no_slots",
+            f"pool {value.pool!r} has no free slot ({value.active_leases}/{value.slots_total} leased)",
+        )
+
+
+def check_release(value: PoolValue, lease_id: str) -> None:
+    """Raise :class:`UnknownLease` unless the pool holds ``lease_id``."""
+    if lease_id not in value.leases:
+        raise UnknownLease(f"pool {value.pool!r} holds no lease {lease_id!r}")
+
+
+def expired(value: PoolValue, now: float) -> list[str]:
+    """Ids of the leases whose TTL ran out by ``now``, in expiry order."""
+    gone = sorted((lease.expires_at, lid) for lid, lease in value.leases.items() if lease.expires_at <= now)
+    return [lid for _, lid in gone]
+
+
+# --- evolve ----------------------------------------------------------------------------------------
+
+
+def evolve(value: PoolValue, event: Event) -> PoolValue:
+    """The value after ``event``. The only way a pool's state changes; checks nothing (the fold
+    checks sequence, writer and legality around it)."""
+    body = event.body
+    changes: dict[str, Any] = {"seq": event.seq, "last_ts": event.ts}
+    if event.fingerprint is not None:
+        changes["cause"] = (event.command_id, event.traceparent)
+    cls = body.__class__
+    if cls is StateChanged:
+        assert isinstance(body, StateChanged)
+        changes["last_event"] = body.trigger
+        _transition(value, event, body, changes)
+    else:
+        changes["last_event"] = event.type
+        if cls is EngineSpawned:
+            assert isinstance(body, EngineSpawned)
+            changes["engine"] = EngineInfo(pid=body.pid, pgid=body.pgid, port=body.port, started_at=event.ts,
+                                           argv=list(body.argv), log_path=body.log_path)  # fmt: skip
+        elif cls is EngineAdopted:
+            assert isinstance(body, EngineAdopted)
+            old = value.engine
+            same = old is not None and old.pid == body.pid
+            changes["engine"] = EngineInfo(
+                pid=body.pid, pgid=body.pgid, port=body.port, started_at=old.started_at if old else event.ts,
+                argv=list(old.argv) if same and old else [], log_path=old.log_path if same and old else None,
+            )  # fmt: skip
+        elif cls is EngineExited:
+            assert isinstance(body, EngineExited)
+            if value.engine is not None and value.engine.pid == body.pid:
+                changes["engine"] = None
+        elif cls is LeaseGranted:
+            assert isinstance(body, LeaseGranted)
+            leases = dict(value.leases)
+            leases[body.lease_id] = Lease(body.lease_id, body.expires_at, body.holder)
+            changes["leases"] = leases
+        elif cls is LeaseReleased or cls is LeaseExpired:
+            assert isinstance(body, LeaseReleased | LeaseExpired)
+            if body.lease_id in value.leases:
+                changes["leases"] = {k: v for k, v in value.leases.items() if k != body.lease_id}
+    return replace(value, **changes)
+
+
+def _transition(value: PoolValue, event: Event, body: StateChanged, c: dict[str, Any]) -> None:
+    """What a ``state_changed`` row means for the value (``c`` collects the changed fields)."""
+    trigger, dst = body.trigger, body.dst
+    c["state"] = dst
+    asked_mask = None if body.mask == "auto" else body.mask
+    if dst in _ENGINE_STOPPED:
+        # The machine stops (or has lost) the engine on these rows; its exit event may follow.
+        c["engine"] = None
+    if trigger == "reload":
+        c.update(reloading=True, pending_spec=body.spec, pending_mask=asked_mask, pending_policy=body.policy,
+                 pending_placement=body.placement)  # fmt: skip
+    elif body.spec is not None:
+        if trigger == "drained" and dst == "preloading":
+            # The reload's swap: the old spec is what a failure of the new one rolls back to.
+            c["rollback"] = (value.spec, value.mask, value.policy) if value.spec is not None else None
+        c["spec"] = body.spec
+    if trigger != "reload":
+        if body.mask is not None:
+            c["mask"] = asked_mask
+        if body.policy is not None:
+            c["policy"] = body.policy
+    if dst == "preloading":
+        c.update(placement=body.placement, reloading=False, pending_spec=None, pending_mask=None,
+                 pending_policy=None, pending_placement=None, attempt=value.attempt + 1)  # fmt: skip
+        spec = body.spec if body.spec is not None else value.spec
+        if spec is not None:
+            c.update(version=spec_version(spec), model=spec.model or None, engine_version=spec.engine_version,
+                     engine_digest=spec.model_digest, slots_total=spec.slots)  # fmt: skip
+    c["deadline_at"] = body.deadline_at if dst in _DEADLINE_STATES else None
+    if dst == "restarting" and body.delay_s is not None:
+        c["deadline_at"] = event.ts + body.delay_s
+    if trigger in _FAILURE_TRIGGERS and dst in ("restarting", "failed"):
+        c["last_error"] = body.reason or value.last_error
+        if body.attempt is not None:
+            c["consecutive_failures"] = body.attempt
+        if dst == "restarting" and not body.reload:
+            c["restarts"] = value.restarts + 1
+            c["restart_times"] = (*value.restart_times, event.ts)[-RESTART_HISTORY:]
+        if body.crashed or body.exit_code is not None:  # v1 logs before "crashed" had the exit code only
+            c["crashes"] = value.crashes + 1
+        c["ready_since"] = None
+        c["leases"] = {}
+        if trigger == "preload_failed" and body.reload and dst == "restarting" and value.rollback is not None:
+            # A reloaded spec that failed: the pool goes back to the spec it ran before.
+            c["spec"], c["mask"], c["policy"] = value.rollback
+            c["rollback"] = None
+    if trigger == "drained":
+        # Both rows stop the old engine, and its leases go with it (a reload's swap too).
+        c["leases"] = {}
+    if trigger == "internal_error":
+        # The machine stopped everything it could not trust: engine, leases, a reload.
+        c.update(last_error=body.reason or value.last_error, ready_since=None, leases={})
+    if dst == "ready":
+        if not (trigger == "drain_deadline" and value.ready_since is not None):
+            # An aborted reload keeps the engine that has been ready all along.
+            c["ready_since"] = event.ts
+        c["last_error"] = None
+    if dst in ("ready", "unready", "failed"):
+        c.update(rollback=None, reloading=False, pending_spec=None, pending_mask=None, pending_policy=None,
+                 pending_placement=None)  # fmt: skip
+    if dst in ("unready", "failed"):
+        c["placement"] = None
+        c["leases"] = {}
+    if trigger == "reset":
+        c.update(consecutive_failures=0, restart_times=(), ready_since=None, last_error=None)
