@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -230,7 +229,7 @@ def test_evolve_over_the_golden_log_is_the_state_the_live_machine_holds() -> Non
         # Without fingerprints the log cannot tell a command's own events from later ones, so the
         # v1 log leaves ``cause`` unknown; every other field is the live one.
         assert value.cause == (None, None)
-        assert dataclasses.replace(value, cause=live.cause) == live, pool
+        assert msgspec.structs.replace(value, cause=live.cause) == live, pool
     # The same events as the live machine writes them today (with fingerprints) give ``cause`` too.
     folded = Fold(expect_start=True, start=start)
     for event in script.events:

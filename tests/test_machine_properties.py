@@ -7,7 +7,6 @@ table is reachable, and the property run must reach every row too.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -586,9 +585,9 @@ class LifecycleMachine(RuleBasedStateMachine):
             assert self.state == "unready" and self.seq == 0
             assert live == initial(POOL, SPEC)
             return
-        for f in dataclasses.fields(PoolValue):
-            assert getattr(view, f.name) == getattr(live, f.name), (
-                f"{f.name}: folded {getattr(view, f.name)!r} != live {getattr(live, f.name)!r}"
+        for name in PoolValue.__struct_fields__:
+            assert getattr(view, name) == getattr(live, name), (
+                f"{name}: folded {getattr(view, name)!r} != live {getattr(live, name)!r}"
             )
         assert view == live
         # A daemon restarted from the log takes the folded value as it is (recovery).

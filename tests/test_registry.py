@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from pool_managerd.messages import (
 
 
 def value_with(slots: int = 2, state: PoolState = "ready", pool: str = "p") -> PoolValue:
-    return dataclasses.replace(initial(pool, EngineSpec(argv=["x"], slots=slots)), state=state)
+    return msgspec.structs.replace(initial(pool, EngineSpec(argv=["x"], slots=slots)), state=state)
 
 
 def apply(value: PoolValue, body: EventBody, now: float = 0.0) -> PoolValue:
@@ -89,7 +90,7 @@ def test_register_and_get() -> None:
     assert "other" not in registry
     assert len(registry) == 1
     # A view: what the pool holds now, not a copy taken at registration.
-    holder.value = dataclasses.replace(holder.value, state="ready")
+    holder.value = msgspec.structs.replace(holder.value, state="ready")
     assert registry.get("chat-8b").state == "ready"
 
 
@@ -143,7 +144,7 @@ def test_iteration_and_snapshots_are_sorted_by_pool_id() -> None:
 
 def test_snapshot_reflects_the_entry() -> None:
     value = value_with(slots=3)
-    value = dataclasses.replace(value, engine=EngineInfo(pid=10, pgid=10, port=8080, started_at=1.0))
+    value = msgspec.structs.replace(value, engine=EngineInfo(pid=10, pgid=10, port=8080, started_at=1.0))
     value = grant(value, "z-lease", 10.0, now=0.0, holder="client")
     value = grant(value, "a-lease", 20.0, now=0.0)
     holder = Holder(value)
@@ -234,7 +235,7 @@ def test_a_value_is_never_changed_in_place() -> None:
     after = grant(before, "a", 10.0, now=0.0)
     assert before.leases == {} and before.seq == 0
     assert after.leases["a"].expires_at == 10.0 and after.seq == 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         after.state = "unready"  # type: ignore[misc]
 
 

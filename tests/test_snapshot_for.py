@@ -3,7 +3,6 @@ inventory; a pool's own running engine is given back on a real one (reloads)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ def runtime(tmp_path: Path, snapshot_simulated: bool) -> tuple[PoolRuntime, str,
 
 def put(rt: PoolRuntime, pool: str, **fields: Any) -> None:
     """Give ``pool`` a state as if its log had said so (the way recovery restores one)."""
-    value = dataclasses.replace(rt.lifecycle.pool(pool).value, **fields)
+    value = msgspec.structs.replace(rt.lifecycle.pool(pool).value, **fields)
     rt.lifecycle.restore(pool, value, Context(now=0.0))
 
 

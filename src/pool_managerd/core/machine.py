@@ -1020,8 +1020,9 @@ class Lifecycle:
             raise ValueError(f"the state of pool {value.pool!r} cannot restore pool {pool!r}")
         if value.spec is None:
             # The log never named a spec (nothing was preloaded yet): the configured one stands.
-            value = replace(value, spec=model.value.spec, mask=model.value.mask, policy=model.value.policy,
-                            slots_total=model.value.slots_total)  # fmt: skip
+            configured = model.value
+            value = msgspec.structs.replace(value, spec=configured.spec, mask=configured.mask,
+                                            policy=configured.policy, slots_total=configured.slots_total)  # fmt: skip
         model.value = model.prior = value
         remaining = max(0.0, (value.deadline_at or ctx.now) - ctx.now)
         if value.state == "preloading":
