@@ -1022,7 +1022,7 @@ class Lifecycle:
             # The log never named a spec (nothing was preloaded yet): the configured one stands.
             configured = model.value
             value = msgspec.structs.replace(value, spec=configured.spec, mask=configured.mask,
-                                            policy=configured.policy, slots_total=configured.slots_total)  # fmt: skip
+                                            policy=configured.policy)  # fmt: skip
         model.value = model.prior = value
         remaining = max(0.0, (value.deadline_at or ctx.now) - ctx.now)
         if value.state == "preloading":

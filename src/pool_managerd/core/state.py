@@ -57,6 +57,8 @@ Rollback = tuple[EngineSpec, Mask, str | None]
 _FAILURE_TRIGGERS = frozenset({"preload_failed", "engine_exited", "health_lost", "backoff_elapsed"})
 _DEADLINE_STATES = frozenset({"preloading", "draining", "restarting"})
 _ENGINE_STOPPED = frozenset({"unready", "restarting", "failed", "preloading"})
+_FAILED_OR_RESTARTING = frozenset({"restarting", "failed"})
+_OUT_OF_SERVICE = frozenset({"unready", "failed"})
 
 
 class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -96,11 +98,8 @@ class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """When the current preload/drain times out, or when the backoff ends (restarting)."""
     attempt: int = 0
     """How many spawns the pool has asked for: an engine reported for an older one is stale."""
-    version: str | None = None
-    model: str | None = None
-    engine_version: str | None = None
-    engine_digest: str | None = None
-    slots_total: int = 1
+    spawned_spec: EngineSpec | None = None
+    """The spec of the pool's latest spawn: what ``version``, ``model`` and the slots show."""
     cause: tuple[str | None, str | None] = (None, None)
     """(command_id, traceparent) of the last command the pool applied: later events carry it."""
     last_event: str | None = None
@@ -110,6 +109,28 @@ class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     def supervision(self) -> SupervisionState:
         """What restart supervision decides from."""
         return SupervisionState(self.consecutive_failures, self.restart_times, self.ready_since)
+
+    @property
+    def version(self) -> str | None:
+        """Which spec the pool last started, at a glance (a hash of it)."""
+        return spec_version(self.spawned_spec) if self.spawned_spec is not None else None
+
+    @property
+    def model(self) -> str | None:
+        return self.spawned_spec.model or None if self.spawned_spec is not None else None
+
+    @property
+    def engine_version(self) -> str | None:
+        return self.spawned_spec.engine_version if self.spawned_spec is not None else None
+
+    @property
+    def engine_digest(self) -> str | None:
+        return self.spawned_spec.model_digest if self.spawned_spec is not None else None
+
+    @property
+    def slots_total(self) -> int:
+        spec = self.spawned_spec or self.spec
+        return spec.slots if spec is not None else 1
 
     @property
     def active_leases(self) -> int:
@@ -126,7 +147,7 @@ class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 def initial(pool: str, spec: EngineSpec | None = None, mask: Mask = None, policy: str | None = None) -> PoolValue:
     """A pool before its first event: what its definition says (or nothing, for a bare replay)."""
-    return PoolValue(pool=pool, spec=spec, mask=mask, policy=policy, slots_total=spec.slots if spec else 1)
+    return PoolValue(pool=pool, spec=spec, mask=mask, policy=policy)
 
 
 def spec_version(spec: EngineSpec) -> str:
@@ -242,38 +263,47 @@ _FACTS: dict[type, Callable[[PoolValue, Event, tuple[str | None, str | None]], P
 }
 
 
+_NO_RELOAD: dict[str, Any] = {
+    "reloading": False, "pending_spec": None, "pending_mask": None, "pending_policy": None, "pending_placement": None,
+}  # fmt: skip
+_LEFT_SERVICE = {**_NO_RELOAD, "rollback": None}
+
+
 def _transition(value: PoolValue, event: Event, body: StateChanged, c: dict[str, Any]) -> None:
     """What a ``state_changed`` row means for the value (``c`` collects the changed fields)."""
     trigger, dst = body.trigger, body.dst
     c["state"] = dst
-    asked_mask = None if body.mask == "auto" else body.mask
+    mask = body.mask
+    asked_mask = None if mask == "auto" else mask
     if dst in _ENGINE_STOPPED:
         # The machine stops (or has lost) the engine on these rows; its exit event may follow.
         c["engine"] = None
     if trigger == "reload":
-        c.update(reloading=True, pending_spec=body.spec, pending_mask=asked_mask, pending_policy=body.policy,
-                 pending_placement=body.placement)  # fmt: skip
-    elif body.spec is not None:
-        if trigger == "drained" and dst == "preloading":
-            # The reload's swap: the old spec is what a failure of the new one rolls back to.
-            c["rollback"] = (value.spec, value.mask, value.policy) if value.spec is not None else None
-        c["spec"] = body.spec
-    if trigger != "reload":
-        if body.mask is not None:
+        c["reloading"] = True
+        c["pending_spec"], c["pending_mask"], c["pending_policy"] = body.spec, asked_mask, body.policy
+        c["pending_placement"] = body.placement
+    else:
+        if body.spec is not None:
+            if trigger == "drained" and dst == "preloading" and value.spec is not None:
+                # The reload's swap: the old spec is what a failure of the new one rolls back to.
+                c["rollback"] = (value.spec, value.mask, value.policy)
+            c["spec"] = body.spec
+        if mask is not None:
             c["mask"] = asked_mask
         if body.policy is not None:
             c["policy"] = body.policy
-    if dst == "preloading":
-        c.update(placement=body.placement, reloading=False, pending_spec=None, pending_mask=None,
-                 pending_policy=None, pending_placement=None, attempt=value.attempt + 1)  # fmt: skip
-        spec = body.spec if body.spec is not None else value.spec
-        if spec is not None:
-            c.update(version=spec_version(spec), model=spec.model or None, engine_version=spec.engine_version,
-                     engine_digest=spec.model_digest, slots_total=spec.slots)  # fmt: skip
-    c["deadline_at"] = body.deadline_at if dst in _DEADLINE_STATES else None
-    if dst == "restarting" and body.delay_s is not None:
-        c["deadline_at"] = event.ts + body.delay_s
-    if trigger in _FAILURE_TRIGGERS and dst in ("restarting", "failed"):
+    if dst in _DEADLINE_STATES:
+        c["deadline_at"] = body.deadline_at
+        if dst == "preloading":
+            c.update(_NO_RELOAD)
+            c["placement"] = body.placement
+            c["attempt"] = value.attempt + 1
+            c["spawned_spec"] = body.spec if body.spec is not None else value.spec
+        elif dst == "restarting" and body.delay_s is not None:
+            c["deadline_at"] = event.ts + body.delay_s
+    elif value.deadline_at is not None:
+        c["deadline_at"] = None
+    if trigger in _FAILURE_TRIGGERS and dst in _FAILED_OR_RESTARTING:
         c["last_error"] = body.reason or value.last_error
         if body.attempt is not None:
             c["consecutive_failures"] = body.attempt
@@ -288,22 +318,23 @@ def _transition(value: PoolValue, event: Event, body: StateChanged, c: dict[str,
             # A reloaded spec that failed: the pool goes back to the spec it ran before.
             c["spec"], c["mask"], c["policy"] = value.rollback
             c["rollback"] = None
-    if trigger == "drained":
+    elif trigger == "drained":
         # Both rows stop the old engine, and its leases go with it (a reload's swap too).
         c["leases"] = {}
-    if trigger == "internal_error":
+    elif trigger == "internal_error":
         # The machine stopped everything it could not trust: engine, leases, a reload.
-        c.update(last_error=body.reason or value.last_error, ready_since=None, leases={})
+        c["last_error"] = body.reason or value.last_error
+        c["ready_since"] = None
+        c["leases"] = {}
+    elif trigger == "reset":
+        c["consecutive_failures"], c["restart_times"], c["ready_since"], c["last_error"] = 0, (), None, None
     if dst == "ready":
         if not (trigger == "drain_deadline" and value.ready_since is not None):
             # An aborted reload keeps the engine that has been ready all along.
             c["ready_since"] = event.ts
         c["last_error"] = None
-    if dst in ("ready", "unready", "failed"):
-        c.update(rollback=None, reloading=False, pending_spec=None, pending_mask=None, pending_policy=None,
-                 pending_placement=None)  # fmt: skip
-    if dst in ("unready", "failed"):
+        c.update(_LEFT_SERVICE)
+    elif dst in _OUT_OF_SERVICE:
+        c.update(_LEFT_SERVICE)
         c["placement"] = None
         c["leases"] = {}
-    if trigger == "reset":
-        c.update(consecutive_failures=0, restart_times=(), ready_since=None, last_error=None)
