@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check compat schemas demo bench faults lock test-pythons clean dashboard
+.PHONY: test lint check compat schemas asyncapi demo bench faults lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -42,8 +42,21 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## test: lint, type-check, architecture contracts, then the whole suite
-test: lint dashboard
+ASYNCAPI := tools/asyncapi
+ASYNCAPI_STAMP := $(ASYNCAPI)/node_modules/.installed
+
+# The official AsyncAPI parser, installed exactly as package-lock.json pins it (no install scripts).
+$(ASYNCAPI_STAMP): $(ASYNCAPI)/package.json $(ASYNCAPI)/package-lock.json
+	@command -v npm >/dev/null || { echo "make asyncapi needs node and npm (the AsyncAPI parser is a node package)"; exit 1; }
+	cd $(ASYNCAPI) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $(ASYNCAPI_STAMP)
+
+## asyncapi: schemas/asyncapi.json must pass the official AsyncAPI parser (@asyncapi/parser 3.x)
+asyncapi: $(ASYNCAPI_STAMP)
+	node $(ASYNCAPI)/check.mjs schemas/asyncapi.json
+
+## test: lint, type-check, architecture contracts, the AsyncAPI parser, then the whole suite
+test: lint dashboard asyncapi
 	$(BIN)/pytest -q
 
 ## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
@@ -84,4 +97,4 @@ test-pythons:
 	PY="$(PY)" bash tools/test-pythons.sh
 
 clean:
-	rm -rf $(VENV) .venvs .pytest_cache .mypy_cache .ruff_cache web/node_modules $(DASH_OUT)
+	rm -rf $(VENV) .venvs .pytest_cache .mypy_cache .ruff_cache web/node_modules $(DASH_OUT) $(ASYNCAPI)/node_modules

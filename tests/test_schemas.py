@@ -139,3 +139,60 @@ def test_clean_text_agrees_with_cleandoc_and_is_idempotent(lines: list[tuple[int
     if lines[0][1].strip():
         # A docstring that starts on its first line (this project's style) reads as cleandoc gives it.
         assert once == inspect.cleandoc("\n".join(line.rstrip() for line in doc.split("\n")))
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item)]
+    return []
+
+
+def _pointer(doc: dict[str, object], ref: str) -> object:
+    node: object = doc
+    for part in ref.removeprefix("#/").split("/"):
+        assert isinstance(node, dict) and part in node, f"{ref} does not resolve against the document root"
+        node = node[part]
+    return node
+
+
+def test_asyncapi_refs_resolve_against_the_document_root_and_discriminators_are_names() -> None:
+    # What the official parser demands (make asyncapi runs it); checked here too so a machine
+    # without node still catches the two ways the document broke before.
+    doc = json.loads((REPO / "schemas" / "asyncapi.json").read_text())
+    refs = _refs(doc)
+    assert any(ref.startswith("#/components/schemas/") for ref in refs)
+    for ref in refs:
+        assert ref.startswith("#/"), ref
+        _pointer(doc, ref)
+
+    def discriminators(node: object) -> list[object]:
+        if isinstance(node, dict):
+            own = [node["discriminator"]] if "discriminator" in node else []
+            return own + [d for value in node.values() for d in discriminators(value)]
+        if isinstance(node, list):
+            return [d for item in node for d in discriminators(item)]
+        return []
+
+    found = discriminators(doc["components"]["schemas"])
+    assert found and all(d == "type" for d in found)
+
+
+def test_every_request_reply_channel_declares_rejected() -> None:
+    doc = schemagen.asyncapi()
+    for name, op in doc["operations"].items():
+        if "reply" not in op:
+            continue
+        reply = doc["channels"][op["reply"]["channel"]["$ref"].split("/")[-1]]
+        assert "rejected" in reply["messages"], name
+    assert "headers" in doc["components"]["messages"]["rejected"]
+
+
+def test_command_schemas_leave_type_optional_but_pinned() -> None:
+    for verb in messages.POOL_COMMANDS:
+        schema = json.loads((REPO / "schemas" / "messages" / f"cmd.{verb}.json").read_text())
+        body = schema["$defs"][messages.POOL_COMMANDS[verb].__name__]
+        assert "type" not in body.get("required", []), verb
+        assert body["properties"]["type"]["enum"] == [verb]

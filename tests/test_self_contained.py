@@ -96,7 +96,11 @@ def _scanned_files() -> list[Path]:
         files += [
             p
             for p in candidates
-            if p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts and p != Path(__file__).resolve()
+            # node_modules: what `make asyncapi` installs from tools/asyncapi's lock, not the repository's.
+            if p.suffix in TEXT_SUFFIXES
+            and "__pycache__" not in p.parts
+            and "node_modules" not in p.parts
+            and p != Path(__file__).resolve()
         ]
     return files
 

@@ -582,3 +582,10 @@ def test_validate_id_agrees_with_the_wire_pattern(value: str) -> None:
         return
     assert "." not in value and "*" not in value and ">" not in value
     assert HEALTH_DECODER.decode(msgspec.json.encode({"pool": value, "ts": 0, "ok": True})).pool == value
+
+
+def test_every_reject_code_has_a_micro_error_status() -> None:
+    from pool_managerd.messages import REJECT_STATUS, RejectCode
+
+    assert set(REJECT_STATUS) == set(typing.get_args(RejectCode))
+    assert all(status.isdigit() and len(status) == 3 for status in REJECT_STATUS.values())

@@ -42,6 +42,13 @@ class _Base(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=Fals
     """Common base: keyword-only fields; unknown fields are ignored for forward compatibility."""
 
 
+class _State(_Base, kw_only=True, omit_defaults=False):
+    """Base of messages that tell a reader what is true now (status, KV snapshot, ``pools``,
+    ``accepted``): every field is always written, ``null`` or ``0`` included, so an unready pool
+    still says ``"state":"unready"`` and a fully leased one ``"slots_free":0``. The schemas list
+    every field of these as required; the defaults only let older values still decode."""
+
+
 # --------------------------------------------------------------------------------------------
 # GPU inventory
 # --------------------------------------------------------------------------------------------
@@ -288,8 +295,33 @@ RejectCode = Literal[
 ``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
 (the connection's user may not publish it), so no daemon saw it."""
 
+REJECT_STATUS: dict[str, str] = {
+    "bad_request": "400",
+    "payload_too_large": "413",
+    "invalid_id": "400",
+    "unknown_pool": "404",
+    "unknown_verb": "404",
+    "illegal_transition": "409",
+    "preflight_failed": "422",
+    "placement_failed": "422",
+    "not_ready": "409",
+    "draining": "409",
+    "no_slots": "409",
+    "unknown_lease": "404",
+    "command_id_conflict": "409",
+    "fenced": "503",
+    "unavailable": "503",
+    "internal": "500",
+    "overloaded": "429",
+    "permission_denied": "403",
+}
+"""The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
+HTTP-style status). The body keeps the precise ``code``; the header lets generic micro tooling
+see an error. The daemon never sends ``permission_denied`` (a client answers it itself); its
+status is listed so every code has one."""
 
-class Accepted(_Base, tag_field="type", tag="accepted", kw_only=True):
+
+class Accepted(_State, tag_field="type", tag="accepted", kw_only=True):
     """The command was applied. ``seq`` is the first pool event it produced and ``last_seq`` the
     last (a drain that completes at once writes two); both are the pool's current sequence when
     it produced none (a no-op reload)."""
@@ -319,7 +351,7 @@ class Rejected(_Base, tag_field="type", tag="rejected", kw_only=True):
     problems: list[Problem] = msgspec.field(default_factory=list)
 
 
-class LeaseInfo(_Base, kw_only=True):
+class LeaseInfo(_State, kw_only=True):
     """One active lease."""
 
     lease_id: str
@@ -327,7 +359,7 @@ class LeaseInfo(_Base, kw_only=True):
     holder: str | None = None
 
 
-class EngineInfo(_Base, kw_only=True):
+class EngineInfo(_State, kw_only=True):
     """The engine process the pool currently runs."""
 
     pid: int
@@ -338,7 +370,7 @@ class EngineInfo(_Base, kw_only=True):
     log_path: str | None = None
 
 
-class PoolSnapshot(_Base, kw_only=True):
+class PoolSnapshot(_State, kw_only=True):
     """A pool's current state and registry fields: the ``status`` reply and the KV value."""
 
     v: int = SCHEMA_VERSION
@@ -370,14 +402,14 @@ class PoolSnapshot(_Base, kw_only=True):
     last_event: str | None = None
 
 
-class StatusReply(_Base, tag_field="type", tag="status", kw_only=True):
+class StatusReply(_State, tag_field="type", tag="status", kw_only=True):
     """Reply to ``status``."""
 
     v: int = SCHEMA_VERSION
     pool: PoolSnapshot
 
 
-class PoolsReply(_Base, tag_field="type", tag="pools", kw_only=True):
+class PoolsReply(_State, tag_field="type", tag="pools", kw_only=True):
     """Reply to the node ``pools`` command."""
 
     v: int = SCHEMA_VERSION

@@ -57,9 +57,56 @@ def normalise(node: Any) -> Any:
     return node
 
 
+_COMMAND_TYPES: dict[str, str] = {
+    cls.__name__: str(cls.__struct_config__.tag)
+    for cls in (*messages.POOL_COMMANDS.values(), *messages.NODE_COMMANDS.values())
+}
+
+
+def _optional_command_tags(defs: dict[str, Any]) -> dict[str, Any]:
+    """Commands may leave out ``type``: the subject names the verb, and the daemon decodes the
+    payload as that verb's command. msgspec marks a tag as required; the daemon does not, so the
+    schema says what the daemon does. A ``type`` that is given must still equal the verb."""
+    for name, verb in _COMMAND_TYPES.items():
+        schema = defs.get(name)
+        if schema is None:
+            continue
+        schema["required"] = [field for field in schema.get("required", []) if field != "type"]
+        if not schema["required"]:
+            del schema["required"]
+        schema["properties"]["type"] = {
+            **schema["properties"]["type"],
+            "default": verb,
+            "description": f"optional: the subject names the verb; when given it must be {verb!r}",
+        }
+    return defs
+
+
+def _written_fields(cls: type[msgspec.Struct]) -> list[str]:
+    tag = cls.__struct_config__.tag_field
+    return ([tag] if tag else []) + [field.encode_name for field in msgspec.structs.fields(cls)]
+
+
+_ALWAYS_WRITTEN: dict[str, list[str]] = {
+    obj.__name__: _written_fields(obj)
+    for obj in vars(messages).values()
+    if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and not obj.__struct_config__.omit_defaults
+}
+
+
+def _always_present(defs: dict[str, Any]) -> dict[str, Any]:
+    """A message that never omits a field lists every field as required: what a reader can rely
+    on is what the daemon writes, not what msgspec would accept (defaults let old values decode)."""
+    for name, fields in _ALWAYS_WRITTEN.items():
+        if name in defs:
+            defs[name]["required"] = list(fields)
+    return defs
+
+
 def message_schema(name: str, cls: type[msgspec.Struct]) -> dict[str, Any]:
     """The JSON Schema 2020-12 document of one wire message."""
     schema = msgspec.json.schema(cls)
+    _always_present(_optional_command_tags(schema.get("$defs", {})))
     doc: dict[str, Any] = normalise(schema)
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"pool-managerd/{name}.json", "title": name, **doc}
 
@@ -73,64 +120,111 @@ def _channel(address: str, summary: str, messages_: dict[str, str], params: list
     }
 
 
+def _asyncapi_schema(node: Any) -> Any:
+    """msgspec's JSON Schema → AsyncAPI's schema format (a superset of JSON Schema draft-07).
+
+    Two things differ: ``discriminator`` is the property name itself (msgspec writes OpenAPI's
+    ``{"propertyName": ..., "mapping": ...}``; every variant still pins its tag with ``const``), and
+    tuples are ``items`` arrays (draft-07) rather than ``prefixItems`` (2020-12)."""
+    if isinstance(node, list):
+        return [_asyncapi_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "discriminator" and isinstance(value, dict):
+            out[key] = value["propertyName"]
+        elif key == "prefixItems":
+            out["items"] = _asyncapi_schema(value)
+        elif key == "items" and "prefixItems" in node:
+            if value is False:
+                out["additionalItems"] = False
+        else:
+            out[key] = _asyncapi_schema(value)
+    return out
+
+
+REJECTION_HEADERS: dict[str, Any] = {
+    "type": "object",
+    "description": "nats micro error convention: every rejected reply carries both headers; $SRV.STATS "
+    "counts it as an endpoint error.",
+    "properties": {
+        "Nats-Service-Error": {"type": "string", "description": "the rejection's message (one line)"},
+        "Nats-Service-Error-Code": {
+            "type": "string",
+            "description": "HTTP-style status of the body's code: "
+            + ", ".join(f"{code} {status}" for code, status in messages.REJECT_STATUS.items()),
+            "enum": sorted(set(messages.REJECT_STATUS.values())),
+        },
+    },
+    "required": ["Nats-Service-Error", "Nats-Service-Error-Code"],
+}
+
+EVENT_HEADERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "Nats-Msg-Id": {"type": "string", "description": "<pool>:<seq> (pool events), <node>:n<seq> (node events)"},
+        "Nats-Expected-Last-Subject-Sequence": {"type": "string"},
+        "Nats-Expected-Last-Subject-Sequence-Subject": {"type": "string"},
+        "traceparent": {"type": "string", "description": "W3C trace context of the causing command, when it had one"},
+    },
+}
+
+
 def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """An AsyncAPI 3.0 document of the whole NATS contract."""
+    """An AsyncAPI 3.0 document of the whole NATS contract.
+
+    Payload schemas live once under ``components.schemas`` and messages refer to them there, so
+    every ``$ref`` resolves against the document root, as AsyncAPI requires. Each request/reply
+    channel lists every reply its subject can produce (``rejected`` included)."""
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
-    components: dict[str, Any] = {}
+    messages_: dict[str, type[msgspec.Struct]] = {}
+    headers: dict[str, dict[str, Any]] = {}
 
-    def component(name: str, cls: type[msgspec.Struct]) -> str:
-        components[name] = {"name": name, "contentType": "application/json", "payload": msgspec.json.schema(cls)}
+    def component(name: str, cls: type[msgspec.Struct], header_schema: dict[str, Any] | None = None) -> str:
+        messages_[name] = cls
+        if header_schema is not None:
+            headers[name] = header_schema
         return name
 
-    component("accepted", messages.Accepted)
-    component("rejected", messages.Rejected)
-    for verb, cls in messages.POOL_COMMANDS.items():
-        cname = f"cmd_{verb}"
-        component(cname, cls)
-        reply = "status_reply" if verb == "status" else None
-        if reply:
-            component(reply, messages.StatusReply)
-        channels[cname] = _channel(
-            f"{prefix}.cmd.{{pool}}.{verb}", f"{verb} command for one pool (request/reply)", {verb: cname}, ["pool"]
-        )
-        replies = (
-            {"accepted": "accepted", "rejected": "rejected"} if not reply else {"status": reply, "rejected": "rejected"}
-        )
-        channels[f"{cname}_reply"] = {
+    def request_reply(op: str, request: str, address: str, summary: str, param: str, replies: dict[str, str]) -> None:
+        key = str(messages_[request].__struct_config__.tag)
+        channels[request] = _channel(address, summary, {key: request}, [param])
+        channels[f"{request}_reply"] = {
             "address": None,
-            "summary": f"reply to {verb} (the request's inbox)",
+            "summary": f"every reply to {address} (on the request's reply subject): {', '.join(replies)}",
             "messages": {k: {"$ref": f"#/components/messages/{v}"} for k, v in replies.items()},
         }
-        operations[f"handle_{verb}"] = {
+        operations[op] = {
             "action": "receive",
-            "channel": {"$ref": f"#/channels/{cname}"},
-            "reply": {"channel": {"$ref": f"#/channels/{cname}_reply"}},
+            "channel": {"$ref": f"#/channels/{request}"},
+            "reply": {"channel": {"$ref": f"#/channels/{request}_reply"}},
         }
+
+    component("accepted", messages.Accepted)
+    component("rejected", messages.Rejected, REJECTION_HEADERS)
+    component("status_reply", messages.StatusReply)
+    for verb, cls in messages.POOL_COMMANDS.items():
+        cname = component(f"cmd_{verb}", cls)
+        first = {"status": "status_reply"} if verb == "status" else {"accepted": "accepted"}
+        address = f"{prefix}.cmd.{{pool}}.{verb}"
+        summary = f"{verb} command for one pool (request/reply)"
+        request_reply(f"handle_{verb}", cname, address, summary, "pool", {**first, "rejected": "rejected"})
     node_replies: dict[str, type[msgspec.Struct]] = {
         "pools": messages.PoolsReply,
         "inventory": messages.InventoryReply,
         "lifecycle": messages.LifecycleReply,
     }
     for verb, node_cls in messages.NODE_COMMANDS.items():
-        cname = f"node_cmd_{verb}"
-        component(cname, node_cls)
-        reply_cls = node_replies[verb]
-        component(f"{verb}_reply", reply_cls)
-        channels[cname] = _channel(
-            f"{prefix}.node.{{node}}.cmd.{verb}", f"node {verb} command (request/reply)", {verb: cname}, ["node"]
+        cname = component(f"node_cmd_{verb}", node_cls)
+        component(f"{verb}_reply", node_replies[verb])
+        address = f"{prefix}.node.{{node}}.cmd.{verb}"
+        summary = f"node {verb} command (request/reply)"
+        request_reply(
+            f"handle_node_{verb}", cname, address, summary, "node", {verb: f"{verb}_reply", "rejected": "rejected"}
         )
-        channels[f"{cname}_reply"] = {
-            "address": None,
-            "summary": f"reply to node {verb}",
-            "messages": {verb: {"$ref": f"#/components/messages/{verb}_reply"}},
-        }
-        operations[f"handle_node_{verb}"] = {
-            "action": "receive",
-            "channel": {"$ref": f"#/channels/{cname}"},
-            "reply": {"channel": {"$ref": f"#/channels/{cname}_reply"}},
-        }
-    component("event", messages.Event)
+    component("event", messages.Event, EVENT_HEADERS)
     channels["pool_events"] = _channel(
         f"{prefix}.evt.{{pool}}.{{event}}",
         f"pool events, stored in JetStream stream {STREAM_NAME}; headers Nats-Msg-Id <pool>:<seq>, "
@@ -157,6 +251,17 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         {"snapshot": "pool_snapshot"}, ["pool"],
     )  # fmt: skip
     operations["put_snapshot"] = {"action": "send", "channel": {"$ref": "#/channels/pool_snapshots"}}
+
+    names = list(messages_)
+    payloads, schemas = msgspec.json.schema_components(
+        [messages_[name] for name in names], ref_template="#/components/schemas/{name}"
+    )
+    components_messages: dict[str, Any] = {}
+    for name, payload in zip(names, payloads, strict=True):
+        message: dict[str, Any] = {"name": name, "contentType": "application/json", "payload": payload}
+        if name in headers:
+            message["headers"] = headers[name]
+        components_messages[name] = message
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -168,7 +273,10 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "defaultContentType": "application/json",
         "channels": channels,
         "operations": operations,
-        "components": {"messages": components},
+        "components": {
+            "messages": components_messages,
+            "schemas": _asyncapi_schema(_always_present(_optional_command_tags(schemas))),
+        },
     }
 
 

@@ -17,6 +17,7 @@ from pool_managerd.messages import (
     MAX_PAYLOAD_BYTES,
     NODE_COMMANDS,
     POOL_COMMANDS,
+    REJECT_STATUS,
     NodeCommand,
     PoolCommand,
     RejectCode,
@@ -77,6 +78,31 @@ def rejection(
     """A typed rejection; a code outside the stable set becomes ``bad_request`` (never a leak)."""
     stable = cast(RejectCode, code) if code in _CODES else "bad_request"
     return Rejected(command_id=command_id, pool=pool, verb=verb, code=stable, message=message)
+
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+MAX_ERROR_HEADER = 256
+"""Longest ``Nats-Service-Error`` value; the full message is in the body."""
+
+_REJECTED_DECODER = msgspec.json.Decoder(Rejected)
+
+
+def rejected_in(body: bytes) -> Rejected | None:
+    """The rejection an encoded reply carries, or None for any other reply."""
+    if not body.startswith(b'{"type":"rejected"'):
+        return None
+    try:
+        return _REJECTED_DECODER.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
+def error_headers(reply: Rejected) -> dict[str, str]:
+    """The nats micro error headers of a rejection: ``Nats-Service-Error`` (the message on one
+    line, bounded) and ``Nats-Service-Error-Code`` (the HTTP-style status of its code)."""
+    description = " ".join(reply.message.split())[:MAX_ERROR_HEADER]
+    return {ERROR_HEADER: description or reply.code, ERROR_CODE_HEADER: REJECT_STATUS.get(reply.code, "400")}
 
 
 @dataclass(slots=True)

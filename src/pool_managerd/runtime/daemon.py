@@ -58,6 +58,7 @@ from pool_managerd.messages import (
     InventoryReply,
     LifecycleCmd,
     NodeHeartbeat,
+    PoolSnapshot,
     PoolsReply,
     Rejected,
     StopCmd,
@@ -73,10 +74,14 @@ from pool_managerd.nats_version import (
 )
 from pool_managerd.runtime import logs
 from pool_managerd.runtime.commands import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
     CommandCache,
     CommandError,
     decode_node_command,
     decode_pool_command,
+    error_headers,
+    rejected_in,
     rejection,
 )
 from pool_managerd.runtime.metrics import Metrics
@@ -180,6 +185,8 @@ class Daemon:
         self._closed = asyncio.Event()
         self._kv_dirty: dict[str, None] = {}
         self._kv_wake = asyncio.Event()
+        self._kv_written: dict[str, _Written] = {}
+        self._kv_timers: dict[str, asyncio.TimerHandle] = {}
         self._health_sub: Any = None
         self.exit_code = 0
         self.ready = asyncio.Event()
@@ -312,8 +319,13 @@ class Daemon:
         for pool in owned:
             self._mark_dirty(pool)
         # Every subscription is known to the server before start() returns: a client that sends
-        # right after must meet the pool's endpoint, never only the catch-all.
-        await self.nc.flush()
+        # right after must meet the pool's endpoint, never only the catch-all. nats-py writes a
+        # flush's PING straight to the socket while SUBs still wait in its pending buffer for the
+        # flusher task, so the first PONG can come back before the server has seen the last SUB
+        # (a request sent then met only the catch-all and timed out). By the time that PONG is
+        # read the flusher has written them, so a second PING follows them on the wire.
+        await flush_through_cancel(self.nc)
+        await flush_through_cancel(self.nc)
         self.ready.set()
         log.info("pool-managerd %s on node %s serving %d pool(s) via %s (nats-server %s; supported: %s or newer)",
                  __version__, self.node, len(owned), self.url, self.server_version, NATS_SERVER_FLOOR_TEXT)  # fmt: skip
@@ -588,6 +600,8 @@ class Daemon:
         log.info("reconnected to NATS")
         if self.snapshots is not None:
             self._spawn(self.snapshots.restart_watch(), "kv-rewatch")
+        # The server may have lost what was written (a restart without its store): write anew.
+        self._kv_written.clear()
         for pool in list(self.runtime.actors if self.runtime else []):
             self._mark_dirty(pool)
 
@@ -643,9 +657,10 @@ class Daemon:
         )
 
     async def _reply_unclaimed(self, msg: Msg, reply: Rejected) -> None:
-        if msg.reply:
+        # Not a micro endpoint, so nothing counts it in $SRV.STATS; the headers still say "error".
+        if msg.reply and self.nc is not None:
             with contextlib.suppress(Exception):
-                await msg.respond(encode(reply))
+                await self.nc.publish(msg.reply, encode(reply), headers=error_headers(reply))
 
     async def _on_command(self, req: Request) -> None:
         # Handlers of one subscription run one at a time: answer in a task so a slow command
@@ -657,19 +672,21 @@ class Daemon:
         try:
             pool, verb = self.subjects.parse_command(subject)
         except PoolManagerError as exc:
-            await self._respond(req, rejection(exc.code, exc.message), "other")
+            # The endpoint subscribes to <prefix>.cmd.<pool>.*: the pool token names the endpoint.
+            endpoint = f"pool-{subject.rsplit('.', 2)[-2]}"
+            await self._respond(req, rejection(exc.code, exc.message), "other", endpoint)
             return
         if self._inflight >= MAX_INFLIGHT_COMMANDS:
             # Bounded work per daemon: past it a client is told to come back, at once.
             busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
                              pool=pool, verb=verb)  # fmt: skip
-            await self._respond(req, busy, verb)
+            await self._respond(req, busy, verb, f"pool-{pool}")
             return
         if verb == "status" and len(data) <= 2 and self.runtime is not None and pool not in self.fenced:
             # Fast path for the commonest read: no task, no cache.
             try:
                 reply = await self.runtime.command(pool, decode_pool_command(verb, data))
-                await self._respond(req, reply, verb)
+                await self._respond(req, reply, verb, f"pool-{pool}")
                 return
             except PoolManagerError:
                 pass
@@ -689,7 +706,7 @@ class Daemon:
             try:
                 cmd = decode_pool_command(verb, data)
             except CommandError as exc:
-                await self._respond(req, rejection(exc.code, exc.message, pool=pool, verb=verb), verb)
+                await self._respond(req, rejection(exc.code, exc.message, pool=pool, verb=verb), verb, f"pool-{pool}")
                 return
             logs.command_var.set(cmd.command_id)
             runtime = self.runtime
@@ -699,9 +716,8 @@ class Daemon:
                     code, message = "fenced", f"pool {pool!r} is fenced on node {self.node}: {self.fenced[pool]}"
                 else:
                     code, message = "unknown_pool", f"unknown pool {pool!r}"
-                await self._respond(
-                    req, rejection(code, message, pool=pool, verb=verb, command_id=cmd.command_id), verb
-                )
+                reply = rejection(code, message, pool=pool, verb=verb, command_id=cmd.command_id)
+                await self._respond(req, reply, verb, f"pool-{pool}")
                 return
 
             async def apply() -> bytes:
@@ -723,20 +739,37 @@ class Daemon:
                 log.exception("command %s on pool %s failed", verb, pool)
                 message = "internal error; see the daemon log"
                 body = encode(rejection("internal", message, pool=pool, verb=verb, command_id=cmd.command_id))
-            await self._respond_raw(req, body, verb)
+            await self._respond_raw(req, body, verb, f"pool-{pool}")
         finally:
             logs.pool_var.reset(token)
 
-    async def _respond(self, req: Request, reply: msgspec.Struct, verb: str) -> None:
-        await self._respond_raw(req, encode(reply), verb)
+    async def _respond(self, req: Request, reply: msgspec.Struct, verb: str, endpoint: str | None) -> None:
+        await self._respond_raw(req, encode(reply), verb, endpoint)
 
-    async def _respond_raw(self, req: Request, body: bytes, verb: str) -> None:
-        outcome = "rejected" if body.startswith(b'{"type":"rejected"') else "ok"
-        self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", outcome).inc()
+    async def _respond_raw(self, req: Request, body: bytes, verb: str, endpoint: str | None) -> None:
+        """Send a reply. A rejection keeps its typed body and follows the nats micro error
+        convention as well: error headers, and counted as an error of ``endpoint``."""
+        rejected = rejected_in(body)
+        self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", "rejected" if rejected else "ok").inc()
+        headers = error_headers(rejected) if rejected is not None else None
+        if headers is not None and endpoint is not None:
+            self._count_error(endpoint, headers)
         try:
-            await req.respond(body)
+            await req.respond(body, headers=headers)
         except Exception as exc:
             log.warning("could not send reply: %s", exc)
+
+    def _count_error(self, endpoint: str, headers: dict[str, str]) -> None:
+        # nats-py counts an endpoint error only when the handler raises, and then replies with an
+        # empty body; the typed rejection must stay the body, so the count is kept here, in the
+        # endpoint's own statistics that $SRV.STATS reports (as nats-py would: "code:description").
+        if self.service is None:
+            return
+        for ep in self.service._endpoints:
+            if ep._name == endpoint:
+                ep._num_errors += 1
+                ep._last_error = f"{headers[ERROR_CODE_HEADER]}:{headers[ERROR_HEADER]}"
+                return
 
     async def _on_node_command(self, req: Request) -> None:
         try:
@@ -756,7 +789,7 @@ class Daemon:
                 reply = PoolsReply(node=self.node, pools=runtime.lifecycle.registry.snapshots())
         except PoolManagerError as exc:
             reply = rejection(exc.code, exc.message)
-        await self._respond(req, reply, "node")
+        await self._respond(req, reply, "node", f"node-{self.node}")
 
     # --- health ----------------------------------------------------------------------------------
 
@@ -798,7 +831,15 @@ class Daemon:
         self._kv_wake.set()
 
     async def _kv_writer(self) -> None:
-        """Write the latest snapshot of every changed pool; bursts of steps coalesce into one put."""
+        """Write a pool's snapshot when something a reader shows has changed, coalesced.
+
+        Steps that only record probe bookkeeping (``last_heartbeat``, ``perf_hints``: every probe
+        of a loading engine is one) do not write by themselves; they ride along with the next
+        write, or are written :data:`KV_PROBE_REFRESH_S` after the last one. Any other change is
+        written at once, or :data:`KV_COALESCE_S` after the pool's previous write if that was
+        more recent, so a burst of steps is one put and a reader is never more than
+        ``KV_COALESCE_S`` plus one put behind while NATS is reachable."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._kv_wake.wait()
             self._kv_wake.clear()
@@ -812,13 +853,38 @@ class Daemon:
                 if not self._server_supported():
                     self._kv_dirty.clear()
                     break
+                snapshot = self.runtime.lifecycle.registry.snapshot(pool)
+                now = loop.time()
+                written = _Written.of(snapshot, now)
+                due = _kv_due(self._kv_written.get(pool), written)
+                if due is None:
+                    continue
+                if due > now:
+                    self._kv_later(pool, due - now)
+                    continue
                 try:
-                    await self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool))
+                    await self.snapshots.put(snapshot)
                 except Exception as exc:
                     log.warning("KV snapshot of %s not written (%s); retrying in 1 s", pool, exc)
                     self._kv_dirty[pool] = None
-                    asyncio.get_running_loop().call_later(1.0, self._kv_wake.set)
+                    loop.call_later(1.0, self._kv_wake.set)
                     break
+                self._kv_written[pool] = written
+
+    def _kv_later(self, pool: str, delay: float) -> None:
+        """Mark ``pool`` dirty after ``delay``, unless an earlier wake-up is already set."""
+        loop = asyncio.get_running_loop()
+        pending = self._kv_timers.get(pool)
+        if pending is not None:
+            if pending.when() <= loop.time() + delay:
+                return
+            pending.cancel()
+
+        def fire() -> None:
+            self._kv_timers.pop(pool, None)
+            self._mark_dirty(pool)
+
+        self._kv_timers[pool] = loop.call_later(delay, fire)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -993,6 +1059,10 @@ class Daemon:
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
 
     async def _drain_kv(self) -> None:
+        # Every pool is written now, whatever was waiting to coalesce.
+        for timer in self._kv_timers.values():
+            timer.cancel()
+        self._kv_timers.clear()
         if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
             return
         for pool in list(self._kv_dirty):
@@ -1001,6 +1071,37 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool)), 2.0)
         self._kv_dirty.clear()
+
+
+KV_COALESCE_S = 0.05
+"""Least time between two KV writes of one pool's snapshot (a reader's staleness bound, plus one put)."""
+
+KV_PROBE_REFRESH_S = 5.0
+"""How long probe bookkeeping alone (``last_heartbeat``, ``perf_hints``) may wait for a KV write."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A snapshot as the KV writer compares it: whole, and without its probe bookkeeping."""
+
+    full: bytes
+    shown: bytes
+    at: float
+
+    @classmethod
+    def of(cls, snapshot: PoolSnapshot, at: float) -> _Written:
+        shown = msgspec.structs.replace(snapshot, last_heartbeat=None, perf_hints={})
+        return cls(full=encode(snapshot), shown=encode(shown), at=at)
+
+
+def _kv_due(last: _Written | None, now: _Written) -> float | None:
+    """When ``now`` should be written given the ``last`` write: None when nothing changed."""
+    if last is None:
+        return now.at
+    if last.full == now.full:
+        return None
+    wait = KV_COALESCE_S if last.shown != now.shown else KV_PROBE_REFRESH_S
+    return max(now.at, last.at + wait)
 
 
 def _reported_version(nc: NATS) -> ServerVersion | None:
@@ -1021,6 +1122,19 @@ def _safe_url(nc: NATS) -> str | None:
     if url is None or url.hostname is None:
         return None
     return f"{url.scheme}://{url.hostname}:{url.port}" if url.port else f"{url.scheme}://{url.hostname}"
+
+
+async def flush_through_cancel(nc: NATS) -> None:
+    """``nc.flush()`` that a cancellation (a stop during start-up) cannot break.
+
+    Cancelled mid-flight, nats-py's flush leaves its cancelled PONG future queued; the PONG then
+    raises ``InvalidStateError`` inside the client's read loop, which stops reading, and every
+    later ack, reply and KV write on the connection times out. Shielded, the flush finishes on its
+    own (bounded by nats-py's flush timeout) while the caller is cancelled at once."""
+    flush = asyncio.ensure_future(nc.flush())
+    # Retrieved here, so a flush that fails after its caller left is not an unhandled error.
+    flush.add_done_callback(lambda done: done.cancelled() or done.exception())
+    await asyncio.shield(flush)
 
 
 def _last_writer(events: list[Event]) -> str | None:
