@@ -151,7 +151,7 @@ ROWS: tuple[Row, ...] = (
         after=("_begin_drain",)),
     Row("reload", "ready", "draining", "command",
         "the new spec is placed first; then drains the old engine",
-        ("_place",), ("_is_placed",), (), ("_stage_reload", "_begin_drain")),
+        ("_place",), ("_is_placed",), (), ("_begin_drain",)),
     Row("drained", "draining", "unready", "fact", "leases reached 0; engine stopped",
         unless=("_is_reload",), after=("_stop_and_clear",)),
     Row("drained", "draining", "preloading", "fact", "reload: old engine stopped, new spec starts",
@@ -162,8 +162,7 @@ ROWS: tuple[Row, ...] = (
         conditions=("_is_reload",), after=("_abort_reload",)),
     *(Row("stop", s, "unready", "command", "graceful stop: SIGTERM to the group, SIGKILL after grace",
           after=("_stop_and_clear",)) for s in STATES if s != "unready"),
-    Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop",
-        after=("_reset_supervision",)),
+    Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop"),
     *(Row("internal_error", s, "failed", "fact",
           "a step raised: nothing it computed is kept, the engine is stopped, an operator resets the pool",
           after=("_internal_failure",)) for s in STATES if s != "failed"),
@@ -577,9 +576,6 @@ class PoolModel:
         else:
             self.arm("drain_deadline", self.drain_deadline_s)
 
-    def _stage_reload(self, ev: EventData) -> None:
-        pass  # the recorded reload row staged the new spec, mask, policy and placement
-
     def _swap_to_reload(self, ev: EventData) -> None:
         self.cancel("drain_deadline", "lease_expiry")
         self.stop_engine("reload: stopping the old engine")
@@ -596,9 +592,6 @@ class PoolModel:
 
     def _abort_reload(self, ev: EventData) -> None:
         self.cancel("drain_deadline")
-
-    def _reset_supervision(self, ev: EventData) -> None:
-        pass  # the recorded reset row forgets the crash loop
 
     def _internal_failure(self, ev: EventData) -> None:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
