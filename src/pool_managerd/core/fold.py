@@ -26,6 +26,9 @@ from pool_managerd.core.machine import DESTINATIONS
 from pool_managerd.core.state import PoolValue, evolve, initial
 from pool_managerd.messages import Event, StateChanged
 
+_DESTINATIONS = DESTINATIONS
+_NONE: frozenset[str] = frozenset()
+
 PoolView = PoolValue
 """What the fold holds per pool: the pool's state value (the name replay code has used)."""
 
@@ -83,7 +86,7 @@ class Fold:
                 f"pool {pool!r}: seq {event.seq} follows {view.seq} (want {view.seq + 1})",
             )
         writers = self.writers[pool]
-        if not writers or event.node != writers[-1]:
+        if not writers or event.node != writers[-1]:  # rare: a pool's first event or a takeover
             if event.node in writers:
                 found = found or self._violate(
                     "two_writers", pool, event.seq,
@@ -92,16 +95,14 @@ class Fold:
                 writers.remove(event.node)
             writers.append(event.node)
         body = event.body
-        if body.__class__ is StateChanged:
-            assert isinstance(body, StateChanged)
-            if body.src != view.state or body.dst not in DESTINATIONS.get((body.src, body.trigger), ()):
-                why = (
-                    "is not a row of the lifecycle table" if body.src == view.state else f"but the pool is {view.state}"
-                )
-                found = self._violate(
-                    "illegal_transition", pool, event.seq,
-                    f"pool {pool!r} seq {event.seq}: {body.src} --{body.trigger}--> {body.dst} {why}",
-                )  # fmt: skip
+        if body.__class__ is StateChanged and (
+            body.src != view.state or body.dst not in _DESTINATIONS.get((body.src, body.trigger), _NONE)
+        ):
+            why = "is not a row of the lifecycle table" if body.src == view.state else f"but the pool is {view.state}"
+            found = self._violate(
+                "illegal_transition", pool, event.seq,
+                f"pool {pool!r} seq {event.seq}: {body.src} --{body.trigger}--> {body.dst} {why}",
+            )  # fmt: skip
         self.views[pool] = evolve(view, event)
         return found
 
