@@ -681,7 +681,9 @@ async def test_sigterm_with_on_shutdown_leave_hands_engines_to_the_next_start(ri
 
     events = await finish(rig)
     assert [b.pid for b in of(events, "chat", EngineSpawned)] == [pid]
-    assert not of(events, "chat", EngineExited)
+    # The final graceful stop may record the exit it asked for; an exit it did not ask for would
+    # mean the adopted engine was taken for dead.
+    assert not [b for b in of(events, "chat", EngineExited) if not b.expected]
 
 
 async def test_group_of_an_engine_that_died_while_down_is_killed(rig: Rig, tmp_path: Path) -> None:
