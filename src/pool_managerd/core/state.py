@@ -64,10 +64,10 @@ _OUT_OF_SERVICE = frozenset({"unready", "failed"})
 class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Everything the event log says about one pool, as of its last event.
 
-        Frozen; its mappings are never changed in place (:func:`evolve` copies what it changes), so
-        a value once taken can be kept as a checkpoint or compared with another as a whole. A
-        msgspec Struct rather than a dataclass: replay evolves it a million times a run, and
-        ``msgspec.structs.replace`` is several times cheaper than ``dataclasses.replace``. Untracked
+    Frozen; its mappings are never changed in place (:func:`evolve` copies what it changes), so
+    a value once taken can be kept as a checkpoint or compared with another as a whole. A
+    msgspec Struct rather than a dataclass: replay evolves it a million times a run, and
+    ``msgspec.structs.replace`` is several times cheaper than ``dataclasses.replace``. Untracked
     by the garbage collector (``gc=False``): a value refers to no container that refers back to
     it, and a million short-lived values would otherwise trigger collections over the whole log."""
 
