@@ -1,12 +1,13 @@
-"""A daemon rebuilt from the log decides like the one that wrote it: restore(fold(events)) carries
-every field a later decision reads (state, spec, mask, policy, reload staging, rollback)."""
+"""A daemon rebuilt from the log decides like the one that wrote it: restore(fold(events)) is the
+very value the live pool holds (state, spec, mask, policy, reload staging, rollback, all of it)."""
 
 from __future__ import annotations
 
 from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import SpawnEngine
-from pool_managerd.core.fold import fold
+from pool_managerd.core.fold import Fold, fold
 from pool_managerd.core.machine import Lifecycle, PoolModel
+from pool_managerd.core.state import initial
 from pool_managerd.messages import (
     EngineInfo,
     EngineSpec,
@@ -60,26 +61,12 @@ class Node:
         return pid
 
 
-def decision_fields(model: PoolModel) -> dict[str, object]:
-    return {
-        "state": model.state,
-        "spec": model.spec,
-        "mask": model.mask,
-        "policy": model.split_policy,
-        "reloading": model.reloading,
-        "pending_spec": model.pending_spec,
-        "pending_mask": model.pending_mask,
-        "pending_policy": model.pending_policy,
-        "rollback": model.rollback,
-        "restarts": model.entry.restarts,
-        "seq": model.entry.seq,
-    }
-
-
 def restored_from(events: list[Event]) -> Node:
     other = Node()
-    view = fold(events).views["p"]
-    other.lc.restore("p", view, Context(now=events[-1].ts))
+    folded = Fold(start=lambda pool: initial(pool, SPEC, "1", "free"))
+    for event in events:
+        folded.apply(event)
+    other.lc.restore("p", folded.views["p"], Context(now=events[-1].ts))
     other.now = events[-1].ts
     other.pid = 100
     return other
@@ -93,7 +80,7 @@ def test_restore_mid_reload_keeps_mask_policy_and_the_rollback() -> None:
     # The reload drained at once and the new spec is loading: the daemon dies here.
     assert live.model().state == "preloading" and live.model().rollback is not None
     rebuilt = restored_from(live.events)
-    assert decision_fields(rebuilt.model()) == decision_fields(live.model())
+    assert rebuilt.model().value == live.model().value
 
     # Both fail the new spec the same way: both roll back to m1 on mask "0" with policy "equal".
     for node in (live, rebuilt):
@@ -109,8 +96,8 @@ def test_restore_keeps_the_mask_asked_for_at_preload_for_later_restarts() -> Non
     pid = live.ready()
     rebuilt = restored_from(live.events)
     assert rebuilt.model().mask == "0"  # not the configured "1"
+    assert rebuilt.model().value == live.model().value
     asked.clear()
-    rebuilt.model().entry.engine = EngineInfo(pid=pid, pgid=pid, port=9000, started_at=0.0)
     out = rebuilt.lc.engine_exited("p", pid, 1, None, rebuilt.ctx())
     token = next(e.token for e in out.effects if getattr(e, "name", "") == "backoff")  # type: ignore[attr-defined]
     out = rebuilt.lc.timer_fired("p", "backoff", token, rebuilt.ctx())

@@ -31,6 +31,7 @@ from pool_managerd.core.machine import (
     is_legal,
     mermaid,
 )
+from pool_managerd.core.state import evolve
 from pool_managerd.lifecycle import supervision
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import (
@@ -1101,3 +1102,33 @@ def test_engine_exit_while_draining_completes_the_drain() -> None:
     assert bodies(out, StateChanged)[0].leases_left == 1
     assert not only(out.effects, StopEngine)
     assert h.timers[POOL] == {}
+
+
+# --- one state, one evolve ----------------------------------------------------------------------
+
+
+def test_the_pool_state_is_one_value_that_only_its_events_change() -> None:
+    h = Harness()
+    model = h.lc.pool(POOL)
+    before = model.value
+    out = h.cmd(PreloadCmd(command_id="c1"))
+    assert out.events and model.value is not before
+    # The value after the step is exactly the events of the step applied to the value before it.
+    value = before
+    for event in out.events:
+        value = evolve(value, event)
+    assert value == model.value
+    # The value before the step is untouched: a checkpoint needs no copy.
+    assert (before.state, before.seq, before.placement) == ("unready", 0, None)
+    with pytest.raises(AttributeError):
+        model.value.state = "ready"  # type: ignore[misc]
+
+
+def test_the_machine_cannot_move_a_pool_without_recording_it() -> None:
+    h = Harness()
+    model = h.lc.pool(POOL)
+    # transitions writes the model's state after the row's state_changed evolved the value; a
+    # write that no recorded event explains is a bug, refused rather than kept.
+    with pytest.raises(RuntimeError, match="unrecorded"):
+        h.lc.machine.set_state("ready", model=model)
+    assert model.state == "unready" and model.value.seq == 0

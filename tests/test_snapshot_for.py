@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.config import PoolConfig
+from pool_managerd.core.definitions import Context
 from pool_managerd.messages import EngineInfo, GpuProcess, Placement
 from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
 
@@ -28,11 +30,18 @@ def runtime(tmp_path: Path, snapshot_simulated: bool) -> tuple[PoolRuntime, str,
     return rt, gpu0, gpu1
 
 
+def put(rt: PoolRuntime, pool: str, **fields: Any) -> None:
+    """Give ``pool`` a state as if its log had said so (the way recovery restores one)."""
+    value = msgspec.structs.replace(rt.lifecycle.pool(pool).value, **fields)
+    rt.lifecycle.restore(pool, value, Context(now=0.0))
+
+
 def test_simulated_inventory_takes_other_pools_budgets_off(tmp_path: Path) -> None:
     rt, gpu0, gpu1 = runtime(tmp_path, snapshot_simulated=True)
-    rt.lifecycle.registry.get("a").placement = Placement(
+    placement = Placement(
         mask=[gpu0, gpu1], uuids=[gpu0, gpu1], cuda_visible_devices=f"{gpu0},{gpu1}", budgets=[4 * GIB, 6 * GIB]
     )
+    put(rt, "a", placement=placement)
     base = rt.gpu_source()
     for_b, problem = rt.snapshot_for("b")
     assert problem is None and for_b is not None
@@ -45,7 +54,7 @@ def test_simulated_inventory_takes_other_pools_budgets_off(tmp_path: Path) -> No
 def test_real_inventory_gives_a_pools_own_engine_memory_back(tmp_path: Path) -> None:
     rt, _, _ = runtime(tmp_path, snapshot_simulated=False)
     # This test process plays pool a's running engine: NVML lists it with 10 GiB on GPU0.
-    rt.lifecycle.registry.get("a").engine = EngineInfo(pid=os.getpid(), pgid=os.getpgrp(), port=1, started_at=0.0)
+    put(rt, "a", engine=EngineInfo(pid=os.getpid(), pgid=os.getpgrp(), port=1, started_at=0.0))
     base = rt.gpu_source()
     for_a, _ = rt.snapshot_for("a")
     assert for_a is not None

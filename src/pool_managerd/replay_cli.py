@@ -22,7 +22,8 @@ import msgspec
 
 from pool_managerd.cli_connect import add_auth_arguments
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
-from pool_managerd.core.fold import Fold, PoolView
+from pool_managerd.core.fold import Fold
+from pool_managerd.core.state import PoolValue
 from pool_managerd.core.upcast import decode_event
 from pool_managerd.messages import Event, StateChanged, encode
 from pool_managerd.subjects import DEFAULT_PREFIX, Subjects, validate_id
@@ -112,12 +113,12 @@ def timeline_line(position: int, event: Event) -> str:
     return f"{position:>8} {when} {who:<16} #{event.seq:<5} {what}  {why}{cmd}"
 
 
-def view_json(view: PoolView) -> dict[str, Any]:
+def view_json(view: PoolValue, writer: str | None) -> dict[str, Any]:
     return {
         "pool": view.pool,
         "state": view.state,
         "seq": view.seq,
-        "writer": view.writer,
+        "writer": writer,
         "engine_pid": view.engine.pid if view.engine else None,
         "mask": list(view.placement.mask) if view.placement else [],
         "restarts": view.restarts,
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         result = {
             "events": count,
-            "pools": {pool: view_json(view) for pool, view in sorted(fold.views.items())},
+            "pools": {pool: view_json(view, fold.writer(pool)) for pool, view in sorted(fold.views.items())},
             "violations": [
                 {"code": v.code, "pool": v.pool, "seq": v.seq, "message": v.message} for v in fold.violations
             ],

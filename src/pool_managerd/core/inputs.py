@@ -14,7 +14,7 @@ from pool_managerd.core.effects import TimerName
 from pool_managerd.messages import EngineInfo, HealthReport, PoolCommand
 
 if TYPE_CHECKING:
-    from pool_managerd.core.fold import PoolView
+    from pool_managerd.core.state import PoolValue
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +76,9 @@ class EngineAdoptedInput:
 
 @dataclass(frozen=True, slots=True)
 class RestoreInput:
-    """Put the pool back where its event log left it (daemon recovery)."""
+    """Put the pool back where its event log left it (daemon recovery): the fold of its events."""
 
-    view: PoolView
+    value: PoolValue
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,22 +8,26 @@ injected planner for placement/preflight, :mod:`pool_managerd.lifecycle.supervis
 decisions); ``before``/``after`` callbacks append events and effects to the pool's outbox, which
 the shell executes. Decisions are stored in the trigger's keyword arguments and recorded in the
 ``state_changed`` event, so a replay can pass them back in and needs no clock, RNG or GPU.
+
+No callback assigns the pool's state: it is one immutable value (:class:`~pool_managerd.core.
+state.PoolValue`) that :meth:`PoolModel.emit` evolves by each event it appends, with the same
+:func:`~pool_managerd.core.state.evolve` that replay and recovery fold the log with.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import msgspec
 from transitions import EventData, Machine
 
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, ReleaseEngine, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
+from pool_managerd.core.health import HealthState, assess
 from pool_managerd.core.inputs import (
     CommandInput,
     EngineAdoptedInput,
@@ -38,12 +42,8 @@ from pool_managerd.core.inputs import (
     TimerFired,
     label,
 )
-
-if TYPE_CHECKING:
-    from pool_managerd.core.fold import PoolView
-from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
-from pool_managerd.core.health import HealthState, assess
-from pool_managerd.core.registry import Entry, Lease, Registry
+from pool_managerd.core.registry import Entry, Registry
+from pool_managerd.core.state import PoolValue, check_acquire, check_release, evolve, expired, initial
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import preload as preload_policy
 from pool_managerd.lifecycle import supervision
@@ -151,7 +151,7 @@ ROWS: tuple[Row, ...] = (
         after=("_begin_drain",)),
     Row("reload", "ready", "draining", "command",
         "the new spec is placed first; then drains the old engine",
-        ("_place",), ("_is_placed",), (), ("_stage_reload", "_begin_drain")),
+        ("_place",), ("_is_placed",), (), ("_begin_drain",)),
     Row("drained", "draining", "unready", "fact", "leases reached 0; engine stopped",
         unless=("_is_reload",), after=("_stop_and_clear",)),
     Row("drained", "draining", "preloading", "fact", "reload: old engine stopped, new spec starts",
@@ -162,8 +162,7 @@ ROWS: tuple[Row, ...] = (
         conditions=("_is_reload",), after=("_abort_reload",)),
     *(Row("stop", s, "unready", "command", "graceful stop: SIGTERM to the group, SIGKILL after grace",
           after=("_stop_and_clear",)) for s in STATES if s != "unready"),
-    Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop",
-        after=("_reset_supervision",)),
+    Row("reset", "failed", "unready", "command", "operator acknowledges a crash loop"),
     *(Row("internal_error", s, "failed", "fact",
           "a step raised: nothing it computed is kept, the engine is stopped, an operator resets the pool",
           after=("_internal_failure",)) for s in STATES if s != "failed"),
@@ -251,21 +250,21 @@ class Outcome:
     undo: Checkpoint | None = None
 
 
-_MODEL_FIELDS = (
-    "spec", "mask", "split_policy", "pending_spec", "pending_mask", "pending_placement", "rollback",
-    "pending_policy", "reloading", "supervision", "timers", "timer_seq", "stopping", "attempt",
-    "drain_deadline_s", "last_plan_rejected", "cause",
-)  # fmt: skip
-_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(Entry))
-
-
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A pool as it was before a step: machine state, model fields and registry entry."""
+    """A pool as it was before a step: its state value and the shell's bookkeeping."""
 
-    state: PoolState
-    model: dict[str, Any]
-    entry: dict[str, Any]
+    value: PoolValue
+    observed: tuple[Any, ...]
+
+
+_OBSERVED = ("health", "last_heartbeat", "perf_hints", "timers", "timer_seq", "stopping", "drain_deadline_s",
+             "last_plan_rejected")  # fmt: skip
+"""What a pool keeps besides its state value: observations and effect bookkeeping the log does
+not record (the probe streak, timer tokens, pids being stopped), all fresh after a restart."""
+
+_HEALTH_RESET = frozenset({"preloading", "restarting", "failed", "unready"})
+"""Destinations that start from a new engine or none: what was probed of the old one is void."""
 
 
 def _copied(value: Any) -> Any:
@@ -280,80 +279,130 @@ def _copied(value: Any) -> Any:
 
 class PoolModel:
     """The ``transitions`` model of one pool. Its trigger methods are bound by the machine; the
-    shell never calls them directly but goes through :class:`Lifecycle`."""
+    shell never calls them directly but goes through :class:`Lifecycle`.
 
-    state: PoolState
+    The pool's state is :attr:`value`, changed only by :meth:`emit`, which applies
+    :func:`~pool_managerd.core.state.evolve` to each event it appends. The machine's callbacks
+    decide and emit; none of them assigns a field of the state."""
 
-    def __init__(self, definition: PoolDefinition, entry: Entry, planner: Planner) -> None:
+    def __init__(self, definition: PoolDefinition, node: str, planner: Planner, *, simulated: bool = False) -> None:
         self.definition = definition
-        self.entry = entry
+        self.node = node
         self.planner = planner
-        self.spec: EngineSpec = definition.spec
-        self.mask: str | list[str] | None = definition.device_mask
-        self.split_policy: str | None = definition.split_policy
-        self.pending_spec: EngineSpec | None = None
-        self.pending_mask: str | list[str] | None = None
-        self.pending_placement: Placement | None = None
-        self.rollback: tuple[EngineSpec, str | list[str] | None, str | None] | None = None
-        self.pending_policy: str | None = None
-        self.reloading = False
-        self.supervision = SupervisionState()
+        self.simulated = simulated
+        self.value: PoolValue = initial(definition.pool, definition.spec, definition.device_mask,
+                                        definition.split_policy)  # fmt: skip
+        self.prior: PoolValue = self.value
+        """The value before the current transition's ``state_changed``: what its ``after``
+        callbacks stop (the engine, its grace) was in it."""
+        self.health = HealthState()
+        self.last_heartbeat: float | None = None
+        self.perf_hints: dict[str, float] = {}
         self.timers: dict[TimerName, int] = {}
         self.timer_seq = 0
         self.stopping: set[int] = set()
-        self.attempt = 0
         self.drain_deadline_s = 0.0
         self.ctx = Context(now=0.0)
         self.last_plan_rejected: PlanRejected | None = None
-        self.cause: tuple[str | None, str | None] = (None, None)
-        """(command_id, traceparent) of the pool's last command: every event carries them."""
+        self.step_cause: tuple[str | None, str | None] | None = None
+        """Set while a command's own step runs: the (command_id, traceparent) its events carry."""
         self.fingerprint: str | None = None
         """Set while a command's own step runs: what its events carry as ``fingerprint``."""
         self.events: list[Event] = []
         self.effects: list[Effect] = []
 
+    # --- the state, read-only ----------------------------------------------------------------
+
+    @property
+    def state(self) -> PoolState:
+        return self.value.state
+
+    @state.setter
+    def state(self, dest: PoolState) -> None:
+        # transitions sets the model's state after before_state_change; by then the recorded
+        # state_changed event has evolved the value to the row's destination.
+        if dest != self.value.state:
+            raise RuntimeError(f"pool {self.pool_id!r}: the machine moved to {dest} unrecorded")
+
     @property
     def pool_id(self) -> str:
-        return self.entry.pool
+        return self.value.pool
+
+    @property
+    def spec(self) -> EngineSpec:
+        assert self.value.spec is not None
+        return self.value.spec
+
+    @property
+    def mask(self) -> str | list[str] | None:
+        return self.value.mask
+
+    @property
+    def split_policy(self) -> str | None:
+        return self.value.policy
+
+    @property
+    def reloading(self) -> bool:
+        return self.value.reloading
+
+    @property
+    def pending_spec(self) -> EngineSpec | None:
+        return self.value.pending_spec
+
+    @property
+    def rollback(self) -> tuple[EngineSpec, str | list[str] | None, str | None] | None:
+        return self.value.rollback
+
+    @property
+    def supervision(self) -> SupervisionState:
+        return self.value.supervision
+
+    @property
+    def attempt(self) -> int:
+        return self.value.attempt
+
+    @property
+    def cause(self) -> tuple[str | None, str | None]:
+        return self.value.cause
+
+    @property
+    def entry(self) -> Entry:
+        """The registry's view of this pool (derived, read-only)."""
+        return Entry(self.value, self.node, self.health, self.last_heartbeat, dict(self.perf_hints), self.simulated)
 
     # --- transactions ----------------------------------------------------------------------
 
     def checkpoint(self) -> Checkpoint:
-        """Everything a step may change, copied."""
-        return Checkpoint(
-            self.state,
-            {name: _copied(getattr(self, name)) for name in _MODEL_FIELDS},
-            {name: _copied(getattr(self.entry, name)) for name in _ENTRY_FIELDS},
-        )
+        """Everything a step may change: the value as it is (immutable) and the bookkeeping, copied."""
+        return Checkpoint(self.value, tuple(_copied(getattr(self, name)) for name in _OBSERVED))
 
-    def revert(self, saved: Checkpoint, machine: Machine) -> None:
+    def revert(self, saved: Checkpoint) -> None:
         """Put the pool back exactly as ``saved`` recorded it."""
-        machine.set_state(saved.state, model=self)
-        for name, value in saved.model.items():
+        self.value = self.prior = saved.value
+        for name, value in zip(_OBSERVED, saved.observed, strict=True):
             setattr(self, name, _copied(value))
-        for name, value in saved.entry.items():
-            setattr(self.entry, name, _copied(value))
 
     # --- outbox ----------------------------------------------------------------------------
 
     def emit(self, body: EventBody) -> Event:
-        """Append an event with the next per-pool sequence."""
-        self.entry.seq += 1
-        command_id, traceparent = self.cause
+        """Append an event with the next per-pool sequence, and evolve the pool by it."""
+        command_id, traceparent = self.step_cause if self.step_cause is not None else self.value.cause
         event = Event(
             v=SCHEMA_VERSION,
-            seq=self.entry.seq,
+            seq=self.value.seq + 1,
             ts=self.ctx.now,
-            node=self.entry.node,
-            pool=self.entry.pool,
+            node=self.node,
+            pool=self.pool_id,
             command_id=command_id,
             traceparent=traceparent,
             fingerprint=self.fingerprint,
             body=body,
         )
-        # For a state change the trigger says more than "state_changed" (watch and status show it).
-        self.entry.last_event = body.trigger if isinstance(body, StateChanged) else event.type
-        self.entry.updated_at = self.ctx.now
+        if isinstance(body, StateChanged):
+            self.prior = self.value
+            if body.dst in _HEALTH_RESET:
+                self.health = HealthState()
+        self.value = evolve(self.value, event)
         self.events.append(event)
         return event
 
@@ -368,13 +417,14 @@ class PoolModel:
                 self.effects.append(CancelTimer(name))
 
     def stop_engine(self, reason: str, grace_s: float | None = None) -> None:
-        """Ask the shell to stop the current engine; its exit is then expected, not a crash."""
-        engine = self.entry.engine
-        if engine is None:
+        """Ask the shell to stop the engine the transition left behind; its exit is then expected,
+        not a crash."""
+        engine = self.prior.engine
+        if engine is None or (self.value.engine is not None and self.value.engine.pid == engine.pid):
             return
         self.stopping.add(engine.pid)
-        self.entry.engine = None
-        grace = self.spec.stop_grace_s if grace_s is None else grace_s
+        spec = self.prior.spec or self.spec
+        grace = spec.stop_grace_s if grace_s is None else grace_s
         self.effects.append(StopEngine(engine.pid, engine.pgid, grace, reason))
 
     # --- prepare callbacks: compute decisions unless replay supplied them --------------------
@@ -383,7 +433,7 @@ class PoolModel:
         kw = ev.kwargs
         if "placement" in kw or "plan_rejected" in kw:
             return
-        spec: EngineSpec = kw.get("new_spec") or self.pending_spec or self.spec
+        spec: EngineSpec = kw.get("new_spec") or kw.get("spec") or self.pending_spec or self.spec
         mask = kw["mask"] if kw.get("mask") is not None else self.mask
         policy = kw.get("policy") or self.split_policy
         request = PlanRequest(self.pool_id, spec, mask, policy, self.ctx.snapshot, self.ctx.host, self.definition)
@@ -438,17 +488,21 @@ class PoolModel:
         deadline_at = None
         mask: str | list[str] | None = None
         policy: str | None = None
+        value = self.value
         if trigger == "drained" and dst == "preloading":
-            mask, policy = self.pending_mask, self.pending_policy or self.split_policy
+            mask, policy = value.pending_mask, value.pending_policy or self.split_policy
         elif trigger in ("preload", "reload") or dst == "preloading":
             mask = kw["mask"] if kw.get("mask") is not None else self.mask
             policy = kw.get("policy") or self.split_policy
         if dst == "preloading" or trigger == "reload":
             mask = "auto" if mask is None else mask
         if dst == "preloading":
-            spec = self.pending_spec if (trigger == "drained" and self.pending_spec) else self.spec
+            if trigger == "drained" and value.pending_spec:
+                spec = value.pending_spec
+            else:
+                spec = kw.get("spec") or self.spec
             if trigger == "drained":
-                placement = self.pending_placement
+                placement = value.pending_placement
             deadline_at = self.ctx.now + spec.load_timeout_s
         elif trigger == "reload":
             spec = kw.get("new_spec")
@@ -476,45 +530,25 @@ class PoolModel:
             )
         )
 
-    # --- after callbacks: effects ------------------------------------------------------------
+    # --- after callbacks: effects and the events that follow a transition ----------------------
 
     def _spawn(self, ev: EventData) -> None:
-        placement: Placement | None = ev.kwargs.get("placement")
-        if ev.event.name == "drained":
-            placement = self.pending_placement
-            self.pending_placement = None
+        placement = self.value.placement
         if not isinstance(placement, Placement):
             # Guarded by _is_placed / staged by reload: anything else is a planner breaking its
             # contract, found after the row was taken; the step is undone as a whole.
             raise TypeError(f"the planner returned {type(placement).__name__}, not a Placement")
-        self.entry.placement = placement
-        self.entry.model = self.spec.model or None
-        self.entry.engine_version = self.spec.engine_version
-        self.entry.version = spec_version(self.spec)
-        self.entry.engine_digest = self.spec.model_digest
-        self.entry.slots_total = self.spec.slots
-        self.entry.health = HealthState()
-        self.attempt += 1
         self.arm("load_timeout", self.spec.load_timeout_s)
         self.effects.append(SpawnEngine(self.spec, placement, self.attempt))
 
     def _became_ready(self, ev: EventData) -> None:
         self.cancel("load_timeout")
-        self.supervision = supervision.on_ready(self.supervision, self.ctx.now)
-        self.rollback = None
-        self.entry.last_error = None
 
     def _settle_failure(self, ev: EventData, grace_s: float | None) -> Decision:
-        """What every failure row does, restart or not: record the decision, stop the engine,
-        drop its leases and health, count a crash."""
+        """What every failure row does, restart or not: stop the engine (the recorded row has
+        already dropped its leases and counted the failure)."""
         decision: Decision = ev.kwargs["decision"]
-        self.supervision = decision.state
         self.stop_engine(decision.reason, grace_s=grace_s)
-        self.entry.drop_leases()
-        self.entry.health = HealthState()
-        self.entry.last_error = decision.reason
-        if ev.kwargs.get("crashed"):
-            self.entry.crashes += 1
         return decision
 
     def _schedule_restart(self, ev: EventData) -> None:
@@ -522,93 +556,46 @@ class PoolModel:
         # An engine that exited needs no grace; a hung or timed-out one is killed at once too.
         decision = self._settle_failure(ev, grace_s=0.0 if ev.event.name != "engine_exited" else None)
         if ev.kwargs.get("rollback"):
-            old_spec, old_mask, old_policy = self.rollback or (self.spec, self.mask, self.split_policy)
-            self.split_policy = old_policy
             self.emit(ReloadRolledBack(reason=decision.reason))
-            self.spec, self.mask = old_spec, old_mask
-            self.rollback = None
         else:
-            self.entry.restarts += 1
             self.emit(BackoffScheduled(delay_s=decision.delay_s, attempt=decision.attempt, reason=decision.reason))
         self.arm("backoff", decision.delay_s)
 
     def _give_up(self, ev: EventData) -> None:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
         decision = self._settle_failure(ev, grace_s=0.0)
-        # A failed pool holds no GPUs; the next preload (after reset) places it afresh.
-        self.entry.placement = None
         policy = self.definition.restart
         restarts = len(decision.state.restart_times)
         self.emit(RestartLimitReached(restarts=restarts, window_s=policy.window_s, reason=decision.reason))
 
     def _begin_drain(self, ev: EventData) -> None:
         self.drain_deadline_s = float(ev.kwargs.get("deadline_s", 30.0))
-        if drain_policy.complete_now(self.entry.active_leases):
+        if drain_policy.complete_now(self.value.active_leases):
             # Queued by the machine: runs right after this transition completes.
             self.drained(reason="no leases held")  # type: ignore[attr-defined]
         else:
             self.arm("drain_deadline", self.drain_deadline_s)
 
-    def _stage_reload(self, ev: EventData) -> None:
-        self.reloading = True
-        self.pending_spec = ev.kwargs["new_spec"]
-        self.pending_mask = ev.kwargs.get("mask") if ev.kwargs.get("mask") is not None else self.mask
-        self.pending_placement = ev.kwargs["placement"]
-        self.pending_policy = ev.kwargs.get("policy")
-
     def _swap_to_reload(self, ev: EventData) -> None:
-        assert self.pending_spec is not None
         self.cancel("drain_deadline", "lease_expiry")
         self.stop_engine("reload: stopping the old engine")
-        self.entry.drop_leases()
-        self.rollback = (self.spec, self.mask, self.split_policy)
-        self.split_policy = self.pending_policy or self.split_policy
-        self.pending_policy = None
-        self.spec, self.mask = self.pending_spec, self.pending_mask
-        self.pending_spec = None
-        self.pending_mask = None
-        self.reloading = False
 
     def _stop_and_clear(self, ev: EventData) -> None:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
         self.stop_engine(str(ev.kwargs.get("reason") or ev.event.name), ev.kwargs.get("grace_s"))
-        self.entry.drop_leases()
-        self.entry.health = HealthState()
-        self.entry.placement = None
-        self._clear_reload()
-        self.rollback = None
 
     def _force_drain(self, ev: EventData) -> None:
-        self.emit(DrainForced(leases_left=self.entry.active_leases, deadline_s=self.drain_deadline_s))
+        # The leases the deadline cut short: the recorded row has dropped them already.
+        leases_left = int(ev.kwargs.get("leases_left") or 0)
+        self.emit(DrainForced(leases_left=leases_left, deadline_s=self.drain_deadline_s))
         self._stop_and_clear(ev)
 
     def _abort_reload(self, ev: EventData) -> None:
         self.cancel("drain_deadline")
-        self._clear_reload()
-
-    def _clear_reload(self) -> None:
-        self.reloading = False
-        self.pending_spec = None
-        self.pending_mask = None
-        self.pending_policy = None
-        self.pending_placement = None
-
-    def _reset_supervision(self, ev: EventData) -> None:
-        self.supervision = supervision.reset(self.supervision)
-        self.entry.last_error = None
 
     def _internal_failure(self, ev: EventData) -> None:
         self.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
-        reason = str(ev.kwargs.get("reason") or "internal error")
-        self.stop_engine(reason)
-        self.entry.drop_leases()
-        self.entry.health = HealthState()
-        self.entry.placement = None
-        self.entry.last_error = reason
-        # Not ready any more: a later failure must not count this run as a stable period.
-        self.supervision = replace(self.supervision, ready_since=None)
-        self._clear_reload()
-        self.rollback = None
+        self.stop_engine(str(ev.kwargs.get("reason") or "internal error"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,10 +644,9 @@ class Lifecycle:
 
     def register(self, definition: PoolDefinition, *, simulated: bool = False) -> PoolModel:
         """Add a pool in ``unready`` (the only way a pool comes to exist)."""
-        entry = self.registry.register(definition.pool, slots=definition.spec.slots, simulated=simulated)
-        model = PoolModel(definition, entry, self.planner)
+        model = PoolModel(definition, self.node, self.planner, simulated=simulated)
+        self.registry.register(definition.pool, lambda: model.entry)
         self.machine.add_model(model, initial=INITIAL)
-        entry.state = model.state
         self.pools[definition.pool] = model
         return model
 
@@ -687,6 +673,8 @@ class Lifecycle:
         model.events = []
         model.effects = []
         model.fingerprint = None
+        model.step_cause = None
+        model.prior = model.value
 
     # --- the one entry point of the shell ------------------------------------------------------
 
@@ -703,7 +691,7 @@ class Lifecycle:
         try:
             outcome = self._dispatch(pool, inp, ctx)
         except Exception as exc:
-            model.revert(saved, self.machine)
+            model.revert(saved)
             outcome = self._internal_error(model, inp, exc, ctx, saved)
         outcome.undo = saved
         return outcome
@@ -711,7 +699,7 @@ class Lifecycle:
     def revert(self, pool: str, outcome: Outcome) -> None:
         """Undo a step whose events could not be appended (its effects must not run)."""
         if outcome.undo is not None and pool in self.pools:
-            self.pools[pool].revert(outcome.undo, self.machine)
+            self.pools[pool].revert(outcome.undo)
 
     def _dispatch(self, pool: str, inp: PoolInput, ctx: Context) -> Outcome:
         if isinstance(inp, CommandInput):
@@ -729,7 +717,7 @@ class Lifecycle:
         if isinstance(inp, EngineAdoptedInput):
             return self.engine_adopted(pool, inp.info, ctx)
         if isinstance(inp, RestoreInput):
-            return self.restore(pool, inp.view, ctx)
+            return self.restore(pool, inp.value, ctx)
         if isinstance(inp, RemoveInput):
             return self.remove(pool, inp.drain_s, ctx)
         if isinstance(inp, ExpireLeases):
@@ -742,8 +730,10 @@ class Lifecycle:
         name = label(inp)
         verb = name if isinstance(inp, CommandInput) else None
         self._begin(model, ctx)
+        command_id = None
         if isinstance(inp, CommandInput):
-            model.cause = (ctx.command_id or inp.cmd.command_id, ctx.traceparent)
+            command_id = ctx.command_id or inp.cmd.command_id
+            model.step_cause = (command_id, ctx.traceparent)
             model.fingerprint = command_fingerprint(inp.cmd)
         # The exception's class names the bug without leaking its text (paths, values) anywhere.
         error = type(exc).__name__
@@ -753,11 +743,12 @@ class Lifecycle:
                 self._fire(model, "internal_error", reason=f"internal error in step {name} ({error}); pool stopped")
         except Exception:
             # Even the way out failed: keep the pool exactly as it was and report the bare error.
-            model.revert(saved, self.machine)
+            model.revert(saved)
             self._begin(model, ctx)
+            command_id = model.cause[0] if verb is not None else None
         reply: Rejected | None = None
         if verb is not None:
-            reply = Rejected(command_id=model.cause[0], pool=model.pool_id, verb=verb, code="internal",
+            reply = Rejected(command_id=command_id, pool=model.pool_id, verb=verb, code="internal",
                              message=internal_error_message(verb, model.pool_id), state=model.state)  # fmt: skip
         return self._end(model, reply)
 
@@ -776,7 +767,6 @@ class Lifecycle:
         return self.command(pool, cmd, ctx)
 
     def _end(self, model: PoolModel, reply: Accepted | Rejected | StatusReply | None) -> Outcome:
-        model.entry.state = model.state
         return Outcome(reply, model.events, model.effects)
 
     def _fire(self, model: PoolModel, trigger: str, **kwargs: Any) -> bool:
@@ -801,7 +791,7 @@ class Lifecycle:
         assert isinstance(verb, str)
         if not isinstance(cmd, StatusCmd):
             # Every event from here to the pool's next command is caused by this one.
-            model.cause = (ctx.command_id, ctx.traceparent)
+            model.step_cause = (ctx.command_id, ctx.traceparent)
             model.fingerprint = command_fingerprint(cmd)
         try:
             reply = self._command(model, verb, cmd)
@@ -822,15 +812,11 @@ class Lifecycle:
         if isinstance(cmd, PreloadCmd):
             spec = model.spec
             if cmd.model is not None and "preload" in ALLOWED[model.state]:
-                model.spec = _with_model(spec, cmd.model)
-            taken = self._fire(model, "preload", mask=cmd.device_mask, policy=cmd.policy)
+                spec = _with_model(spec, cmd.model)
+            # The recorded row carries the spec, mask and policy asked for: evolve takes them.
+            taken = self._fire(model, "preload", spec=spec, mask=cmd.device_mask, policy=cmd.policy)
             if not taken:
-                model.spec = spec
                 return self._plan_rejected(model, verb)
-            if cmd.device_mask is not None:
-                model.mask = cmd.device_mask
-            if cmd.policy is not None:
-                model.split_policy = cmd.policy
         elif isinstance(cmd, DrainCmd):
             self._fire(model, "drain", deadline_s=cmd.deadline_s)
         elif isinstance(cmd, ReloadCmd):
@@ -843,7 +829,7 @@ class Lifecycle:
             policy_same = cmd.policy is None or cmd.policy == model.split_policy
             if new_spec == model.spec and mask_same and policy_same and model.state == "ready":
                 # Reloading the very same spec is a no-op, not a needless restart.
-                return self._accept(model, verb, seq=model.entry.seq)
+                return self._accept(model, verb, seq=model.value.seq)
             taken = self._fire(
                 model, "reload", new_spec=new_spec, mask=cmd.device_mask, policy=cmd.policy, deadline_s=cmd.deadline_s
             )
@@ -855,23 +841,26 @@ class Lifecycle:
             self._fire(model, "reset", reason="reset command")
         elif isinstance(cmd, LeaseCmd):
             lease_id = cmd.lease_id or cmd.command_id
-            lease = model.entry.acquire(lease_id, cmd.ttl_s, model.ctx.now, cmd.holder)
-            model.emit(LeaseGranted(lease_id=lease_id, expires_at=lease.expires_at,
-                                    active=model.entry.active_leases, holder=cmd.holder))  # fmt: skip
+            check_acquire(model.value, lease_id)
+            # Re-acquiring a held lease renews it: a retried lease command must not take two slots.
+            held = model.value.leases
+            expires_at = model.ctx.now + cmd.ttl_s
+            active = len(held) + (0 if lease_id in held else 1)
+            model.emit(LeaseGranted(lease_id=lease_id, expires_at=expires_at, active=active, holder=cmd.holder))
             self._arm_lease_expiry(model)
             first = model.events[0].seq
-            return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=lease.expires_at)
+            return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=expires_at)
         elif isinstance(cmd, ReleaseCmd):
-            model.entry.release(cmd.lease_id)
-            model.emit(LeaseReleased(lease_id=cmd.lease_id, active=model.entry.active_leases))
+            check_release(model.value, cmd.lease_id)
+            model.emit(LeaseReleased(lease_id=cmd.lease_id, active=model.value.active_leases - 1))
             self._after_lease_drop(model)
-        first_seq = model.events[0].seq if model.events else model.entry.seq
+        first_seq = model.events[0].seq if model.events else model.value.seq
         return self._accept(model, verb, seq=first_seq)
 
     def _accept(self, model: PoolModel, verb: str, *, seq: int, lease_id: str | None = None,
                 expires_at: float | None = None) -> Accepted:  # fmt: skip
         return Accepted(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, seq=seq,
-                        last_seq=model.entry.seq, state=model.state, lease_id=lease_id,
+                        last_seq=model.value.seq, state=model.state, lease_id=lease_id,
                         expires_at=expires_at)  # fmt: skip
 
     def _reject(self, model: PoolModel, verb: str, code: RejectCode, message: str,
@@ -900,12 +889,11 @@ class Lifecycle:
         self._begin(model, ctx)
         current = attempt is None or attempt == model.attempt
         if model.state == "preloading" and current:
-            previous = model.entry.engine
+            previous = model.value.engine
             if previous is not None and previous.pid != info.pid:
                 # Never two engines for one pool: the one recorded earlier goes.
                 model.stopping.add(previous.pid)
                 model.effects.append(StopEngine(previous.pid, previous.pgid, 0.0, "superseded by a newer spawn"))
-            model.entry.engine = info
             model.emit(EngineSpawned(pid=info.pid, pgid=info.pgid, port=info.port, argv=list(info.argv),
                                      cuda_visible_devices=cuda_visible_devices, log_path=info.log_path,
                                      attempt=model.attempt))  # fmt: skip
@@ -921,7 +909,6 @@ class Lifecycle:
         """After a daemon restart the engine the log names was found alive and taken over."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        model.entry.engine = info
         model.emit(EngineAdopted(pid=info.pid, pgid=info.pgid, port=info.port))
         return self._end(model, None)
 
@@ -940,7 +927,7 @@ class Lifecycle:
         """An engine process ended (observed by waiting on it)."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        current = model.entry.engine
+        current = model.value.engine
         if current is None or current.pid != pid:
             expected = pid in model.stopping
             model.stopping.discard(pid)
@@ -948,7 +935,6 @@ class Lifecycle:
                                     during=model.state))  # fmt: skip
             return self._end(model, None)
         state = model.state
-        model.entry.engine = None
         model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=False, during=state))
         if exit_code is not None:
             how = f"exit code {exit_code}"
@@ -963,25 +949,25 @@ class Lifecycle:
             self._fire(model, "engine_exited", cause=f"engine exited ({how})", exit_code=exit_code, crashed=True)
         elif state == "draining":
             self._fire(model, "drained", reason=f"engine exited while draining ({how})",
-                       leases_left=model.entry.active_leases)  # fmt: skip
+                       leases_left=model.value.active_leases)  # fmt: skip
         return self._end(model, None)
 
     def health(self, pool: str, report: HealthReport, ctx: Context) -> Outcome:
         """Fold one health report; may make the pool ready or declare health lost."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        engine = model.entry.engine
+        engine = model.value.engine
         if engine is None or (report.engine_pid is not None and report.engine_pid != engine.pid):
             return self._end(model, None)  # a report about an engine this pool no longer runs
-        model.entry.last_heartbeat = report.ts
+        model.last_heartbeat = report.ts
         threshold = model.spec.probe_failure_threshold
         # "Loading" is expected while preloading; an engine that was ready and answers 503 again
         # cannot serve, so it counts against the threshold like a failed probe.
         loading = report.loading and model.state == "preloading"
-        verdict = assess(model.entry.health, ok=report.ok, loading=loading, ts=report.ts, threshold=threshold)
-        model.entry.health = verdict.state
+        verdict = assess(model.health, ok=report.ok, loading=loading, ts=report.ts, threshold=threshold)
+        model.health = verdict.state
         if report.latency_ms is not None:
-            model.entry.perf_hints["probe_latency_ms"] = report.latency_ms
+            model.perf_hints["probe_latency_ms"] = report.latency_ms
         if verdict.changed:
             model.emit(HealthChanged(live=verdict.state.live, ready=verdict.state.ready,
                                      consecutive_failures=verdict.state.consecutive_failures))  # fmt: skip
@@ -1006,59 +992,40 @@ class Lifecycle:
         elif name == "backoff" and model.state == "restarting":
             self._fire(model, "backoff_elapsed")
         elif name == "drain_deadline" and model.state == "draining":
-            outcome = drain_policy.at_deadline(reload=model.reloading, active_leases=model.entry.active_leases,
+            outcome = drain_policy.at_deadline(reload=model.reloading, active_leases=model.value.active_leases,
                                                deadline_s=model.drain_deadline_s)  # fmt: skip
             self._fire(model, "drain_deadline", reason=outcome.reason, leases_left=outcome.leases_left)
         elif name == "lease_expiry":
             self._expire(model)
         return self._end(model, None)
 
-    def restore(self, pool: str, view: PoolView, ctx: Context) -> Outcome:
+    def restore(self, pool: str, value: PoolValue, ctx: Context) -> Outcome:
         """Put a registered pool back where its event log left it (daemon recovery).
 
-        No event is emitted: the state is the log's. The effects re-arm what was pending: the
-        rest of a load timeout, a drain deadline, a backoff, lease expiries. Reconciling with the
-        engine processes found on the host is the shell's part (adopt, or report an exit).
-        """
+        ``value`` is the fold of the pool's events: the pool takes it as it is, since the fold
+        evolved it exactly as this machine did. No event is emitted: the state is the log's. The
+        effects re-arm what was pending: the rest of a load timeout, a drain deadline, a backoff,
+        lease expiries. Reconciling with the engine processes found on the host is the shell's
+        part (adopt, or report an exit)."""
         model = self.pool(pool)
         self._begin(model, ctx)
-        self.machine.set_state(view.state, model=model)
-        model.cause = view.cause
-        entry = model.entry
-        entry.seq = view.seq
-        entry.placement = view.placement
-        entry.engine = view.engine
-        entry.restarts, entry.crashes, entry.last_error = view.restarts, view.crashes, view.last_error
-        entry.leases = {lid: Lease(lid, exp) for lid, exp in sorted(view.leases.items())}
-        entry.last_event = view.last_event
-        entry.updated_at = view.last_ts
-        if view.spec is not None:
-            model.spec = view.spec
-            entry.version = spec_version(view.spec) if view.placement is not None else None
-            entry.model = view.spec.model or None
-            entry.slots_total = view.spec.slots
-        if view.mask_known:
-            model.mask = view.mask
-        if view.policy is not None:
-            model.split_policy = view.policy
-        model.reloading = view.reloading and view.state == "draining"
-        model.pending_spec = view.pending_spec if model.reloading else None
-        model.pending_placement = view.pending_placement if model.reloading else None
-        model.pending_mask = view.pending_mask if model.reloading else None
-        model.pending_policy = view.pending_policy if model.reloading else None
-        if view.rollback_spec is not None:
-            rollback_mask = view.rollback_mask if view.mask_known else model.mask
-            model.rollback = (view.rollback_spec, rollback_mask, view.rollback_policy or model.split_policy)
-        model.supervision = view.supervision()
-        remaining = max(0.0, (view.deadline_at or ctx.now) - ctx.now)
-        if view.state == "preloading":
+        if value.pool != pool:
+            raise ValueError(f"the state of pool {value.pool!r} cannot restore pool {pool!r}")
+        if value.spec is None:
+            # The log never named a spec (nothing was preloaded yet): the configured one stands.
+            configured = model.value
+            value = msgspec.structs.replace(value, spec=configured.spec, mask=configured.mask,
+                                            policy=configured.policy)  # fmt: skip
+        model.value = model.prior = value
+        remaining = max(0.0, (value.deadline_at or ctx.now) - ctx.now)
+        if value.state == "preloading":
             model.arm("load_timeout", remaining)
-        elif view.state == "draining":
+        elif value.state == "draining":
             model.drain_deadline_s = remaining
             model.arm("drain_deadline", remaining)
-        elif view.state == "restarting":
+        elif value.state == "restarting":
             model.arm("backoff", remaining)
-        if entry.leases:
+        if value.leases:
             self._arm_lease_expiry(model)
         return self._end(model, None)
 
@@ -1070,21 +1037,21 @@ class Lifecycle:
         return self._end(model, None)
 
     def _expire(self, model: PoolModel) -> None:
-        for lease_id in model.entry.expire(model.ctx.now):
-            model.emit(LeaseExpired(lease_id=lease_id, active=model.entry.active_leases))
+        for lease_id in expired(model.value, model.ctx.now):
+            model.emit(LeaseExpired(lease_id=lease_id, active=model.value.active_leases - 1))
         self._after_lease_drop(model)
 
     # --- helpers -------------------------------------------------------------------------------
 
     def _arm_lease_expiry(self, model: PoolModel) -> None:
-        nxt = model.entry.next_expiry()
+        nxt = model.value.next_expiry()
         if nxt is None:
             model.cancel("lease_expiry")
         else:
             model.arm("lease_expiry", nxt - model.ctx.now)
 
     def _after_lease_drop(self, model: PoolModel) -> None:
-        if model.state == "draining" and drain_policy.complete_now(model.entry.active_leases):
+        if model.state == "draining" and drain_policy.complete_now(model.value.active_leases):
             self._fire(model, "drained", reason="leases reached 0", leases_left=0)
         else:
             self._arm_lease_expiry(model)
@@ -1093,11 +1060,6 @@ class Lifecycle:
 def internal_error_message(verb: str, pool: str) -> str:
     """The message of the ``internal`` rejection a command gets when its step raised."""
     return f"internal error while applying {verb!r} to pool {pool!r}; the pool is failed until it is reset"
-
-
-def spec_version(spec: EngineSpec) -> str:
-    """A short, stable fingerprint of an engine spec: which spec a pool runs, at a glance."""
-    return hashlib.blake2b(msgspec.json.encode(spec), digest_size=6).hexdigest()
 
 
 def _with_model(spec: EngineSpec, model: str) -> EngineSpec:

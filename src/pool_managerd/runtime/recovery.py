@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
 from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.fold import Fold, PoolView
+from pool_managerd.core.fold import Fold
 from pool_managerd.core.inputs import EngineAdoptedInput, EngineExitedInput, RemoveInput, RestoreInput, SpawnFailed
+from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.messages import (
     EngineInfo,
     EngineSpec,
@@ -73,7 +74,8 @@ async def recover(
         events = await read_events(pool)
         if not events:
             continue
-        fold = Fold()
+        # Folded from the pool's definition: the value is then the one the live pool evolved.
+        fold = Fold(start=_from_definition(runtime.lifecycle.pool(pool).definition))
         for event in events:
             fold.apply(event)
         report.violations += [v.message for v in fold.violations]
@@ -82,7 +84,7 @@ async def recover(
             continue
         actor.submit(RestoreInput(view))
         report.restored[pool] = view.state
-        claimed |= _reconcile(runtime, actor, view, by_pid, report)
+        claimed |= _reconcile(runtime, actor, view, fold.writer(pool), by_pid, report)
 
     for pool in known_pools:
         if pool in runtime.actors:
@@ -99,7 +101,7 @@ async def recover(
         spec = view.spec or EngineSpec(argv=["removed"])
         actor = runtime.add_pool(PoolDefinition(pool=pool, spec=spec))
         actor.submit(RestoreInput(view))
-        claimed |= _reconcile(runtime, actor, view, by_pid, report, adopt_only=True)
+        claimed |= _reconcile(runtime, actor, view, fold.writer(pool), by_pid, report, adopt_only=True)
         # Decided inside the actor, after the restore and reconcile steps queued above: an engine
         # found dead has already moved the pool on by then.
         fut = actor.submit(RemoveInput(removed_drain_s), want_reply=True)
@@ -131,10 +133,18 @@ async def recover(
     return report
 
 
+def _from_definition(definition: PoolDefinition) -> Callable[[str], PoolValue]:
+    def start(pool: str) -> PoolValue:
+        return initial(pool, definition.spec, definition.device_mask, definition.split_policy)
+
+    return start
+
+
 def _reconcile(
     runtime: PoolRuntime,
     actor: PoolActor,
-    view: PoolView,
+    view: PoolValue,
+    writer: str | None,
     by_pid: dict[int, SpawnEntry],
     report: RecoveryReport,
     *,
@@ -148,7 +158,7 @@ def _reconcile(
             actor.submit(SpawnFailed("engine lost across a daemon restart"))
         return set()
     entry = by_pid.get(engine.pid)
-    if entry is None and view.writer == runtime.node:
+    if entry is None and writer == runtime.node:
         # The record lost it (or never got it: the daemon died right after the spawn event): the
         # log's facts still identify the process, and adoption checks it is alive and leads its
         # own group before taking it over. Only for engines this node started: a pid written by

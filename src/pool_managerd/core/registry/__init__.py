@@ -1,12 +1,13 @@
 """The registry: every pool's entry, keyed by pool id.
 
-Operations on a pool that was never registered raise :class:`UnknownPool`; only
-:meth:`Registry.register` creates entries.
+An entry is a view: the registry holds, per pool, where to read it (the live pool), never a
+second copy of its state. Operations on a pool that was never registered raise
+:class:`UnknownPool`; only :meth:`Registry.register` creates entries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pool_managerd.core.errors import DuplicatePool, UnknownPool
 from pool_managerd.core.registry.entry import Entry
@@ -23,27 +24,27 @@ class Registry:
 
     def __init__(self, node: str = "") -> None:
         self.node = node
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Callable[[], Entry]] = {}
 
-    def register(self, pool: str, *, slots: int = 1, simulated: bool = False) -> Entry:
-        """Create the entry of a new pool (the only way a pool comes to exist)."""
+    def register(self, pool: str, source: Callable[[], Entry]) -> None:
+        """Add a new pool whose entry ``source`` reads (the only way a pool comes to exist)."""
         validate_id(pool, "pool")
         if pool in self._entries:
             raise DuplicatePool(pool)
-        entry = Entry(pool=pool, node=self.node, slots_total=slots, simulated=simulated)
-        self._entries[pool] = entry
-        return entry
+        self._entries[pool] = source
 
     def get(self, pool: str) -> Entry:
-        """The entry of ``pool``; :class:`UnknownPool` if it was never registered."""
+        """The entry of ``pool`` as it is now; :class:`UnknownPool` if it was never registered."""
         try:
-            return self._entries[pool]
+            source = self._entries[pool]
         except KeyError:
             raise UnknownPool(pool) from None
+        return source()
 
     def remove(self, pool: str) -> Entry:
+        """Forget ``pool``; returns its last entry."""
         try:
-            return self._entries.pop(pool)
+            return self._entries.pop(pool)()
         except KeyError:
             raise UnknownPool(pool) from None
 
@@ -51,7 +52,7 @@ class Registry:
         return pool in self._entries
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter([self._entries[k] for k in sorted(self._entries)])
+        return iter([self._entries[k]() for k in sorted(self._entries)])
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
+from pool_managerd.core.state import Lease
+
+__all__ = ["Lease", "LeaseRefusalCode"]
+
 LeaseRefusalCode = Literal["draining", "not_ready", "no_slots"]
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """One slot held by a client until ``expires_at`` (unless released or renewed)."""
-
-    lease_id: str
-    expires_at: float
-    holder: str | None = None
