@@ -387,6 +387,52 @@ async def test_external_health_reports_are_validated_and_foreign_ones_counted(
     assert (await req(nc_fresh, "poold.cmd.chat.status")).pool.state == "unready"
 
 
+async def _ignored_reach(daemon: Daemon, count: float) -> None:
+    for _ in range(500):
+        if daemon.metrics.health_ignored._value.get() >= count:
+            return
+        await asyncio.sleep(0.01)  # ok: counted by a subscription callback, no event to wait on
+    raise AssertionError(f"only {daemon.metrics.health_ignored._value.get()} of {count} reports counted")
+
+
+async def test_forged_health_changes_nothing_unless_a_pool_opts_in(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    slow = {**FAKE, "extra_args": ["--load-time", "60"]}
+    pools = [{"id": "chat", **FAKE}, {"id": "slow", **slow}, {"id": "open", **FAKE, "external_health": True}]
+    daemon = await start_daemon(fresh_nats_server.url, pools=pools)
+    events = await follow(nc_fresh)
+    for pool in ("chat", "slow", "open"):
+        assert isinstance(await req(nc_fresh, f"poold.cmd.{pool}.preload", {"command_id": cid()}), Accepted)
+    await events.wait(reached("chat", "ready"))
+    await events.wait(reached("open", "ready"))
+    await events.wait(reached("slow", "preloading"))
+    chat_pid = (await req(nc_fresh, "poold.cmd.chat.status")).pool.engine.pid
+
+    # A loading pool is never made ready from outside, and a ready pool never restarted by default.
+    base = daemon.metrics.health_ignored._value.get()
+    for i in range(5):
+        await nc_fresh.publish("poold.health.slow", encode(HealthReport(pool="slow", ts=float(i), ok=True)))
+    for i in range(12):
+        await nc_fresh.publish("poold.health.chat", encode(HealthReport(pool="chat", ts=float(i), ok=False)))
+    # An opted-in pool still never takes readiness from outside.
+    await nc_fresh.publish("poold.health.open", encode(HealthReport(pool="open", ts=1.0, ok=True)))
+    await nc_fresh.flush()
+    await _ignored_reach(daemon, base + 18)
+    slow_now = (await req(nc_fresh, "poold.cmd.slow.status")).pool
+    chat_now = (await req(nc_fresh, "poold.cmd.chat.status")).pool
+    assert slow_now.state == "preloading"
+    assert chat_now.state == "ready" and chat_now.engine.pid == chat_pid and chat_now.restarts == 0
+
+    # Where a pool opts in, outside failures count toward health_lost like failed probes.
+    for i in range(3):
+        await nc_fresh.publish("poold.health.open", encode(HealthReport(pool="open", ts=float(i), ok=False)))
+    await nc_fresh.flush()
+    lost = await events.wait(lambda e: e.pool == "open" and isinstance(e.body, StateChanged)
+                             and e.body.trigger == "health_lost")  # fmt: skip
+    assert lost.body.src == "ready"
+
+
 async def test_traceparent_travels_from_command_to_events_and_metrics_are_served(
     fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
 ) -> None:

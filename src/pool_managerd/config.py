@@ -166,6 +166,10 @@ class PoolConfig(_Strict):
     stop_grace_s: Annotated[float, Field(ge=0)] | None = None
     probe_interval_s: Annotated[float, Field(gt=0)] = 2.0
     probe_failure_threshold: Annotated[int, Field(ge=1)] = 3
+    external_health: bool = False
+    """Let reports on ``<prefix>.health.<pool>`` from other publishers count toward ``health_lost``.
+    Off by default: anyone who may publish there could otherwise restart the pool. Even when on, an
+    outside report never makes a pool ready; only the daemon's own prober does."""
     min_compute_capability: str | None = None
     engine_version: str | None = None
     restart: RestartConfig = Field(default_factory=RestartConfig)

@@ -194,6 +194,7 @@ class Daemon:
         self.ws_url: str | None = None
         """The embedded server's websocket listener, when there is one."""
         self.fenced: dict[str, str] = {}
+        self._external_health = frozenset(pool.id for pool in config.pools if pool.external_health)
         self.node_events = NodeEvents(self.node)
         self._gpu_fixed = gpu_snapshot
         self._gpu_cached: GpuSnapshot | None = None
@@ -882,7 +883,12 @@ class Daemon:
             log.warning("ignored malformed health report on %s: %s", msg.subject, exc)
             self.metrics.health_ignored.inc()
             return
-        if report.pool != pool or not runtime.health_report(report):
+        # Readiness comes from our own prober only; an outside report may at most count as a failed
+        # probe, and only for a pool whose configuration asks for that.
+        if report.pool != pool or report.ok or pool not in self._external_health:
+            self.metrics.health_ignored.inc()
+            return
+        if not runtime.health_report(report):
             self.metrics.health_ignored.inc()
 
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
