@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,4 +93,31 @@ def test_run_exits_2_without_a_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "nats.prefix" in proc.stderr and "pools[0].probe_interval_s" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_addr_in_use_exits_2_before_connecting(tmp_path: Path) -> None:
+    # The NATS URL leads nowhere: were the address checked only after connecting, the daemon would
+    # wait out startup_timeout_s and report the connection instead.
+    with socket.socket() as held, socket.socket() as nowhere:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        nowhere.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        dead = nowhere.getsockname()[1]
+        path = tmp_path / "cfg.toml"
+        path.write_text(
+            f'metrics_addr = "127.0.0.1:{port}"\n[nats]\nurls = ["nats://127.0.0.1:{dead}"]\nstartup_timeout_s = 30\n'
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "pool_managerd", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+            cwd=tmp_path,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert f"metrics_addr '127.0.0.1:{port}' cannot be listened on" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()

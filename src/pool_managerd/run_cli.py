@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.runtime import logs
     from pool_managerd.runtime.daemon import Daemon
+    from pool_managerd.runtime.metrics import MetricsAddressUnusable
     from pool_managerd.testing.nats_server import NatsServerError
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
@@ -43,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     except ConnectFailed as exc:
         # Wrong credentials, refused TLS or no server within startup_timeout_s: a setup problem,
         # like an invalid configuration, so the same exit status.
+        print(f"pool-managerd: {exc.message}", file=sys.stderr)
+        return 2
+    except MetricsAddressUnusable as exc:
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
         return 2
     except NatsServerError as exc:

@@ -87,7 +87,7 @@ from pool_managerd.runtime.commands import (
     rejected_in,
     rejection,
 )
-from pool_managerd.runtime.metrics import Metrics
+from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover
 from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
@@ -244,6 +244,8 @@ class Daemon:
     async def start(self) -> None:
         """Connect, claim pools, recover them, and start serving. Raises on fatal start-up errors."""
         cfg = self.config
+        if cfg.metrics_addr:
+            check_metrics_addr(cfg.metrics_addr)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         urls = list(cfg.nats.urls)
         if not urls:

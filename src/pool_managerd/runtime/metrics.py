@@ -3,14 +3,37 @@ come from the lifecycle table, verbs and outcomes from the wire contract."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.machine import STATES, Outcome
 from pool_managerd.core.registry import Entry
 from pool_managerd.messages import StateChanged
+
+
+class MetricsAddressUnusable(PoolManagerError):
+    """``metrics_addr`` cannot be listened on (in use, not this host's, no permission)."""
+
+    code = "metrics_addr_unusable"
+
+
+def check_metrics_addr(addr: str) -> None:
+    """Bind ``host:port`` once and let go, so a daemon that could never serve its metrics says so
+    before it connects or touches a pool (a race with another process remains; serve() reports it)."""
+    host, _, port = addr.rpartition(":")
+    host = host or "127.0.0.1"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except (OSError, ValueError) as exc:
+        raise MetricsAddressUnusable(f"metrics_addr {addr!r} cannot be listened on: {exc}") from None
 
 
 class Metrics:
