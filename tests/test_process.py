@@ -435,7 +435,7 @@ async def test_wait_pid_exit_works_with_descriptors_above_1024() -> None:
         os.close(probe)
         assert probe > 1024, "the test must run with descriptors above 1024"
         waiter = asyncio.ensure_future(wait_pid_exit(proc.pid, DEADLINE_S))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # ok: one loop turn lets the waiter register its pidfd before the kill
         assert not waiter.done()
         proc.kill()
         await proc.wait()

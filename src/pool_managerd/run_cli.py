@@ -37,16 +37,10 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         return asyncio.run(daemon.run_until_stopped())
-    except NatsServerTooOld as exc:
-        # One line, and before any pool was touched: like a bad configuration, it needs an operator.
-        print(f"pool-managerd: {exc.message}", file=sys.stderr)
-        return 2
-    except ConnectFailed as exc:
-        # Wrong credentials, refused TLS or no server within startup_timeout_s: a setup problem,
-        # like an invalid configuration, so the same exit status.
-        print(f"pool-managerd: {exc.message}", file=sys.stderr)
-        return 2
-    except MetricsAddressUnusable as exc:
+    except (NatsServerTooOld, ConnectFailed, MetricsAddressUnusable) as exc:
+        # A server below the floor, wrong credentials, refused TLS, no server within
+        # startup_timeout_s, a metrics address in use: setup problems found before any pool was
+        # touched, like an invalid configuration, so one line and the same exit status.
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
         return 2
     except NatsServerError as exc:
