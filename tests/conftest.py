@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 from nats.aio.client import Client as NATS
 
+from pool_managerd.config import load_config
+from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
 
@@ -129,3 +131,31 @@ def js_ns() -> JsNamespace:
     """A unique subject prefix, stream name and KV bucket name for this test."""
     tag = uuid.uuid4().hex[:10]
     return JsNamespace(subjects=Subjects(prefix=f"t{tag}"), stream=f"EVT_{tag}", bucket=f"kv_{tag}")
+
+
+FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
+"""A fake-engine pool that is ready in 0.1 s."""
+
+StartDaemon = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
+    """``await start_daemon(url, node=..., pools=[...], **config)``; every daemon is stopped after."""
+    daemons: list[Daemon] = []
+
+    async def start(
+        url: str, *, node: str = "node-a", pools: list[dict[str, Any]] | None = None, **extra: Any
+    ) -> Daemon:
+        pools = pools if pools is not None else [{"id": "chat", **FAKE}]
+        extra.setdefault("heartbeat_s", 5.0)
+        config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
+                             nats={"urls": [url]}, pools=pools, **extra)  # fmt: skip
+        daemon = Daemon(config)
+        daemons.append(daemon)
+        await daemon.start()
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        await daemon.stop()

@@ -13,48 +13,22 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from conftest import FAKE, StartDaemon
 from contract_helpers import README, Example, channel_of, matching_reply, message_schema, parse
-from pool_managerd.config import load_config
 from pool_managerd.messages import REJECT_STATUS
 from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
 
-FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
-
-StartDaemon = Callable[..., Awaitable[Daemon]]
-
 # --- the daemon ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    """``await start_daemon(url, pools=[...], **config)``; every daemon is stopped after."""
-    daemons: list[Daemon] = []
-
-    async def start(url: str, *, node: str = "node-a", pools: list[dict[str, Any]] | None = None,
-                    **extra: Any) -> Daemon:  # fmt: skip
-        pools = pools if pools is not None else [{"id": "chat", **FAKE}]
-        extra.setdefault("heartbeat_s", 5.0)
-        config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats={"urls": [url]}, pools=pools, **extra)  # fmt: skip
-        daemon = Daemon(config)
-        daemons.append(daemon)
-        await daemon.start()
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        await daemon.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import json
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pool_managerd.config import load_config
+from conftest import FAKE, StartDaemon
 from pool_managerd.messages import (
     EVENT_DECODER,
     MAX_PAYLOAD_BYTES,
@@ -34,32 +34,6 @@ from pool_managerd.messages import (
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
-
-FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
-
-StartDaemon = Callable[..., Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    """``await start_daemon(url, node=..., pools=[...], **config)``; every daemon is stopped after."""
-    daemons: list[Daemon] = []
-
-    async def start(
-        url: str, *, node: str = "node-a", pools: list[dict[str, Any]] | None = None, **extra: Any
-    ) -> Daemon:
-        pools = pools if pools is not None else [{"id": "chat", **FAKE}]
-        extra.setdefault("heartbeat_s", 5.0)
-        config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats={"urls": [url]}, pools=pools, **extra)  # fmt: skip
-        daemon = Daemon(config)
-        daemons.append(daemon)
-        await daemon.start()
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        await daemon.stop()
 
 
 @pytest.fixture(autouse=True)
