@@ -306,6 +306,7 @@ async def _probes(count: int, port: int) -> tuple[HealthProber, list[ProbeResult
     async def on_result(result: ProbeResult) -> None:
         results.append(result)
         if len(results) >= count:
+            await prober.stop()  # from inside: no probe starts after the last one counted
             enough.set()
 
     prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady")
@@ -348,3 +349,39 @@ async def test_prober_reconnects_when_the_engine_closes_the_connection() -> None
         prober, results = await _probes(5, port)
     assert all(r.ok for r in results), [r.error for r in results]
     assert prober.connects == len(results)
+
+
+async def test_prober_on_a_kept_connection_times_a_silent_engine_out_and_reconnects() -> None:
+    # The first answer keeps the connection; the engine then stops answering on it: the read
+    # deadline ends that probe as a timeout (not a reset or a close) and drops the connection.
+    answered = itertools.count()
+
+    async def once_then_silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            if next(answered) % 2:
+                await asyncio.get_running_loop().create_future()
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await w.drain()
+
+    results: list[ProbeResult] = []
+    connects: list[int] = []
+    enough = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        connects.append(prober.connects)
+        if len(results) >= 4:
+            enough.set()
+
+    async with server(once_then_silent) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady",
+                              read_timeout_s=0.1)  # fmt: skip
+        prober.start()
+        try:
+            await asyncio.wait_for(enough.wait(), DEADLINE_S)
+        finally:
+            await prober.stop()
+    assert [(r.ok, r.error) for r in results[:4]] == [(True, None), (False, "read timeout")] * 2
+    assert all(r.latency_ms >= 100 for r in results[1:4:2])
+    assert connects[:4] == [1, 1, 2, 2]  # the timed-out connection is not reused

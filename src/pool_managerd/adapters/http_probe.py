@@ -185,34 +185,46 @@ class _Connection:
                 raise _ProbeFailure(f"connect failed: {exc.strerror or exc}") from None
         reader, writer = self._streams
         keep = False
+        # The read deadline aborts the connection (the pending read then fails): one timer
+        # handle, where a timeout context costs a handle, a reschedule and a task cancellation.
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            writer.transport.abort()
+
+        timer = asyncio.get_running_loop().call_later(read_timeout_s, expire)
         try:
             writer.write(self.request)
-            async with asyncio.timeout(read_timeout_s):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, headers = _parse_head(head)
-                length = headers.get("content-length")
-                keep = (
-                    head.startswith(b"HTTP/1.1")
-                    and "close" not in headers.get("connection", "").lower()
-                    and "transfer-encoding" not in headers
-                    and length is not None
-                    and length.isdigit()
-                    and int(length) <= _KEEP_MAX_BODY
-                )
-                if keep and length is not None:
-                    await reader.readexactly(int(length))
+            head = await reader.readuntil(b"\r\n\r\n")
+            status, headers = _parse_head(head)
+            length = headers.get("content-length")
+            keep = (
+                head.startswith(b"HTTP/1.1")
+                and "close" not in headers.get("connection", "").lower()
+                and "transfer-encoding" not in headers
+                and length is not None
+                and length.isdigit()
+                and int(length) <= _KEEP_MAX_BODY
+            )
+            if keep and length is not None:
+                await reader.readexactly(int(length))
+            if expired:
+                keep = False
+                raise _ProbeFailure("read timeout")
             return status
-        except TimeoutError:
-            raise _ProbeFailure("read timeout") from None
-        except asyncio.IncompleteReadError:
-            raise _ProbeFailure("connection closed before a complete response") from None
+        except (asyncio.IncompleteReadError, ConnectionResetError, OSError) as exc:
+            if expired:
+                raise _ProbeFailure("read timeout") from None
+            if isinstance(exc, asyncio.IncompleteReadError):
+                raise _ProbeFailure("connection closed before a complete response") from None
+            if isinstance(exc, ConnectionResetError):
+                raise _ProbeFailure("connection reset") from None
+            raise _ProbeFailure(f"read failed: {exc.strerror or exc}") from None
         except asyncio.LimitOverrunError:
             raise _ProbeFailure("response head too large") from None
-        except ConnectionResetError:
-            raise _ProbeFailure("connection reset") from None
-        except OSError as exc:
-            raise _ProbeFailure(f"read failed: {exc.strerror or exc}") from None
         finally:
+            timer.cancel()
             if not keep:
                 self.close()
 
@@ -322,7 +334,8 @@ class HealthProber:
         self._next_preload_gap = preload_initial_s
         self._gap = preload_initial_s
         self._probe_now = False
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
+        """The pause in progress: resolves True when woken early, False at its deadline."""
         self._task: asyncio.Task[None] | None = None
         self._conn = _Connection(host, port, path)
         self.connects = 0
@@ -367,12 +380,17 @@ class HealthProber:
         if mode == "preload":
             self._next_preload_gap = self.preload_initial_s
             self._probe_now = True
-        self._wake.set()
+        self._wake()
 
     def probe_now(self) -> None:
         """Run the next probe at once instead of at its scheduled time."""
         self._probe_now = True
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def _take_gap(self) -> float:
         if self._mode == "steady":
@@ -422,17 +440,27 @@ class HealthProber:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pause(self, loop: asyncio.AbstractEventLoop, t_start: float) -> None:
+        # One future and one timer handle per pause (not a timeout context over an Event's own
+        # future): a thousand probers pause a thousand times a second.
         gap = self._take_gap()
         while not self._probe_now:
             deadline = t_start + gap
             if loop.time() >= deadline:
                 return
-            self._wake.clear()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _resolve, waiter)
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._wake.wait()
-            except TimeoutError:
+                woken = await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not woken:
                 return
             # Woken by set_mode/probe_now: a switch to steady stretches the current gap.
             if self._mode == "steady":
                 gap = self.steady_interval_s
+
+
+def _resolve(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
