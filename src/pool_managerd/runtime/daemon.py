@@ -219,6 +219,8 @@ class Daemon:
         self._inflight = 0
         self.server_version: ServerVersion | None = None
         self.incompatible: NatsServerTooOld | None = None
+        self._supported_for: tuple[object, ...] | None = None
+        """The server (version, URL) last found supported."""
         self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -284,6 +286,7 @@ class Daemon:
             health_out=self._publish_health,
         )
         self.runtime.listeners.append(self._after_step)
+        self.runtime.probe_listeners.append(self._after_probe)
         owned = []
         definitions = list(cfg.definitions())
         # One read of the log per pool: concurrently (bounded), not one after another (a thousand
@@ -623,11 +626,17 @@ class Daemon:
             # No verdict mid-reconnect (the new server's INFO may not be in yet); writes wait for
             # the connection anyway and are asked again once it is up.
             return True
+        # Asked before every write: the verdict is kept for as long as the server and the version
+        # it reports stay the same (parsing them each time cost a tenth of a preload's loop).
+        key = (repr(self.nc.connected_server_version), self.nc.connected_url)
+        if key == self._supported_for:
+            return True
         try:
             check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
         except NatsServerTooOld as exc:
             self._incompatible_server(exc)
             return False
+        self._supported_for = key
         return True
 
     def _incompatible_server(self, exc: NatsServerTooOld) -> None:
@@ -905,6 +914,13 @@ class Daemon:
             # and a write that will carry it is already scheduled: no snapshot to build now.
             return
         self._mark_dirty(pool)
+
+    def _after_probe(self, pool: str, report: HealthReport) -> None:
+        # What _after_step does for a step without events, without building an Entry.
+        if report.latency_ms is not None:
+            self.metrics.probe_observed(pool, report.latency_ms)
+        if pool not in self._kv_timers:
+            self._mark_dirty(pool)
 
     def _mark_dirty(self, pool: str) -> None:
         self._kv_dirty[pool] = None

@@ -120,6 +120,8 @@ class PoolRuntime:
         self.actors: dict[str, PoolActor] = {}
         self.health_out = health_out
         self.listeners: list[Callable[[str, Outcome], None]] = []
+        self.probe_listeners: list[Callable[[str, HealthReport], None]] = []
+        """Called for each probe absorbed without a step (:meth:`PoolActor.absorb_probe`)."""
         self.run_dir = self.options.run_dir
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
@@ -183,8 +185,10 @@ class PoolRuntime:
 
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
         """Where our own prober's results go: straight to the pool (no round trip through NATS),
-        then to ``health_out`` for observers when wired."""
-        actor.health_report(report)
+        then to ``health_out`` for observers when wired. A healthy probe that changes nothing
+        is absorbed without a step; any other is queued as the pool's next input."""
+        if not actor.absorb_probe(report):
+            actor.health_report(report)
         if self.health_out is not None:
             self.health_out(report)
 
@@ -221,10 +225,13 @@ class PoolRuntime:
             return None, Problem(code=exc.code, message=exc.message)
         taken: dict[str, int] = {}
         if snapshot.simulated:
-            for entry in self.lifecycle.registry:
-                if entry.pool == pool or entry.placement is None:
+            # Straight from the state values: one registry Entry per pool, built and sorted for
+            # every placement, made a thousand preloads quadratic (seconds of the loop).
+            for other, model in self.lifecycle.pools.items():
+                placement = model.value.placement
+                if other == pool or placement is None:
                     continue
-                for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
+                for uuid, budget in zip(placement.uuids, placement.budgets, strict=False):
                     taken[uuid] = taken.get(uuid, 0) + budget
         else:
             engine = self.lifecycle.registry.get(pool).engine
@@ -260,6 +267,13 @@ class PoolRuntime:
                 listener(pool, outcome)
             except Exception:
                 log.exception("listener failed for pool %s", pool)
+
+    def after_probe(self, pool: str, report: HealthReport) -> None:
+        for listener in self.probe_listeners:
+            try:
+                listener(pool, report)
+            except Exception:
+                log.exception("probe listener failed for pool %s", pool)
 
     def log_path(self, pool: str) -> Path:
         return self.run_dir / "logs" / f"{pool}.log"
