@@ -162,12 +162,16 @@ def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int) -> l
     return pools
 
 
-def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(cfg: Path, log: Path, profile: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if profile is not None:
+        env["POOL_MANAGERD_PROFILE"] = str(profile)
     return subprocess.Popen(
         [sys.executable, "-m", "pool_managerd", "run", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),
         start_new_session=True,
+        env=env,
     )
 
 
@@ -225,7 +229,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
     echo = subprocess.Popen([sys.executable, "-c", ECHO, server.url], stdout=subprocess.PIPE, start_new_session=True)
     cfg = work / "bench.toml"
     pools = write_config(cfg, work / "run", server.url, engine, n)
-    daemon = start_daemon(cfg, work / "daemon.log")
+    profile = args.profile / f"n{n}" if args.profile else None
+    daemon = start_daemon(cfg, work / "daemon.log", profile)
     out: dict[str, Any] = {"pools": n}
     try:
         assert echo.stdout is not None
@@ -248,6 +253,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
 
         sub = await nc.subscribe("poold.evt.*.state_changed", cb=on_change)
         await nc.flush()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # profile-1: the preload
         t0 = time.perf_counter()
         body = json.dumps({"command_id": "x"}).encode()
         replies = await asyncio.gather(
@@ -257,6 +264,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         assert all(r.data.startswith(b'{"type":"accepted"') for r in replies), replies[0].data
         await asyncio.wait_for(all_ready.wait(), 300)
         out["preload_all_s"] = round(time.perf_counter() - t0, 3)
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)
         await sub.unsubscribe()
 
         # -- idle steady state -----------------------------------------------------------------
@@ -272,9 +281,13 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         kv_sub = await nc.subscribe("$KV.poold_pools.>", cb=count_kv)
         health_sub = await nc.subscribe("poold.health.>", cb=count_health)
         await nc.flush()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # profile-2: the idle window (runtime/profiling.py)
         c0, w0 = cpu_s(daemon.pid), time.monotonic()
         await asyncio.sleep(args.idle_s)
         c1, w1 = cpu_s(daemon.pid), time.monotonic()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)
         await kv_sub.unsubscribe()
         await health_sub.unsubscribe()
         cores = (c1 - c0) / (w1 - w0)
@@ -422,6 +435,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 100, 1000])
     ap.add_argument("--idle-s", type=float, default=30.0)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="cProfile each daemon's preload and idle windows into this directory"
+    )
     args = ap.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 
