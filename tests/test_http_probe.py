@@ -385,3 +385,36 @@ async def test_prober_on_a_kept_connection_times_a_silent_engine_out_and_reconne
     assert [(r.ok, r.error) for r in results[:4]] == [(True, None), (False, "read timeout")] * 2
     assert all(r.latency_ms >= 100 for r in results[1:4:2])
     assert connects[:4] == [1, 1, 2, 2]  # the timed-out connection is not reused
+
+
+async def test_an_answer_in_time_counts_even_when_the_loop_was_held_past_the_deadline() -> None:
+    # The engine answers at once, then the loop is held (a long synchronous stretch elsewhere in
+    # the daemon) well past the read deadline: the answer was in, so the probe is healthy.
+    import time
+
+    async def answer_then_hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            time.sleep(0.3)  # ok: holds the loop on purpose, the stall under test
+
+    results: list[ProbeResult] = []
+    enough = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        if len(results) >= 3:
+            await prober.stop()
+            enough.set()
+
+    async with server(answer_then_hold) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady",
+                              read_timeout_s=0.05)  # fmt: skip
+        prober.start()
+        try:
+            await asyncio.wait_for(enough.wait(), DEADLINE_S)
+        finally:
+            await prober.stop()
+    assert [(r.ok, r.error) for r in results] == [(True, None)] * 3
+    assert all(r.latency_ms >= 300 for r in results)  # each waited out the hold, past its deadline
+    assert prober.connects == 1

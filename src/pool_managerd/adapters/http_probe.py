@@ -187,13 +187,22 @@ class _Connection:
         keep = False
         # The read deadline aborts the connection (the pending read then fails): one timer
         # handle, where a timeout context costs a handle, a reschedule and a task cancellation.
+        # It takes effect one loop turn after it fires: an answer that came in while the loop was
+        # held up (a long start-up step) is read in the turn the deadline fires, and its
+        # wake-up runs before that second stage, so a busy daemon does not fail probes the
+        # engine answered in time.
+        loop = asyncio.get_running_loop()
         expired: list[bool] = []
+        handles: list[asyncio.Handle] = []
 
         def expire() -> None:
             expired.append(True)
             writer.transport.abort()
 
-        timer = asyncio.get_running_loop().call_later(read_timeout_s, expire)
+        def deadline() -> None:
+            handles.append(loop.call_soon(expire))
+
+        handles.append(loop.call_later(read_timeout_s, deadline))
         try:
             writer.write(self.request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -224,7 +233,8 @@ class _Connection:
         except asyncio.LimitOverrunError:
             raise _ProbeFailure("response head too large") from None
         finally:
-            timer.cancel()
+            for handle in handles:
+                handle.cancel()
             if not keep:
                 self.close()
 
