@@ -162,10 +162,13 @@ def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int) -> l
     return pools
 
 
-def start_daemon(cfg: Path, log: Path, profile: Path | None = None) -> subprocess.Popen[bytes]:
+def start_daemon(
+    cfg: Path, log: Path, profile: Path | None = None, *, from_start: bool = False
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if profile is not None:
         env["POOL_MANAGERD_PROFILE"] = str(profile)
+        env["POOL_MANAGERD_PROFILE_FROM_START"] = "1" if from_start else "0"
     return subprocess.Popen(
         [sys.executable, "-m", "pool_managerd", "run", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -343,9 +346,11 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         daemon.kill()
         daemon.wait()
         t0 = time.perf_counter()
-        daemon = start_daemon(cfg, work / "daemon.log")
+        daemon = start_daemon(cfg, work / "daemon.log", profile / "recovery" if profile else None, from_start=True)
         after = await wait_all_ready(client, pools, 120)
         out["recovery_s"] = round(time.perf_counter() - t0, 3)
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # recovery/profile-1: start-up until all ready
         out["engines_adopted"] = sum(1 for p in pools if after.get(p) == before.get(p))
 
         # -- graceful shutdown -----------------------------------------------------------------
@@ -426,7 +431,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     table(rows, engine_s)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"kept {tmp} (daemon logs under n<N>/daemon.log)", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"engine_start_s": round(engine_s, 4), "idle_s": args.idle_s, "sizes": rows}
 
 
@@ -435,6 +443,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 100, 1000])
     ap.add_argument("--idle-s", type=float, default=30.0)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, daemon logs)")
     ap.add_argument(
         "--profile", type=Path, default=None, help="cProfile each daemon's preload and idle windows into this directory"
     )

@@ -5,7 +5,8 @@ Off unless ``POOL_MANAGERD_PROFILE`` names a directory (the benchmarks set it; a
 too, to see where an idle daemon's CPU goes). Each start/stop pair writes ``profile-<n>.prof``
 (for ``pstats``/snakeviz) and ``profile-<n>.txt`` (the top functions by own and cumulative
 time) there. Profiling a window rather than the whole run keeps start-up and preload out of an
-idle-state profile, and costs nothing while it is off.
+idle-state profile, and costs nothing while it is off. With ``POOL_MANAGERD_PROFILE_FROM_START=1``
+the first window opens at start-up (a restart's recovery), and the first SIGUSR1 closes it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from types import FrameType
 log = logging.getLogger(__name__)
 
 ENV = "POOL_MANAGERD_PROFILE"
+FROM_START_ENV = "POOL_MANAGERD_PROFILE_FROM_START"
 
 
 class _Toggle:
@@ -54,6 +56,9 @@ def install_from_env() -> bool:
         return False
     out = Path(where)
     out.mkdir(parents=True, exist_ok=True)
-    signal.signal(signal.SIGUSR1, _Toggle(out))
+    toggle = _Toggle(out)
+    if os.environ.get(FROM_START_ENV) == "1":
+        toggle(signal.SIGUSR1, None)
+    signal.signal(signal.SIGUSR1, toggle)
     log.warning("profiling on SIGUSR1 into %s", out)
     return True
