@@ -147,6 +147,40 @@ _KEEP_MAX_BODY = 64 * 1024
 """A health answer longer than this is read to the end only on a connection that then closes."""
 
 
+class _Deadline:
+    """A kept connection's connect or read deadline: one timer handle (a timeout context costs a
+    handle, a reschedule and a task cancellation, a thousand times a second), and it counts
+    only time the daemon was there to see.
+
+    A deadline that fires more than half its length late found the loop held (a long step,
+    a starved process), not the engine slow: it is re-armed once for its full length. When it
+    does expire, ``on_expiry`` runs one loop turn later, so an answer that arrived in the same
+    turn the deadline fired is read first. Without both, a thousand adopted engines all lost
+    their health at once after a restart whose start-up held the loop past their deadlines."""
+
+    __slots__ = ("_handle", "_loop", "_on_expiry", "_rearmed", "_seconds", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, on_expiry: Callable[[], None]) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._on_expiry = on_expiry
+        self._rearmed = False
+        self._when = loop.time() + seconds
+        self._handle: asyncio.Handle = loop.call_at(self._when, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if not self._rearmed and now - self._when > self._seconds / 2:
+            self._rearmed = True
+            self._when = now + self._seconds
+            self._handle = self._loop.call_at(self._when, self._fire)
+            return
+        self._handle = self._loop.call_soon(self._on_expiry)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class _Connection:
     """One kept-alive HTTP/1.1 connection to an engine, for a prober's successive GETs.
 
@@ -173,36 +207,39 @@ class _Connection:
 
     async def get(self, connect_timeout_s: float, read_timeout_s: float) -> int:
         """One GET on the kept connection (opened first if needed); returns the status."""
+        loop = asyncio.get_running_loop()
         if self._streams is None:
+            task = asyncio.current_task()
+            assert task is not None
+            timed_out: list[bool] = []
+
+            def give_up() -> None:
+                timed_out.append(True)
+                task.cancel()
+
+            connect_deadline = _Deadline(loop, connect_timeout_s, give_up)
             try:
-                async with asyncio.timeout(connect_timeout_s):
-                    self._streams = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
-            except TimeoutError:
-                raise _ProbeFailure("connect timeout") from None
+                self._streams = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
+            except asyncio.CancelledError:
+                if timed_out and task.uncancel() == 0:
+                    raise _ProbeFailure("connect timeout") from None
+                raise
             except ConnectionRefusedError:
                 raise _ProbeFailure("connection refused") from None
             except OSError as exc:
                 raise _ProbeFailure(f"connect failed: {exc.strerror or exc}") from None
+            finally:
+                connect_deadline.cancel()
         reader, writer = self._streams
         keep = False
-        # The read deadline aborts the connection (the pending read then fails): one timer
-        # handle, where a timeout context costs a handle, a reschedule and a task cancellation.
-        # It takes effect one loop turn after it fires: an answer that came in while the loop was
-        # held up (a long start-up step) is read in the turn the deadline fires, and its
-        # wake-up runs before that second stage, so a busy daemon does not fail probes the
-        # engine answered in time.
-        loop = asyncio.get_running_loop()
+        # The read deadline aborts the connection (the pending read then fails).
         expired: list[bool] = []
-        handles: list[asyncio.Handle] = []
 
         def expire() -> None:
             expired.append(True)
             writer.transport.abort()
 
-        def deadline() -> None:
-            handles.append(loop.call_soon(expire))
-
-        handles.append(loop.call_later(read_timeout_s, deadline))
+        read_deadline = _Deadline(loop, read_timeout_s, expire)
         try:
             writer.write(self.request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -233,8 +270,7 @@ class _Connection:
         except asyncio.LimitOverrunError:
             raise _ProbeFailure("response head too large") from None
         finally:
-            for handle in handles:
-                handle.cancel()
+            read_deadline.cancel()
             if not keep:
                 self.close()
 
