@@ -276,6 +276,8 @@ class NatsConfig(_Strict):
     reconnect_wait_s: Annotated[float, Field(gt=0)] = 1.0
     event_max_age_s: Annotated[float, Field(gt=0)] | None = 30 * 24 * 3600.0
     publish_backlog: Annotated[int, Field(ge=1)] = 10_000
+    audit_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+    """Size bound of the audit stream of refused commands; the oldest records go first."""
     embedded_websocket: bool = True
     """The embedded nats-server (no ``urls``) also listens for websocket clients (the dashboard)."""
     embedded_websocket_port: Annotated[int, Field(ge=0, le=65535)] = 0

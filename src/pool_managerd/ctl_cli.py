@@ -55,6 +55,7 @@ from pool_managerd.messages import (
     LeaseGranted,
     LeaseReleased,
     LifecycleReply,
+    LogCorruptAcknowledged,
     NodeHeartbeat,
     OrphanReaped,
     PoolFenced,
@@ -123,8 +124,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pool verbs: " + ", ".join(POOL_VERBS) + ". node verbs: " + ", ".join(NODE_VERBS) + ". Exit status: 0 ok, "
         "1 rejected, 2 usage error, 3 timeout or unreachable."
     )
-    parser.add_argument("verb", choices=(*POOL_VERBS, *NODE_VERBS), metavar="VERB", help="what to do")
+    parser.add_argument("verb", choices=(*POOL_VERBS, "ack-corrupt", *NODE_VERBS), metavar="VERB", help="what to do")
     parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
+    parser.add_argument("sequences", nargs="*", type=int, metavar="SEQ",
+                        help="ack-corrupt: the foreign stream sequences the pool's status lists")  # fmt: skip
     add_connection_arguments(parser)
     parser.add_argument("--node", help="node id for pools/inventory/lifecycle (default: every daemon that answers)")
     parser.add_argument("--command-id", help="client command id (default: a fresh uuid4); retries reuse it")
@@ -168,6 +171,13 @@ def command_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields[name] = value
     if verb == "release" and "lease_id" not in fields:
         raise UsageError("release needs --lease-id")
+    sequences = getattr(args, "sequences", None) or []
+    if verb == "ack_corrupt":
+        if not sequences:
+            raise UsageError("ack-corrupt needs the stream sequences its status lists: ack-corrupt POOL SEQ [SEQ...]")
+        fields["sequences"] = sequences
+    elif sequences:
+        raise UsageError(f"{verb} takes no sequences (only ack-corrupt does)")
     return fields
 
 
@@ -282,6 +292,8 @@ def event_detail(event: Event) -> str:
         case HealthChanged():
             text = f"live={str(b.live).lower()} ready={str(b.ready).lower()}"
             return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
+        case LogCorruptAcknowledged():
+            return f"acknowledged foreign stream sequences {b.sequences}"
         case PoolFenced():
             return b.reason
         case OrphanReaped():
@@ -349,6 +361,13 @@ def format_status(snap: PoolSnapshot, now: float) -> str:
         holder = f" by {lease.holder}" if lease.holder else ""
         rows.append(("", f"{lease.lease_id}{holder}, expires in {format_age(lease.expires_at - now)}"))
     rows.append(("restarts", f"{snap.restarts} (crashes {snap.crashes})"))
+    corrupt = snap.log_corrupt
+    if corrupt is not None:
+        rows.append(("log_corrupt", corrupt.reason))
+        for m in corrupt.messages:
+            rows.append(("", f"stream seq {m.stream_seq} {m.subject} ({m.size} B): {m.reason}; {m.preview}"))
+        rows.append(("", f"after a look: pool-managerd ctl ack-corrupt {snap.pool} "
+                         + " ".join(str(q) for q in corrupt.sequences)))  # fmt: skip
     if snap.last_error:
         rows.append(("last error", snap.last_error))
     if snap.last_event:
@@ -555,6 +574,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``pool-managerd ctl``."""
+    if args.verb == "ack-corrupt":
+        args.verb = "ack_corrupt"
     try:
         return asyncio.run(_main(args))
     except UsageError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pool_managerd.adapters.event_log import PoolFenced
+from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.adapters.process import (
@@ -52,7 +52,17 @@ from pool_managerd.core.inputs import (
     label,
 )
 from pool_managerd.core.machine import Lifecycle, Outcome
-from pool_managerd.messages import EngineInfo, Event, HealthReport, Placement, RejectCode, Rejected
+from pool_managerd.messages import (
+    AckCorruptCmd,
+    EngineInfo,
+    Event,
+    HealthReport,
+    LogCorrupt,
+    Placement,
+    RejectCode,
+    Rejected,
+)
+from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,14 @@ class ActorHost(Protocol):
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         """Make a step's events durable (or queued in order, past the ack bound)."""
+        ...
+
+    def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> None:
+        """The operator acknowledged ``corrupt``: the next append follows its last message."""
+        ...
+
+    def quarantine_changed(self, pool: str) -> None:
+        """The pool entered or left ``log_corrupt``: derived state (snapshots, metrics) follows."""
         ...
 
     def after_step(self, pool: str, outcome: Outcome) -> None:
@@ -132,6 +150,9 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
+        self.quarantine: LogCorrupt | None = None
+        """Set while foreign messages in the pool's stream wait for an operator (``log_corrupt``)."""
+        self._parked = quarantine.Parked()
         self._health_queued = 0
         self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -187,13 +208,18 @@ class PoolActor:
         rt = self.runtime
         lc = rt.lifecycle
         while True:
-            item = await self._queue.get()
+            item = self._parked.take() if self.quarantine is None else None
             if item is None:
-                return
-            if isinstance(item.inp, CommandInput):
-                self._commands_queued -= 1
-            elif isinstance(item.inp, HealthInput):
-                self._health_queued -= 1
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item.inp, CommandInput):
+                    self._commands_queued -= 1
+                elif isinstance(item.inp, HealthInput):
+                    self._health_queued -= 1
+            ack = isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
+            if ack and not self._ack_matches(item):
+                continue
             if self.pool not in lc.pools:
                 if item.reply is not None and not item.reply.done():
                     item.reply.set_exception(UnknownPool(self.pool))
@@ -211,9 +237,22 @@ class PoolActor:
             if any(e.type == "internal_error" for e in outcome.events):
                 self.stats.internal_errors += 1
                 log.error("pool %s: step %s raised; the pool is failed", self.pool, label(item.inp))
+            if outcome.events and self.quarantine is not None and not ack:
+                # Nothing more is written while foreign messages wait for an operator: a command
+                # is refused, a fact waits (in order) and is applied once the pool is released.
+                lc.revert(self.pool, outcome)
+                self._hold(item)
+                continue
             if outcome.events:
                 try:
                     await rt.append_events(self.pool, outcome.events)
+                except PoolQuarantined as exc:
+                    lc.revert(self.pool, outcome)
+                    self.quarantine = quarantine.merged(self.quarantine, exc.corrupt)
+                    log.error("pool %s: quarantined (log_corrupt): %s", self.pool, self.quarantine.reason)
+                    rt.quarantine_changed(self.pool)
+                    self._hold(item)
+                    continue
                 except PoolFenced as exc:
                     lc.revert(self.pool, outcome)
                     self.fenced = True
@@ -229,6 +268,11 @@ class PoolActor:
                     reply = _rejected(self.pool, item, "unavailable", "the event log refused the step; nothing applied")
                     _settle(item, Outcome(reply, [], []))
                     continue
+            if ack and self.quarantine is not None:
+                log.warning("pool %s: foreign messages at stream sequences %s acknowledged; serving again",
+                            self.pool, self.quarantine.sequences)  # fmt: skip
+                self.quarantine = None
+                rt.quarantine_changed(self.pool)
             _settle(item, outcome)
             if self.fenced:
                 continue
@@ -238,6 +282,27 @@ class PoolActor:
                 except Exception:
                     log.exception("pool %s: effect %r failed", self.pool, effect)
             rt.after_step(self.pool, outcome)
+
+    def _ack_matches(self, item: _Input) -> bool:
+        """Check an ``ack_corrupt`` against the quarantine; on a match the publisher is told to
+        follow the acknowledged messages, and the step (which records the ack) goes ahead."""
+        assert isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
+        problem = quarantine.ack_problem(self.pool, self.quarantine, item.inp.cmd.sequences)
+        if problem is not None:
+            _settle(item, Outcome(_rejected(self.pool, item, "ack_mismatch", problem), [], []))
+            return False
+        assert self.quarantine is not None
+        self.runtime.acknowledge_corrupt(self.pool, self.quarantine)
+        return True
+
+    def _hold(self, item: _Input) -> None:
+        corrupt = self.quarantine
+        assert corrupt is not None
+        if isinstance(item.inp, CommandInput):
+            message = quarantine.refusal(corrupt)
+            _settle(item, Outcome(_rejected(self.pool, item, "log_corrupt", message), [], []))
+        elif not self._parked.park(item, health=isinstance(item.inp, HealthInput)):
+            self.stats.health_dropped += 1
 
     def _execute(self, effect: Effect) -> None:
         if isinstance(effect, SpawnEngine):

@@ -58,6 +58,11 @@ class Metrics:
         self.vram = Gauge("poold_pool_vram_bytes", "VRAM budgeted to the pool's placement", ["pool"], registry=r)
         self.backlog = Gauge("poold_event_backlog", "Events waiting for a JetStream ack", registry=r)
         self.commands = Counter("poold_commands_total", "Commands answered", ["verb", "outcome"], registry=r)
+        self.refused = Counter("poold_commands_refused_total", "Commands refused, by rejection code", ["code"],
+                               registry=r)  # fmt: skip
+        self.audit_dropped = Counter(
+            "poold_audit_dropped_total", "Refusals not written to the audit stream (buffer full)", registry=r
+        )
         self.health_ignored = Counter(
             "poold_health_reports_ignored_total", "Health reports for pools this daemon does not own", registry=r
         )
