@@ -21,11 +21,12 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE, NatsConnect, StartDaemon
-from pool_managerd.adapters.event_log import read_entries
+from pool_managerd.adapters.event_log import SnapshotStore, read_entries
 from pool_managerd.adapters.process import pid_alive
-from pool_managerd.messages import REPLY_DECODER, Accepted, Rejected, StatusReply
+from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, Rejected, StatusReply
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME
+from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard, track_pid
 
 
@@ -167,3 +168,25 @@ async def test_a_restart_over_a_foreign_message_keeps_the_engine_and_answers_log
     assert isinstance(drained, Accepted), drained
     await until_state(nc, pool, "unready")
     assert not pid_alive(pid)
+
+
+async def test_a_forged_kv_snapshot_shows_no_ghost_pool_in_watch(
+    fresh_nats_server: NatsServer, nats_connect: NatsConnect, start_daemon: StartDaemon
+) -> None:
+    url = fresh_nats_server.url
+    nc = await nats_connect(url)
+    daemon = await start_daemon(url, pools=[{"id": "real", **FAKE}])
+    store = await SnapshotStore.open(nc)
+    await store.put(PoolSnapshot(pool="ghost", node=daemon.node, state="ready", seq=7))
+    await store.put(PoolSnapshot(pool="phantom", node="nobody", state="ready"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pool_managerd", "watch", "--once", "--url", url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    rows = {line.split()[0] for line in out.decode().splitlines()[2:] if line.strip()}
+    assert "real" in rows and "ghost" not in rows and "phantom" not in rows, out.decode()
+    assert "ignored 2 KV snapshot(s) that no event backs (forged?): ghost, phantom" in out.decode()
+    # The daemon itself never reads its pools from the bucket: status is the pool's own.
+    assert (await status(nc, "real")).pool.state == "unready"

@@ -6,7 +6,9 @@ Examples::
     pool-managerd watch --once                # print the current table and exit (scripts, tests)
     pool-managerd watch | tee pools.log       # not a terminal: a new table per change
 
-Rows come from the KV bucket ``poold_pools`` (a watch: every current snapshot, then each update);
+Rows come from the KV bucket ``poold_pools`` (a watch: every current snapshot, then each update),
+each checked once against the event stream (:func:`backed`): a snapshot of a pool that no event
+and no ``daemon_started`` of its node backs (a forged one) is left out and named below the table;
 the event stream (a core subscription on ``<prefix>.evt.>``) keeps the "last event" column fresh
 and triggers a redraw as events arrive. Redraws are at most every 100 ms; on a terminal the ages
 also tick every ``--interval`` seconds.
@@ -21,7 +23,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import msgspec
 import nats.errors
@@ -43,8 +45,8 @@ from pool_managerd.ctl_cli import (
     silence,
     table,
 )
-from pool_managerd.messages import EVENT_DECODER, Event, PoolSnapshot
-from pool_managerd.subjects import KV_BUCKET, Subjects
+from pool_managerd.messages import EVENT_DECODER, DaemonStarted, Event, PoolSnapshot
+from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 MIN_REDRAW_S = 0.1
 """Redraws are at least this far apart, however fast events arrive."""
@@ -94,12 +96,23 @@ def _last_event(snap: PoolSnapshot, event: Event | None, now: float) -> tuple[st
     return "-", "-"
 
 
+def backed(snap: PoolSnapshot, last: Event | None, announced: frozenset[str]) -> bool:
+    """Whether the event stream backs a KV snapshot: the pool's newest event is by the node the
+    snapshot names and not older than it, or that node's last ``daemon_started`` lists the pool
+    (``announced``: a pool served but without events yet). A snapshot nobody's history backs is a
+    ghost: the bucket is derived state and only says what the stream already says."""
+    if last is not None and last.node == snap.node and last.seq >= snap.seq:
+        return True
+    return snap.pool in announced
+
+
 def render_table(
     snapshots: Mapping[str, PoolSnapshot],
     last_events: Mapping[str, Event],
     now: float,
     *,
     title: str = "pool-managerd",
+    ignored: Collection[str] = (),
 ) -> str:
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
 
@@ -109,8 +122,12 @@ def render_table(
     inventory is simulated.
     """
     lines = [f"{title}: {len(snapshots)} pool(s) at {format_clock(now)}"]
+    note = []
+    if ignored:
+        names = ", ".join(sorted(ignored)[:10]) + (" ..." if len(ignored) > 10 else "")
+        note = [f"ignored {len(ignored)} KV snapshot(s) that no event backs (forged?): {names}"]
     if not snapshots:
-        return "\n".join([*lines, "(no pools)"])
+        return "\n".join([*lines, "(no pools)", *note])
     rows = [HEADERS]
     simulated = False
     for pool in sorted(snapshots):
@@ -139,7 +156,7 @@ def render_table(
     lines += table(rows, right=frozenset({3, 4, 9}))
     if simulated:
         lines.append("* simulated GPUs")
-    return "\n".join(lines)
+    return "\n".join(lines + note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +171,9 @@ class PoolWatch:
         self.snapshots: dict[str, PoolSnapshot] = {}
         self.last_events: dict[str, Event] = {}
         self.changed = asyncio.Event()
+        self.verified: set[str] = set()
+        """Pools whose snapshots the event stream backs (checked once per pool)."""
+        self.ghosts: set[str] = set()
 
     def on_snapshot(self, pool: str, snapshot: PoolSnapshot | None) -> None:
         """KV watch callback: a pool's snapshot changed (None: deleted)."""
@@ -180,9 +200,13 @@ class PoolWatch:
             return
         self.on_event(event)
 
+    def unchecked(self) -> list[str]:
+        return [p for p in self.snapshots if p not in self.verified and p not in self.ghosts]
+
     def render(self, now: float) -> str:
-        """:func:`render_table` of the current state."""
-        return render_table(self.snapshots, self.last_events, now)
+        """:func:`render_table` of the current state (ghost snapshots left out and named)."""
+        shown = {p: s for p, s in self.snapshots.items() if p in self.verified}
+        return render_table(shown, self.last_events, now, ignored=[p for p in self.ghosts if p in self.snapshots])
 
 
 async def _open_store(nc: NATS, bucket: str) -> SnapshotStore | None:
@@ -204,6 +228,37 @@ async def _prime_last_events(nc: NATS, subjects: Subjects, watch: PoolWatch, tim
             continue
         if found is not None and pool not in watch.last_events:
             watch.last_events[pool] = found[1]
+
+
+async def _announced(nc: NATS, subjects: Subjects, node: str, timeout: float) -> frozenset[str]:
+    """The pools ``node``'s last ``daemon_started`` lists (empty when unreadable)."""
+    try:
+        raw = await asyncio.wait_for(
+            nc.jetstream().get_last_msg(STREAM_NAME, subjects.node_event(node, "daemon_started")), timeout
+        )
+        body = EVENT_DECODER.decode(raw.data or b"").body
+    except (TimeoutError, nats.errors.Error, PoolManagerError, OSError, msgspec.DecodeError):
+        return frozenset()
+    return frozenset(body.pools) if isinstance(body, DaemonStarted) else frozenset()
+
+
+async def _verify(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float) -> None:
+    """Check every snapshot not checked yet against the stream (:func:`backed`)."""
+    pending = watch.unchecked()
+    if not pending:
+        return
+    await _prime_last_events(nc, subjects, watch, timeout)
+    nodes: dict[str, frozenset[str]] = {}
+    for pool in pending:
+        snap = watch.snapshots.get(pool)
+        if snap is None:
+            continue
+        if snap.node not in nodes:
+            nodes[snap.node] = await _announced(nc, subjects, snap.node, timeout)
+        if backed(snap, watch.last_events.get(pool), nodes[snap.node]):
+            watch.verified.add(pool)
+        else:
+            watch.ghosts.add(pool)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -251,7 +306,7 @@ async def _main(args: argparse.Namespace) -> int:
             return EXIT_UNAVAILABLE
         if store is None:
             print(f"note: KV bucket {args.bucket} does not exist yet (no daemon has started)", file=sys.stderr)
-        await _prime_last_events(nc, subjects, watch, args.timeout)
+        await _verify(nc, subjects, watch, args.timeout)
         if args.once:
             print(watch.render(time.time()), flush=True)
             return EXIT_OK
@@ -261,7 +316,7 @@ async def _main(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
         try:
-            await _loop(watch, args.interval, sys.stdout.isatty())
+            await _loop(watch, args.interval, sys.stdout.isatty(), lambda: _verify(nc, subjects, watch, args.timeout))
         except asyncio.CancelledError:
             if main.cancelling() > 1:
                 raise
@@ -278,7 +333,7 @@ async def _main(args: argparse.Namespace) -> int:
             await nc.close()
 
 
-async def _loop(watch: PoolWatch, interval: float, tty: bool) -> None:
+async def _loop(watch: PoolWatch, interval: float, tty: bool, verify: Callable[[], Awaitable[None]]) -> None:
     """Redraw on change (at most every :data:`MIN_REDRAW_S`); on a terminal also every ``interval``."""
     last_draw = 0.0
     last_shown = ""
@@ -292,6 +347,7 @@ async def _loop(watch: PoolWatch, interval: float, tty: bool) -> None:
                 await asyncio.sleep(pause)
         first = False
         watch.changed.clear()
+        await verify()
         if not tty:
             # A new table only when something visible changed (not for a heartbeat's KV put):
             # rendered at a fixed instant, ages and the clock drop out of the comparison.
