@@ -481,7 +481,7 @@ class Daemon:
 
         Starting again at 1 would have the server drop the heartbeats as duplicates within its
         dedupe window (and other nodes judge this one dead), so a sequence that cannot be read
-        stops the start-up with the reason instead."""
+        stops the start-up with the reason instead; a foreign last message is skipped over."""
         subject = self.subjects.node_events(self.node)
         for attempt in range(3):
             try:
@@ -499,9 +499,13 @@ class Daemon:
         try:
             self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise PoolManagerError(
-                f"the last event on {subject} is unreadable ({exc}); refusing to restart node events at 1"
-            ) from None
+            # A foreign message there must not keep the daemon from starting. Every node event
+            # is one stream message, so the stream's last sequence is past any this node wrote:
+            # continuing from it keeps every Msg-Id unique (the node's sequence shows a gap).
+            info = await js.stream_info(STREAM_NAME)
+            self.node_events.seq = max(info.state.last_seq, raw.seq or 0)
+            log.warning("the last message on %s (stream sequence %s) is not an event (%s); node events continue "
+                        "from %d", subject, raw.seq, exc, self.node_events.seq)  # fmt: skip
 
     async def _last_heartbeat(self, node: str) -> tuple[float, float] | None:
         """(age in seconds, beat period) of ``node``'s last heartbeat, or None if it has none.
