@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from conftest import FAKE, NatsConnect, StartDaemon
 from pool_managerd.adapters.event_log import SnapshotStore, read_entries
-from pool_managerd.adapters.process import pid_alive
+from pool_managerd.adapters.process import pid_alive, wait_pid_exit
 from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, Rejected, StatusReply
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME
@@ -96,9 +96,11 @@ async def test_the_junk_event_probe_quarantines_the_pool_keeps_its_engine_and_an
     junk = await publish_junk(nc, pool)
 
     # The next command that would append meets the foreign message: log_corrupt, not fenced.
-    refused = await send(nc, pool, "lease", {"command_id": unique("l")})
+    lease_cmd = {"command_id": unique("l")}
+    refused = await send(nc, pool, "lease", lease_cmd)
     assert isinstance(refused, Rejected) and refused.code == "log_corrupt", refused
     assert str(junk) in refused.message and "ack-corrupt" in refused.message
+    assert daemon.metrics.log_corrupt.labels(pool)._value.get() == 1
     assert pid_alive(pid), "the working engine was stopped"
     snap = (await status(nc, pool)).pool
     assert snap.state == "ready" and snap.engine is not None and snap.engine.pid == pid
@@ -119,7 +121,9 @@ async def test_the_junk_event_probe_quarantines_the_pool_keeps_its_engine_and_an
     acked = await send(nc, pool, "ack_corrupt", {"command_id": unique("a"), "sequences": [junk]})
     assert isinstance(acked, Accepted), acked
     assert (await status(nc, pool)).pool.log_corrupt is None
-    lease = await send(nc, pool, "lease", {"command_id": unique("l")})
+    assert daemon.metrics.log_corrupt.labels(pool)._value.get() == 0
+    # The refused command applied nothing, so its retry (same id) is applied now.
+    lease = await send(nc, pool, "lease", lease_cmd)
     assert isinstance(lease, Accepted), lease
 
     code, out, err = await replay(nats_url, pool)
@@ -167,7 +171,7 @@ async def test_a_restart_over_a_foreign_message_keeps_the_engine_and_answers_log
     drained = await send(nc, pool, "drain", {"command_id": unique("d"), "deadline_s": 5})
     assert isinstance(drained, Accepted), drained
     await until_state(nc, pool, "unready")
-    assert not pid_alive(pid)
+    assert await wait_pid_exit(pid, 10.0), "the drain did not stop the engine"
 
 
 async def test_a_forged_kv_snapshot_shows_no_ghost_pool_in_watch(

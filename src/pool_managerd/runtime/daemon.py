@@ -293,7 +293,7 @@ class Daemon:
             health_out=self._publish_health,
         )
         self.runtime.listeners.append(self._after_step)
-        self.runtime.on_quarantine = self._mark_dirty
+        self.runtime.on_quarantine = self._on_quarantine
         owned = []
         definitions = list(cfg.definitions())
         # One read of the log per pool: concurrently (bounded), not one after another (a thousand
@@ -780,7 +780,9 @@ class Daemon:
                     # A retry is the same command when it decodes to the same values (key order,
                     # whitespace and defaults spelled out do not matter); the verb is part of it.
                     body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
-                    if body.startswith(b'{"type":"rejected"') and b'"code":"overloaded"' in body:
+                    if body.startswith(b'{"type":"rejected"') and (
+                        b'"code":"overloaded"' in body or b'"code":"log_corrupt"' in body
+                    ):
                         self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
             except PoolManagerError as exc:
                 body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
@@ -854,7 +856,7 @@ class Daemon:
         """One page of the ``pools`` reply, never over the server's max payload."""
         runtime = self.runtime
         assert runtime is not None
-        snaps = sorted(runtime.lifecycle.registry.snapshots(), key=lambda s: s.pool)
+        snaps = sorted(map(runtime.overlay, runtime.lifecycle.registry.snapshots()), key=lambda s: s.pool)
         start = 0 if cmd.after is None else bisect.bisect_right([s.pool for s in snaps], cmd.after)
         budget = (self.nc.max_payload if self.nc is not None and self.nc.max_payload else 1024 * 1024) - 4096
         count = min(cmd.limit, len(snaps) - start)
@@ -919,6 +921,11 @@ class Daemon:
             # A step without events (a healthy probe) changed at most the probe bookkeeping,
             # and a write that will carry it is already scheduled: no snapshot to build now.
             return
+        self._mark_dirty(pool)
+
+    def _on_quarantine(self, pool: str) -> None:
+        actor = self.runtime.actors.get(pool) if self.runtime is not None else None
+        self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
         self._mark_dirty(pool)
 
     def _mark_dirty(self, pool: str) -> None:

@@ -186,8 +186,11 @@ class PoolRuntime:
 
     def snapshot(self, pool: str) -> PoolSnapshot:
         """The pool as ``status`` and the KV bucket show it, its quarantine included."""
-        snapshot = self.lifecycle.registry.snapshot(pool)
-        actor = self.actors.get(pool)
+        return self.overlay(self.lifecycle.registry.snapshot(pool))
+
+    def overlay(self, snapshot: PoolSnapshot) -> PoolSnapshot:
+        """``snapshot`` with its pool's quarantine (``log_corrupt``), which lives in the actor."""
+        actor = self.actors.get(snapshot.pool)
         if actor is not None and actor.quarantine is not None:
             snapshot = msgspec.structs.replace(snapshot, log_corrupt=actor.quarantine)
         return snapshot
