@@ -74,8 +74,11 @@ def test_a_refused_append_is_another_writer_only_when_a_legitimate_event_is_ther
     assert explain_conflict("chat", [junk, rival], P, next_seq=4)[0] == "rival"
     assert explain_conflict("chat", [], P, next_seq=4)[0] == "rival"
     # A forged event that does not continue the sequence is foreign, not a rival.
-    kind, foreign = explain_conflict("chat", [entry(6, ev(9, node="n2"))], P, next_seq=4)
+    kind, foreign, _ = explain_conflict("chat", [entry(6, ev(9, node="n2"))], P, next_seq=4)
     assert kind == "foreign" and foreign[0].stream_seq == 6
+    # Our own event, stored by an attempt whose ack was lost, then junk: ours, at its sequence.
+    mine = entry(5, ev(4))
+    assert explain_conflict("chat", [mine, junk], P, next_seq=4, own=mine.data) == ("ours", [], 5)
 
 
 def test_a_stream_judge_follows_each_pool_and_names_unreadable_node_events() -> None:

@@ -136,9 +136,11 @@ class PoolQuarantined(EventLogError):
         self.corrupt = corrupt
 
 
-ConflictInspector = Callable[[str, int, int], Awaitable[LogCorrupt | None]]
-"""``inspect(pool, expected_last_stream_seq, next_pool_seq)``: after a refused append, a
-:class:`LogCorrupt` when only foreign messages were stored since, None for another writer."""
+ConflictInspector = Callable[[str, int, int, bytes], Awaitable[LogCorrupt | int | None]]
+"""``inspect(pool, expected_last_stream_seq, next_pool_seq, payload)``: after a refused append, a
+:class:`LogCorrupt` when only foreign messages were stored since, the stream sequence of
+``payload`` when an earlier attempt stored it (foreign messages after it), None for another
+writer."""
 
 
 class PublisherClosed(EventLogError):
@@ -784,11 +786,16 @@ class EventPublisher:
             return raw.seq
         if self.inspect_conflict is not None:
             try:
-                corrupt = await self.inspect_conflict(pool, expected, item.event.seq)
+                verdict = await self.inspect_conflict(pool, expected, item.event.seq, item.payload)
             except (TimeoutError, nats.errors.Error, OSError) as err:
                 raise _Retry from err
-            if corrupt is not None:
-                raise PoolQuarantined(pool, corrupt)
+            if isinstance(verdict, int):
+                # Stored by an earlier attempt; what follows it is the next append's to meet.
+                self._stats.recovered_after_10071 += 1
+                self._last_seq[pool] = verdict
+                return verdict
+            if verdict is not None:
+                raise PoolQuarantined(pool, verdict)
         found = "none" if raw is None else f"{raw.seq} ({(raw.headers or {}).get(HDR_MSG_ID)!r})"
         raise PoolFenced(
             pool,

@@ -141,22 +141,29 @@ def scan_pool(pool: str, entries: list[LogEntry], prefix: str, *, next_seq: int 
 
 
 Conflict = str
-"""How a refused append is explained: ``"rival"`` (another writer appended legitimate events:
-fencing) or ``"foreign"`` (only foreign messages: quarantine)."""
+"""How a refused append is explained: ``"ours"`` (the event was stored by an earlier attempt),
+``"rival"`` (another writer appended legitimate events: fencing) or ``"foreign"`` (only
+foreign messages: quarantine)."""
 
 
 def explain_conflict(
-    pool: str, entries: list[LogEntry], prefix: str, next_seq: int
-) -> tuple[Conflict, list[ForeignMessage]]:
+    pool: str, entries: list[LogEntry], prefix: str, next_seq: int, own: bytes | None = None
+) -> tuple[Conflict, list[ForeignMessage], int | None]:
     """What lies between the last message this writer knew and the pool's newest one.
 
-    Any legitimate event continuing the pool's sequence means another writer: ``"rival"``.
+    ``own`` is the payload being appended: found stored there (an earlier attempt whose ack was
+    lost, foreign messages after it), it is ``"ours"`` with its stream sequence. Any other
+    legitimate event continuing the pool's sequence means another writer: ``"rival"``.
     Otherwise, foreign messages: ``"foreign"`` with them. Nothing at all (the messages were
     removed meanwhile) is a ``"rival"`` too: the writer's view is stale and it must not guess."""
+    if own is not None:
+        for entry in entries:
+            if entry.data == own and entry.msg_id in (None, f"{pool}:{next_seq}"):
+                return "ours", [], entry.stream_seq
     scan = scan_pool(pool, entries, prefix, next_seq=next_seq)
     if scan.events or not scan.foreign:
-        return "rival", scan.foreign
-    return "foreign", scan.foreign
+        return "rival", scan.foreign, None
+    return "foreign", scan.foreign, None
 
 
 @dataclass(slots=True)

@@ -94,10 +94,12 @@ def inspector(nc: NATS, subjects: Subjects, *, stream: str = STREAM_NAME) -> Any
     """The publisher's ``inspect_conflict``: what was stored on the pool's subjects after the
     last message this daemon knew, judged by :func:`explain_conflict`."""
 
-    async def inspect(pool: str, expected: int, next_seq: int) -> LogCorrupt | None:
+    async def inspect(pool: str, expected: int, next_seq: int, payload: bytes) -> LogCorrupt | int | None:
         found = read_entries(nc, subjects.pool_events(pool), expected + 1, stream=stream, limit=INSPECT_LIMIT)
         entries = [entry async for entry in found]
-        kind, foreign = explain_conflict(pool, entries, subjects.prefix, next_seq)
+        kind, foreign, own_seq = explain_conflict(pool, entries, subjects.prefix, next_seq, payload)
+        if kind == "ours":
+            return own_seq
         return quarantine_of(foreign) if kind == "foreign" else None
 
     return inspect
