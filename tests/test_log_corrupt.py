@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from conftest import FAKE, NatsConnect, StartDaemon
 from pool_managerd.adapters.event_log import SnapshotStore, read_entries
 from pool_managerd.adapters.process import pid_alive, wait_pid_exit
-from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, Rejected, StatusReply
+from pool_managerd.messages import MAX_ACK_SEQUENCES, REPLY_DECODER, Accepted, PoolSnapshot, Rejected, StatusReply
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME
 from pool_managerd.testing.nats_server import NatsServer
@@ -194,3 +194,32 @@ async def test_a_forged_kv_snapshot_shows_no_ghost_pool_in_watch(
     assert "ignored 2 KV snapshot(s) that no event backs (forged?): ghost, phantom" in out.decode()
     # The daemon itself never reads its pools from the bucket: status is the pool's own.
     assert (await status(nc, "real")).pool.state == "unready"
+
+
+async def test_a_flood_larger_than_one_acknowledgement_is_acknowledged_in_batches(
+    nats_url: str, nats_connect: NatsConnect, start_daemon: StartDaemon
+) -> None:
+    nc = await nats_connect(nats_url)
+    pool = unique("flood")
+    daemon, pid = await ready_pool(start_daemon, nats_url, nc, pool)
+    junk = [await publish_junk(nc, pool, f"junk {i}".encode()) for i in range(MAX_ACK_SEQUENCES + 6)]
+    refused = await send(nc, pool, "lease", {"command_id": unique("l")})
+    assert isinstance(refused, Rejected) and refused.code == "log_corrupt", refused
+    first = (await status(nc, pool)).pool.log_corrupt
+    assert first is not None and first.sequences == junk[:MAX_ACK_SEQUENCES]
+
+    acked = await send(nc, pool, "ack_corrupt", {"command_id": unique("a"), "sequences": first.sequences})
+    assert isinstance(acked, Accepted), acked
+    rest = (await status(nc, pool)).pool.log_corrupt
+    assert rest is not None and rest.sequences == junk[MAX_ACK_SEQUENCES:], rest
+
+    # A restart sees the same: the first batch acknowledged, the rest not.
+    await daemon.stop(stop_engines=False)
+    daemon = await start_daemon(nats_url, pools=[{"id": pool, **FAKE}])
+    again = (await status(nc, pool)).pool.log_corrupt
+    assert again is not None and again.sequences == rest.sequences
+    acked = await send(nc, pool, "ack_corrupt", {"command_id": unique("a"), "sequences": rest.sequences})
+    assert isinstance(acked, Accepted), acked
+    assert (await status(nc, pool)).pool.log_corrupt is None
+    assert isinstance(await send(nc, pool, "lease", {"command_id": unique("l")}), Accepted)
+    assert pid_alive(pid)

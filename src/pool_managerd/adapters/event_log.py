@@ -537,6 +537,11 @@ class EventPublisher:
         return len(self._backlog)
 
     @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context this publisher writes through."""
+        return self._js
+
+    @property
     def fenced_pools(self) -> dict[str, str]:
         """Fenced pools and the reason each was fenced."""
         return dict(self._fenced)

@@ -86,8 +86,9 @@ class ActorHost(Protocol):
         """Make a step's events durable (or queued in order, past the ack bound)."""
         ...
 
-    def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> None:
-        """The operator acknowledged ``corrupt``: the next append follows its last message."""
+    async def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> LogCorrupt | None:
+        """The operator acknowledged ``corrupt``: the next append follows it and any foreign
+        messages stored after it, which it returns (still to acknowledge), or None."""
         ...
 
     def quarantine_changed(self, pool: str) -> None:
@@ -218,8 +219,11 @@ class PoolActor:
                 elif isinstance(item.inp, HealthInput):
                     self._health_queued -= 1
             ack = isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
-            if ack and not self._ack_matches(item):
-                continue
+            remaining: LogCorrupt | None = None
+            if ack:
+                matched, remaining = await self._ack_matches(item)
+                if not matched:
+                    continue
             if self.pool not in lc.pools:
                 if item.reply is not None and not item.reply.done():
                     item.reply.set_exception(UnknownPool(self.pool))
@@ -269,9 +273,11 @@ class PoolActor:
                     _settle(item, Outcome(reply, [], []))
                     continue
             if ack and self.quarantine is not None:
-                log.warning("pool %s: foreign messages at stream sequences %s acknowledged; serving again",
-                            self.pool, self.quarantine.sequences)  # fmt: skip
-                self.quarantine = None
+                log.warning("pool %s: foreign messages at stream sequences %s acknowledged; %s", self.pool,
+                            self.quarantine.sequences, "serving again" if remaining is None else
+                            f"more wait: {remaining.reason}")  # fmt: skip
+                # A flood larger than one acknowledgement lists is acknowledged in batches.
+                self.quarantine = remaining
                 rt.quarantine_changed(self.pool)
             _settle(item, outcome)
             if self.fenced:
@@ -283,17 +289,23 @@ class PoolActor:
                     log.exception("pool %s: effect %r failed", self.pool, effect)
             rt.after_step(self.pool, outcome)
 
-    def _ack_matches(self, item: _Input) -> bool:
+    async def _ack_matches(self, item: _Input) -> tuple[bool, LogCorrupt | None]:
         """Check an ``ack_corrupt`` against the quarantine; on a match the publisher is told to
-        follow the acknowledged messages, and the step (which records the ack) goes ahead."""
+        follow the acknowledged messages, and the step (which records the ack) goes ahead.
+        Returns whether it matched, and the foreign messages found after the acknowledged ones."""
         assert isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
         problem = quarantine.ack_problem(self.pool, self.quarantine, item.inp.cmd.sequences)
         if problem is not None:
             _settle(item, Outcome(_rejected(self.pool, item, "ack_mismatch", problem), [], []))
-            return False
+            return False, None
         assert self.quarantine is not None
-        self.runtime.acknowledge_corrupt(self.pool, self.quarantine)
-        return True
+        try:
+            return True, await self.runtime.acknowledge_corrupt(self.pool, self.quarantine)
+        except Exception:
+            log.exception("pool %s: the messages after the acknowledged ones could not be read", self.pool)
+            _settle(item, Outcome(_rejected(self.pool, item, "unavailable", "the event log could not be read; "
+                                            "nothing applied, retry"), [], []))  # fmt: skip
+            return False, None
 
     def _hold(self, item: _Input) -> None:
         corrupt = self.quarantine

@@ -60,6 +60,7 @@ from pool_managerd.messages import (
     InventoryCmd,
     InventoryReply,
     LifecycleCmd,
+    LogCorrupt,
     NodeHeartbeat,
     PoolsCmd,
     PoolSnapshot,
@@ -148,8 +149,8 @@ class JetStreamSink:
             if fenced is not None:
                 raise fenced
 
-    def follow(self, pool: str, stream_seq: int) -> None:
-        self.publisher.assume(pool, stream_seq)
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        return await quarantine.skip_acknowledged(self.publisher, pool, corrupt, next_seq)
 
     async def _queue(self, event: Event) -> asyncio.Future[int]:
         waited = 0.0

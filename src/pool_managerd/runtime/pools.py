@@ -50,8 +50,10 @@ class EventSink(Protocol):
 
     async def append(self, pool: str, events: Sequence[Event]) -> None: ...
 
-    def follow(self, pool: str, stream_seq: int) -> None:
-        """The pool's next append follows the message at ``stream_seq`` (acknowledged foreign)."""
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        """An operator acknowledged ``corrupt``: the pool's next append (the acknowledgement)
+        follows those messages and any foreign ones stored after them; returns the latter (still
+        to acknowledge), or None."""
         ...
 
 
@@ -71,8 +73,9 @@ class MemoryEventSink:
     def of(self, pool: str) -> list[Event]:
         return [e for e in self.events if e.pool == pool]
 
-    def follow(self, pool: str, stream_seq: int) -> None:
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
         """Nothing to follow in memory: no foreign message can land here."""
+        return None
 
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
         """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
@@ -200,8 +203,8 @@ class PoolRuntime:
         self.actor(pool).quarantine = corrupt
         self.quarantine_changed(pool)
 
-    def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> None:
-        self.sink.follow(pool, max(corrupt.sequences))
+    async def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> LogCorrupt | None:
+        return await self.sink.acknowledge(pool, corrupt, self.lifecycle.pool(pool).value.seq + 1)
 
     def quarantine_changed(self, pool: str) -> None:
         if self.on_quarantine is not None:

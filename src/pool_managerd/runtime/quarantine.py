@@ -18,10 +18,11 @@ import collections
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import read_entries
-from pool_managerd.core.log_integrity import LogEntry, explain_conflict, quarantine_of
+from pool_managerd.adapters.event_log import EventPublisher, read_entries
+from pool_managerd.core.log_integrity import LogEntry, explain_conflict, foreign_message, judge, quarantine_of
 from pool_managerd.messages import MAX_ACK_SEQUENCES, ForeignMessage, LogCorrupt
 from pool_managerd.subjects import STREAM_NAME, Subjects
 
@@ -103,6 +104,46 @@ def inspector(nc: NATS, subjects: Subjects, *, stream: str = STREAM_NAME) -> Any
         return quarantine_of(foreign) if kind == "foreign" else None
 
     return inspect
+
+
+SKIP_LIMIT = 100_000
+"""Messages one acknowledgement reads past the acknowledged ones at most."""
+
+
+async def skip_acknowledged(
+    publisher: EventPublisher, pool: str, corrupt: LogCorrupt, next_seq: int
+) -> LogCorrupt | None:
+    """Point the publisher past the acknowledged messages and the foreign ones stored after
+    them, so the acknowledgement's own append lands after all of them; returns those later
+    foreign messages (the next batch to acknowledge), or None.
+
+    A legitimate event among them (another writer) stops the skip there: the append is then
+    refused and the fence decides, as for any append."""
+    last = max(corrupt.sequences)
+    follow, count = last, 0
+    foreign: list[ForeignMessage] = []
+    entries = read_entries(publisher.js, publisher.subjects.pool_events(pool), last + 1, stream=publisher.stream,
+                           limit=SKIP_LIMIT)  # fmt: skip
+    # What recovery (or an earlier append) already read includes the pool's own older events,
+    # an earlier acknowledgement among them: only what lies beyond is judged against next_seq.
+    known = publisher.last_sequence(pool) or 0
+    async for entry in entries:
+        seen = entry.stream_seq <= known
+        event, why = judge(entry, publisher.subjects.prefix, pool, None if seen else next_seq)
+        if event is not None:
+            if seen:
+                follow = entry.stream_seq
+                continue
+            break
+        count += 1
+        if len(foreign) < MAX_ACK_SEQUENCES:
+            foreign.append(foreign_message(entry, why or "foreign"))
+        follow = entry.stream_seq
+    publisher.assume(pool, follow)
+    remaining = quarantine_of(foreign)
+    if remaining is not None and count > len(foreign):
+        remaining = msgspec.structs.replace(remaining, reason=f"{count} more foreign message(s); " + remaining.reason)
+    return remaining
 
 
 async def read_pool_entries(
