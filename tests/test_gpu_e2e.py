@@ -137,7 +137,7 @@ async def test_a_verified_engine_is_ready_and_its_held_vram_shows_in_status_kv_a
     assert status.pool.vram_held == dict(zip(placement.uuids, placement.budgets, strict=True))
     assert body.held == status.pool.vram_held and status.pool.engine is not None
     assert body.pid == status.pool.engine.pid
-    (gpu, held), = status.pool.vram_held.items()
+    ((gpu, held),) = status.pool.vram_held.items()
     value = daemon.metrics.registry.get_sample_value("poold_pool_vram_held_bytes", {"pool": "chat", "gpu": gpu})
     assert value == held
     assert "poold_pool_vram_held_bytes{" in generate_latest(daemon.metrics.registry).decode()
@@ -201,8 +201,8 @@ def inject(run_dir: Path, **fault: Any) -> None:
 
 
 def node_event(kind: type, **match: Any) -> Callable[[Event], bool]:
-    return lambda e: e.pool is None and isinstance(e.body, kind) and all(
-        getattr(e.body, k) == v for k, v in match.items()
+    return lambda e: (
+        e.pool is None and isinstance(e.body, kind) and all(getattr(e.body, k) == v for k, v in match.items())
     )
 
 
@@ -221,7 +221,8 @@ async def test_an_xid_stops_exactly_the_pools_on_its_gpu_marks_it_unhealthy_unti
     inject(tmp_path / "node-a", uuid=GPU1, xid=79)
     fault = (await events.wait(node_event(GpuFault, uuid=GPU1))).body
     assert isinstance(fault, GpuFault)
-    assert (fault.kind, fault.xid, fault.fault_class, fault.action, fault.unhealthy) == ("xid", 79, "stop", "stop", True)
+    assert (fault.kind, fault.xid, fault.fault_class, fault.action) == ("xid", 79, "stop", "stop")
+    assert fault.unhealthy
     assert fault.pools == ["b", "c"] and fault.simulated
     for name in ("b", "c"):
         stopped = (await events.wait(reached(name, "unready"))).body

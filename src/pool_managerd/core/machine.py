@@ -24,8 +24,8 @@ from typing import Any, Literal, cast
 import msgspec
 from transitions import EventData, Machine
 
-from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core import gpu_verify
+from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import (
     ArmTimer,
     CancelTimer,

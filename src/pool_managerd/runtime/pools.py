@@ -18,8 +18,8 @@ import msgspec
 from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.definitions import Context, PoolDefinition
-from pool_managerd.core.errors import PoolManagerError, UnknownPool
 from pool_managerd.core.effects import VerifyGpus
+from pool_managerd.core.errors import PoolManagerError, UnknownPool
 from pool_managerd.core.inputs import CommandInput, GpuChecked
 from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.lifecycle.preload import model_path, plan

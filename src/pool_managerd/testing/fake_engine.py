@@ -253,8 +253,9 @@ class FakeEngine:
         return keep
 
 
-def gpu_allocation(mode: str, visible: list[str], budgets: dict[str, int], all_uuids: list[str],
-                   per_gpu: int | None) -> dict[str, int]:
+def gpu_allocation(
+    mode: str, visible: list[str], budgets: dict[str, int], all_uuids: list[str], per_gpu: int | None
+) -> dict[str, int]:
     """What the fake engine "allocates" per GPU UUID in ``mode`` (see ``--gpu-alloc``)."""
 
     def size(uuid: str) -> int:
