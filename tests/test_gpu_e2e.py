@@ -35,6 +35,7 @@ from pool_managerd.messages import (
 )
 from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
+from test_client_ctl import run_cli
 
 GPU0 = "GPU-4090c0de-0000-4000-8000-000000000024"
 GPU1 = "GPU-a6000ce1-0000-4000-8000-000000000048"
@@ -244,11 +245,12 @@ async def test_an_xid_stops_exactly_the_pools_on_its_gpu_marks_it_unhealthy_unti
     assert isinstance(moved, StatusReply) and moved.pool.placement is not None
     assert moved.pool.placement.uuids == [GPU0]
 
-    # The operator clears it: an event, and the GPU is placeable again.
-    client = PoolClient(nc_fresh)
-    cleared = await client.gpu_clear("node-a", GPU1)
-    assert isinstance(cleared, GpuClearReply) and cleared.cleared
+    # The operator clears it (ctl gpu-clear): an event, and the GPU is placeable again.
+    code, out, err = await run_cli("ctl", "gpu-clear", GPU1, "--node", "node-a", "--url", fresh_nats_server.url)
+    assert (code, err) == (0, ""), err
+    assert "cleared" in out
     await events.wait(node_event(GpuCleared, uuid=GPU1))
+    client = PoolClient(nc_fresh)
     again = await client.gpu_clear("node-a", GPU1)
     assert isinstance(again, GpuClearReply) and not again.cleared
     back = await preload(nc_fresh, "c")
@@ -256,6 +258,13 @@ async def test_an_xid_stops_exactly_the_pools_on_its_gpu_marks_it_unhealthy_unti
     status = await req(nc_fresh, "poold.cmd.c.status")
     assert isinstance(status, StatusReply) and status.pool.placement is not None
     assert status.pool.placement.uuids == [GPU1]
+
+
+async def test_ctl_gpu_clear_needs_a_uuid_and_a_node() -> None:
+    code, _out, err = await run_cli("ctl", "gpu-clear", GPU1, "--url", "nats://127.0.0.1:1")
+    assert code == 2 and "--node" in err
+    code, _out, err = await run_cli("ctl", "gpu-clear", "../x", "--node", "n", "--url", "nats://127.0.0.1:1")
+    assert code == 2 and "not a GPU UUID" in err
 
 
 async def test_a_drain_class_fault_drains_its_pools_and_an_application_xid_touches_nothing(

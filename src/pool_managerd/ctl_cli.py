@@ -49,6 +49,7 @@ from pool_managerd.messages import (
     EngineExited,
     EngineSpawned,
     Event,
+    GpuClearCmd,
     GpuClearReply,
     HealthChanged,
     InventoryReply,
@@ -545,6 +546,11 @@ async def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"--node does not apply to {args.verb}")
     if args.verb == GPU_CLEAR and (args.target is None or args.node is None):
         raise UsageError(f"{GPU_CLEAR} needs a GPU UUID and --node")
+    if args.verb == GPU_CLEAR:
+        try:
+            msgspec.convert({"uuid": args.target}, GpuClearCmd)
+        except msgspec.ValidationError as exc:
+            raise UsageError(f"{GPU_CLEAR}: {args.target!r} is not a GPU UUID (GPU-... or MIG-...): {exc}") from None
     fields = command_fields(args)
     wait_target(args)
     if args.timeout <= 0:
