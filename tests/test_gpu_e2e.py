@@ -275,6 +275,7 @@ async def test_a_drain_class_fault_drains_its_pools_and_an_application_xid_touch
     await preload(nc_fresh, "a")
     await events.wait(reached("a", "ready"))
     before = len(events.changes("a"))
+    inject(tmp_path / "node-a", uuid="GPU-not-on-this-node", xid=79)  # dropped: no such GPU
     inject(tmp_path / "node-a", uuid=GPU0, xid=13)
     app = (await events.wait(node_event(GpuFault, xid=13))).body
     assert isinstance(app, GpuFault) and (app.fault_class, app.action, app.unhealthy, app.pools) == (
@@ -287,6 +288,8 @@ async def test_a_drain_class_fault_drains_its_pools_and_an_application_xid_touch
     await events.wait(reached("a", "unready"))
     # The application Xid changed nothing: the first change after it is the drain.
     assert events.changes("a")[before].trigger == "drain"
+    faults = [e.body for e in events.items if isinstance(e.body, GpuFault)]
+    assert [f.xid for f in faults] == [13, 94]  # faults are handled in order; the unknown GPU's was dropped
 
 
 async def test_an_unhealthy_gpu_stays_unhealthy_across_a_daemon_restart(

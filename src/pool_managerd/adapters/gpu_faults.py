@@ -171,7 +171,13 @@ class NvmlFaultWatcher(_Thread):
         return events
 
     def run(self) -> None:
-        events = self.open()
+        try:
+            events = self.open()
+        except Exception as exc:
+            # No pynvml, no driver, or a driver without the event API: faults are then seen only
+            # by their consequences (engines exiting, probes failing).
+            log.warning("GPU faults are not watched: NVML's event API is unavailable (%s: %s)", type(exc).__name__, exc)
+            return
         try:
             while not self._stop.is_set():
                 self.wait_once(events)

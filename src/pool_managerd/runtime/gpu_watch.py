@@ -92,14 +92,8 @@ class GpuWatch:
                 log.exception("GPU fault on %s not handled", fact.uuid)
             self.handled += 1
 
-    def _placements(self) -> dict[str, list[str]]:
+    def _placements(self, parents: dict[str, str]) -> dict[str, list[str]]:
         """Pool → the devices its engine runs on, MIG instances' parent GPUs included."""
-        parents: dict[str, str] = {}
-        try:
-            snapshot = self.runtime.gpu_source()
-            parents = {m.uuid: g.uuid for g in snapshot.gpus for m in g.mig_instances}
-        except Exception:
-            log.debug("no snapshot for MIG parents", exc_info=True)
         out: dict[str, list[str]] = {}
         for entry in self.runtime.lifecycle.registry:
             if entry.placement is None or entry.state not in _SERVING:
@@ -108,10 +102,23 @@ class GpuWatch:
             out[entry.pool] = uuids + [parents[u] for u in uuids if u in parents]
         return out
 
-    async def handle(self, fact: GpuFaultFact) -> GpuFault:
-        """Record the fault, mark the device, and drain or stop the pools on it."""
+    async def handle(self, fact: GpuFaultFact) -> GpuFault | None:
+        """Record the fault, mark the device, and drain or stop the pools on it. A fault about a
+        GPU this node does not have is logged and dropped (None)."""
+        try:
+            snapshot = self.runtime.gpu_source()
+        except Exception as exc:
+            # The device may be what broke the read: act on the fact all the same.
+            log.warning("GPU fault on %s while the GPUs cannot be read (%s)", fact.uuid, exc)
+            known, parents = {fact.uuid}, {}
+        else:
+            known = {g.uuid for g in snapshot.gpus}
+            parents = {m.uuid: g.uuid for g in snapshot.gpus for m in g.mig_instances}
+        if fact.uuid not in known:
+            log.warning("GPU fault on %s ignored: no such GPU on this node", fact.uuid)
+            return None
         decision = classify(fact.kind, fact.xid)
-        pools = affected(self._placements(), fact.uuid)
+        pools = affected(self._placements(parents), fact.uuid)
         body = GpuFault(uuid=fact.uuid, kind=fact.kind, xid=fact.xid, fault_class=decision.fault_class,
                         action=decision.action, unhealthy=decision.unhealthy, description=decision.description,
                         pools=pools if decision.action != "none" else [], simulated=self.simulated)  # fmt: skip
