@@ -263,7 +263,7 @@ async def test_an_xid_stops_exactly_the_pools_on_its_gpu_marks_it_unhealthy_unti
 async def test_ctl_gpu_clear_needs_a_uuid_and_a_node() -> None:
     code, _out, err = await run_cli("ctl", "gpu-clear", GPU1, "--url", "nats://127.0.0.1:1")
     assert code == 2 and "--node" in err
-    code, _out, err = await run_cli("ctl", "gpu-clear", "../x", "--node", "n", "--url", "nats://127.0.0.1:1")
+    code, _out, err = await run_cli("ctl", "gpu-clear", "GPU/x", "--node", "n", "--url", "nats://127.0.0.1:1")
     assert code == 2 and "not a GPU UUID" in err
 
 
@@ -280,7 +280,8 @@ async def test_a_drain_class_fault_drains_its_pools_and_an_application_xid_touch
     app = (await events.wait(node_event(GpuFault, xid=13))).body
     assert isinstance(app, GpuFault) and (app.fault_class, app.action, app.unhealthy, app.pools) == (
         "application", "none", False, [])  # fmt: skip
-    inject(tmp_path / "node-a", uuid=GPU0, xid=94)
+    code, out, err = await run_cli("sim-fault", GPU0, "--xid", "94", "--run-dir", str(tmp_path / "node-a"))
+    assert (code, err) == (0, "") and "contained ECC error (drain" in out, (code, out, err)
     drain = (await events.wait(node_event(GpuFault, xid=94))).body
     assert isinstance(drain, GpuFault) and (drain.fault_class, drain.action, drain.pools) == ("drain", "drain", ["a"])
     draining = (await events.wait(reached("a", "draining"))).body

@@ -239,3 +239,17 @@ def test_a_lost_gpu_is_found_and_reported_once_and_the_thread_ends_when_all_are_
     watcher.stop()
     assert [(f.uuid, f.kind) for f in seen] == [(GPU1, "fell_off_bus"), (GPU0, "fell_off_bus")]
     assert nv.shut
+
+
+def test_sim_fault_appends_one_checked_line_to_a_simulated_driver_only(tmp_path: Path, capsys: Any) -> None:
+    from pool_managerd.cli.main import main
+
+    assert main(["sim-fault", GPU1, "--xid", "79", "--run-dir", str(tmp_path)]) == 2  # no driver there
+    assert "no simulated driver" in capsys.readouterr().err
+    SimGpuState(HETERO, tmp_path / "sim-gpu")
+    assert main(["sim-fault", GPU1, "--run-dir", str(tmp_path)]) == 2  # an xid fault needs its Xid
+    assert main(["sim-fault", GPU1, "--xid", "79", "--run-dir", str(tmp_path)]) == 0
+    assert main(["sim-fault", GPU0, "--kind", "ecc_dbe", "--run-dir", str(tmp_path)]) == 0
+    lines = (tmp_path / "sim-gpu" / "faults.jsonl").read_bytes().splitlines()
+    facts = [parse_fault_line(line) for line in lines]
+    assert [(f.uuid, f.kind, f.xid) for f in facts if f] == [(GPU1, "xid", 79), (GPU0, "ecc_dbe", None)]
