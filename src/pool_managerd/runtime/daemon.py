@@ -1058,7 +1058,7 @@ class Daemon:
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
-        await self.gpus.stop()
+        await self.gpus.stop_watching()
         for sub in (self._health_sub, self._unclaimed_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -1113,6 +1113,7 @@ class Daemon:
                     await self.nc.close()
         step("done")
         self.metrics.close()
+        self.gpus.close()
         if self.embedded is not None:
             self.embedded.stop()
         self._closed.set()

@@ -116,7 +116,8 @@ class GpuNode:
         if self._watcher is not None:
             self._watcher.start()
 
-    async def stop(self) -> None:
+    async def stop_watching(self) -> None:
+        """Stop the fault watcher and the loop task consuming it (shutdown, before the pools stop)."""
         if self._watcher is not None:
             await asyncio.to_thread(self._watcher.stop)
             self._watcher = None
@@ -125,9 +126,13 @@ class GpuNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def close(self) -> None:
+        """Shut the NVML reader down (the last step of shutdown)."""
         if self._nvml is not None:
             with contextlib.suppress(Exception):
                 self._nvml.close()
+            self._nvml = None
 
     async def clear(self, uuid: str) -> bool:
         """``ctl gpu-clear``: False when ``uuid`` was not marked unhealthy."""
