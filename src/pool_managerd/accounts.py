@@ -162,9 +162,11 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
     publish, subscribe = _viewer(prefix, role)
     if role in ("operator", "admin"):
         verbs = _OPERATOR_VERBS + (("reload",) if role == "admin" else ())
+        # gpu_clear puts a device a fault took out back into placement: an operator's call.
         # Operators read the audit stream too (whose commands were refused and why); viewers
         # do not: it names other clients' command ids.
-        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + publish + _stream_reads(AUDIT_STREAM)
+        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + [f"{prefix}.node.*.cmd.gpu_clear"] + publish
+        publish += _stream_reads(AUDIT_STREAM)
     # Browser dashboards connect over websocket; the daemon's identity never does.
     return Permissions(tuple(publish), tuple(subscribe), connection_types=("STANDARD", "WEBSOCKET"))
 
