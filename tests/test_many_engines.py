@@ -81,7 +81,8 @@ async def test_adopting_more_than_1024_engines_sees_every_exit_and_stops_cleanly
         SpawnEntry(f"p{i}", pid, pid, 20000 + i, "127.0.0.1", 0.0, ["sleep", "600"], None, proc_start_ticks(pid))
         for i, pid in enumerate(pids)
     ]
-    record.replace_all(entries)
+    for entry in entries:
+        record.add(entry)
     threads_before = threading.active_count()
 
     exits: dict[int, ExitInfo] = {}

@@ -31,7 +31,7 @@ import string
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -593,12 +593,6 @@ class SpawnRecord:
             except BaseException:
                 self._entries[pid] = entry
                 raise
-
-    def replace_all(self, entries: Iterable[SpawnEntry]) -> None:
-        """Rewrite the record with exactly ``entries`` (e.g. after adoption/orphan reaping)."""
-        with self._lock:
-            self._entries = {e.pid: e for e in entries}
-            self._rewrite()
 
     def _append(self, op: Mapping[str, Any]) -> None:
         if self._lines is None:
