@@ -48,7 +48,8 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
 )
-from pool_managerd.runtime.pools import PROBE_OPTIONS, MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
 from proc_helpers import leak_guard, track_pid
 
 DEADLINE_S = 15.0
