@@ -33,7 +33,7 @@ from pool_managerd.messages import (
 )
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
+from support.procs import leak_guard
 
 
 @pytest.fixture(autouse=True)

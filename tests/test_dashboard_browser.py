@@ -28,7 +28,7 @@ from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, Status
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
+from support.procs import leak_guard
 
 CHROMIUM = os.environ.get("POOL_MANAGERD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -27,7 +27,7 @@ from pool_managerd.adapters.process import (
     proc_start_ticks,
     spawn,
 )
-from proc_helpers import leak_guard, track_pid
+from support.procs import leak_guard, track_pid
 
 COUNT = 1100  # beyond 1,024: the descriptor numbers the watchers use pass FD_SETSIZE
 DEADLINE_S = 60.0

@@ -52,7 +52,7 @@ from pool_managerd.config import load_config
 from pool_managerd.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer, free_port
-from proc_helpers import leak_guard
+from support.procs import leak_guard
 from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -60,7 +60,7 @@ from pool_managerd.messages import (
 )
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import FakeEngines, leak_guard, track_pid, wait_for_file
+from support.procs import FakeEngines, leak_guard, track_pid, wait_for_file
 
 NODE = "node-a"
 START_S = 20.0
