@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,14 +26,8 @@ from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
 from support.contract import README, Example, channel_of, matching_reply, message_schema, parse
 from support.deadlines import until
-from support.procs import leak_guard
 
 # --- the daemon ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture

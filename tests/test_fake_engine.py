@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +18,7 @@ from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_ge
 from pool_managerd.adapters.process import EngineProcess, allocate_port
 from pool_managerd.testing.fake_engine import parse_args
 from support.deadlines import ENGINE_S
-from support.procs import FakeEngines, leak_guard, read_log, wait_for_file, wait_ready
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
+from support.procs import FakeEngines, read_log, wait_for_file, wait_ready
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import contextlib
 import errno
 import itertools
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -15,14 +15,9 @@ import pytest
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
 from pool_managerd.adapters.process import allocate_port
 from support.deadlines import ENGINE_S
-from support.procs import FakeEngines, leak_guard, wait_ready
+from support.procs import FakeEngines, wait_ready
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture

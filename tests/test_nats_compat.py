@@ -42,17 +42,11 @@ from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME, Subjects
 from pool_managerd.testing.nats_server import NatsServer
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
-from support.procs import leak_guard
 from test_daemon_e2e import FAKE, Events, cid, follow, reached, ready_pool, req
 from test_recovery import Rig, Wire, fake_pool, render_config
 
 EXIT_S = 30.0
 """Deadline for a daemon process to exit on its own (Python start-up and imports included)."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 class Servers:

@@ -52,18 +52,12 @@ from pool_managerd.config import load_config
 from pool_managerd.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer, free_port
-from support.procs import leak_guard
 from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "deploy" / "nats-server.conf"
 CLI_S = 60.0
 """Deadline for one CLI subprocess (Python start-up on a loaded machine included)."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 # --- the shipped file is the generated one -------------------------------------------------------

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,12 +34,7 @@ from pool_managerd.adapters.process import (
     wait_pid_exit,
 )
 from support.deadlines import ENGINE_S
-from support.procs import FakeEngines, leak_guard, read_log, track_pid, wait_ready
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
+from support.procs import FakeEngines, read_log, track_pid, wait_ready
 
 
 @pytest.fixture

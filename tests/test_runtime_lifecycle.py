@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,7 +51,7 @@ from pool_managerd.messages import (
 from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink
 from support.deadlines import POOL_S
-from support.procs import leak_guard, track_pid
+from support.procs import track_pid
 
 """Upper bound for any single wait on an event (2 loaded cores start a Python engine in ~0.3 s)."""
 
@@ -65,11 +65,6 @@ GPU_24G, GPU_48G = (g.uuid for g in SNAPSHOT.gpus)
 NO_RESTART = RestartConfig(initial_s=60.0, max_s=60.0)
 
 T = TypeVar("T")
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 # ----------------------------------------------------------------------------------------------

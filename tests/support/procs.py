@@ -1,14 +1,9 @@
 """Helpers for tests that run real engine subprocesses: leak checks and a fake-engine launcher.
 
-``leak_guard()`` is meant for an autouse fixture in each such test module::
-
-    @pytest.fixture(autouse=True)
-    def _no_leaks() -> Iterator[None]:
-        yield from leak_guard()
-
-It fails a test after which a child process of the test runner (one that did not exist before
-the test) or a tracked grandchild (``track_pid``) is still alive, and kills the leftovers by pid
-so one leak does not cascade into the following tests.
+``leak_guard()`` is the body of ``tests/conftest.py``'s autouse ``_no_leaks`` fixture, which every
+test that is not ``unit`` gets. It fails a test after which a child process of the test runner
+(one that did not exist before the test) or a tracked grandchild (``track_pid``) is still alive,
+and kills the leftovers by pid so one leak does not cascade into the following tests.
 """
 
 from __future__ import annotations
