@@ -56,10 +56,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     classify(items)
 
 
+_UNIT_ONLY = frozenset({"unit", "unit and not slow"})
+"""The -m expressions that select unit tests alone (any other is left to pytest)."""
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # With -m unit, a module none of whose tests can be unit is not even imported: importing
     # them all (nats, playwright, the daemon) would cost more than running the unit tests.
-    if config.getoption("markexpr").startswith("unit") and collection_path.name.startswith("test_"):
+    if config.getoption("markexpr") in _UNIT_ONLY and collection_path.name.startswith("test_"):
         return True if not has_unit_tests(collection_path) else None
     return None
 
