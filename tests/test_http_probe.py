@@ -374,7 +374,7 @@ async def test_prober_on_a_kept_connection_times_a_silent_engine_out_and_reconne
                               read_timeout_s=0.1)  # fmt: skip
         prober.start()
         try:
-            await asyncio.wait_for(enough.wait(), DEADLINE_S)
+            await asyncio.wait_for(enough.wait(), ENGINE_S)
         finally:
             await prober.stop()
     assert [(r.ok, r.error) for r in results[:4]] == [(True, None), (False, "read timeout")] * 2
@@ -407,7 +407,7 @@ async def test_an_answer_in_time_counts_even_when_the_loop_was_held_past_the_dea
                               read_timeout_s=0.05)  # fmt: skip
         prober.start()
         try:
-            await asyncio.wait_for(enough.wait(), DEADLINE_S)
+            await asyncio.wait_for(enough.wait(), ENGINE_S)
         finally:
             await prober.stop()
     assert [(r.ok, r.error) for r in results] == [(True, None)] * 3
@@ -436,7 +436,7 @@ async def test_a_connect_the_daemon_was_too_busy_to_see_in_time_is_not_a_timeout
         await asyncio.sleep(0)  # the prober's first step: its connect is in flight
         time.sleep(0.3)  # ok: holds the loop on purpose, the stall under test
         try:
-            await asyncio.wait_for(done.wait(), DEADLINE_S)
+            await asyncio.wait_for(done.wait(), ENGINE_S)
         finally:
             await prober.stop()
     assert [(r.ok, r.error) for r in results] == [(True, None)]
