@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from pool_managerd.adapters.event_log import PoolFenced
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
@@ -57,6 +59,13 @@ from pool_managerd.messages import EngineInfo, Event, HealthReport, Placement, R
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_HEALTH = 64
+"""Outside health reports waiting in one pool's inbox at most; more are dropped (counted)."""
+OWN_PROBER = "prober"
+"""``source`` of the reports this daemon's own prober makes."""
+MAX_QUEUED_PROBES = 64
+"""Own prober results waiting in one pool's inbox at most (a newer one follows soon)."""
+OUTSIDE = "outside"
+"""``source`` every report from the health subject is given, whatever it claimed."""
 MAX_QUEUED_COMMANDS = 64
 """Commands waiting in one pool's inbox at most; past it a command is answered ``overloaded``."""
 
@@ -68,8 +77,11 @@ class ActorHost(Protocol):
     spawn_record: SpawnRecord
     probe_options: dict[str, Any]
 
-    async def context(self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None) -> Context:
-        """The clock, RNG and (for placements) GPU snapshot and host facts of one step."""
+    async def context(
+        self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None, inp: PoolInput | None = None
+    ) -> Context:
+        """The clock, RNG and (for placements) GPU snapshot and host facts of one step: the
+        facts of the spec that step's input (a preload or reload command) will really run."""
         ...
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
@@ -118,6 +130,7 @@ class ActorStats:
     spawn_failures: int = 0
     stops: int = 0
     health_dropped: int = 0
+    probes_dropped: int = 0
     internal_errors: int = 0
     reverted: int = 0
 
@@ -133,6 +146,9 @@ class PoolActor:
         self.stats = ActorStats()
         self.fenced = False
         self._health_queued = 0
+        """Outside reports queued; the daemon's own prober has a lane of its own (one per probe
+        loop, which waits for its result to be taken), so a flood never delays it."""
+        self._probes_queued = 0
         self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
         self._spawns: set[asyncio.Task[None]] = set()
@@ -159,7 +175,10 @@ class PoolActor:
                 raise Overloaded(self.pool)
             self._commands_queued += 1
         elif isinstance(inp, HealthInput):
-            self._health_queued += 1
+            if inp.report.source == OWN_PROBER:
+                self._probes_queued += 1
+            else:
+                self._health_queued += 1
         fut: asyncio.Future[Outcome] | None = None
         if want_reply:
             fut = asyncio.get_running_loop().create_future()
@@ -171,15 +190,25 @@ class PoolActor:
         return self._commands_queued
 
     def health_report(self, report: HealthReport) -> bool:
-        """Feed one health report (from our prober via NATS, or an external reporter). Returns
-        False when it was dropped: anyone may publish on the health subject, and a flood must not
-        grow the pool's input queue without bound while a step waits (at most
-        ``MAX_QUEUED_HEALTH`` reports wait at once; the prober sends one at a time)."""
+        """Feed one outside health report. Returns False when it was dropped: anyone may publish
+        on the health subject, and a flood must not grow the pool's input queue without bound
+        (at most ``MAX_QUEUED_HEALTH`` outside reports wait at once)."""
         if self._health_queued >= MAX_QUEUED_HEALTH:
             self.stats.health_dropped += 1
             return False
-        self.submit(HealthInput(report))
+        self.submit(HealthInput(msgspec.structs.replace(report, source=OUTSIDE)))
         return True
+
+    def own_probe(self, report: HealthReport) -> None:
+        """Feed one result of this daemon's own prober. Its lane is not the outside reports': a
+        flood on the health subject never drops or delays it. Bounded all the same (a step that
+        waits long on the log must not let a fast preload probe pile up results)."""
+        if self._probes_queued >= MAX_QUEUED_PROBES:
+            self.stats.probes_dropped += 1
+            return
+        if report.source != OWN_PROBER:
+            report = msgspec.structs.replace(report, source=OWN_PROBER)
+        self.submit(HealthInput(report))
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -193,13 +222,16 @@ class PoolActor:
             if isinstance(item.inp, CommandInput):
                 self._commands_queued -= 1
             elif isinstance(item.inp, HealthInput):
-                self._health_queued -= 1
+                if item.inp.report.source == OWN_PROBER:
+                    self._probes_queued -= 1
+                else:
+                    self._health_queued -= 1
             if self.pool not in lc.pools:
                 if item.reply is not None and not item.reply.done():
                     item.reply.set_exception(UnknownPool(self.pool))
                 continue
             try:
-                ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent)
+                ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent, item.inp)
             except Exception:
                 # The world could not be read (host facts, GPU snapshot): nothing was applied.
                 log.exception("pool %s: no context for step %s", self.pool, label(item.inp))
