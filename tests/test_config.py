@@ -64,8 +64,10 @@ def test_reload_overrides_and_lease_bounds_are_checked_by_key(
 
 def test_declared_overrides_reach_the_pool_definition(tmp_path: Path) -> None:
     path = tmp_path / "cfg.toml"
-    path.write_text('[[pools]]\nid = "a"\nengine = "fake"\nmodels = ["m1"]\nmax_lease_ttl_s = 60\n'
-                    'overrides = { ctx_size = { type = "int", min = 512, max = 4096, flag = "--ctx-size" } }\n')  # fmt: skip
+    ctx = 'ctx_size = { type = "int", min = 512, max = 4096, flag = "--ctx-size" }'
+    path.write_text(
+        f'[[pools]]\nid = "a"\nengine = "fake"\nmodels = ["m1"]\nmax_lease_ttl_s = 60\noverrides = {{ {ctx} }}\n'
+    )
     definition = load_config(path).pools[0].definition()
     (decl,) = definition.overrides
     assert (decl.name, decl.kind, decl.flag, decl.min, decl.max) == ("ctx_size", "int", "--ctx-size", 512, 4096)
