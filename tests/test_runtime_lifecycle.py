@@ -413,7 +413,7 @@ async def test_drain_without_leases_completes_at_once(h: Harness) -> None:
 async def test_drain_with_held_lease_is_forced_at_deadline(h: Harness) -> None:
     h.add(knobs=["--load-time", "0.05"], slots=2)
     spawned = await h.ready()
-    await h.send(LeaseCmd(command_id="l1", lease_id="lease-1", ttl_s=60.0))
+    await h.send(LeaseCmd(command_id="l1", ttl_s=60.0))
     mark = h.mark()
     await h.send(DrainCmd(command_id="d1", deadline_s=0.5))
     draining = await h.event(StateChanged, mark, lambda b: b.dst == "draining")
@@ -438,17 +438,19 @@ async def test_lease_ttl_expiry_releases_and_is_recorded(h: Harness) -> None:
     h.add(knobs=["--load-time", "0.05"], slots=2)
     await h.ready()
     mark = h.mark()
-    granted = await h.send(LeaseCmd(command_id="l1", lease_id="short", ttl_s=0.2))
-    await h.send(LeaseCmd(command_id="l2", lease_id="long", ttl_s=60.0))
+    granted = await h.send(LeaseCmd(command_id="l1", ttl_s=0.2))
+    long = await h.send(LeaseCmd(command_id="l2", ttl_s=60.0))
+    # The runtime draws each id: not the command id, and not the same twice.
+    assert granted.lease_id and long.lease_id and len({granted.lease_id, long.lease_id, "l1", "l2"}) == 4
     assert (await h.status()).pool.active_leases == 2
 
     expired_event = await h.event(LeaseExpired, mark)
     expired = expired_event.body
     assert isinstance(expired, LeaseExpired)
-    assert expired.lease_id == "short" and expired.active == 1
+    assert expired.lease_id == granted.lease_id and expired.active == 1
     assert granted.expires_at is not None and expired_event.ts >= granted.expires_at - 0.005
     snap = (await h.status()).pool
-    assert snap.active_leases == 1 and [lease.lease_id for lease in snap.leases] == ["long"]
+    assert snap.active_leases == 1 and [lease.lease_id for lease in snap.leases] == [long.lease_id]
     assert snap.state == "ready"
 
 
