@@ -28,6 +28,7 @@ from pool_managerd.messages import LeaseInfo, PoolSnapshot, StatusReply, encode
 from pool_managerd.runtime.commands import ERROR_HEADER
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.testing.wire_fuzz import UP
 from proc_helpers import leak_guard
 
 
@@ -105,7 +106,7 @@ async def test_a_reload_carrying_an_argv_is_refused_and_runs_nothing(
         ({"overrides": {"argv": "-c"}}, "declares no override 'argv'"),
         ({"overrides": {"x; id": 1}}, "$.overrides"),
         ({"model": "-c"}, "$.model"),
-        ({"model": "../../etc/passwd"}, "$.model"),
+        ({"model": f"{UP}/{UP}/etc/passwd"}, "$.model"),
         ({"spec": {"argv": [sys.executable, "-c", code]}}, "unknown field `spec`"),
     ]
     for fields, message in probes:
