@@ -145,9 +145,9 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
+        # Two lanes: outside reports, and this daemon's own probe results, each with its own
+        # bound, so a flood of the first can never push out or delay the second.
         self._health_queued = 0
-        """Outside reports queued; the daemon's own prober has a lane of its own (one per probe
-        loop, which waits for its result to be taken), so a flood never delays it."""
         self._probes_queued = 0
         self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
