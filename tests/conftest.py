@@ -149,8 +149,9 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
     ) -> Daemon:
         pools = pools if pools is not None else [{"id": "chat", **FAKE}]
         extra.setdefault("heartbeat_s", 5.0)
+        nats_options = {**extra.pop("nats", {}), "urls": [url]}
         config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats={"urls": [url]}, pools=pools, **extra)  # fmt: skip
+                             nats=nats_options, pools=pools, **extra)  # fmt: skip
         daemon = Daemon(config)
         daemons.append(daemon)
         await daemon.start()

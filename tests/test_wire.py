@@ -24,6 +24,8 @@ from pool_managerd.messages import (
     SCHEMA_VERSION,
     SNAPSHOT_DECODER,
     Accepted,
+    AckCorruptCmd,
+    AuditRecord,
     BackoffScheduled,
     CommandRejected,
     DaemonStarted,
@@ -38,8 +40,13 @@ from pool_managerd.messages import (
     Event,
     EventBody,
     Gpu,
+    GpuClearCmd,
+    GpuCleared,
+    GpuClearReply,
+    GpuFault,
     GpuProcess,
     GpuSnapshot,
+    GpuVerified,
     HealthChanged,
     HealthReport,
     InternalError,
@@ -51,6 +58,7 @@ from pool_managerd.messages import (
     LeaseInfo,
     LeaseReleased,
     LifecycleCmd,
+    LogCorruptAcknowledged,
     MigInstance,
     NodeHeartbeat,
     OrphanReaped,
@@ -194,10 +202,35 @@ BODIES: dict[str, Any] = {
     "reload_rolled_back": ReloadRolledBack(reason="new engine crashed"),
     "health_changed": HealthChanged(live=True, ready=False, consecutive_failures=2),
     "pool_fenced": PoolFenced(reason="10071"),
+    "log_corrupt_acknowledged": LogCorruptAcknowledged(sequences=[7, 9]),
     "orphan_reaped": OrphanReaped(pid=5, pgid=5, pool="p"),
     "daemon_started": DaemonStarted(version="0.1.0", pools=["a", "b"], simulated=True),
     "daemon_stopping": DaemonStopping(reason="SIGTERM"),
     "heartbeat": NodeHeartbeat(gpus=1, memory_total=10, memory_free=5, simulated=True, states={"ready": 1}),
+    "gpu_verified": GpuVerified(
+        ok=False,
+        reason="cpu_fallback",
+        message="m",
+        pid=7,
+        pids=[7, 8],
+        held={"GPU-aaaa": 1},
+        elapsed_s=1.5,
+        deadline_s=1.0,
+        min_fraction=0.5,
+        source="nvml",
+    ),
+    "gpu_fault": GpuFault(
+        uuid="GPU-aaaa",
+        kind="xid",
+        xid=79,
+        fault_class="stop",
+        action="stop",
+        unhealthy=True,
+        description="Xid 79: GPU fell off the bus",
+        pools=["chat-8b"],
+        simulated=True,
+    ),
+    "gpu_cleared": GpuCleared(uuid="GPU-aaaa", fault="Xid 79: GPU fell off the bus"),
 }
 
 
@@ -225,9 +258,11 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "cmd.lease": LeaseCmd(command_id="c6", ttl_s=5.0, lease_id="l1", holder="svc"),
     "cmd.release": ReleaseCmd(command_id="c7", lease_id="l1"),
     "cmd.status": StatusCmd(command_id="c8"),
+    "cmd.ack_corrupt": AckCorruptCmd(command_id="c9", sequences=[7]),
     "node_cmd.pools": PoolsCmd(command_id="n1"),
     "node_cmd.inventory": InventoryCmd(),
     "node_cmd.lifecycle": LifecycleCmd(command_id="n3"),
+    "node_cmd.gpu_clear": GpuClearCmd(command_id="n4", uuid="GPU-aaaa"),
     "reply.accepted": Accepted(
         command_id="c6", pool="chat-8b", verb="lease", seq=3, state="ready", lease_id="l1", expires_at=9.0
     ),
@@ -245,6 +280,7 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "reply.pools": PoolsReply(node="node-1", pools=[SNAPSHOT, PoolSnapshot(pool="other")]),
     "reply.inventory": InventoryReply(node="node-1", gpus=GPU_SNAPSHOT),
     "reply.lifecycle": describe(),
+    "reply.gpu_clear": GpuClearReply(node="node-1", uuid="GPU-aaaa", cleared=True, seq=4),
     "health": HealthReport(
         pool="chat-8b",
         ts=2.0,
@@ -258,6 +294,16 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "event": event(BODIES["state_changed"]),
     "pool_snapshot": SNAPSHOT,
     "gpu_snapshot": GPU_SNAPSHOT,
+    "audit_record": AuditRecord(
+        ts=3.0,
+        node="node-1",
+        pool="chat-8b",
+        verb="drain",
+        command_id="c2",
+        code="illegal_transition",
+        message="not now",
+        state="unready",
+    ),
 }
 
 DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
@@ -339,7 +385,7 @@ def test_commands_refuse_unknown_fields_naming_them(cls: type[msgspec.Struct]) -
 # --- commands by verb -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verb", sorted(set(POOL_COMMANDS) - {"release"}))
+@pytest.mark.parametrize("verb", sorted(set(POOL_COMMANDS) - {"release", "ack_corrupt"}))
 def test_minimal_command_decodes_by_verb(verb: str) -> None:
     cmd = msgspec.json.decode(b'{"command_id":"x"}', type=POOL_COMMANDS[verb])
     assert type(cmd) is POOL_COMMANDS[verb]
@@ -359,11 +405,23 @@ def test_release_needs_a_lease_id() -> None:
     assert msgspec.json.decode(b'{"command_id":"x","lease_id":"l"}', type=ReleaseCmd).lease_id == "l"
 
 
-@pytest.mark.parametrize("verb", sorted(NODE_COMMANDS))
+@pytest.mark.parametrize("verb", sorted(set(NODE_COMMANDS) - {"gpu_clear"}))
 def test_node_commands_need_no_fields(verb: str) -> None:
     cmd = msgspec.json.decode(b"{}", type=NODE_COMMANDS[verb])
     assert cmd.command_id is None
     assert cmd.__struct_config__.tag == verb
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{}", b'{"uuid":""}', b'{"uuid":"GPU/etc"}', b'{"uuid":"GPU-a b"}', b'{"uuid":"GPU-' + b"a" * 90 + b'"}',
+     b'{"uuid":"GPU-aaaa\\n"}', b'{"uuid":7}'],
+)  # fmt: skip
+def test_gpu_clear_takes_only_a_bounded_gpu_uuid(payload: bytes) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(payload, type=NODE_COMMANDS["gpu_clear"])
+    ok = msgspec.json.decode(b'{"uuid":"GPU-4090c0de-0000-4000-8000-000000000024"}', type=NODE_COMMANDS["gpu_clear"])
+    assert ok.__struct_config__.tag == "gpu_clear"
 
 
 @pytest.mark.parametrize(

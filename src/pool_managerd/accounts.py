@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.subjects import DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
 
 __all__ = [
     "AUTH_DIR",
@@ -58,7 +58,7 @@ AUTH_DIR: Final = "auth"
 """Where ``run`` keeps the embedded server's credentials, under the run dir (mode 0700)."""
 
 _READ_NODE_VERBS: Final = ("pools", "inventory", "lifecycle")
-_OPERATOR_VERBS: Final = ("preload", "drain", "stop", "reset", "lease", "release")
+_OPERATOR_VERBS: Final = ("preload", "drain", "stop", "reset", "lease", "release", "ack_corrupt")
 _KV_STREAM: Final = f"KV_{KV_BUCKET}"
 
 
@@ -139,6 +139,11 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
             f"$JS.API.STREAM.CREATE.{_KV_STREAM}",
             f"$KV.{KV_BUCKET}.>",
             *_stream_reads(_KV_STREAM),
+            # Refused commands: the size-bounded audit stream (written, never read, by the daemon).
+            f"{prefix}.audit.>",
+            f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
         ]
         subscribe = [
             f"{prefix}.cmd.*.*",
@@ -157,7 +162,11 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
     publish, subscribe = _viewer(prefix, role)
     if role in ("operator", "admin"):
         verbs = _OPERATOR_VERBS + (("reload",) if role == "admin" else ())
-        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + publish
+        # gpu_clear puts a device a fault took out back into placement: an operator's call.
+        # Operators read the audit stream too (whose commands were refused and why); viewers
+        # do not: it names other clients' command ids.
+        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + [f"{prefix}.node.*.cmd.gpu_clear"] + publish
+        publish += _stream_reads(AUDIT_STREAM)
     # Browser dashboards connect over websocket; the daemon's identity never does.
     return Permissions(tuple(publish), tuple(subscribe), connection_types=("STANDARD", "WEBSOCKET"))
 

@@ -116,6 +116,11 @@ class Gpu(_Base, kw_only=True):
     mig_mode: bool = False
     mig_instances: list[MigInstance] = msgspec.field(default_factory=list)
     processes: list[GpuProcess] = msgspec.field(default_factory=list)
+    healthy: bool = True
+    """False after a device fault (Xid, double-bit ECC, off the bus) until an operator clears it:
+    placement avoids it."""
+    fault: str | None = None
+    """What made it unhealthy, for a person (``Xid 79: GPU fell off the bus``)."""
 
 
 class GpuSnapshot(_Base, kw_only=True):
@@ -264,7 +269,19 @@ class StatusCmd(_Command, tag="status", kw_only=True):
     """Read the pool's snapshot. Never changes anything."""
 
 
-PoolCommand = PreloadCmd | DrainCmd | ReloadCmd | StopCmd | ResetCmd | LeaseCmd | ReleaseCmd | StatusCmd
+MAX_ACK_SEQUENCES = 64
+"""Most foreign stream sequences one ``ack_corrupt`` names (and one quarantine lists)."""
+
+
+class AckCorruptCmd(_Command, tag="ack_corrupt", kw_only=True):
+    """An operator has looked at the foreign messages of a quarantined (``log_corrupt``) pool:
+    ``sequences`` must name exactly the stream sequences its ``status`` lists. Records
+    ``log_corrupt_acknowledged``; replay and recovery skip those messages from then on."""
+
+    sequences: Annotated[list[Annotated[int, Meta(ge=1)]], Meta(min_length=1, max_length=MAX_ACK_SEQUENCES)]
+
+
+PoolCommand = PreloadCmd | DrainCmd | ReloadCmd | StopCmd | ResetCmd | LeaseCmd | ReleaseCmd | StatusCmd | AckCorruptCmd
 
 POOL_COMMANDS: dict[str, type[PoolCommand]] = {
     "preload": PreloadCmd,
@@ -275,6 +292,7 @@ POOL_COMMANDS: dict[str, type[PoolCommand]] = {
     "lease": LeaseCmd,
     "release": ReleaseCmd,
     "status": StatusCmd,
+    "ack_corrupt": AckCorruptCmd,
 }
 """Verb → command type; the verb in the subject selects the type."""
 
@@ -311,12 +329,22 @@ class LifecycleCmd(_NodeCommand, tag="lifecycle", kw_only=True):
     """Return the lifecycle table (states, transitions, triggers allowed per state)."""
 
 
-NodeCommand = PoolsCmd | InventoryCmd | LifecycleCmd
+GpuUuid = Annotated[str, Meta(pattern=r"^(GPU|MIG)-[0-9A-Za-z-]{1,80}(?![\s\S])", max_length=84)]
+
+
+class GpuClearCmd(_NodeCommand, tag="gpu_clear", kw_only=True):
+    """An operator says a device marked unhealthy by a fault may be placed on again."""
+
+    uuid: GpuUuid
+
+
+NodeCommand = PoolsCmd | InventoryCmd | LifecycleCmd | GpuClearCmd
 
 NODE_COMMANDS: dict[str, type[NodeCommand]] = {
     "pools": PoolsCmd,
     "inventory": InventoryCmd,
     "lifecycle": LifecycleCmd,
+    "gpu_clear": GpuClearCmd,
 }
 
 
@@ -343,6 +371,8 @@ RejectCode = Literal[
     "permission_denied",
     "internal",
     "overloaded",
+    "log_corrupt",
+    "ack_mismatch",
 ]
 """Stable rejection codes. Clients may switch on them; they never change meaning.
 ``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
@@ -367,6 +397,8 @@ REJECT_STATUS: dict[str, str] = {
     "internal": "500",
     "overloaded": "429",
     "permission_denied": "403",
+    "log_corrupt": "503",
+    "ack_mismatch": "409",
 }
 """The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
 HTTP-style status). The body keeps the precise ``code``; the header lets generic micro tooling
@@ -423,6 +455,27 @@ class EngineInfo(_State, kw_only=True):
     log_path: str | None = None
 
 
+class ForeignMessage(_State, kw_only=True):
+    """A message in a pool's event subjects that is not one of its events: undecodable, of
+    another pool or type than its subject says, or out of the pool's sequence."""
+
+    stream_seq: Annotated[int, Meta(ge=1)]
+    subject: str
+    size: NonNeg
+    preview: str
+    """At most 64 characters of the payload, non-printable characters escaped."""
+    reason: str
+
+
+class LogCorrupt(_State, kw_only=True):
+    """A quarantined pool: foreign messages in its event stream wait for an operator's
+    ``ack_corrupt``. The engine keeps running; commands that would append are refused."""
+
+    sequences: list[int]
+    reason: str
+    messages: list[ForeignMessage] = msgspec.field(default_factory=list)
+
+
 class PoolSnapshot(_State, kw_only=True):
     """A pool's current state and registry fields: the ``status`` reply and the KV value."""
 
@@ -453,6 +506,11 @@ class PoolSnapshot(_State, kw_only=True):
     simulated: bool = False
     updated_at: float = 0.0
     last_event: str | None = None
+    vram_held: dict[str, NonNeg] = msgspec.field(default_factory=dict)
+    """Bytes the engine's processes hold per GPU UUID, as read when it was verified after launch
+    (empty until then, and when no engine runs)."""
+    log_corrupt: LogCorrupt | None = None
+    """Set while the pool is quarantined (``log_corrupt``), else null."""
 
 
 class StatusReply(_State, tag_field="type", tag="status", kw_only=True):
@@ -482,6 +540,17 @@ class InventoryReply(_Base, tag_field="type", tag="inventory", kw_only=True):
     gpus: GpuSnapshot
 
 
+class GpuClearReply(_Base, tag_field="type", tag="gpu_clear", kw_only=True):
+    """Reply to ``gpu_clear``: ``cleared`` is False when the device was not marked unhealthy."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    uuid: str
+    cleared: bool
+    seq: int | None = None
+    """The node event (``gpu_cleared``) that recorded it."""
+
+
 class TransitionRow(_Base, kw_only=True):
     """One row of the lifecycle table."""
 
@@ -502,7 +571,7 @@ class LifecycleReply(_Base, tag_field="type", tag="lifecycle", kw_only=True):
     allowed: dict[str, list[str]]
 
 
-Reply = Accepted | Rejected | StatusReply | PoolsReply | InventoryReply | LifecycleReply
+Reply = Accepted | Rejected | StatusReply | PoolsReply | InventoryReply | LifecycleReply | GpuClearReply
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,7 +634,8 @@ class StateChanged(_EventBody, tag="state_changed", kw_only=True):
 
 
 class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):
-    """A preload (or a restart's re-placement) failed preflight or placement."""
+    """A preload (or a restart's re-placement) failed preflight or placement. No longer written
+    (refusals go to the audit stream); kept so that older logs still decode and replay."""
 
     code: RejectCode
     message: str
@@ -573,7 +643,8 @@ class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):
 
 
 class CommandRejected(_EventBody, tag="command_rejected", kw_only=True):
-    """A pool command was refused; the state did not change."""
+    """A pool command was refused; the state did not change. No longer written (refusals go to
+    the audit stream); kept so that older logs still decode and replay."""
 
     verb: str
     code: RejectCode
@@ -676,11 +747,42 @@ class HealthChanged(_EventBody, tag="health_changed", kw_only=True):
     consecutive_failures: NonNeg = 0
 
 
+VerifyReason = Literal["cpu_fallback", "wrong_devices", "under_budget"]
+
+
+class GpuVerified(_EventBody, tag="gpu_verified", kw_only=True):
+    """The post-launch check of the engine's GPU memory: its verdict and the inputs it judged.
+
+    ``held`` is what the engine's processes (``pids``) held per GPU UUID in the sample judged,
+    ``elapsed_s`` how long after its first healthy probe; with the placement (in the pool's
+    ``state_changed``) and ``deadline_s``/``min_fraction`` a replay re-judges it without a GPU.
+    ``ok`` False: ``reason`` says why and the preload fails."""
+
+    ok: bool
+    reason: VerifyReason | None = None
+    message: str = ""
+    pid: int
+    pids: list[int] = msgspec.field(default_factory=list)
+    held: dict[str, NonNeg] = msgspec.field(default_factory=dict)
+    elapsed_s: float = 0.0
+    deadline_s: float = 0.0
+    min_fraction: float = 0.0
+    source: str = ""
+    """Where the memory was read: ``nvml``, ``sim:<profile>``..."""
+
+
 class PoolFenced(_EventBody, tag="pool_fenced", kw_only=True):
     """Another writer owns this pool's event subject; this daemon stops acting on it."""
 
     reason: str
     pool: str | None = None
+
+
+class LogCorruptAcknowledged(_EventBody, tag="log_corrupt_acknowledged", kw_only=True):
+    """An operator acknowledged the foreign messages at these stream sequences of the pool's
+    event subjects: replay and recovery skip exactly them, and the pool serves again."""
+
+    sequences: list[int]
 
 
 class OrphanReaped(_EventBody, tag="orphan_reaped", kw_only=True):
@@ -699,6 +801,34 @@ class DaemonStarted(_EventBody, tag="daemon_started", kw_only=True):
 
 class DaemonStopping(_EventBody, tag="daemon_stopping", kw_only=True):
     reason: str
+
+
+FaultKindName = Literal["xid", "ecc_dbe", "fell_off_bus", "handle_lost"]
+FaultClassName = Literal["application", "drain", "stop"]
+
+
+class GpuFault(_EventBody, tag="gpu_fault", kw_only=True):
+    """A critical GPU event (node event): the device, what happened, and what the daemon did.
+
+    ``fault_class`` ``application`` leaves the device healthy; ``drain`` and ``stop`` mark it
+    unhealthy (placement avoids it) and drain or stop the ``pools`` placed on it."""
+
+    uuid: str
+    kind: FaultKindName
+    xid: int | None = None
+    fault_class: FaultClassName
+    action: Literal["none", "drain", "stop"]
+    unhealthy: bool
+    description: str = ""
+    pools: list[str] = msgspec.field(default_factory=list)
+    simulated: bool = False
+
+
+class GpuCleared(_EventBody, tag="gpu_cleared", kw_only=True):
+    """An operator cleared an unhealthy device (node event): placement may use it again."""
+
+    uuid: str
+    fault: str | None = None
 
 
 class NodeHeartbeat(_EventBody, tag="heartbeat", kw_only=True):
@@ -735,14 +865,19 @@ EventBody = (
     | DrainForced
     | ReloadRolledBack
     | HealthChanged
+    | GpuVerified
     | PoolFenced
+    | LogCorruptAcknowledged
     | OrphanReaped
     | DaemonStarted
     | DaemonStopping
+    | GpuFault
+    | GpuCleared
     | NodeHeartbeat
 )
 
-NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat"})
+NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat", "gpu_fault",
+                              "gpu_cleared"})  # fmt: skip
 
 
 class Event(_Base, kw_only=True):
@@ -769,6 +904,21 @@ class Event(_Base, kw_only=True):
     def type(self) -> str:
         """The event name: the tag of its body (``state_changed``, ``engine_exited``, ...)."""
         return str(self.body.__struct_config__.tag)
+
+
+class AuditRecord(_Base, tag_field="type", tag="command_refused", kw_only=True):
+    """One refused command, on ``<prefix>.audit.<node>.<code>`` in the size-bounded stream
+    ``POOLD_AUDIT`` (never in the pool's event stream: a refusal changes no state)."""
+
+    v: int = SCHEMA_VERSION
+    ts: float
+    node: str
+    pool: str | None = None
+    verb: str | None = None
+    command_id: str | None = None
+    code: RejectCode
+    message: Annotated[str, Meta(max_length=512)]
+    state: PoolState | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -813,10 +963,12 @@ ALL_MESSAGES: dict[str, type[Struct]] = {
     "reply.status": StatusReply,
     "reply.pools": PoolsReply,
     "reply.inventory": InventoryReply,
+    "reply.gpu_clear": GpuClearReply,
     "reply.lifecycle": LifecycleReply,
     "health": HealthReport,
     "event": Event,
     "pool_snapshot": PoolSnapshot,
     "gpu_snapshot": GpuSnapshot,
+    "audit_record": AuditRecord,
 }
 """Every top-level message by schema name; ``pool-managerd schemas`` writes one file each."""

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO, cast, get_args
 
+import msgspec
+
 from pool_managerd.cli.connect import (
     TargetError,
     add_connection_arguments,
@@ -51,6 +53,8 @@ from pool_managerd.messages import (
     POOL_COMMANDS,
     Accepted,
     Event,
+    GpuClearCmd,
+    GpuClearReply,
     InventoryReply,
     LifecycleReply,
     PoolSnapshot,
@@ -64,7 +68,9 @@ from pool_managerd.placement import format_bytes
 from pool_managerd.subjects import Subjects
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
-NODE_VERBS: tuple[str, ...] = tuple(NODE_COMMANDS)
+NODE_VERBS: tuple[str, ...] = tuple(v for v in NODE_COMMANDS if v != "gpu_clear")
+GPU_CLEAR = "gpu-clear"
+"""``ctl gpu-clear <uuid> --node N``: the node command ``gpu_clear`` (operator)."""
 STATES: tuple[str, ...] = get_args(PoolState)
 
 DEFAULT_WAIT: dict[str, PoolState] = {
@@ -105,11 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``ctl`` options."""
     parser.description = "send one command to a pool or a node and print the reply (or follow its events with --wait)"
     parser.epilog = (
-        "pool verbs: " + ", ".join(POOL_VERBS) + ". node verbs: " + ", ".join(NODE_VERBS) + ". Exit status: 0 ok, "
+        "pool verbs: " + ", ".join(POOL_VERBS) + ". node verbs: " + ", ".join(NODE_VERBS) + ", "
+        f"{GPU_CLEAR} UUID --node N. Exit status: 0 ok, "
         "1 rejected, 2 usage error, 3 timeout or unreachable."
     )
-    parser.add_argument("verb", choices=(*POOL_VERBS, *NODE_VERBS), metavar="VERB", help="what to do")
+    parser.add_argument("verb", choices=(*POOL_VERBS, "ack-corrupt", *NODE_VERBS, GPU_CLEAR), metavar="VERB",
+                        help="what to do")  # fmt: skip
     parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
+    parser.add_argument("sequences", nargs="*", type=int, metavar="SEQ",
+                        help="ack-corrupt: the foreign stream sequences the pool's status lists")  # fmt: skip
     add_connection_arguments(parser)
     parser.add_argument("--node", help="node id for pools/inventory/lifecycle (default: every daemon that answers)")
     parser.add_argument("--command-id", help="client command id (default: a fresh uuid4); retries reuse it")
@@ -154,6 +164,13 @@ def command_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields[name] = value
     if verb == "release" and "lease_id" not in fields:
         raise UsageError("release needs --lease-id")
+    sequences = getattr(args, "sequences", None) or []
+    if verb == "ack_corrupt":
+        if not sequences:
+            raise UsageError("ack-corrupt needs the stream sequences its status lists: ack-corrupt POOL SEQ [SEQ...]")
+        fields["sequences"] = sequences
+    elif sequences:
+        raise UsageError(f"{verb} takes no sequences (only ack-corrupt does)")
     return fields
 
 
@@ -186,7 +203,7 @@ def wait_target(args: argparse.Namespace) -> PoolState | None:
     """The state ``--wait`` asks for, or None without ``--wait``."""
     if args.wait is None:
         return None
-    if args.verb in NODE_VERBS:
+    if args.verb in NODE_VERBS or args.verb == GPU_CLEAR:
         raise UsageError(f"--wait does not apply to {args.verb}")
     if args.wait == _WAIT_DEFAULT:
         if args.verb not in DEFAULT_WAIT:
@@ -234,6 +251,13 @@ def format_status(snap: PoolSnapshot, now: float) -> str:
         holder = f" by {lease.holder}" if lease.holder else ""
         rows.append(("", f"{lease.lease_id}{holder}, expires in {format_age(lease.expires_at - now)}"))
     rows.append(("restarts", f"{snap.restarts} (crashes {snap.crashes})"))
+    corrupt = snap.log_corrupt
+    if corrupt is not None:
+        rows.append(("log_corrupt", corrupt.reason))
+        for m in corrupt.messages:
+            rows.append(("", f"stream seq {m.stream_seq} {m.subject} ({m.size} B): {m.reason}; {m.preview}"))
+        rows.append(("", f"after a look: pool-managerd ctl ack-corrupt {snap.pool} "
+                         + " ".join(str(q) for q in corrupt.sequences)))  # fmt: skip
     if snap.last_error:
         rows.append(("last error", snap.last_error))
     if snap.last_event:
@@ -366,6 +390,16 @@ async def _pool_command(client: PoolClient, args: argparse.Namespace, fields: di
     return _wait_outcome(result, args.verb, args.json, time.monotonic() - started)
 
 
+async def _gpu_clear(client: PoolClient, args: argparse.Namespace) -> int:
+    reply = await client.gpu_clear(args.node, args.target)
+    if isinstance(reply, GpuClearReply) and not args.json:
+        what = "cleared: placement may use it again" if reply.cleared else "was not marked unhealthy; nothing to clear"
+        _print(f"{reply.uuid} on node {reply.node} {what}")
+    else:
+        _print_reply(reply, args.json)
+    return _exit_for(reply)
+
+
 async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
     if args.node is not None and args.target is not None and args.node != args.target:
         raise UsageError(f"node given twice: {args.target!r} and --node {args.node!r}")
@@ -401,6 +435,13 @@ async def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.verb} needs a POOL")
         if args.node is not None:
             raise UsageError(f"--node does not apply to {args.verb}")
+    if args.verb == GPU_CLEAR and (args.target is None or args.node is None):
+        raise UsageError(f"{GPU_CLEAR} needs a GPU UUID and --node")
+    if args.verb == GPU_CLEAR:
+        try:
+            msgspec.convert({"uuid": args.target}, GpuClearCmd)
+        except msgspec.ValidationError as exc:
+            raise UsageError(f"{GPU_CLEAR}: {args.target!r} is not a GPU UUID (GPU-... or MIG-...): {exc}") from None
     fields = command_fields(args)
     wait_target(args)
     if args.timeout <= 0:
@@ -420,6 +461,8 @@ async def _main(args: argparse.Namespace) -> int:
         client = PoolClient(nc, prefix=args.prefix, timeout=args.timeout, denials=denials)
         if args.verb in POOL_VERBS:
             return await _pool_command(client, args, fields)
+        if args.verb == GPU_CLEAR:
+            return await _gpu_clear(client, args)
         return await _node_command(client, args)
     finally:
         await nc.close()
@@ -427,6 +470,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``pool-managerd ctl``."""
+    if args.verb == "ack-corrupt":
+        args.verb = "ack_corrupt"
     try:
         return asyncio.run(_main(args))
     except UsageError as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TextIO
 
 import msgspec
@@ -22,10 +22,14 @@ from pool_managerd.messages import (
     EngineExited,
     EngineSpawned,
     Event,
+    GpuCleared,
+    GpuFault,
+    GpuVerified,
     HealthChanged,
     LeaseExpired,
     LeaseGranted,
     LeaseReleased,
+    LogCorruptAcknowledged,
     NodeHeartbeat,
     OrphanReaped,
     PoolFenced,
@@ -122,6 +126,8 @@ def event_detail(event: Event) -> str:
         case HealthChanged():
             text = f"live={str(b.live).lower()} ready={str(b.ready).lower()}"
             return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
+        case LogCorruptAcknowledged():
+            return f"acknowledged foreign stream sequences {b.sequences}"
         case PoolFenced():
             return b.reason
         case OrphanReaped():
@@ -130,6 +136,17 @@ def event_detail(event: Event) -> str:
             return f"version {b.version} pools {','.join(b.pools) or '-'}" + (" simulated" if b.simulated else "")
         case DaemonStopping():
             return b.reason
+        case GpuVerified():
+            held = ", ".join(f"{short_uuid(u)} {format_bytes(n)}" for u, n in b.held.items()) or "nothing held"
+            verdict = "ok" if b.ok else str(b.reason)
+            return f"{verdict}: pid {b.pid} {held} after {b.elapsed_s:.2f}s" + ("" if b.ok else f" ({b.message})")
+        case GpuFault():
+            acted = f"; {b.action} {', '.join(b.pools)}" if b.pools else ""
+            return (
+                f"{short_uuid(b.uuid)} {b.description} ({b.fault_class}{', unhealthy' if b.unhealthy else ''}){acted}"
+            )
+        case GpuCleared():
+            return f"{short_uuid(b.uuid)} cleared" + (f" (was: {b.fault})" if b.fault else "")
         case NodeHeartbeat():
             pools = ", ".join(f"{n} {state}" for state, n in sorted(b.states.items()))
             return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}" + (
@@ -195,8 +212,10 @@ def render_table(
     now: float,
     *,
     title: str = "pool-managerd",
+    ignored: Collection[str] = (),
 ) -> str:
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
+    ``ignored`` pools (KV snapshots the event stream does not back) are named under the table.
 
     ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer
     event than the one given shows the snapshot's event name and age instead. GPUs are shown as
@@ -204,8 +223,12 @@ def render_table(
     inventory is simulated.
     """
     lines = [f"{title}: {len(snapshots)} pool(s) at {format_clock(now)}"]
+    note = []
+    if ignored:
+        names = ", ".join(sorted(ignored)[:10]) + (" ..." if len(ignored) > 10 else "")
+        note = [f"ignored {len(ignored)} KV snapshot(s) that no event backs (forged?): {names}"]
     if not snapshots:
-        return "\n".join([*lines, "(no pools)"])
+        return "\n".join([*lines, "(no pools)", *note])
     rows = [HEADERS]
     simulated = False
     for pool in sorted(snapshots):
@@ -234,4 +257,4 @@ def render_table(
     lines += table(rows, right=frozenset({3, 4, 9}))
     if simulated:
         lines.append("* simulated GPUs")
-    return "\n".join(lines)
+    return "\n".join(lines + note)

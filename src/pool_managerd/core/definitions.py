@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pool_managerd.core.gpu_verify import GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import EngineSpec, GpuSnapshot, Placement, Problem, RejectCode
 
@@ -87,3 +88,6 @@ class PoolDefinition:
     models: tuple[str, ...] = ()
     """The models a command may choose; empty: any well-formed one."""
     max_lease_ttl_s: float = DEFAULT_MAX_LEASE_TTL_S
+    gpu_check: GpuCheckPolicy | None = None
+    """Verify after launch that the engine holds memory on its GPUs (None: readiness is the first
+    healthy probe alone, for runtimes that have no per-process GPU memory to read)."""

@@ -20,8 +20,9 @@ from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
 from pool_managerd.core.definitions import Context, PoolDefinition
+from pool_managerd.core.effects import VerifyGpus
 from pool_managerd.core.errors import PoolManagerError, UnknownPool
-from pool_managerd.core.inputs import CommandInput, PoolInput
+from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
 from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.lifecycle.preload import model_path, plan
 from pool_managerd.messages import (
@@ -31,13 +32,17 @@ from pool_managerd.messages import (
     GpuSnapshot,
     HealthReport,
     LeaseCmd,
+    LogCorrupt,
+    Placement,
     PoolCommand,
+    PoolSnapshot,
     Problem,
     Rejected,
     StatusCmd,
     StatusReply,
 )
 from pool_managerd.runtime.actor import Overloaded, PoolActor
+from pool_managerd.runtime.gpu_check import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,12 @@ class EventSink(Protocol):
     """Where a step's events go before its effects run (JetStream in the daemon)."""
 
     async def append(self, pool: str, events: Sequence[Event]) -> None: ...
+
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        """An operator acknowledged ``corrupt``: the pool's next append (the acknowledgement)
+        follows those messages and any foreign ones stored after them; returns the latter (still
+        to acknowledge), or None."""
+        ...
 
 
 class MemoryEventSink:
@@ -70,6 +81,10 @@ class MemoryEventSink:
 
     def of(self, pool: str) -> list[Event]:
         return [e for e in self.events if e.pool == pool]
+
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        """Nothing to follow in memory: no foreign message can land here."""
+        return None
 
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
         """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
@@ -117,8 +132,14 @@ class PoolRuntime:
         options: RuntimeOptions | None = None,
         *,
         health_out: Callable[[HealthReport], None] | None = None,
+        gpu_reader: GpuSource | None = None,
+        engine_env: Callable[[Placement], dict[str, str]] | None = None,
     ) -> None:
         self.options = options or RuntimeOptions()
+        self.gpu_reader = gpu_reader
+        """Fresh per-process GPU memory for the post-launch check; without one, pools skip it."""
+        self._engine_env = engine_env
+
         self.node = self.options.node
         self.sink = sink
         self.gpu_source = gpu_source
@@ -131,10 +152,14 @@ class PoolRuntime:
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
         self.probe_options = dict(self.options.probe_options)
         self._state_waiters: list[tuple[str, frozenset[str], asyncio.Future[str]]] = []
+        self.on_quarantine: Callable[[str], None] | None = None
+        """Called when a pool enters or leaves ``log_corrupt``."""
 
     # --- pools ---------------------------------------------------------------------------------
 
     def add_pool(self, definition: PoolDefinition, *, simulated: bool = False) -> PoolActor:
+        if self.gpu_reader is None and definition.gpu_check is not None:
+            definition = dataclasses.replace(definition, gpu_check=None)
         self.lifecycle.register(definition, simulated=simulated)
         actor = PoolActor(self, definition.pool)
         self.actors[definition.pool] = actor
@@ -158,7 +183,7 @@ class PoolRuntime:
         actor = self.actor(pool)
         if isinstance(cmd, StatusCmd):
             # A read needs no serialisation: the loop is single-threaded and steps are synchronous.
-            return StatusReply(pool=self.lifecycle.registry.snapshot(pool))
+            return StatusReply(pool=self.snapshot(pool))
         verb = str(cmd.__struct_config__.tag)
         if actor.fenced:
             return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="fenced",
@@ -183,6 +208,29 @@ class PoolRuntime:
         outcome = await fut
         assert outcome.reply is not None
         return outcome.reply
+
+    def snapshot(self, pool: str) -> PoolSnapshot:
+        """The pool as ``status`` and the KV bucket show it, its quarantine included."""
+        return self.overlay(self.lifecycle.registry.snapshot(pool))
+
+    def overlay(self, snapshot: PoolSnapshot) -> PoolSnapshot:
+        """``snapshot`` with its pool's quarantine (``log_corrupt``), which lives in the actor."""
+        actor = self.actors.get(snapshot.pool)
+        if actor is not None and actor.quarantine is not None:
+            snapshot = msgspec.structs.replace(snapshot, log_corrupt=actor.quarantine)
+        return snapshot
+
+    def quarantine(self, pool: str, corrupt: LogCorrupt) -> None:
+        """Put ``pool`` in ``log_corrupt`` (recovery found unacknowledged foreign messages)."""
+        self.actor(pool).quarantine = corrupt
+        self.quarantine_changed(pool)
+
+    async def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> LogCorrupt | None:
+        return await self.sink.acknowledge(pool, corrupt, self.lifecycle.pool(pool).value.seq + 1)
+
+    def quarantine_changed(self, pool: str) -> None:
+        if self.on_quarantine is not None:
+            self.on_quarantine(pool)
 
     def health_report(self, report: HealthReport) -> bool:
         """Route a health report to its pool's actor; reports for pools not owned here are
@@ -245,11 +293,17 @@ class PoolRuntime:
             return None, Problem(code=exc.code, message=exc.message)
         taken: dict[str, int] = {}
         if snapshot.simulated:
+            listed = {p.pid for gpu in snapshot.gpus for p in gpu.processes}
             for entry in self.lifecycle.registry:
                 if entry.pool == pool or entry.placement is None:
                     continue
+                if entry.engine is not None and entry.engine.pid in listed:
+                    # The simulated driver already takes what this engine holds off free memory.
+                    continue
+                held = entry.vram_held
                 for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
-                    taken[uuid] = taken.get(uuid, 0) + budget
+                    # What the engine really holds once verified, not only what was planned.
+                    taken[uuid] = taken.get(uuid, 0) + held.get(uuid, budget)
         else:
             engine = self.lifecycle.registry.get(pool).engine
             if engine is not None:
@@ -259,6 +313,14 @@ class PoolRuntime:
                     if own:
                         taken[gpu.uuid] = -own
         return (_adjusted(snapshot, taken) if taken else snapshot), None
+
+    def engine_env(self, placement: Placement) -> dict[str, str]:
+        return self._engine_env(placement) if self._engine_env is not None else {}
+
+    async def check_gpus(self, effect: VerifyGpus, alive: Callable[[], bool]) -> GpuChecked | None:
+        if self.gpu_reader is None:
+            return None
+        return await check_engine(effect, self.gpu_reader, alive=alive)
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         await self.sink.append(pool, events)
@@ -293,6 +355,15 @@ class PoolRuntime:
     async def close(self, *, stop_engines: bool = True) -> None:
         """Stop every actor and (by default) every engine; waits for the processes to be reaped."""
         await asyncio.gather(*(a.close(stop_engines=stop_engines) for a in self.actors.values()))
+
+
+def mark_unhealthy(snapshot: GpuSnapshot, unhealthy: dict[str, str]) -> GpuSnapshot:
+    """``snapshot`` with the faulted devices marked ``healthy=False`` (placement avoids them)."""
+    if not unhealthy or not any(g.uuid in unhealthy for g in snapshot.gpus):
+        return snapshot
+    gpus = [msgspec.structs.replace(g, healthy=False, fault=unhealthy[g.uuid]) if g.uuid in unhealthy else g
+            for g in snapshot.gpus]  # fmt: skip
+    return msgspec.structs.replace(snapshot, gpus=gpus)
 
 
 def _adjusted(snapshot: GpuSnapshot, taken: dict[str, int]) -> GpuSnapshot:

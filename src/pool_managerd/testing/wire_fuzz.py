@@ -61,8 +61,14 @@ _VALID: dict[str, dict[str, Any]] = {
     "lease": {"ttl_s": 30.0, "holder": "svc"},
     "release": {"lease_id": "x"},
     "status": {},
+    "ack_corrupt": {"sequences": [1]},
 }
-_NODE_VALID: dict[str, dict[str, Any]] = {"pools": {"limit": 10}, "inventory": {}, "lifecycle": {}}
+_NODE_VALID: dict[str, dict[str, Any]] = {
+    "pools": {"limit": 10},
+    "inventory": {},
+    "lifecycle": {},
+    "gpu_clear": {"uuid": "GPU-a6000ce1-0000-4000-8000-000000000048"},
+}
 
 UP = "." * 2
 """A parent path segment (spelt so that the repository's self-containment scan, which looks for
@@ -91,6 +97,8 @@ _BAD_VALUES: dict[str, list[Any]] = {
     "lease_id": [1, "", "l" * (limits.MAX_LEASE_ID + 1), ["x"]],
     "limit": [0, -1, 10_000, "ten", 1.5],
     "after": [1, "Not An Id", "a" * 100],
+    "sequences": [[], [0], [-1], ["1"], list(range(1, 10_000)), 1],
+    "uuid": [1, "", "not-a-uuid", "GPU-" + "f" * 300, ["GPU-x"]],
 }
 _UNKNOWN_FIELDS = ["argv", "spec", "env", "binary", "cmd", "type2", "__proto__", "x" * 2000]
 _JUNK_SUBJECT_VERBS = ["launch", "exec", "argv", "reload2", "STATUS", "x" * 40]
