@@ -14,7 +14,7 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,6 @@ from pool_managerd.runtime.commands import ERROR_HEADER
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
 from pool_managerd.testing.wire_fuzz import UP
-from proc_helpers import leak_guard
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture
