@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test test-fast lint check compat schemas asyncapi demo bench faults lock test-pythons clean dashboard
+.PHONY: test test-fast lint check compat schemas asyncapi demo bench faults fuzz lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -78,6 +78,13 @@ demo: $(STAMP) dashboard
 ## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
 faults: $(STAMP)
 	$(BIN)/python bench/faults.py
+
+## fuzz: 100,000 invalid messages on every subject against the daemon as a process; not part of test
+## (tests/test_fuzz.py runs a hypothesis-sized one). FUZZ_MESSAGES=... FUZZ_SEED=... to change the run.
+FUZZ_MESSAGES ?= 100000
+FUZZ_SEED ?= 1
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py --messages $(FUZZ_MESSAGES) --seed $(FUZZ_SEED)
 
 bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py

@@ -394,12 +394,14 @@ async def test_ctl_node_verbs(env: DaemonEnv) -> None:
 def test_ctl_usage_errors_parse_offline() -> None:
     parser = argparse.ArgumentParser()
     ctl_cli.add_arguments(parser)
-    args = parser.parse_args(["reload", "chat", "--argv", '["x", "{model}"]', "--deadline-s", "3", "--wait"])
-    assert ctl_cli.command_fields(args) == {"argv": ["x", "{model}"], "deadline_s": 3.0}
+    args = parser.parse_args(["reload", "chat", "--set", "ctx_size=8192", "--set", "mode=fast", "--deadline-s", "3",
+                              "--wait"])  # fmt: skip
+    assert ctl_cli.command_fields(args) == {"overrides": {"ctx_size": 8192, "mode": "fast"}, "deadline_s": 3.0}
     assert ctl_cli.wait_target(args) == "ready"
     for argv, message in [
-        (["reload", "chat", "--argv", "nope"], "--argv is not JSON"),
-        (["reload", "chat", "--argv", "[1]"], "non-empty JSON list of strings"),
+        (["reload", "chat", "--set", "nope"], "--set takes NAME=VALUE"),
+        (["reload", "chat", "--set", "x=[1]"], "must be a number, true/false or text"),
+        (["preload", "chat", "--set", "x=1"], "--set does not apply to preload"),
         (["status", "chat", "--policy", "free"], "--policy does not apply to status"),
         (["release", "chat"], "release needs --lease-id"),
         (["lease", "chat", "--wait"], "no default state"),

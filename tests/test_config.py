@@ -36,6 +36,44 @@ def test_non_finite_and_malformed_values_are_named(tmp_path: Path, text: str, ke
     assert f"cfg.toml: {key}:" in message
 
 
+@pytest.mark.parametrize(
+    ("pool", "key", "message"),
+    [
+        ("max_lease_ttl_s = inf", "pools[0].max_lease_ttl_s", "finite"),
+        ("max_lease_ttl_s = 0", "pools[0].max_lease_ttl_s", "greater than 0"),
+        ("max_lease_ttl_s = 1e9", "pools[0].max_lease_ttl_s", "less than or equal to 604800"),
+        ("slots = 5000", "pools[0].slots", "less than or equal to 1024"),
+        ('models = [""]', "pools[0].models[0]", "at least 1 character"),
+        ('overrides = { ctx = { type = "int", flag = "--ctx" } }', "pools[0].overrides.ctx", "needs min and max"),
+        ('overrides = { ctx = { type = "int", min = 9, max = 1, flag = "--ctx" } }', "pools[0].overrides.ctx",
+         "min must be <= max"),
+        ('overrides = { ctx = { type = "float", min = 0, max = inf, flag = "--c" } }', "pools[0].overrides.ctx.max",
+         "finite"),
+        ('overrides = { kv = { type = "choice", flag = "--kv" } }', "pools[0].overrides.kv", "needs choices"),
+        ('overrides = { x = { type = "bool", flag = "rm -rf" } }', "pools[0].overrides.x.flag", "is not a flag"),
+        ('overrides = { x = { type = "str", flag = "--x" } }', "pools[0].overrides.x.type", "'int', 'float'"),
+        ('overrides = { "Bad Name" = { type = "bool", flag = "--x" } }', "pools[0].overrides", "must match"),
+    ],
+)  # fmt: skip
+def test_reload_overrides_and_lease_bounds_are_checked_by_key(
+    tmp_path: Path, pool: str, key: str, message: str
+) -> None:
+    text = _error(tmp_path, f'[[pools]]\nid = "a"\nengine = "fake"\n{pool}\n')
+    assert f"cfg.toml: {key}:" in text and message in text, text
+
+
+def test_declared_overrides_reach_the_pool_definition(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.toml"
+    ctx = 'ctx_size = { type = "int", min = 512, max = 4096, flag = "--ctx-size" }'
+    path.write_text(
+        f'[[pools]]\nid = "a"\nengine = "fake"\nmodels = ["m1"]\nmax_lease_ttl_s = 60\noverrides = {{ {ctx} }}\n'
+    )
+    definition = load_config(path).pools[0].definition()
+    (decl,) = definition.overrides
+    assert (decl.name, decl.kind, decl.flag, decl.min, decl.max) == ("ctx_size", "int", "--ctx-size", 512, 4096)
+    assert definition.models == ("m1",) and definition.max_lease_ttl_s == 60
+
+
 def test_unknown_sim_profile_lists_the_known_ones(tmp_path: Path) -> None:
     message = _error(tmp_path, 'gpus = "sim:h100-x9"\n')
     assert "gpus: unknown simulated GPU profile 'sim:h100-x9'" in message

@@ -7,13 +7,14 @@ feeding health reports and process exits as plain values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
 import pytest
 
-from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
 from pool_managerd.core.errors import DuplicatePool, InvalidId, UnknownPool
 from pool_managerd.core.machine import (
@@ -80,6 +81,16 @@ SPEC = EngineSpec(
     probe_failure_threshold=3,
     slots=2,
 )
+DEFINITION = PoolDefinition(POOL, SPEC)
+DEFINITION_WITH_OVERRIDES = dataclasses.replace(
+    DEFINITION,
+    models=("m1", "m2"),
+    overrides=(
+        OverrideDecl("ctx_size", "int", "--ctx-size", min=512, max=131072),
+        OverrideDecl("flash", "bool", "--flash-attn"),
+        OverrideDecl("kv", "choice", "--cache-type-k", choices=("f16", "q8_0")),
+    ),
+)
 PLACEMENT = Placement(mask=["0"], uuids=["GPU-aaaa"], cuda_visible_devices="GPU-aaaa", simulated=True)
 SNAPSHOT = GpuSnapshot(simulated=True, source="sim:test")
 
@@ -95,12 +106,14 @@ class Harness:
         spec: EngineSpec = SPEC,
         restart: RestartPolicy | None = None,
         pools: tuple[str, ...] = (POOL,),
+        definition: PoolDefinition | None = None,
     ) -> None:
         self.plan: Placement | PlanRejected = PLACEMENT
         self.requests: list[PlanRequest] = []
         self.lc = Lifecycle(NODE, self.planner)
         for pool in pools:
-            self.lc.register(PoolDefinition(pool, spec, restart=restart or RestartPolicy()))
+            base = definition or PoolDefinition(pool, spec)
+            self.lc.register(dataclasses.replace(base, pool=pool, restart=restart or base.restart))
         self.now = 0.0
         self.rand = 0.5
         self.next_pid = 100
@@ -627,7 +640,7 @@ def test_drain_from_preloading_abandons_the_load() -> None:
 def test_drain_with_a_held_lease_waits_for_the_release() -> None:
     h = Harness()
     info = h.to_ready()
-    h.cmd(LeaseCmd(command_id="l1", lease_id="lease-1"))
+    h.cmd(LeaseCmd(command_id="lease-1"))  # pure tests: the command id is the lease id
     out = h.cmd(DrainCmd(command_id="d1", deadline_s=30.0))
     assert h.state() == "draining"
     assert changes(out) == [("ready", "drain", "draining")]
@@ -704,12 +717,45 @@ def test_reload_success() -> None:
     assert h.state() == "ready"
 
 
-def test_reload_with_new_argv() -> None:
-    h = Harness()
+def test_a_reload_sets_declared_overrides_after_the_configured_template() -> None:
+    h = Harness(definition=DEFINITION_WITH_OVERRIDES)
     h.to_ready()
-    out = h.cmd(ReloadCmd(command_id="rl", argv=["other-engine", "{model}"]))
+    out = h.cmd(ReloadCmd(command_id="rl", overrides={"ctx_size": 8192, "flash": True}))
     (spawn,) = only(out.effects, SpawnEngine)
-    assert spawn.spec.argv == ["other-engine", "{model}"]
+    assert spawn.spec.argv == [*SPEC.argv, "--ctx-size", "8192", "--flash-attn"]
+    assert spawn.spec.overrides == {"ctx_size": 8192, "flash": True}
+    # A later reload merges over the values the running spec has; the template never moves.
+    _, new = h.spawned()
+    h.probe(new.pid)
+    out = h.cmd(ReloadCmd(command_id="rl2", overrides={"flash": False}))
+    (spawn,) = only(out.effects, SpawnEngine)
+    assert spawn.spec.argv == [*SPEC.argv, "--ctx-size", "8192"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model", "message"),
+    [
+        ({"argv": 1}, None, "declares no override 'argv'"),
+        ({"ctx_size": 100}, None, "must be >= 512"),
+        ({"ctx_size": 1e9}, None, "must be <= 131072"),
+        ({"ctx_size": 1.5}, None, "takes an integer"),
+        ({"ctx_size": "4096"}, None, "takes a number"),
+        ({"flash": 1}, None, "takes true or false"),
+        ({"kv": "q2"}, None, "must be one of f16, q8_0"),
+        (None, "/etc/shadow", "does not serve model '/etc/shadow'"),
+    ],
+)
+def test_a_reload_outside_the_declarations_is_a_bad_request_that_changes_nothing(
+    overrides: dict[str, Any] | None, model: str | None, message: str
+) -> None:
+    h = Harness(definition=DEFINITION_WITH_OVERRIDES)
+    h.to_ready()
+    before = h.entry()
+    out = h.cmd(ReloadCmd(command_id="rl", overrides=overrides, model=model))
+    assert isinstance(out.reply, Rejected) and out.reply.code == "bad_request"
+    assert message in out.reply.message
+    assert out.events == [] and out.effects == []  # a refusal is no fact of the pool
+    assert (h.entry().state, h.entry().engine, h.entry().model) == (before.state, before.engine, before.model)
 
 
 def test_reload_of_the_identical_spec_is_a_no_op() -> None:
@@ -778,7 +824,7 @@ def test_reload_load_timeout_rolls_back_too() -> None:
 def test_drain_deadline_during_a_reload_keeps_the_old_engine() -> None:
     h = Harness()
     old = h.to_ready()
-    h.cmd(LeaseCmd(command_id="l1", lease_id="busy", ttl_s=600.0))
+    h.cmd(LeaseCmd(command_id="busy", ttl_s=600.0))
     out = h.cmd(ReloadCmd(command_id="rl", model="m2", deadline_s=15.0))
     assert h.state() == "draining"
     assert changes(out) == [("ready", "reload", "draining")]
@@ -938,7 +984,7 @@ def test_lease_refused_when_no_slot_is_free() -> None:
 def test_renewing_a_lease_takes_no_second_slot() -> None:
     h = Harness()
     h.to_ready()
-    h.cmd(LeaseCmd(command_id="c1", lease_id="same", ttl_s=10.0))
+    h.cmd(LeaseCmd(command_id="same", ttl_s=10.0))
     h.now = 5.0
     out = h.cmd(LeaseCmd(command_id="c2", lease_id="same", ttl_s=10.0))
     assert isinstance(out.reply, Accepted) and out.reply.expires_at == 15.0
@@ -946,6 +992,29 @@ def test_renewing_a_lease_takes_no_second_slot() -> None:
     assert bodies(out, LeaseGranted)[0].active == 1
     # Both slots' worth: another client still gets the second slot.
     assert isinstance(h.cmd(LeaseCmd(command_id="other")).reply, Accepted)
+
+
+def test_a_grant_takes_the_id_the_shell_drew_and_only_that_id_renews_or_releases() -> None:
+    h = Harness()
+    h.to_ready()
+    out = h.cmd(LeaseCmd(command_id="c1", holder="svc"), new_lease_id="Zr4nd0m")
+    assert isinstance(out.reply, Accepted) and out.reply.lease_id == "Zr4nd0m"
+    for cmd in [LeaseCmd(command_id="c2", lease_id="c1"), ReleaseCmd(command_id="c3", lease_id="guess")]:
+        out = h.cmd(cmd)
+        assert isinstance(out.reply, Rejected) and out.reply.code == "unknown_lease"
+        assert list(h.entry().leases) == ["Zr4nd0m"]
+    out = h.cmd(LeaseCmd(command_id="c4", lease_id="Zr4nd0m", holder="thief"))
+    assert isinstance(out.reply, Accepted)
+    assert h.entry().leases["Zr4nd0m"].holder == "svc"  # a renewal keeps the holder
+
+
+def test_a_lease_past_the_pools_max_ttl_is_a_bad_request() -> None:
+    h = Harness(definition=dataclasses.replace(DEFINITION, max_lease_ttl_s=60.0))
+    h.to_ready()
+    out = h.cmd(LeaseCmd(command_id="c1", ttl_s=61.0))
+    assert isinstance(out.reply, Rejected) and out.reply.code == "bad_request"
+    assert "max_lease_ttl_s 60" in out.reply.message
+    assert h.entry().active_leases == 0
 
 
 def test_lease_expiry_via_the_timer() -> None:

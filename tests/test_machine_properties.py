@@ -132,8 +132,8 @@ class LifecycleMachine(RuleBasedStateMachine):
     def entry(self) -> Any:
         return self.lc.pool(POOL).entry
 
-    def ctx(self, rand: float = 0.5) -> Context:
-        return Context(now=self.now, rand=rand)
+    def ctx(self, rand: float = 0.5, new_lease_id: str | None = None) -> Context:
+        return Context(now=self.now, rand=rand, new_lease_id=new_lease_id)
 
     def check(self, before: PoolState, out: Outcome) -> None:
         """Invariants of one step's outcome, and the shell's bookkeeping of its effects."""
@@ -171,11 +171,11 @@ class LifecycleMachine(RuleBasedStateMachine):
                 assert effect.grace_s >= 0.0
                 self.asked_to_stop.add(effect.pid)
 
-    def command(self, cmd: PoolCommand, rand: float = 0.5) -> Outcome:
+    def command(self, cmd: PoolCommand, rand: float = 0.5, new_lease_id: str | None = None) -> Outcome:
         before = self.state
         before_snap = self.lc.registry.snapshot(POOL)
         before_timers = dict(self.lc.pool(POOL).timers)
-        out = self.lc.command(POOL, cmd, self.ctx(rand))
+        out = self.lc.command(POOL, cmd, self.ctx(rand, new_lease_id))
         self.check(before, out)
         verb = cmd.__struct_config__.tag
         assert out.reply is not None
@@ -320,10 +320,14 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(lease_id=st.sampled_from(LEASE_IDS), ttl=st.sampled_from([1.0, 10.0, 100.0]))
     def lease(self, lease_id: str, ttl: float) -> None:
+        """A renewal of ``lease_id`` when it is held, else a grant for which the shell drew it."""
         before = self.state
         held = lease_id in self.entry.leases
         active = self.entry.active_leases
-        out = self.command(LeaseCmd(command_id=f"lease-{self.seq}", lease_id=lease_id, ttl_s=ttl))
+        if held:
+            out = self.command(LeaseCmd(command_id=f"lease-{self.seq}", lease_id=lease_id, ttl_s=ttl))
+        else:
+            out = self.command(LeaseCmd(command_id=f"lease-{self.seq}", ttl_s=ttl), new_lease_id=lease_id)
         if before == "draining":
             expected = "draining"
         elif before != "ready":
@@ -500,7 +504,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if self.state != "ready":
             return
         if not self.entry.leases:
-            self.command(LeaseCmd(command_id=f"lease-{self.seq}", lease_id="held", ttl_s=1000.0))
+            self.command(LeaseCmd(command_id=f"lease-{self.seq}", ttl_s=1000.0), new_lease_id="held")
         if reload:
             self.model_counter += 1
             self.plan_ok = ok

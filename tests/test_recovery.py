@@ -790,24 +790,25 @@ async def test_a_lease_and_a_release_retried_after_a_restart_get_their_first_ans
     await rig.start()
     await rig.preload_ready("chat")
     lease = await rig.request("chat", "lease", command_id="lease-1", ttl_s=300)
-    assert isinstance(lease, Accepted) and lease.lease_id == "lease-1", lease
+    assert isinstance(lease, Accepted) and lease.lease_id and lease.lease_id != "lease-1", lease
     other = await rig.request("chat", "lease", command_id="lease-2", ttl_s=300)
-    assert isinstance(other, Accepted), other
-    released = await rig.request("chat", "release", command_id="rel-2", lease_id="lease-2")
+    assert isinstance(other, Accepted) and other.lease_id, other
+    released = await rig.request("chat", "release", command_id="rel-2", lease_id=other.lease_id)
     assert isinstance(released, Accepted), released
 
     await rig.kill()
     await rig.start()
     # The same commands again, with the keys in another order: the answers are the first ones
-    # and nothing is applied twice.
+    # (the lease ids the daemon drew included) and nothing is applied twice.
     msg = await rig.nc.request("poold.cmd.chat.lease", b'{"ttl_s": 300.0,  "command_id":"lease-1"}', timeout=10)
     again = REPLY_DECODER.decode(msg.data)
     assert again == lease
-    msg = await rig.nc.request("poold.cmd.chat.release", b'{"lease_id":"lease-2","command_id":"rel-2"}', timeout=10)
+    body = b'{"lease_id":"' + other.lease_id.encode() + b'","command_id":"rel-2"}'
+    msg = await rig.nc.request("poold.cmd.chat.release", body, timeout=10)
     assert REPLY_DECODER.decode(msg.data) == released
     clash = await rig.request("chat", "lease", command_id="lease-1", ttl_s=5)
     assert isinstance(clash, Rejected) and clash.code == "command_id_conflict", clash
 
     events = await finish(rig)
-    assert [b.lease_id for b in of(events, "chat", LeaseGranted)] == ["lease-1", "lease-2"]
-    assert [b.lease_id for b in of(events, "chat", LeaseReleased)] == ["lease-2"]
+    assert [b.lease_id for b in of(events, "chat", LeaseGranted)] == [lease.lease_id, other.lease_id]
+    assert [b.lease_id for b in of(events, "chat", LeaseReleased)] == [other.lease_id]

@@ -409,7 +409,7 @@ async def test_drain_without_leases_completes_at_once(h: Harness) -> None:
 async def test_drain_with_held_lease_is_forced_at_deadline(h: Harness) -> None:
     h.add(knobs=["--load-time", "0.05"], slots=2)
     spawned = await h.ready()
-    await h.send(LeaseCmd(command_id="l1", lease_id="lease-1", ttl_s=60.0))
+    await h.send(LeaseCmd(command_id="l1", ttl_s=60.0))
     mark = h.mark()
     await h.send(DrainCmd(command_id="d1", deadline_s=0.5))
     draining = await h.event(StateChanged, mark, lambda b: b.dst == "draining")
@@ -434,17 +434,19 @@ async def test_lease_ttl_expiry_releases_and_is_recorded(h: Harness) -> None:
     h.add(knobs=["--load-time", "0.05"], slots=2)
     await h.ready()
     mark = h.mark()
-    granted = await h.send(LeaseCmd(command_id="l1", lease_id="short", ttl_s=0.2))
-    await h.send(LeaseCmd(command_id="l2", lease_id="long", ttl_s=60.0))
+    granted = await h.send(LeaseCmd(command_id="l1", ttl_s=0.2))
+    long = await h.send(LeaseCmd(command_id="l2", ttl_s=60.0))
+    # The runtime draws each id: not the command id, and not the same twice.
+    assert granted.lease_id and long.lease_id and len({granted.lease_id, long.lease_id, "l1", "l2"}) == 4
     assert (await h.status()).pool.active_leases == 2
 
     expired_event = await h.event(LeaseExpired, mark)
     expired = expired_event.body
     assert isinstance(expired, LeaseExpired)
-    assert expired.lease_id == "short" and expired.active == 1
+    assert expired.lease_id == granted.lease_id and expired.active == 1
     assert granted.expires_at is not None and expired_event.ts >= granted.expires_at - 0.005
     snap = (await h.status()).pool
-    assert snap.active_leases == 1 and [lease.lease_id for lease in snap.leases] == ["long"]
+    assert snap.active_leases == 1 and [lease.lease_id for lease in snap.leases] == [long.lease_id]
     assert snap.state == "ready"
 
 
@@ -477,6 +479,25 @@ async def test_reload_success_runs_the_new_model(h: Harness) -> None:
     assert (await h.status()).pool.model == "model-b"
 
 
+async def test_reload_preflight_checks_the_model_that_will_really_run(h: Harness, tmp_path: Path) -> None:
+    # The host facts are gathered for the reloaded spec, not the running one: a present new
+    # model is found (no false "not found"), a missing one is named.
+    old, new = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    old.write_bytes(b"a")
+    new.write_bytes(b"b")
+    h.add(knobs=["--load-time", "0.05"], model=str(old))
+    await h.ready()
+    mark = h.mark()
+    await h.send(ReloadCmd(command_id="r1", model=str(new)))
+    await h.state("ready", mark)
+    assert (await h.status()).pool.model == str(new)
+    missing = str(tmp_path / "gone.gguf")
+    refused = await h.rt.command("p", ReloadCmd(command_id="r2", model=missing))
+    assert isinstance(refused, Rejected) and refused.code == "preflight_failed", refused
+    assert missing in refused.message + " ".join(p.message for p in refused.problems)
+    assert (await h.status()).pool.state == "ready"
+
+
 async def test_reload_of_a_pool_on_a_fixed_port_reuses_its_own_port(h: Harness) -> None:
     # Preflight runs while the old engine still holds the port: it is the pool's own, not "in use".
     port = allocate_port()
@@ -489,14 +510,21 @@ async def test_reload_of_a_pool_on_a_fixed_port_reuses_its_own_port(h: Harness) 
     assert second.pid != first.pid and second.port == first.port == port
 
 
+FAKE_OVERRIDES: dict[str, Any] = {
+    "load_time": {"type": "float", "min": 0, "max": 60, "flag": "--load-time"},
+    "crash_after": {"type": "float", "min": 0, "max": 60, "flag": "--crash-after"},
+    "exit_code": {"type": "int", "min": 0, "max": 255, "flag": "--exit-code"},
+}
+"""Fake-engine knobs a reload may set, declared the way an operator declares ``--ctx-size``."""
+
+
 async def test_reload_failure_rolls_back_to_the_old_spec(h: Harness) -> None:
-    config = h.add(knobs=["--load-time", "0.05"])
+    config = h.add(knobs=["--load-time", "0.05"], overrides=FAKE_OVERRIDES)
     template = config.definition().spec.argv
     first = await h.ready()
 
-    bad = [*template, "--load-time", "30", "--crash-after", "0.1", "--exit-code", "3"]
     mark = h.mark()
-    await h.send(ReloadCmd(command_id="r1", argv=bad))
+    await h.send(ReloadCmd(command_id="r1", overrides={"load_time": 30, "crash_after": 0.1, "exit_code": 3}))
     rolled = await h.body(ReloadRolledBack, mark)
     assert "reload failed" in rolled.reason
     restarted = await h.state("preloading", mark, trigger="backoff_elapsed")

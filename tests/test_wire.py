@@ -250,7 +250,9 @@ def event(body: Any, seq: int = 1) -> Event:
 EXAMPLES: dict[str, msgspec.Struct] = {
     "cmd.preload": PreloadCmd(command_id="c1", device_mask=["0", "1"], model="m", policy="proportional"),
     "cmd.drain": DrainCmd(command_id="c2", deadline_s=5.0),
-    "cmd.reload": ReloadCmd(command_id="c3", model="m2", device_mask="0,1", argv=["x", "{model}"], deadline_s=1.0),
+    "cmd.reload": ReloadCmd(
+        command_id="c3", model="m2", device_mask="0,1", overrides={"ctx_size": 4096}, deadline_s=1.0
+    ),
     "cmd.stop": StopCmd(command_id="c4", grace_s=2.0),
     "cmd.reset": ResetCmd(command_id="c5"),
     "cmd.lease": LeaseCmd(command_id="c6", ttl_s=5.0, lease_id="l1", holder="svc"),
@@ -362,9 +364,22 @@ def test_defaults_are_omitted_but_the_tag_is_written() -> None:
     assert msgspec.json.decode(data) == {"type": "drain", "command_id": "x"}
 
 
-def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
-    cmd = msgspec.json.decode(b'{"command_id":"x","from_the_future":[1,2]}', type=DrainCmd)
-    assert cmd == DrainCmd(command_id="x")
+def test_readers_ignore_unknown_fields_for_forward_compatibility() -> None:
+    # Events, replies and snapshots: a reader skips what a newer writer added.
+    event = msgspec.json.decode(
+        b'{"v":1,"seq":1,"ts":1,"node":"n","from_the_future":[1],"body":{"type":"daemon_stopping","reason":"r","x":2}}',
+        type=Event,
+    )
+    assert event.body == DaemonStopping(reason="r")
+    assert msgspec.json.decode(b'{"pool":"p","from_the_future":1}', type=PoolSnapshot).pool == "p"
+
+
+@pytest.mark.parametrize("cls", [*POOL_COMMANDS.values(), *NODE_COMMANDS.values()])
+def test_commands_refuse_unknown_fields_naming_them(cls: type[msgspec.Struct]) -> None:
+    # A command applied without a field its sender meant (a removed argv, a misspelt deadline)
+    # would do something else than asked: it is refused instead, and the error names the field.
+    with pytest.raises(msgspec.ValidationError, match="unknown field `from_the_future`"):
+        msgspec.json.decode(b'{"command_id":"x","from_the_future":[1,2]}', type=cls)
 
 
 # --- commands by verb -----------------------------------------------------------------------------

@@ -405,12 +405,14 @@ class PoolClient:
         *,
         model: str | None = None,
         device_mask: str | list[str] | None = None,
-        argv: list[str] | None = None,
+        overrides: dict[str, int | float | bool | str] | None = None,
         deadline_s: float | None = None,
         **options: Any,
     ) -> CommandReply:
-        """``reload``: drain, then start with a new spec; roll back if it does not become ready."""
-        fields = _given(model=model, device_mask=device_mask, argv=argv, deadline_s=deadline_s)
+        """``reload``: drain, then start again with another model and/or values for the pool's
+        declared ``overrides``; roll back if it does not become ready. The argv stays the
+        configured template."""
+        fields = _given(model=model, device_mask=device_mask, overrides=overrides, deadline_s=deadline_s)
         return await self.command(pool, "reload", **fields, **options)
 
     async def stop(self, pool: str, *, grace_s: float | None = None, **options: Any) -> CommandReply:
@@ -430,12 +432,13 @@ class PoolClient:
         holder: str | None = None,
         **options: Any,
     ) -> CommandReply:
-        """``lease``: take a slot; the reply's ``lease_id`` and ``expires_at`` describe it."""
+        """``lease``: take a slot; the reply's ``lease_id`` (drawn by the daemon, unguessable)
+        and ``expires_at`` describe it. Pass that ``lease_id`` to renew the lease."""
         fields = _given(ttl_s=ttl_s, lease_id=lease_id, holder=holder)
         return await self.command(pool, "lease", **fields, **options)
 
     async def release(self, pool: str, lease_id: str, **options: Any) -> CommandReply:
-        """``release``: give a leased slot back."""
+        """``release``: give a leased slot back (``lease_id`` as the grant returned it)."""
         return await self.command(pool, "release", lease_id=lease_id, **options)
 
     async def status(self, pool: str, **options: Any) -> StatusReply | Rejected:

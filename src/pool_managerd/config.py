@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pool_managerd.adapters.gpu_profiles import SIM_PREFIX, list_profiles
-from pool_managerd.core.definitions import PoolDefinition
+from pool_managerd.core.definitions import DEFAULT_MAX_LEASE_TTL_S, OverrideDecl, PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.gpu_verify import DEFAULT_MIN_FRACTION, GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
+from pool_managerd.limits import MAX_MODEL, MAX_OVERRIDE_TEXT, MAX_OVERRIDES, MAX_SLOTS, MAX_TTL_S
 from pool_managerd.messages import EngineSpec
 from pool_managerd.subjects import ID_RE
 
@@ -150,6 +151,47 @@ class RestartConfig(_Strict):
         return RestartPolicy(**self.model_dump())
 
 
+FLAG_RE = re.compile(r"--?[A-Za-z0-9][A-Za-z0-9_.-]*")
+OVERRIDE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class OverrideConfig(_Strict):
+    """One value a ``reload`` may set: ``{type = "int", min = 512, max = 131072, flag = "--ctx-size"}``.
+
+    The value follows ``flag`` at the end of the configured argv (a ``bool`` adds the bare flag
+    when true); ``int``/``float`` need ``min`` and ``max``, ``choice`` needs ``choices``."""
+
+    type: Literal["int", "float", "bool", "choice"]
+    flag: str
+    min: float | None = None
+    max: float | None = None
+    choices: list[Annotated[str, Field(min_length=1, max_length=MAX_OVERRIDE_TEXT)]] | None = None
+
+    @field_validator("flag")
+    @classmethod
+    def _valid_flag(cls, value: str) -> str:
+        if not FLAG_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a flag like '--ctx-size'")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded(self) -> OverrideConfig:
+        if self.type in ("int", "float"):
+            if self.min is None or self.max is None:
+                raise ValueError(f"an override of type {self.type} needs min and max")
+            if self.min > self.max:
+                raise ValueError("min must be <= max")
+        if self.type == "choice" and not self.choices:
+            raise ValueError("an override of type choice needs choices")
+        if self.type != "choice" and self.choices:
+            raise ValueError("choices go with type choice only")
+        return self
+
+    def decl(self, name: str) -> OverrideDecl:
+        return OverrideDecl(name=name, kind=self.type, flag=self.flag, min=self.min, max=self.max,
+                            choices=tuple(self.choices or ()))  # fmt: skip
+
+
 class PoolConfig(_Strict):
     """One pool: which engine, which model, where, and how it is supervised."""
 
@@ -168,7 +210,7 @@ class PoolConfig(_Strict):
     headroom_bytes: Annotated[int, Field(ge=0)] = 0
     device_mask: str | list[str] = "auto"
     split_policy: str = "free"
-    slots: Annotated[int, Field(ge=1, le=4096)] = 1
+    slots: Annotated[int, Field(ge=1, le=MAX_SLOTS)] = 1
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
     env: dict[str, str] = Field(default_factory=dict)
@@ -184,6 +226,24 @@ class PoolConfig(_Strict):
     min_compute_capability: str | None = None
     engine_version: str | None = None
     restart: RestartConfig = Field(default_factory=RestartConfig)
+    models: list[Annotated[str, Field(min_length=1, max_length=MAX_MODEL)]] = Field(default_factory=list)
+    """The models a ``preload`` or ``reload`` command may choose; empty: any well-formed name
+    (no flag, no ``..`` segment). Set it wherever a client should not pick any file."""
+    overrides: dict[str, OverrideConfig] = Field(default_factory=dict)
+    """What a ``reload`` may set beyond the model, each with its type, bounds and flag."""
+    max_lease_ttl_s: Annotated[float, Field(gt=0, le=MAX_TTL_S)] = DEFAULT_MAX_LEASE_TTL_S
+    """The longest TTL a ``lease`` may ask for; longer ones are refused with ``bad_request``."""
+
+    @field_validator("overrides")
+    @classmethod
+    def _override_names(cls, value: dict[str, OverrideConfig]) -> dict[str, OverrideConfig]:
+        for name in value:
+            if not OVERRIDE_NAME_RE.fullmatch(name):
+                raise ValueError(f"override name {name!r} must match ^[a-z][a-z0-9_]{{0,63}}$")
+        if len(value) > MAX_OVERRIDES:
+            raise ValueError(f"at most {MAX_OVERRIDES} overrides")
+        return value
+
     gpu_check: Literal["enforce", "off"] = "enforce"
     """After the first healthy probe, check that the engine's processes hold memory on every GPU
     of the placement before the pool is ready (``off``: the probe alone makes it ready)."""
@@ -267,6 +327,9 @@ class PoolConfig(_Strict):
             model_bytes=self.model_bytes,
             context_bytes=self.context_bytes,
             headroom_bytes=self.headroom_bytes,
+            overrides=tuple(decl.decl(name) for name, decl in self.overrides.items()),
+            models=tuple(self.models),
+            max_lease_ttl_s=self.max_lease_ttl_s,
             gpu_check=self.gpu_check_policy(),
         )
 

@@ -22,24 +22,49 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from pool_managerd import limits
+
 SCHEMA_VERSION = 1
 """Current schema version of every top-level message."""
 
-MAX_PAYLOAD_BYTES = 64 * 1024
-"""Largest command payload accepted; bigger ones are rejected with ``payload_too_large``."""
+MAX_PAYLOAD_BYTES = limits.MAX_PAYLOAD_BYTES
+"""Largest command payload accepted; bigger ones are rejected with ``payload_too_large``
+(every bound is in :mod:`pool_managerd.limits`)."""
 
 # msgspec matches patterns with re.search, where "$" also matches before a final newline.
 Id = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}(?![\s\S])", max_length=63)]
 NonNeg = Annotated[int, Meta(ge=0)]
 Seconds = Annotated[float, Meta(ge=0)]
 PositiveSeconds = Annotated[float, Meta(gt=0)]
-CommandId = Annotated[str, Meta(min_length=1, max_length=128)]
+CommandId = Annotated[str, Meta(min_length=1, max_length=limits.MAX_COMMAND_ID)]
+LeaseId = Annotated[str, Meta(min_length=1, max_length=limits.MAX_LEASE_ID)]
+Holder = Annotated[str, Meta(max_length=limits.MAX_HOLDER)]
+# A model name or path: printable ASCII without spaces, never a flag ("-..."), no ".." segment.
+Model = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=limits.MAX_MODEL,
+        pattern=r"^(?!-)(?!(?:[\s\S]*/)?\.\.(?:/|(?![\s\S])))[!-~]+(?![\s\S])",
+    ),
+]
+MaskToken = Annotated[str, Meta(max_length=limits.MAX_MASK_TOKEN)]
+Mask = (
+    Annotated[str, Meta(max_length=limits.MAX_MASK)]
+    | Annotated[list[MaskToken], Meta(max_length=limits.MAX_MASK_ITEMS)]
+)
+Policy = Annotated[str, Meta(max_length=limits.MAX_POLICY)]
+WaitSeconds = Annotated[float, Meta(ge=0, le=limits.MAX_WAIT_S)]
+OverrideName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,63}(?![\s\S])", max_length=limits.MAX_OVERRIDE_NAME)]
+OverrideValue = int | float | bool | Annotated[str, Meta(max_length=limits.MAX_OVERRIDE_TEXT)]
+Text = Annotated[str, Meta(max_length=limits.MAX_REASON)]
 
 PoolState = Literal["unready", "preloading", "ready", "draining", "restarting", "failed"]
 
 
 class _Base(Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
-    """Common base: keyword-only fields; unknown fields are ignored for forward compatibility."""
+    """Common base: keyword-only fields; unknown fields are ignored for forward compatibility
+    (a reader of events, replies and snapshots skips what a newer writer added)."""
 
 
 class _State(_Base, kw_only=True, omit_defaults=False):
@@ -164,6 +189,9 @@ class EngineSpec(_Base, kw_only=True):
     slots: Annotated[int, Meta(ge=1)] = 1
     min_compute_capability: tuple[int, int] | None = None
     engine_version: str | None = None
+    overrides: dict[str, OverrideValue] = msgspec.field(default_factory=dict)
+    """Values of the pool's declared overrides that a reload set; their flags are already in
+    ``argv`` (appended to the configured template)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,39 +199,49 @@ class EngineSpec(_Base, kw_only=True):
 # --------------------------------------------------------------------------------------------
 
 
-class _Command(_Base, tag_field="type", kw_only=True):
+class _Command(_Base, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Base of pool commands. Unlike other messages, a command with a field this daemon does
+    not know is refused (``bad_request`` naming the field): ignoring it would apply something
+    other than what the client asked for (a removed ``argv``, a misspelt ``deadline_s``)."""
+
     command_id: CommandId
     v: int = SCHEMA_VERSION
 
 
 class PreloadCmd(_Command, tag="preload", kw_only=True):
-    """Start the pool's engine. ``device_mask`` and ``model`` override the configured ones."""
+    """Start the pool's engine. ``device_mask`` and ``model`` override the configured ones
+    (``model`` must be one of the pool's ``models`` when it lists any)."""
 
-    device_mask: str | list[str] | None = None
-    model: str | None = None
-    policy: str | None = None
+    device_mask: Mask | None = None
+    model: Model | None = None
+    policy: Policy | None = None
 
 
 class DrainCmd(_Command, tag="drain", kw_only=True):
     """Refuse new leases and stop the engine once leases reach 0 or the deadline passes."""
 
-    deadline_s: Seconds = 30.0
+    deadline_s: WaitSeconds = 30.0
 
 
 class ReloadCmd(_Command, tag="reload", kw_only=True):
-    """Drain, then start the engine with a new spec; on failure roll back to the old one."""
+    """Drain, then start the engine again; on failure roll back to the old one.
 
-    model: str | None = None
-    device_mask: str | list[str] | None = None
-    policy: str | None = None
-    argv: list[str] | None = None
-    deadline_s: Seconds = 30.0
+    A reload chooses among what the configuration declares: a ``model`` (one of the pool's
+    ``models`` when it lists any) and values for the pool's declared ``overrides``, each checked
+    against its type and bounds. The argv is always the configured template."""
+
+    model: Model | None = None
+    device_mask: Mask | None = None
+    policy: Policy | None = None
+    overrides: Annotated[dict[OverrideName, OverrideValue], Meta(max_length=limits.MAX_OVERRIDES)] | None = None
+    """Declared override → value; merged over the values the running spec has."""
+    deadline_s: WaitSeconds = 30.0
 
 
 class StopCmd(_Command, tag="stop", kw_only=True):
     """Stop the engine now: SIGTERM to its process group, SIGKILL after the grace period."""
 
-    grace_s: Seconds | None = None
+    grace_s: WaitSeconds | None = None
 
 
 class ResetCmd(_Command, tag="reset", kw_only=True):
@@ -211,17 +249,20 @@ class ResetCmd(_Command, tag="reset", kw_only=True):
 
 
 class LeaseCmd(_Command, tag="lease", kw_only=True):
-    """Take one slot on a ready pool for ``ttl_s`` seconds."""
+    """Take one slot on a ready pool for ``ttl_s`` seconds (at most the pool's
+    ``max_lease_ttl_s``). Without ``lease_id`` a new lease is granted and the reply carries its
+    id, chosen by the daemon and unguessable; with the ``lease_id`` of a held lease it is
+    renewed. Only that id renews or releases the lease."""
 
-    ttl_s: PositiveSeconds = 60.0
-    lease_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-    holder: str | None = None
+    ttl_s: Annotated[float, Meta(gt=0, le=limits.MAX_TTL_S)] = 60.0
+    lease_id: LeaseId | None = None
+    holder: Holder | None = None
 
 
 class ReleaseCmd(_Command, tag="release", kw_only=True):
-    """Give a leased slot back."""
+    """Give a leased slot back; ``lease_id`` is the one the grant returned."""
 
-    lease_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    lease_id: LeaseId
 
 
 class StatusCmd(_Command, tag="status", kw_only=True):
@@ -259,7 +300,9 @@ POOL_COMMANDS: dict[str, type[PoolCommand]] = {
 # Node commands: poold.node.<node>.cmd.<verb>
 
 
-class _NodeCommand(_Base, tag_field="type", kw_only=True):
+class _NodeCommand(_Base, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Base of node commands; like pool commands, unknown fields are refused."""
+
     command_id: CommandId | None = None
     v: int = SCHEMA_VERSION
 
@@ -541,14 +584,14 @@ class HealthReport(_Base, tag_field="type", tag="health", kw_only=True):
 
     v: int = SCHEMA_VERSION
     pool: Id
-    ts: float
+    ts: Annotated[float, Meta(ge=0, le=limits.MAX_TIMESTAMP)]
     ok: bool
     loading: bool = False
-    status: int | None = None
-    latency_ms: float | None = None
-    error: str | None = None
-    source: str = "prober"
-    engine_pid: int | None = None
+    status: Annotated[int, Meta(ge=0, le=999)] | None = None
+    latency_ms: Annotated[float, Meta(ge=0, le=1e9)] | None = None
+    error: Text | None = None
+    source: Annotated[str, Meta(max_length=limits.MAX_SOURCE)] = "prober"
+    engine_pid: Annotated[int, Meta(ge=0, le=2**31)] | None = None
     """Which engine the probe hit; reports for an engine the pool no longer runs are ignored."""
 
 

@@ -61,9 +61,9 @@ class Script:
         return Placement(mask=[GPU], uuids=[GPU], cuda_visible_devices=GPU, budgets=[8 << 30], ratios=[1.0],
                          policy="free", explanation=["one device"], simulated=True)  # fmt: skip
 
-    def ctx(self) -> Context:
+    def ctx(self, new_lease_id: str | None = None) -> Context:
         self.now += 0.25
-        return Context(now=self.now, rand=0.5)
+        return Context(now=self.now, rand=0.5, new_lease_id=new_lease_id)
 
     def take(self, pool: str, outcome: object) -> None:
         from pool_managerd.core.effects import ArmTimer
@@ -81,8 +81,9 @@ class Script:
         policy = RestartPolicy(initial_s=1.0, max_consecutive_failures=3, max_restarts=10, window_s=60.0)
         self.lc.register(PoolDefinition(pool=pool, spec=spec, restart=policy), simulated=True)
 
-    def cmd(self, pool: str, cmd: object) -> object:
-        out = self.lc.command(pool, cmd, self.ctx())  # type: ignore[arg-type]
+    def cmd(self, pool: str, cmd: object, new_lease_id: str | None = None) -> object:
+        """Apply ``cmd``; a lease the daemon grants gets the id the shell drew (``new_lease_id``)."""
+        out = self.lc.command(pool, cmd, self.ctx(new_lease_id))  # type: ignore[arg-type]
         self.take(pool, out)
         return out.reply
 
@@ -133,13 +134,13 @@ def scenario() -> Script:
     s.cmd("alpha", DrainCmd(command_id=s.next_id()))  # illegal in unready
     s.preload("alpha")
     s.ready("alpha")
-    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), lease_id="l1", ttl_s=600))
-    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), lease_id="l2", ttl_s=600))  # no_slots
+    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), ttl_s=600), new_lease_id="l1")
+    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), ttl_s=600), new_lease_id="l2")  # no_slots
     s.cmd("alpha", ReleaseCmd(command_id=s.next_id(), lease_id="nope"))  # unknown_lease
     s.cmd("alpha", DrainCmd(command_id=s.next_id(), deadline_s=5))
-    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), lease_id="l3"))  # draining
+    s.cmd("alpha", LeaseCmd(command_id=s.next_id()), new_lease_id="l3")  # draining
     s.timer("alpha", "drain_deadline")  # drain_deadline -> unready, drain_forced
-    s.cmd("alpha", LeaseCmd(command_id=s.next_id(), lease_id="l4"))  # not_ready
+    s.cmd("alpha", LeaseCmd(command_id=s.next_id()), new_lease_id="l4")  # not_ready
     # beta: load timeout, crash during load, re-placement failure into failed, reset, crash in
     # ready, a re-placement failure that retries.
     s.preload("beta")
@@ -193,7 +194,7 @@ def scenario() -> Script:
     s.exited("gamma", pid, 2)  # reload failed -> rolled back
     s.timer("gamma", "backoff")
     s.ready("gamma")
-    s.cmd("gamma", LeaseCmd(command_id=s.next_id(), lease_id="g1", ttl_s=1))
+    s.cmd("gamma", LeaseCmd(command_id=s.next_id(), ttl_s=1), new_lease_id="g1")
     s.cmd("gamma", ReloadCmd(command_id=s.next_id(), model="m3", deadline_s=30))
     s.timer("gamma", "drain_deadline")  # reload aborted -> ready
     s.now += 5.0
@@ -208,12 +209,12 @@ def scenario() -> Script:
     s.cmd("delta", StopCmd(command_id=s.next_id()))
     s.preload("delta")
     s.ready("delta")
-    s.cmd("delta", LeaseCmd(command_id=s.next_id(), lease_id="d1"))
+    s.cmd("delta", LeaseCmd(command_id=s.next_id()), new_lease_id="d1")
     s.cmd("delta", DrainCmd(command_id=s.next_id(), deadline_s=60))
     s.cmd("delta", ReleaseCmd(command_id=s.next_id(), lease_id="d1"))  # drained by release
     s.preload("delta")
     s.ready("delta")
-    s.cmd("delta", LeaseCmd(command_id=s.next_id(), lease_id="d2"))
+    s.cmd("delta", LeaseCmd(command_id=s.next_id()), new_lease_id="d2")
     s.cmd("delta", DrainCmd(command_id=s.next_id(), deadline_s=60))
     s.cmd("delta", StopCmd(command_id=s.next_id()))  # stop from draining
     s.preload("delta")

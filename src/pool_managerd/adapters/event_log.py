@@ -48,6 +48,7 @@ from nats.js.kv import KeyValue
 
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.core.log_integrity import LogEntry
+from pool_managerd.limits import MAX_SNAPSHOT_BYTES, json_problem
 from pool_managerd.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, LogCorrupt, PoolSnapshot, encode
 from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, validate_id
 
@@ -1067,6 +1068,10 @@ class SnapshotStore:
 
 
 def _decode_snapshot(data: bytes, key: str) -> PoolSnapshot:
+    # Anyone allowed to put in the bucket could write a value nested past the decoder's recursion.
+    problem = json_problem(data, MAX_SNAPSHOT_BYTES)
+    if problem is not None:
+        raise MalformedMessage(f"KV value of {key!r} is not a PoolSnapshot: {problem[1]}")
     try:
         return SNAPSHOT_DECODER.decode(data)
     except msgspec.DecodeError as exc:

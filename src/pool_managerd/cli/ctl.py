@@ -7,7 +7,7 @@ Examples::
     pool-managerd ctl lease chat --ttl-s 30 --holder me
     pool-managerd ctl release chat --lease-id 3f2a...
     pool-managerd ctl drain chat --deadline-s 10 --wait       # until unready
-    pool-managerd ctl reload chat --model /models/b.gguf --argv '["llama-server","-m","{model}"]'
+    pool-managerd ctl reload chat --model b.gguf --set ctx_size=8192   # overrides the pool declares
     pool-managerd ctl pools [--node n1]                       # every node when no --node
     pool-managerd ctl inventory --node n1 --json
 
@@ -92,7 +92,7 @@ _FIELD_OPTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ttl_s": ("ttl_s", ("lease",)),
     "lease_id": ("lease_id", ("lease", "release")),
     "holder": ("holder", ("lease",)),
-    "argv": ("argv", ("reload",)),
+    "set": ("overrides", ("reload",)),
 }
 
 _WAIT_DEFAULT = "\0default"
@@ -132,9 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--deadline-s", type=float, metavar="S", help="drain deadline (drain, reload)")
     g.add_argument("--grace-s", type=float, metavar="S", help="SIGTERM→SIGKILL grace (stop)")
     g.add_argument("--ttl-s", type=float, metavar="S", help="lease time to live (lease)")
-    g.add_argument("--lease-id", help="lease id (lease: choose one; release: required)")
+    g.add_argument("--lease-id", help="lease id the grant returned (lease: renew it; release: required)")
     g.add_argument("--holder", help="who holds the lease (lease)")
-    g.add_argument("--argv", metavar="JSON", help='engine argv template as a JSON list (reload): \'["bin","{model}"]\'')
+    g.add_argument("--set", action="append", metavar="NAME=VALUE",
+                   help="value of an override the pool declares (reload; repeatable): --set ctx_size=8192")  # fmt: skip
     w = parser.add_argument_group("waiting")
     w.add_argument(
         "--wait",
@@ -158,8 +159,8 @@ def command_fields(args: argparse.Namespace) -> dict[str, Any]:
         if verb not in verbs:
             flag = "--" + dest.replace("_", "-")
             raise UsageError(f"{flag} does not apply to {verb} (only to {', '.join(verbs)})")
-        if dest == "argv":
-            value = _parse_argv(value)
+        if dest == "set":
+            value = _parse_overrides(value)
         fields[name] = value
     if verb == "release" and "lease_id" not in fields:
         raise UsageError("release needs --lease-id")
@@ -173,14 +174,22 @@ def command_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def _parse_argv(text: str) -> list[str]:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--argv is not JSON: {exc}") from None
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise UsageError('--argv must be a non-empty JSON list of strings, e.g. \'["llama-server","-m","{model}"]\'')
-    return value
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs; a value that reads as JSON (``8192``, ``true``) is sent typed, any
+    other as text. The daemon checks each against the pool's declaration."""
+    values: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--set takes NAME=VALUE, not {item!r}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        if not isinstance(value, int | float | bool | str):
+            raise UsageError(f"--set {name}: the value must be a number, true/false or text")
+        values[name] = value
+    return values
 
 
 def default_role(verb: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pool_managerd.core.gpu_verify import GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
@@ -21,6 +22,9 @@ class Context:
     snapshot: GpuSnapshot | None = None
     host: object | None = None
     """Host facts gathered by the shell (binaries, files, free ports); opaque to the machine."""
+    new_lease_id: str | None = None
+    """An unguessable id the shell drew for a lease this step may grant (None: the command id,
+    which only pure tests rely on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,25 @@ class PlanRejected:
 Planner = Callable[[PlanRequest], Placement | PlanRejected]
 
 
+OverrideKind = Literal["int", "float", "bool", "choice"]
+
+
+@dataclass(frozen=True, slots=True)
+class OverrideDecl:
+    """One override a pool's configuration declares: its name on the wire, its type and bounds,
+    and the engine flag its value follows. A ``bool`` adds the bare flag when true."""
+
+    name: str
+    kind: OverrideKind
+    flag: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+DEFAULT_MAX_LEASE_TTL_S = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class PoolDefinition:
     """A pool as configured: its engine spec and placement/restart preferences."""
@@ -60,6 +83,11 @@ class PoolDefinition:
     model_bytes: int | None = None
     context_bytes: int = 0
     headroom_bytes: int = 0
+    overrides: tuple[OverrideDecl, ...] = ()
+    """What a reload may set beyond the model (see :mod:`pool_managerd.core.command_spec`)."""
+    models: tuple[str, ...] = ()
+    """The models a command may choose; empty: any well-formed one."""
+    max_lease_ttl_s: float = DEFAULT_MAX_LEASE_TTL_S
     gpu_check: GpuCheckPolicy | None = None
     """Verify after launch that the engine holds memory on its GPUs (None: readiness is the first
     healthy probe alone, for runtimes that have no per-process GPU memory to read)."""

@@ -25,6 +25,7 @@ import msgspec
 from transitions import EventData, Machine
 
 from pool_managerd.core import gpu_verify
+from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import (
     ArmTimer,
@@ -817,6 +818,8 @@ class Lifecycle:
             reply = self._reject(model, verb, cast(RejectCode, exc.code), exc.message)
         except UnknownLease as exc:
             reply = self._reject(model, verb, "unknown_lease", exc.message)
+        except BadCommand as exc:
+            reply = self._reject(model, verb, "bad_request", str(exc))
         return self._end(model, reply)
 
     def _command(self, model: PoolModel, verb: str, cmd: PoolCommand) -> Accepted | Rejected | StatusReply:
@@ -825,7 +828,7 @@ class Lifecycle:
         if isinstance(cmd, PreloadCmd):
             spec = model.spec
             if cmd.model is not None and "preload" in ALLOWED[model.state]:
-                spec = _with_model(spec, cmd.model)
+                spec = requested_spec(model.definition, spec, cmd)
             # The recorded row carries the spec, mask and policy asked for: evolve takes them.
             taken = self._fire(model, "preload", spec=spec, mask=cmd.device_mask, policy=cmd.policy)
             if not taken:
@@ -833,11 +836,8 @@ class Lifecycle:
         elif isinstance(cmd, DrainCmd):
             self._fire(model, "drain", deadline_s=cmd.deadline_s)
         elif isinstance(cmd, ReloadCmd):
-            new_spec = model.spec
-            if cmd.model is not None:
-                new_spec = _with_model(new_spec, cmd.model)
-            if cmd.argv is not None:
-                new_spec = _with_argv(new_spec, cmd.argv)
+            # Only what the configuration declares: the argv is always its template.
+            new_spec = requested_spec(model.definition, model.spec, cmd)
             mask_same = cmd.device_mask is None or cmd.device_mask == model.mask
             policy_same = cmd.policy is None or cmd.policy == model.split_policy
             if new_spec == model.spec and mask_same and policy_same and model.state == "ready":
@@ -853,13 +853,20 @@ class Lifecycle:
         elif verb == "reset":
             self._fire(model, "reset", reason="reset command")
         elif isinstance(cmd, LeaseCmd):
-            lease_id = cmd.lease_id or cmd.command_id
-            check_acquire(model.value, lease_id)
-            # Re-acquiring a held lease renews it: a retried lease command must not take two slots.
+            check_command(model.definition, cmd)
             held = model.value.leases
+            if cmd.lease_id is not None:
+                # Renewal: only the id the grant returned names a lease; a client never picks one.
+                check_release(model.value, cmd.lease_id)
+                lease_id, holder = cmd.lease_id, held[cmd.lease_id].holder
+            else:
+                lease_id, holder = model.ctx.new_lease_id or cmd.command_id, cmd.holder
+                if lease_id in held:
+                    raise UnknownLease(f"pool {model.pool_id!r}: lease id {lease_id!r} is taken; retry")
+            check_acquire(model.value, lease_id)
             expires_at = model.ctx.now + cmd.ttl_s
             active = len(held) + (0 if lease_id in held else 1)
-            model.emit(LeaseGranted(lease_id=lease_id, expires_at=expires_at, active=active, holder=cmd.holder))
+            model.emit(LeaseGranted(lease_id=lease_id, expires_at=expires_at, active=active, holder=holder))
             self._arm_lease_expiry(model)
             first = model.events[0].seq
             return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=expires_at)
@@ -1138,11 +1145,3 @@ class Lifecycle:
 def internal_error_message(verb: str, pool: str) -> str:
     """The message of the ``internal`` rejection a command gets when its step raised."""
     return f"internal error while applying {verb!r} to pool {pool!r}; the pool is failed until it is reset"
-
-
-def _with_model(spec: EngineSpec, model: str) -> EngineSpec:
-    return msgspec.structs.replace(spec, model=model)
-
-
-def _with_argv(spec: EngineSpec, argv: list[str]) -> EngineSpec:
-    return msgspec.structs.replace(spec, argv=list(argv))

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
@@ -69,6 +71,13 @@ from pool_managerd.runtime import quarantine
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_HEALTH = 64
+"""Outside health reports waiting in one pool's inbox at most; more are dropped (counted)."""
+OWN_PROBER = "prober"
+"""``source`` of the reports this daemon's own prober makes."""
+MAX_QUEUED_PROBES = 64
+"""Own prober results waiting in one pool's inbox at most (a newer one follows soon)."""
+OUTSIDE = "outside"
+"""``source`` every report from the health subject is given, whatever it claimed."""
 MAX_QUEUED_COMMANDS = 64
 """Commands waiting in one pool's inbox at most; past it a command is answered ``overloaded``."""
 
@@ -80,8 +89,11 @@ class ActorHost(Protocol):
     spawn_record: SpawnRecord
     probe_options: dict[str, Any]
 
-    async def context(self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None) -> Context:
-        """The clock, RNG and (for placements) GPU snapshot and host facts of one step."""
+    async def context(
+        self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None, inp: PoolInput | None = None
+    ) -> Context:
+        """The clock, RNG and (for placements) GPU snapshot and host facts of one step: the
+        facts of the spec that step's input (a preload or reload command) will really run."""
         ...
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
@@ -152,6 +164,7 @@ class ActorStats:
     stops: int = 0
     health_dropped: int = 0
     probes_absorbed: int = 0
+    probes_dropped: int = 0
     internal_errors: int = 0
     reverted: int = 0
 
@@ -169,7 +182,10 @@ class PoolActor:
         self.quarantine: LogCorrupt | None = None
         """Set while foreign messages in the pool's stream wait for an operator (``log_corrupt``)."""
         self._parked = quarantine.Parked()
+        # Two lanes: outside reports, and this daemon's own probe results, each with its own
+        # bound, so a flood of the first can never push out or delay the second.
         self._health_queued = 0
+        self._probes_queued = 0
         self._commands_queued = 0
         self._busy = False
         """A step is running (between taking an input and settling it)."""
@@ -199,7 +215,10 @@ class PoolActor:
                 raise Overloaded(self.pool)
             self._commands_queued += 1
         elif isinstance(inp, HealthInput):
-            self._health_queued += 1
+            if inp.report.source == OWN_PROBER:
+                self._probes_queued += 1
+            else:
+                self._health_queued += 1
         fut: asyncio.Future[Outcome] | None = None
         if want_reply:
             fut = asyncio.get_running_loop().create_future()
@@ -211,14 +230,13 @@ class PoolActor:
         return self._commands_queued
 
     def health_report(self, report: HealthReport) -> bool:
-        """Feed one health report (from our prober via NATS, or an external reporter). Returns
-        False when it was dropped: anyone may publish on the health subject, and a flood must not
-        grow the pool's input queue without bound while a step waits (at most
-        ``MAX_QUEUED_HEALTH`` reports wait at once; the prober sends one at a time)."""
+        """Feed one outside health report. Returns False when it was dropped: anyone may publish
+        on the health subject, and a flood must not grow the pool's input queue without bound
+        (at most ``MAX_QUEUED_HEALTH`` outside reports wait at once)."""
         if self._health_queued >= MAX_QUEUED_HEALTH:
             self.stats.health_dropped += 1
             return False
-        self.submit(HealthInput(report))
+        self.submit(HealthInput(msgspec.structs.replace(report, source=OUTSIDE)))
         return True
 
     def absorb_probe(self, report: HealthReport) -> bool:
@@ -235,6 +253,17 @@ class PoolActor:
         self.runtime.after_probe(self.pool, report)
         return True
 
+    def own_probe(self, report: HealthReport) -> None:
+        """Feed one result of this daemon's own prober. Its lane is not the outside reports': a
+        flood on the health subject never drops or delays it. Bounded all the same (a step that
+        waits long on the log must not let a fast preload probe pile up results)."""
+        if self._probes_queued >= MAX_QUEUED_PROBES:
+            self.stats.probes_dropped += 1
+            return
+        if report.source != OWN_PROBER:
+            report = msgspec.structs.replace(report, source=OWN_PROBER)
+        self.submit(HealthInput(report))
+
     # --- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -250,7 +279,10 @@ class PoolActor:
                 if isinstance(item.inp, CommandInput):
                     self._commands_queued -= 1
                 elif isinstance(item.inp, HealthInput):
-                    self._health_queued -= 1
+                    if item.inp.report.source == OWN_PROBER:
+                        self._probes_queued -= 1
+                    else:
+                        self._health_queued -= 1
             self._busy = True
             ack = isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
             remaining: LogCorrupt | None = None
@@ -263,7 +295,7 @@ class PoolActor:
                     item.reply.set_exception(UnknownPool(self.pool))
                 continue
             try:
-                ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent)
+                ctx = await rt.context(item.needs_plan, self.pool, item.command_id, item.traceparent, item.inp)
             except Exception:
                 # The world could not be read (host facts, GPU snapshot): nothing was applied.
                 log.exception("pool %s: no context for step %s", self.pool, label(item.inp))

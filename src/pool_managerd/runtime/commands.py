@@ -8,11 +8,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 import msgspec
 
 from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.limits import clip, json_problem
 from pool_managerd.messages import (
     MAX_PAYLOAD_BYTES,
     NODE_COMMANDS,
@@ -37,10 +38,28 @@ class CommandError(PoolManagerError):
         self.code = code
 
 
+def _guard(data: bytes, what: str) -> None:
+    """Size and depth first: no decoder ever sees a payload it could choke on."""
+    problem = json_problem(data, MAX_PAYLOAD_BYTES)
+    if problem is not None:
+        raise CommandError(cast(RejectCode, problem[0]), f"{what}: {problem[1]}")
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, what: str) -> Any:
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise CommandError("bad_request", clip(f"invalid {what}: {exc}")) from None
+    except msgspec.DecodeError as exc:
+        raise CommandError("bad_request", clip(f"malformed JSON in {what}: {exc}")) from None
+    except RecursionError:
+        # The depth guard should make this unreachable; never let it escape as exception text.
+        raise CommandError("bad_request", f"{what}: JSON nested too deep") from None
+
+
 def decode_pool_command(verb: str, data: bytes) -> PoolCommand:
     """Bytes → the command for ``verb``; raises :class:`CommandError` with a clear message."""
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise CommandError("payload_too_large", f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    _guard(data, f"{verb} command")
     decoder = _DECODERS.get(verb)
     if decoder is None:
         raise CommandError("unknown_verb", f"unknown verb {verb!r}; known: {', '.join(POOL_COMMANDS)}")
@@ -49,24 +68,18 @@ def decode_pool_command(verb: str, data: bytes) -> PoolCommand:
             # A bare status request (e.g. `nats req poold.cmd.p.status ''`) needs no id: it changes nothing.
             return StatusCmd(command_id="status")
         data = b"{}"
-    try:
-        return decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        raise CommandError("bad_request", f"invalid {verb} command: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise CommandError("bad_request", f"malformed JSON in {verb} command: {exc}") from None
+    command: PoolCommand = _decode(decoder, data, f"{verb} command")
+    return command
 
 
 def decode_node_command(verb: str, data: bytes) -> NodeCommand:
-    if len(data) > MAX_PAYLOAD_BYTES:
-        raise CommandError("payload_too_large", f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    """Bytes → the node command for ``verb``; raises :class:`CommandError` with a clear message."""
+    _guard(data, f"node {verb} command")
     decoder = _NODE_DECODERS.get(verb)
     if decoder is None:
         raise CommandError("unknown_verb", f"unknown node verb {verb!r}; known: {', '.join(NODE_COMMANDS)}")
-    try:
-        return decoder.decode(data if data.strip() else b"{}")
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise CommandError("bad_request", f"invalid node {verb} command: {exc}") from None
+    command: NodeCommand = _decode(decoder, data if data.strip() else b"{}", f"node {verb} command")
+    return command
 
 
 _CODES: frozenset[str] = frozenset(get_args(RejectCode))

@@ -47,6 +47,7 @@ from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.log_integrity import scan_pool
 from pool_managerd.core.machine import Outcome, describe
 from pool_managerd.core.replies import rebuild_replies
+from pool_managerd.limits import json_problem
 from pool_managerd.messages import (
     HEALTH_DECODER,
     SCHEMA_VERSION,
@@ -863,6 +864,10 @@ class Daemon:
                 return
         except PoolManagerError as exc:
             reply = rejection(exc.code, exc.message)
+        except Exception:
+            # Never exception text on the wire (nats micro would send it as Nats-Service-Error).
+            log.exception("node command on %s failed", req.subject)
+            reply = rejection("internal", "internal error; see the daemon log")
         await self._respond(req, reply, "node", f"node-{self.node}")
 
     def _pools_page(self, cmd: PoolsCmd) -> bytes:
@@ -909,9 +914,12 @@ class Daemon:
             return  # our own prober's, shown to observers: the pool had it first
         try:
             pool = self.subjects.parse_health(msg.subject)
+            problem = json_problem(msg.data)
+            if problem is not None:
+                raise msgspec.DecodeError(problem[1])
             report = HEALTH_DECODER.decode(msg.data)
             validate_id(report.pool, "pool")
-        except (PoolManagerError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (PoolManagerError, msgspec.DecodeError, RecursionError) as exc:
             log.warning("ignored malformed health report on %s: %s", msg.subject, exc)
             self.metrics.health_ignored.inc()
             return
@@ -922,6 +930,7 @@ class Daemon:
             return
         if not runtime.health_report(report):
             self.metrics.health_ignored.inc()
+            self.metrics.health_outside_dropped.inc()
 
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 

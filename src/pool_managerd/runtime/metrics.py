@@ -75,6 +75,11 @@ class Metrics:
         self.health_ignored = Counter(
             "poold_health_reports_ignored_total", "Health reports for pools this daemon does not own", registry=r
         )
+        self.health_outside_dropped = Counter(
+            "poold_health_outside_dropped_total",
+            "Outside health reports dropped because the pool's outside lane was full (its own prober never is)",
+            registry=r,
+        )
         self.events = Counter("poold_events_total", "Events produced", ["pool"], registry=r)
         self._server: Any = None
         self._pools: dict[str, _PoolMetrics] = {}

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ import msgspec
 
 from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
+from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
 from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.effects import VerifyGpus
 from pool_managerd.core.errors import PoolManagerError, UnknownPool
-from pool_managerd.core.inputs import CommandInput, GpuChecked
+from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
 from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.lifecycle.preload import model_path, plan
 from pool_managerd.messages import (
@@ -29,6 +31,7 @@ from pool_managerd.messages import (
     Event,
     GpuSnapshot,
     HealthReport,
+    LeaseCmd,
     LogCorrupt,
     Placement,
     PoolCommand,
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 PoolReply = Accepted | Rejected | StatusReply
 
 PLAN_VERBS = frozenset({"preload", "reload"})
+
+LEASE_ID_BYTES = 18
+"""Random bytes in a lease id (144 bits, 24 URL-safe characters)."""
 
 
 class EventSink(Protocol):
@@ -149,6 +155,11 @@ class PoolRuntime:
             return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="fenced",
                             message=f"pool {pool!r} is fenced: another daemon writes its events")  # fmt: skip
         try:
+            check_command(self.lifecycle.pool(pool).definition, cmd)
+        except BadCommand as exc:
+            # Refused before the pool sees it: what the configuration does not allow changes nothing.
+            return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="bad_request", message=str(exc))
+        try:
             fut = actor.submit(
                 CommandInput(cmd),
                 needs_plan=verb in PLAN_VERBS,
@@ -198,30 +209,43 @@ class PoolRuntime:
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
         """Where our own prober's results go: straight to the pool (no round trip through NATS),
         then to ``health_out`` for observers when wired. A healthy probe that changes nothing
-        is absorbed without a step; any other is queued as the pool's next input."""
+        is absorbed without a step; any other is queued in the own-probe lane."""
         if not actor.absorb_probe(report):
-            actor.health_report(report)
+            actor.own_probe(report)
         if self.health_out is not None:
             self.health_out(report)
 
     # --- the world as the actors see it --------------------------------------------------------
 
-    async def context(self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None) -> Context:
+    async def context(
+        self, needs_plan: bool, pool: str, command_id: str | None, traceparent: str | None, inp: PoolInput | None = None
+    ) -> Context:
         now = self.options.clock()
         rand = self.options.rng.random()
+        cmd = inp.cmd if isinstance(inp, CommandInput) else None
+        # Drawn here, never taken from the wire: only the holder of the grant's reply knows it.
+        lease_id = secrets.token_urlsafe(LEASE_ID_BYTES) if isinstance(cmd, LeaseCmd) and cmd.lease_id is None else None
         if not needs_plan:
-            return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent)
+            return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent, new_lease_id=lease_id)
         snapshot, problem = self.snapshot_for(pool)
-        spec = self._spec_for_plan(pool)
+        spec = self._spec_for_plan(pool, cmd)
         engine = self.lifecycle.registry.get(pool).engine
         # A reload is checked while the old engine still runs: the port it holds is the pool's own.
         own_port = engine.port if engine is not None else None
         host = await asyncio.to_thread(_host_facts, spec, problem, own_port)
         return Context(now=now, rand=rand, command_id=command_id, traceparent=traceparent, snapshot=snapshot, host=host)
 
-    def _spec_for_plan(self, pool: str) -> EngineSpec:
+    def _spec_for_plan(self, pool: str, cmd: PoolCommand | None = None) -> EngineSpec:
+        """The spec whose binary and files preflight checks: the one ``cmd`` will run (a reload's
+        new model, say), not the one running now."""
         model = self.lifecycle.pool(pool)
-        return model.pending_spec or model.spec
+        current = model.pending_spec or model.spec
+        if cmd is None:
+            return current
+        try:
+            return requested_spec(model.definition, current, cmd)
+        except BadCommand:
+            return current  # the step refuses it with bad_request; nothing is placed
 
     def snapshot_for(self, pool: str) -> tuple[GpuSnapshot | None, Problem | None]:
         """The GPU snapshot a placement of ``pool`` decides against.
