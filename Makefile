@@ -70,6 +70,11 @@ schemas: $(STAMP)
 demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
 
+## fleet-demo: a 3-node NATS cluster with the shipped users, two daemons (one a standby), the
+## owner killed, the standby taking over, replay, the fleet table; --non-interactive without a tty
+fleet-demo: $(STAMP)
+	$(BIN)/pool-managerd fleet-demo
+
 ## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
 faults: $(STAMP)
 	$(BIN)/python bench/faults.py

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("pool_managerd.watch_cli", "live table of every pool, fed by the KV bucket and the event stream"),
     "dashboard": ("pool_managerd.dashboard_cli", "serve the web dashboard (a NATS websocket client) and print its URL"),
     "demo": ("pool_managerd.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
+    "fleet-demo": ("pool_managerd.fleet_demo", "two daemons on a 3-node NATS cluster: preload, owner killed, takeover"),
     "replay": ("pool_managerd.replay_cli", "rebuild pool states from the event log, check its invariants"),
     "export": ("pool_managerd.export_cli", "write the event stream as JSONL, replayable offline"),
     "nats-config": ("pool_managerd.nats_config_cli", "print the nats-server users and permissions (deploy/)"),
