@@ -173,6 +173,18 @@ class PoolConfig(_Strict):
     min_compute_capability: str | None = None
     engine_version: str | None = None
     restart: RestartConfig = Field(default_factory=RestartConfig)
+    standby: Annotated[list[str], Field(max_length=64)] = Field(default_factory=list)
+    """Nodes that take the pool over while running when its owner stops renewing its lease.
+    Empty: every node that configures the pool does. A node not named still claims the pool
+    when it is free (never claimed, released) or found unrenewed at its own start-up."""
+
+    @field_validator("standby")
+    @classmethod
+    def _valid_standby(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            if not ID_RE.fullmatch(node):
+                raise ValueError(f"{node!r} is not a valid node id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
+        return nodes
 
     @field_validator("id")
     @classmethod
@@ -321,6 +333,22 @@ class NatsConfig(_Strict):
         return self
 
 
+class OwnershipConfig(_Strict):
+    """The pools' ownership leases (README "Ownership"): how long one lasts unrenewed, and the
+    safety margin on each side (the owner stops ``margin`` before it lapses; others claim
+    ``margin`` after)."""
+
+    lease_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 2.0
+
+    @model_validator(mode="after")
+    def _margin_fits(self) -> OwnershipConfig:
+        if self.lease_margin_s * 2 >= self.lease_ttl_s:
+            raise ValueError(f"lease_margin_s ({self.lease_margin_s}) must be under half of lease_ttl_s "
+                             f"({self.lease_ttl_s})")  # fmt: skip
+        return self
+
+
 class DaemonConfig(BaseSettings):
     """The whole daemon configuration."""
 
@@ -341,6 +369,7 @@ class DaemonConfig(BaseSettings):
     on_shutdown: Literal["stop", "leave"] = "stop"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats: NatsConfig = Field(default_factory=NatsConfig)
+    ownership: OwnershipConfig = Field(default_factory=OwnershipConfig)
     pools: list[PoolConfig] = Field(default_factory=list)
 
     @field_validator("node")

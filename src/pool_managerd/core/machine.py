@@ -29,6 +29,7 @@ from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, ReleaseEng
 from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
 from pool_managerd.core.health import HealthState, assess
 from pool_managerd.core.inputs import (
+    ClaimInput,
     CommandInput,
     EngineAdoptedInput,
     EngineExitedInput,
@@ -36,6 +37,7 @@ from pool_managerd.core.inputs import (
     ExpireLeases,
     HealthInput,
     PoolInput,
+    ReleaseInput,
     RemoveInput,
     RestoreInput,
     SpawnFailed,
@@ -71,7 +73,9 @@ from pool_managerd.messages import (
     LeaseReleased,
     LifecycleReply,
     Placement,
+    PoolClaimed,
     PoolCommand,
+    PoolReleased,
     PoolState,
     PreloadCmd,
     PreloadRejected,
@@ -396,6 +400,8 @@ class PoolModel:
             command_id=command_id,
             traceparent=traceparent,
             fingerprint=self.fingerprint,
+            # A claim opens its epoch; every other event is written under the one held.
+            epoch=body.epoch if isinstance(body, PoolClaimed) else (self.value.epoch or None),
             body=body,
         )
         if isinstance(body, StateChanged):
@@ -722,6 +728,10 @@ class Lifecycle:
             return self.remove(pool, inp.drain_s, ctx)
         if isinstance(inp, ExpireLeases):
             return self.expire_leases(pool, ctx)
+        if isinstance(inp, ClaimInput):
+            return self.claim(pool, inp, ctx)
+        if isinstance(inp, ReleaseInput):
+            return self.release_ownership(pool, ctx)
         raise TypeError(f"not a pool input: {type(inp).__name__}")
 
     def _internal_error(
@@ -1027,6 +1037,27 @@ class Lifecycle:
             model.arm("backoff", remaining)
         if value.leases:
             self._arm_lease_expiry(model)
+        return self._end(model, None)
+
+    def claim(self, pool: str, inp: ClaimInput, ctx: Context) -> Outcome:
+        """This node holds the pool's ownership lease at ``inp.epoch``: record the claim. Taken
+        from another node, the pool starts here with nothing running (see :class:`PoolClaimed`),
+        and whatever that node's timers were waiting for is no concern of this one."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        previous = inp.previous_node
+        if previous is not None and previous != self.node:
+            model.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
+        model.emit(PoolClaimed(node=self.node, epoch=inp.epoch, previous_node=previous,
+                               previous_epoch=inp.previous_epoch, previous_state=model.state))  # fmt: skip
+        return self._end(model, None)
+
+    def release_ownership(self, pool: str, ctx: Context) -> Outcome:
+        """This node gives the pool's lease up (a graceful stop): the last event of its epoch."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        if model.value.epoch:
+            model.emit(PoolReleased(node=self.node, epoch=model.value.epoch))
         return self._end(model, None)
 
     def expire_leases(self, pool: str, ctx: Context) -> Outcome:
