@@ -41,6 +41,8 @@ from pool_managerd.messages import EVENT_DECODER, Accepted, DaemonStarted, Event
 NODES = ("node-a", "node-b")
 OWNER, STANDBY = NODES
 HEARTBEAT_S = 1.0
+LEASE_TTL_S = 4.0
+LEASE_MARGIN_S = 1.0
 GIB = 1 << 30
 
 CHAT: dict[str, Any] = {"id": "chat", "engine": "fake", "model": "llama-3.1-8b-q8", "model_bytes": 8 * GIB,
@@ -78,6 +80,9 @@ def daemon_config(node: str, run_dir: Path, urls: list[str], password: str, pool
     lines = [f"node = {_toml(node)}", f"run_dir = {_toml(str(run_dir))}", 'gpus = "sim:hetero-24g-48g"',
              f"heartbeat_s = {HEARTBEAT_S}", "", "[nats]", f"urls = {_toml(urls)}", "replicas = 3",
              'user = "daemon"', f"password = {_toml(password)}", "reconnect_wait_s = 0.2"]  # fmt: skip
+    if takeover_supported():
+        # Short leases so the takeover happens while you watch (the default lasts 15 s).
+        lines += ["", "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}"]
     for pool in pools:
         lines += ["", "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]
     return "\n".join(lines) + "\n"
@@ -253,9 +258,12 @@ class FleetTour:
         self.say(f"2. Two hosts: {OWNER} owns chat; {STANDBY} owns embed" +
                  (" and is chat's standby" if takeover else ""))  # fmt: skip
         password = creds["daemon"].password
-        self.start_daemon(OWNER, urls, password, [{**CHAT, "standby": [STANDBY]}] if takeover else [CHAT])
-        self.start_daemon(STANDBY, urls[::-1], password, [EMBED, *standby_chat])
+        # The owner first: a pool nobody has claimed yet goes to whichever node claims it first.
         for node in NODES:
+            if node == OWNER:
+                self.start_daemon(OWNER, urls, password, [{**CHAT, "standby": [STANDBY]}] if takeover else [CHAT])
+            else:
+                self.start_daemon(STANDBY, urls[::-1], password, [EMBED, *standby_chat])
             try:
                 await asyncio.wait_for(self.started[node].wait(), 60)
             except TimeoutError:
@@ -298,10 +306,13 @@ class FleetTour:
             print(f"   chat stays with its dead owner {OWNER}; commands to it time out until it comes back")
         await self.pause()
 
-        self.say("6. The whole history replays cleanly (pool-managerd replay: exit 0 = no broken invariant)")
+        self.say(
+            "6. The whole history replays cleanly (pool-managerd replay --check-live: exit 0 = no broken "
+            "invariant, and every rebuilt state equals its KV snapshot)"
+        )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pool_managerd", "replay", "--quiet", "--creds-dir", str(run_dir), "--role",
-            "viewer", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable, "-m", "pool_managerd", "replay", "--quiet", "--check-live", "--creds-dir", str(run_dir),
+            "--role", "viewer", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
         for line in out.decode().strip().splitlines()[-6:]:
