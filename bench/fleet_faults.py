@@ -14,7 +14,9 @@ Checked after the run (each a count that must be 0):
 * **applied twice**: a retried command id granted or released a lease twice;
 * **not reconnected**: a daemon not connected to a surviving server within the deadline after
   its server was killed (read from each survivor's ``/connz``);
-* **not rejoined**: the restarted server not a current replica of the stream and the bucket.
+* **not rejoined**: the restarted server not a current replica of the stream and the buckets;
+* **ownership changes**: a pool claimed by another node, or claimed again, because a server died
+  (an owner must keep renewing its lease through the survivors).
 
 Figures: commands, retries (attempts beyond the first), and per kill the recovery time (kill →
 both daemons connected to survivors and answering status) and the rejoin time (restart → every
@@ -42,10 +44,10 @@ import nats
 from nats.aio.client import Client as NATS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import Wire, _toml, log_checks
+from faults import Wire, _toml, log_checks  # a sibling bench script, not a package
 from pool_managerd.adapters.event_log import KV_BUCKET, read_events
-from pool_managerd.messages import REPLY_DECODER, Accepted, DaemonStarted, Event, Rejected, StatusReply
-from pool_managerd.subjects import STREAM_NAME, Subjects
+from pool_managerd.messages import REPLY_DECODER, Accepted, DaemonStarted, Event, PoolClaimed, Rejected, StatusReply
+from pool_managerd.subjects import OWNERS_BUCKET, STREAM_NAME, Subjects
 from pool_managerd.testing.nats_cluster import NatsCluster
 
 NODES = ("node-a", "node-b")
@@ -56,6 +58,10 @@ RECOVER_S = 30.0
 
 def _pool(node: str) -> str:
     return f"load-{node.removeprefix('node-')}"
+
+
+def _owner(pool: str | None) -> str:
+    return f"node-{(pool or '').removeprefix('load-')}"
 
 
 class FleetRig:
@@ -202,7 +208,7 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
             await rig.until_ready(pool)
         assert rig.nc is not None
         js = rig.nc.jetstream()
-        streams = (STREAM_NAME, f"KV_{KV_BUCKET}")
+        streams = (STREAM_NAME, f"KV_{KV_BUCKET}", f"KV_{OWNERS_BUCKET}")
         for stream in streams:
             await rig.cluster.wait_stream_current(js, stream)
         rig.retries = 0
@@ -271,16 +277,28 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
         stored = {(e.pool, e.seq) for e in events}
         lost = sum(1 for r in replies for s in range(r.seq, max(r.seq, r.last_seq) + 1) if (r.pool, s) not in stored)
         checks = log_checks(events)
+        # A server dying must not cost an owner its lease: one claim per pool, by its own node.
+        claims = [(e.pool, e.body.node) for e in events if isinstance(e.body, PoolClaimed)]
+        ownership_changes = sum(1 for pool, node in claims if node != _owner(pool)) + max(0, len(claims) - len(pools))
         rcs = [await rig.terminate(node) for node in NODES]
     return {"kills": kills, "commands": sent, "accepted": len(replies), "retries": rig.retries,
             "events": len(events), **checks, "lost_events": lost, "not_reconnected": not_reconnected,
-            "not_rejoined": not_rejoined, "daemons_moved": sorted(moved),
+            "not_rejoined": not_rejoined, "daemons_moved": sorted(moved), "ownership_changes": ownership_changes,
             "exit_status": max(rcs)}  # fmt: skip
 
 
 def problems(result: dict[str, Any]) -> list[str]:
     """Every broken invariant of a run, by name."""
-    keys = ("gaps", "duplicates", "applied_twice", "lost_events", "not_reconnected", "not_rejoined", "exit_status")
+    keys = (
+        "gaps",
+        "duplicates",
+        "applied_twice",
+        "lost_events",
+        "not_reconnected",
+        "not_rejoined",
+        "ownership_changes",
+        "exit_status",
+    )
     bad = [f"{key}={result[key]}" for key in keys if result[key]]
     if len(result["kills"]) != 3:
         bad.append(f"kills={len(result['kills'])}")
@@ -300,7 +318,8 @@ def report(result: dict[str, Any]) -> str:
         f"{result['commands']} commands, {result['accepted']} accepted, {result['retries']} retries, "
         f"{result['events']} events; lost {result['lost_events']}, gaps {result['gaps']}, "
         f"dups {result['duplicates']}, applied twice {result['applied_twice']}, "
-        f"not reconnected {result['not_reconnected']}, not rejoined {result['not_rejoined']}; "
+        f"not reconnected {result['not_reconnected']}, not rejoined {result['not_rejoined']}, "
+        f"ownership changes {result['ownership_changes']}; "
         f"daemons that moved server: {', '.join(result['daemons_moved']) or 'none'}"
     )
     return "\n".join(lines)
