@@ -253,6 +253,7 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
                 recovery = time.monotonic() - t0
                 # A write through the survivors: the stream (and its leader, if it was there) is back.
                 for pool in pools:
+                    sent += 1
                     probe = await rig.request(pool, "lease", {"command_id": f"probe-{index}-{pool}", "ttl_s": 1.0})
                     if isinstance(probe, Accepted):
                         replies.append(probe)
