@@ -110,3 +110,17 @@ async def test_two_daemons_on_the_cluster_serve_their_pools_through_any_server(
     kv = await nc.jetstream().stream_info(f"KV_{KV_BUCKET}")
     assert kv.config.num_replicas == 3
     await asyncio.sleep(0)  # ok: one loop turn so the daemons' flushes settle before teardown
+
+
+async def test_two_daemons_starting_at_once_on_a_fresh_cluster_both_start(
+    nats_cluster: NatsCluster, start_daemon: StartDaemon
+) -> None:
+    # Both create the replicated stream and buckets at the same moment; the create answered first
+    # used to meet a bucket with no leader yet, and its first read timed out the start-up.
+    opts = {"replicas": 3}
+    a, b = await asyncio.gather(
+        start_daemon(nats_cluster.urls, node="node-a", pools=[{"id": "alpha", **FAKE}], nats_options=opts),
+        start_daemon(nats_cluster.urls[::-1], node="node-b", pools=[{"id": "beta", **FAKE}], nats_options=opts),
+    )
+    assert a.ready.is_set() and b.ready.is_set()
+    assert a.fenced == {} and b.fenced == {}
