@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pool_managerd.fleet_demo import takeover_supported
+from pool_managerd.cli.fleet_demo import takeover_supported
 
 
 @pytest.mark.timeout(180)

@@ -12,7 +12,7 @@ A node is ``live`` when it answers discovery and its last beat is younger than
 :data:`STALE_BEATS` of its own periods; ``stale`` when the beat is older (a paused or cut-off
 host, or one whose NATS link is down); ``silent`` when its beat is fresh but it did not answer
 discovery in time; ``stopped`` when its last word was ``daemon_stopping``. Used by
-``pool-managerd ctl nodes``, ``ctl pools`` (no ``--node``), ``watch`` and ``fleet-demo``.
+``pool-managerd ctl nodes``, ``ctl pools`` (no ``--node``), ``watch`` and ``fleet-demo`` (``pool_managerd.cli``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from pool_managerd.adapters.event_log import SnapshotStore
+from pool_managerd.cli.format import format_age, format_clock, table
 from pool_managerd.client import NodeInfo, PoolClient
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.ctl_cli import format_age, format_clock, table
 from pool_managerd.messages import EVENT_DECODER, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
 from pool_managerd.placement import format_bytes
 from pool_managerd.subjects import ID_RE, KV_BUCKET, STREAM_NAME, Subjects
