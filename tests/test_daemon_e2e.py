@@ -102,8 +102,8 @@ async def test_preload_is_accepted_events_flow_and_the_pool_becomes_ready(
     events = await follow(nc_fresh)
     reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": "p-1"})
     assert isinstance(reply, Accepted)
-    # seq 1 is the pool's first claim of its ownership lease, written at start-up.
-    assert (reply.command_id, reply.state, reply.seq) == ("p-1", "preloading", 2)
+    # The pool's first event is its ownership claim, written with the step that first uses it.
+    assert (reply.command_id, reply.state, reply.seq, reply.last_seq) == ("p-1", "preloading", 1, 2)
     await events.wait(reached("chat", "ready"))
     assert [(c.src, c.dst) for c in events.state_changes("chat")] == [
         ("unready", "preloading"),
