@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from pool_managerd import ctl_cli
 from pool_managerd.adapters.event_log import read_events
 from pool_managerd.adapters.process import pid_alive
+from pool_managerd.cli import ctl as ctl_cli
+from pool_managerd.cli.format import format_age, format_event, short_uuid
 from pool_managerd.client import CommandReply, PoolClient
 from pool_managerd.config import load_config
 from pool_managerd.messages import (
@@ -425,8 +426,8 @@ def test_event_lines_are_readable() -> None:
         pool="chat",
         body=StateChanged(trigger="preload_failed", src="preloading", dst="restarting", reason="exit 1", delay_s=1.5),
     )
-    line = ctl_cli.format_event(event)
+    line = format_event(event)
     assert line.endswith("  chat  state_changed  preload_failed preloading → restarting (exit 1; delay 1.50s)")
     assert line[:12].count(":") == 2 and line[8] == "."
-    assert ctl_cli.format_age(0.42) == "0.4s" and ctl_cli.format_age(185) == "3m05s"
-    assert ctl_cli.short_uuid("GPU-4090c0de-0000-4000-8000-000000000024") == "GPU-4090c0de"
+    assert format_age(0.42) == "0.4s" and format_age(185) == "3m05s"
+    assert short_uuid("GPU-4090c0de-0000-4000-8000-000000000024") == "GPU-4090c0de"

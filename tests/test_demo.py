@@ -9,8 +9,10 @@ from pathlib import Path
 
 def test_demo_runs_to_completion_non_interactively(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    # A prefix other than the default: the tour must follow the configuration, not "poold.".
+    demo = ["demo", "--non-interactive", "--run-dir", str(run_dir), "--prefix", "tour"]
     result = subprocess.run(
-        [sys.executable, "-m", "pool_managerd", "demo", "--non-interactive", "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "pool_managerd", *demo],
         capture_output=True,
         text=True,
         timeout=120,
@@ -30,7 +32,8 @@ def test_demo_runs_to_completion_non_interactively(tmp_path: Path) -> None:
     # The embedded server enforced the shipped accounts, and the tour needed nothing they refuse.
     assert (run_dir / "auth" / "admin.json").is_file()
     server_log = (run_dir / "nats.log").read_text()
-    assert "authorization" in (run_dir / "nats" / "nats-server.conf").read_text()
+    server_conf = (run_dir / "nats" / "nats-server.conf").read_text()
+    assert "authorization" in server_conf and '"tour.cmd.' in server_conf and '"poold.' not in server_conf
     assert "Violation" not in server_log, server_log[-3000:]
     # The web dashboard was served against the embedded server's websocket listener.
     assert "dashboard: http://127.0.0.1:" in out

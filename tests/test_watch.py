@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from pool_managerd import watch_cli
 from pool_managerd.adapters.event_log import SnapshotStore
+from pool_managerd.cli import watch as watch_cli
+from pool_managerd.cli.format import format_clock, render_table
 from pool_managerd.client import PoolClient
 from pool_managerd.messages import (
     Accepted,
@@ -68,7 +69,7 @@ def test_render_table_rows() -> None:
     idle = PoolSnapshot(pool="embed", node="n2", state="unready", seq=3, slots_total=1, updated_at=NOW - 125,
                         last_event="state_changed")  # fmt: skip
     lease = _event("chat", 7, NOW - 2.5, LeaseGranted(lease_id="l-1", expires_at=NOW + 60, active=1))
-    text = watch_cli.render_table({"embed": idle, "chat": _ready()}, {"chat": lease}, NOW)
+    text = render_table({"embed": idle, "chat": _ready()}, {"chat": lease}, NOW)
     lines = text.splitlines()
     assert lines[0].startswith("pool-managerd: 2 pool(s) at ")
     assert lines[1].split() == ["POOL", "NODE", "STATE", "PID", "PORT", "GPUS", "LEASES", "RESTARTS", "LAST", "EVENT",
@@ -86,22 +87,22 @@ def test_render_table_rows() -> None:
 def test_render_table_prefers_the_newest_event() -> None:
     snap = _ready()
     stale = _event("chat", 5, NOW - 30, StateChanged(trigger="engine_ready", src="preloading", dst="ready"))
-    text = watch_cli.render_table({"chat": snap}, {"chat": stale}, NOW)
+    text = render_table({"chat": snap}, {"chat": stale}, NOW)
     # The snapshot (seq 7) knows a newer event than the one given (seq 5).
     assert rows_of(text, "chat")[0][-2:] == ["lease_granted", "5.0s"]
     fresh = _event("chat", 8, NOW - 0.2, StateChanged(trigger="drain", src="ready", dst="draining", reason="op"))
-    text = watch_cli.render_table({"chat": snap}, {"chat": fresh}, NOW)
+    text = render_table({"chat": snap}, {"chat": fresh}, NOW)
     assert "state_changed drain ready → draining (op)" in text and text.splitlines()[2].endswith("0.2s")
 
 
 def test_render_table_empty_and_long_events() -> None:
-    assert watch_cli.render_table({}, {}, NOW, title="node n1").splitlines() == [
-        f"node n1: 0 pool(s) at {watch_cli.format_clock(NOW)}",
+    assert render_table({}, {}, NOW, title="node n1").splitlines() == [
+        f"node n1: 0 pool(s) at {format_clock(NOW)}",
         "(no pools)",
     ]
     spawned = _event("chat", 9, NOW, EngineSpawned(pid=1, pgid=1, port=2, argv=[], cuda_visible_devices=GPU_A * 3))
     snap = PoolSnapshot(pool="chat", seq=9)
-    text = watch_cli.render_table({"chat": snap}, {"chat": spawned}, NOW)
+    text = render_table({"chat": snap}, {"chat": spawned}, NOW)
     assert "…" in text and "*" not in text  # clipped; not simulated
     assert max(len(line) for line in text.splitlines()) < 120
 

@@ -1,5 +1,5 @@
 """``python -m pool_managerd`` runs the ``pool-managerd`` command."""
 
-from pool_managerd.cli import main
+from pool_managerd.cli.main import main
 
 raise SystemExit(main())

@@ -4,34 +4,37 @@ An embedded nats-server, the simulated ``sim:hetero-24g-48g`` inventory (a 24 Gi
 GPU of different generations) and the shipped fake engine, driven over NATS exactly as a client
 service would: preload three pools (placement plans shown), drain one with a lease held, reload
 one, crash one and watch supervision restart it, then print the state table. Every event is
-printed as it arrives on ``poold.evt.>``.
+printed as it arrives on ``<prefix>.evt.>``. The tour is a client like any other: it goes through
+:class:`~pool_managerd.client.PoolClient` on the configured prefix (``--prefix``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from pool_managerd.client import EventStream, PoolClient
 from pool_managerd.messages import (
-    REPLY_DECODER,
     Accepted,
     Event,
     InventoryReply,
     PoolSnapshot,
+    PoolsReply,
     Rejected,
     StateChanged,
     StatusReply,
 )
+from pool_managerd.subjects import DEFAULT_PREFIX
 
 GIB = 1 << 30
 
@@ -49,8 +52,8 @@ POOLS: list[dict[str, Any]] = [
 class Tour:
     """The scripted client side of the demo."""
 
-    def __init__(self, nc: Any, node: str, interactive: bool) -> None:
-        self.nc = nc
+    def __init__(self, client: PoolClient, node: str, interactive: bool) -> None:
+        self.client = client
         self.node = node
         self.interactive = interactive
         self.t0 = time.time()
@@ -65,8 +68,7 @@ class Tour:
         if self.interactive:
             await asyncio.get_running_loop().run_in_executor(None, input, "   (press Enter to continue) ")
 
-    async def on_event(self, msg: Any) -> None:
-        event = msgspec.json.decode(msg.data, type=Event)
+    async def on_event(self, event: Event) -> None:
         body = event.body
         stamp = f"{event.ts - self.t0:7.3f}s"
         if isinstance(body, StateChanged):
@@ -82,15 +84,13 @@ class Tour:
             line = f"{event.type:<15} " + " ".join(f"{k}={v}" for k, v in fields.items())
         print(f"   {stamp}  {event.pool or 'node':<8} #{event.seq:<3} {line}", flush=True)
 
-    async def request(self, subject: str, payload: dict[str, Any] | None = None) -> Any:
-        body = msgspec.json.encode(payload) if payload is not None else b""
-        msg = await self.nc.request(subject, body, timeout=10)
-        return REPLY_DECODER.decode(msg.data)
+    async def follow(self, stream: EventStream) -> None:
+        """Print every event of ``stream`` (already subscribed) until cancelled."""
+        async for event in stream:
+            await self.on_event(event)
 
     async def cmd(self, pool: str, verb: str, **fields: Any) -> Accepted | Rejected | StatusReply:
-        fields.setdefault("command_id", uuid.uuid4().hex)
-        reply = await self.request(f"poold.cmd.{pool}.{verb}", fields)
-        assert isinstance(reply, Accepted | Rejected | StatusReply)
+        reply = await self.client.command(pool, verb, **fields)
         if isinstance(reply, Rejected):
             print(f"   -> {verb} {pool}: rejected {reply.code}: {reply.message}", flush=True)
         elif isinstance(reply, Accepted):
@@ -98,8 +98,9 @@ class Tour:
         return reply
 
     async def status(self, pool: str) -> PoolSnapshot:
-        reply = await self.request(f"poold.cmd.{pool}.status")
-        assert isinstance(reply, StatusReply)
+        reply = await self.client.status(pool)
+        if not isinstance(reply, StatusReply):
+            raise RuntimeError(f"status {pool}: {reply.code}: {reply.message}")
         return reply.pool
 
     async def wait_state(self, pool: str, state: str, timeout: float = 20.0) -> bool:
@@ -116,8 +117,9 @@ class Tour:
             return False
 
     async def run(self) -> None:
-        inv = await self.request(f"poold.node.{self.node}.cmd.inventory")
-        assert isinstance(inv, InventoryReply)
+        inv = await self.client.node(self.node, "inventory")
+        if not isinstance(inv, InventoryReply):
+            raise RuntimeError(f"inventory of node {self.node}: {inv}")
         self.say(f"GPU inventory of node {self.node} ({inv.gpus.source}, simulated={inv.gpus.simulated})")
         for gpu in inv.gpus.gpus:
             cc = ".".join(map(str, gpu.compute_capability))
@@ -167,7 +169,9 @@ class Tour:
         await self.pause()
 
         self.say("5. The pools now")
-        reply = await self.request(f"poold.node.{self.node}.cmd.pools")
+        reply = await self.client.node(self.node, "pools")
+        if not isinstance(reply, PoolsReply):
+            raise RuntimeError(f"pools of node {self.node}: {reply}")
         print(f"   {'pool':<10} {'state':<11} {'model':<20} {'GPUs':<5} {'leases':<7} {'restarts':<9} last event")
         for snap in reply.pools:
             gpus = len(snap.device_mask)
@@ -186,7 +190,7 @@ async def _main(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="poold-demo-")
         run_dir = Path(tmp.name)
     config = load_config(None, node="demo", run_dir=run_dir, gpus="sim:hetero-24g-48g", pools=POOLS,
-                         heartbeat_s=10.0, nats={"urls": []})  # fmt: skip
+                         heartbeat_s=10.0, nats={"urls": [], "prefix": args.prefix})  # fmt: skip
     daemon = Daemon(config)
     print("pool-managerd demo: embedded NATS, simulated GPUs (sim:hetero-24g-48g), fake engines", flush=True)
     await daemon.start()
@@ -200,23 +204,30 @@ async def _main(args: argparse.Namespace) -> int:
     nc = await nats.connect(daemon.url, name="pool-managerd-demo", user=creds.user, password=creds.password,
                             inbox_prefix=creds.inbox_prefix)  # fmt: skip
     dashboard = _start_dashboard(args, daemon.ws_url, config.nats.prefix, load_credentials(run_dir, "operator"))
-    tour = Tour(nc, config.node, args.interactive)
-    sub = await nc.subscribe("poold.evt.>", cb=tour.on_event)
+    tour = Tour(PoolClient(nc, prefix=config.nats.prefix, timeout=10.0), config.node, args.interactive)
+    # Subscribed before the first command, so the tour sees every event it causes.
+    events = tour.client.events()
+    await events.start()
+    follower = asyncio.create_task(tour.follow(events))
     code = 0
     try:
         await tour.run()
         if args.duration > 0:
+            prefix_opt = f" --prefix {args.prefix}" if args.prefix != DEFAULT_PREFIX else ""
             where = f"\n   the dashboard: {dashboard.url}" if dashboard is not None else ""
             print(f"\nThe daemon keeps running for {args.duration:g} s at {daemon.url}; try:{where}\n"
-                  f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}\n"
-                  f"   pool-managerd watch --creds-dir {run_dir}", flush=True)  # fmt: skip
+                  f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}{prefix_opt}\n"
+                  f"   pool-managerd watch --creds-dir {run_dir}{prefix_opt}", flush=True)  # fmt: skip
             await asyncio.sleep(args.duration)
         code = 1 if tour.failures else 0
         if args.interactive and dashboard is not None:
             tour.say(f"The dashboard stays up at {dashboard.url} until you press Enter")
             await tour.pause()
     finally:
-        await sub.unsubscribe()
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await events.close()
         await nc.close()
         if dashboard is not None:
             dashboard.stop()
@@ -255,6 +266,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve the web dashboard on this port (0: any free one; default %(default)s)")  # fmt: skip
     parser.add_argument("--no-dashboard", dest="dashboard_port", action="store_const", const=None,
                         help="do not serve the web dashboard")  # fmt: skip
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="NATS subject prefix (default %(default)s)")
     parser.add_argument("--duration", type=float, default=0.0, help="keep serving this long after the tour")
     parser.add_argument("--run-dir", type=Path, help="keep the run dir (logs, NATS store) here")
     mode = parser.add_mutually_exclusive_group()

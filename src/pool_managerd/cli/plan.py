@@ -19,6 +19,7 @@ import msgspec
 
 from pool_managerd.adapters.gpu_profiles import GpuSourceError, list_profiles, load_gpu_source
 from pool_managerd.adapters.nvml import GpuUnavailable
+from pool_managerd.cli.format import table
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.messages import GpuSnapshot, Placement
 from pool_managerd.placement import (
@@ -62,15 +63,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan (or the error) as JSON")
 
 
-def _table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for r in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        out.append("  ".join(cells).rstrip())
-    return out
-
-
 def _render(snapshot: GpuSnapshot, placement: Placement, model: int, context: int, headroom: int) -> str:
     devices = {d.uuid: d for d in snapshot_devices(snapshot)}
     sim = " (SIMULATED)" if snapshot.simulated else ""
@@ -96,7 +88,7 @@ def _render(snapshot: GpuSnapshot, placement: Placement, model: int, context: in
                 format_bytes(d.memory_free - headroom - budget),
             ]
         )
-    lines += _table(rows, right={0, 4, 5, 6, 7})
+    lines += table(rows, right=frozenset({0, 4, 5, 6, 7}))
     tp = str(placement.tp_size) if placement.tp_size is not None else "(n/a: policy is not equal)"
     lines += [
         "",

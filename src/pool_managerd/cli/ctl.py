@@ -20,19 +20,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO, cast, get_args
 
-import msgspec
-
-from pool_managerd.cli_connect import (
+from pool_managerd.cli.connect import (
     TargetError,
     add_connection_arguments,
     connect,
     resolve_target,
+)
+from pool_managerd.cli.format import (
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    format_age,
+    format_clock,
+    format_event,
+    render_table,
+    short_uuid,
+    silence,
+    table,
 )
 from pool_managerd.client import CommandReply, NodeReply, PermissionDenials, PoolClient, WaitResult
 from pool_managerd.core.errors import PoolManagerError
@@ -40,43 +50,18 @@ from pool_managerd.messages import (
     NODE_COMMANDS,
     POOL_COMMANDS,
     Accepted,
-    BackoffScheduled,
-    CommandRejected,
-    DaemonStarted,
-    DaemonStopping,
-    DrainForced,
-    EngineAdopted,
-    EngineExited,
-    EngineSpawned,
     Event,
-    HealthChanged,
     InventoryReply,
-    LeaseExpired,
-    LeaseGranted,
-    LeaseReleased,
     LifecycleReply,
-    NodeHeartbeat,
-    OrphanReaped,
-    PoolFenced,
     PoolSnapshot,
     PoolsReply,
     PoolState,
-    PreloadRejected,
     Rejected,
-    ReloadRolledBack,
-    RestartLimitReached,
-    StateChanged,
     StatusReply,
     encode,
 )
 from pool_managerd.placement import format_bytes
 from pool_managerd.subjects import Subjects
-
-EXIT_OK = 0
-EXIT_REJECTED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
 NODE_VERBS: tuple[str, ...] = tuple(NODE_COMMANDS)
@@ -204,117 +189,8 @@ def wait_target(args: argparse.Namespace) -> PoolState | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Formatting (shared with ``watch``)
+# Formatting
 # --------------------------------------------------------------------------------------------
-
-
-def short_uuid(uuid: str) -> str:
-    """``GPU-4090c0de-0000-...`` → ``GPU-4090c0de``; anything without a dash is kept."""
-    head, sep, rest = uuid.partition("-")
-    return f"{head}{sep}{rest[:8]}" if sep else uuid
-
-
-def format_age(seconds: float) -> str:
-    """A compact age: ``0.4s``, ``12s``, ``3m05s``, ``2h01m``, ``3d04h``."""
-    s = max(0.0, seconds)
-    if s < 10:
-        return f"{s:.1f}s"
-    if s < 60:
-        return f"{s:.0f}s"
-    m, sec = divmod(int(s), 60)
-    if m < 60:
-        return f"{m}m{sec:02d}s"
-    h, m = divmod(m, 60)
-    if h < 24:
-        return f"{h}h{m:02d}m"
-    d, h = divmod(h, 24)
-    return f"{d}d{h:02d}h"
-
-
-def format_clock(ts: float) -> str:
-    """Local wall-clock time with milliseconds: ``14:03:07.412``."""
-    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int((ts % 1) * 1000):03d}"
-
-
-def event_detail(event: Event) -> str:
-    """What happened, in a few words, without the event name (``preload unready → preloading``)."""
-    b = event.body
-    match b:
-        case StateChanged():
-            text = f"{b.trigger} {b.src} → {b.dst}"
-            extra = [b.reason] if b.reason else []
-            if b.delay_s is not None:
-                extra.append(f"delay {b.delay_s:.2f}s")
-            if b.exit_code is not None:
-                extra.append(f"exit {b.exit_code}")
-            if b.leases_left and not b.reason:
-                extra.append(f"{b.leases_left} lease(s) left")
-            if b.reload:
-                extra.append("reload")
-            return text + (f" ({'; '.join(extra)})" if extra else "")
-        case PreloadRejected():
-            return f"{b.code}: {b.message}"
-        case CommandRejected():
-            return f"{b.verb} {b.code}: {b.message}"
-        case EngineSpawned():
-            return f"pid {b.pid} port {b.port} attempt {b.attempt} CUDA_VISIBLE_DEVICES={b.cuda_visible_devices}"
-        case EngineExited():
-            how = f"signal {b.signal}" if b.signal is not None else f"exit {b.exit_code}"
-            return (
-                f"pid {b.pid} {how}"
-                + (" (expected)" if b.expected else "")
-                + (f" during {b.during}" if b.during else "")
-            )
-        case EngineAdopted():
-            return f"pid {b.pid} port {b.port}"
-        case BackoffScheduled():
-            return f"attempt {b.attempt} in {b.delay_s:.2f}s: {b.reason}"
-        case RestartLimitReached():
-            return f"{b.restarts} restarts in {b.window_s:g}s: {b.reason}"
-        case LeaseGranted():
-            return f"{b.lease_id} active {b.active}" + (f" holder {b.holder}" if b.holder else "")
-        case LeaseReleased() | LeaseExpired():
-            return f"{b.lease_id} active {b.active}"
-        case DrainForced():
-            return f"{b.leases_left} lease(s) left at the {b.deadline_s:g}s deadline"
-        case ReloadRolledBack():
-            return b.reason
-        case HealthChanged():
-            text = f"live={str(b.live).lower()} ready={str(b.ready).lower()}"
-            return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
-        case PoolFenced():
-            return b.reason
-        case OrphanReaped():
-            return f"pid {b.pid} pgid {b.pgid}" + (f" pool {b.pool}" if b.pool else "")
-        case DaemonStarted():
-            return f"version {b.version} pools {','.join(b.pools) or '-'}" + (" simulated" if b.simulated else "")
-        case DaemonStopping():
-            return b.reason
-        case NodeHeartbeat():
-            pools = ", ".join(f"{n} {state}" for state, n in sorted(b.states.items()))
-            return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}" + (
-                f"; pools: {pools}" if pools else ""
-            )
-    raw = msgspec.to_builtins(b)
-    return " ".join(f"{k}={v}" for k, v in raw.items() if k != "type")
-
-
-def format_event(event: Event) -> str:
-    """One readable line: time, pool (or node), event type, what happened."""
-    who = event.pool or f"node:{event.node}"
-    return f"{format_clock(event.ts)}  {who}  {event.type}  {event_detail(event)}"
-
-
-def table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
-    """Left-aligned columns (``right`` ones right-aligned), two spaces apart, no trailing blanks."""
-    if not rows:
-        return []
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for r in rows:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        out.append("  ".join(cells).rstrip())
-    return out
 
 
 def format_status(snap: PoolSnapshot, now: float) -> str:
@@ -416,15 +292,6 @@ def _print(text: str, out: TextIO | None = None) -> None:
         silence(stream)
 
 
-def silence(stream: TextIO) -> None:
-    """The reader went away (``| head``): send the rest of ``stream`` to /dev/null."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, stream.fileno())
-    finally:
-        os.close(devnull)
-
-
 def _print_reply(reply: CommandReply | NodeReply, as_json: bool) -> None:
     now = time.time()
     if as_json:
@@ -438,8 +305,6 @@ def _print_reply(reply: CommandReply | NodeReply, as_json: bool) -> None:
         case StatusReply():
             _print(format_status(reply.pool, now))
         case PoolsReply():
-            from pool_managerd.watch_cli import render_table
-
             _print(render_table({s.pool: s for s in reply.pools}, {}, now, title=f"node {reply.node}"))
         case InventoryReply():
             _print(format_inventory(reply))
@@ -510,8 +375,6 @@ async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
         good = good[:1]
     if args.verb == "pools" and not args.json and len(good) > 1:
         merged = {s.pool: s for r in good if isinstance(r, PoolsReply) for s in r.pools}
-        from pool_managerd.watch_cli import render_table
-
         nodes = ", ".join(r.node for r in good if isinstance(r, PoolsReply))
         _print(render_table(merged, {}, time.time(), title=f"nodes {nodes}"))
         return EXIT_OK
@@ -568,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m pool_managerd.ctl_cli``: the same as ``pool-managerd ctl``."""
+    """``python -m pool_managerd.cli.ctl``: the same as ``pool-managerd ctl``."""
     parser = argparse.ArgumentParser(prog="pool-managerd ctl")
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import msgspec
 
-from pool_managerd.cli_connect import add_auth_arguments
+from pool_managerd.cli.connect import add_auth_arguments
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.core.fold import Fold
 from pool_managerd.core.state import PoolValue
@@ -77,7 +77,7 @@ def read_file(path: Path, sel: Selection) -> Iterator[tuple[int, Event]]:
 
 
 async def _connect(args: argparse.Namespace) -> Any:
-    from pool_managerd.cli_connect import connect, resolve_target
+    from pool_managerd.cli.connect import connect, resolve_target
 
     return await connect(resolve_target(args, "viewer"), 5.0)
 

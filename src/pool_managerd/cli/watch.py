@@ -21,7 +21,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
 
 import msgspec
 import nats.errors
@@ -30,29 +29,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from pool_managerd.adapters.event_log import SnapshotStore, last_event
-from pool_managerd.cli_connect import TargetError, add_connection_arguments, connect, resolve_target
+from pool_managerd.cli.connect import TargetError, add_connection_arguments, connect, resolve_target
+from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, render_table, silence
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.ctl_cli import (
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    event_detail,
-    format_age,
-    format_clock,
-    short_uuid,
-    silence,
-    table,
-)
 from pool_managerd.messages import EVENT_DECODER, Event, PoolSnapshot
 from pool_managerd.subjects import KV_BUCKET, Subjects
 
 MIN_REDRAW_S = 0.1
 """Redraws are at least this far apart, however fast events arrive."""
 
-_LAST_EVENT_WIDTH = 48
 _CLEAR = "\x1b[H\x1b[2J"
-
-HEADERS = ["POOL", "NODE", "STATE", "PID", "PORT", "GPUS", "LEASES", "RESTARTS", "LAST EVENT", "AGE"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,82 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--interval", type=float, default=1.0, metavar="S", help="on a terminal, redraw at least every S s (default 1)"
     )
     parser.add_argument("--bucket", default=KV_BUCKET, help=f"KV bucket of pool snapshots (default {KV_BUCKET})")
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering (pure)
-# --------------------------------------------------------------------------------------------
-
-
-def _gpus(snap: PoolSnapshot) -> str:
-    uuids = snap.placement.uuids if snap.placement is not None else snap.device_mask
-    if not uuids:
-        return "-"
-    text = ",".join(short_uuid(u) for u in uuids)
-    mask = snap.placement.mask if snap.placement is not None else []
-    if mask and mask != uuids:
-        text = f"{','.join(mask)}={text}"
-    return text + ("*" if snap.simulated or (snap.placement is not None and snap.placement.simulated) else "")
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _last_event(snap: PoolSnapshot, event: Event | None, now: float) -> tuple[str, str]:
-    if event is not None and event.seq >= snap.seq:
-        return _clip(f"{event.type} {event_detail(event)}", _LAST_EVENT_WIDTH), format_age(now - event.ts)
-    if snap.last_event:
-        return snap.last_event, format_age(now - snap.updated_at) if snap.updated_at else "-"
-    return "-", "-"
-
-
-def render_table(
-    snapshots: Mapping[str, PoolSnapshot],
-    last_events: Mapping[str, Event],
-    now: float,
-    *,
-    title: str = "pool-managerd",
-) -> str:
-    """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
-
-    ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer
-    event than the one given shows the snapshot's event name and age instead. GPUs are shown as
-    shortened UUIDs (``GPU-4090c0de``), prefixed by the mask when it differs, with ``*`` when the
-    inventory is simulated.
-    """
-    lines = [f"{title}: {len(snapshots)} pool(s) at {format_clock(now)}"]
-    if not snapshots:
-        return "\n".join([*lines, "(no pools)"])
-    rows = [HEADERS]
-    simulated = False
-    for pool in sorted(snapshots):
-        snap = snapshots[pool]
-        engine = snap.engine
-        last, age = _last_event(snap, last_events.get(pool), now)
-        gpus = _gpus(snap)
-        simulated = simulated or gpus.endswith("*")
-        restarts = str(snap.restarts) + (f" ({snap.crashes} crash)" if snap.crashes == 1 else "")
-        if snap.crashes > 1:
-            restarts = f"{snap.restarts} ({snap.crashes} crashes)"
-        rows.append(
-            [
-                snap.pool,
-                snap.node or "-",
-                snap.state,
-                str(engine.pid) if engine else "-",
-                str(engine.port) if engine else "-",
-                gpus,
-                f"{snap.active_leases}/{snap.slots_total}",
-                restarts,
-                last,
-                age,
-            ]
-        )
-    lines += table(rows, right=frozenset({3, 4, 9}))
-    if simulated:
-        lines.append("* simulated GPUs")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
