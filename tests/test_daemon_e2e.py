@@ -644,8 +644,8 @@ async def test_a_forged_event_and_heartbeat_never_give_the_pool_away(
     forged = Event(v=SCHEMA_VERSION, seq=last + 1, ts=0.0, node="evil", pool="chat", epoch=99,
                    body=HealthChanged(live=True, ready=True))  # fmt: skip
     await js.publish("poold.evt.chat.health_changed", encode(forged))
-    beat = Event(v=SCHEMA_VERSION, seq=1, ts=0.0, node="evil",
-                 body=NodeHeartbeat(gpus=8, memory_total=1, memory_free=1, simulated=False, period_s=3600.0))  # fmt: skip
+    heartbeat = NodeHeartbeat(gpus=8, memory_total=1, memory_free=1, simulated=False, period_s=3600.0)
+    beat = Event(v=SCHEMA_VERSION, seq=1, ts=0.0, node="evil", body=heartbeat)
     await js.publish("poold.node.evil.evt.heartbeat", encode(beat))
     await a.stop()
     again = await start_daemon(fresh_nats_server.url, node="node-a")
