@@ -725,6 +725,7 @@ class Daemon:
 
     async def _on_claimed(self, pool: str, claim: Claim) -> None:
         """This node won a lease it was watching: recover the pool from its log and serve it."""
+        await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
         runtime, publisher, nc = self.runtime, self.publisher, self.nc
         definition = self.standing_by.pop(pool, None)
         if runtime is None or publisher is None or nc is None or definition is None or self._stopping.is_set():
