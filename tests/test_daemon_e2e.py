@@ -17,14 +17,19 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from conftest import FAKE, StartDaemon
+from pool_managerd.adapters.event_log import read_events
+from pool_managerd.core.fold import fold
 from pool_managerd.messages import (
     EVENT_DECODER,
     MAX_PAYLOAD_BYTES,
     REPLY_DECODER,
+    SCHEMA_VERSION,
     Accepted,
     Event,
+    HealthChanged,
     HealthReport,
     LifecycleReply,
+    NodeHeartbeat,
     PoolsReply,
     Rejected,
     StateChanged,
@@ -32,6 +37,7 @@ from pool_managerd.messages import (
     encode,
 )
 from pool_managerd.runtime.daemon import Daemon
+from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
 
@@ -102,8 +108,8 @@ async def test_preload_is_accepted_events_flow_and_the_pool_becomes_ready(
     events = await follow(nc_fresh)
     reply = await req(nc_fresh, "poold.cmd.chat.preload", {"command_id": "p-1"})
     assert isinstance(reply, Accepted)
-    # seq 1 is the pool's first claim of its ownership lease, written at start-up.
-    assert (reply.command_id, reply.state, reply.seq) == ("p-1", "preloading", 2)
+    # The pool's first event is its ownership claim, written with the step that first uses it.
+    assert (reply.command_id, reply.state, reply.seq, reply.last_seq) == ("p-1", "preloading", 1, 2)
     await events.wait(reached("chat", "ready"))
     assert [(c.src, c.dst) for c in events.state_changes("chat")] == [
         ("unready", "preloading"),
@@ -514,7 +520,6 @@ async def test_node_events_never_restart_at_one_when_their_sequence_cannot_be_re
 ) -> None:
     from pool_managerd.adapters.event_log import ensure_stream
     from pool_managerd.core.errors import PoolManagerError
-    from pool_managerd.subjects import Subjects
 
     js = nc_fresh.jetstream()
     await ensure_stream(js, Subjects())
@@ -623,3 +628,31 @@ def _node_of(data: bytes) -> str:
     if reply.get("type") == "status":
         return str(reply["pool"]["node"])
     return f"{reply.get('type')}:{reply.get('code')}"
+
+
+async def test_a_forged_event_and_heartbeat_never_give_the_pool_away(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    # Ownership comes from the lease record alone: a well-formed event "written" by a made-up
+    # node, and that node's fresh heartbeat, leave the pool with its owner across a restart,
+    # and replay reports the forged write as one made without the lease.
+    a = await start_daemon(fresh_nats_server.url, node="node-a")
+    events = await follow(nc_fresh)
+    await ready_pool(nc_fresh, events)
+    last = (await req(nc_fresh, "poold.cmd.chat.status")).pool.seq
+    js = nc_fresh.jetstream()
+    forged = Event(v=SCHEMA_VERSION, seq=last + 1, ts=0.0, node="evil", pool="chat", epoch=99,
+                   body=HealthChanged(live=True, ready=True))  # fmt: skip
+    await js.publish("poold.evt.chat.health_changed", encode(forged))
+    heartbeat = NodeHeartbeat(gpus=8, memory_total=1, memory_free=1, simulated=False, period_s=3600.0)
+    beat = Event(v=SCHEMA_VERSION, seq=1, ts=0.0, node="evil", body=heartbeat)
+    await js.publish("poold.node.evil.evt.heartbeat", encode(beat))
+    await a.stop()
+    again = await start_daemon(fresh_nats_server.url, node="node-a")
+    assert again.runtime is not None and "chat" in again.runtime.actors and "chat" not in again.fenced
+    status = await req(nc_fresh, "poold.cmd.chat.status")
+    assert isinstance(status, StatusReply) and status.pool.node == "node-a"
+    from pool_managerd.subjects import Subjects
+
+    history = fold([event async for _, event in read_events(nc_fresh, Subjects(), pool="chat")])
+    assert [(v.code, v.seq) for v in history.violations if "evil" in v.message] == [("two_writers", last + 1)]

@@ -1,7 +1,7 @@
 """Two daemons (subprocesses, distinct node ids and run dirs) on one nats-server sharing a pool:
 ownership by lease, a paused owner, a killed owner with a running standby, hand-overs A -> B -> A.
 
-Leases are short here (ttl 2 s, margin 0.4 s) so a takeover takes seconds; every wait is on an
+Leases are short here (ttl 3 s, margin 0.6 s) so a takeover takes seconds; every wait is on an
 event with a deadline.
 """
 
@@ -25,7 +25,7 @@ from pool_managerd.testing.nats_server import NatsServer
 from proc_helpers import leak_guard
 from test_recovery import MATCH, Rig, Wire, body, body_of, changed, fake_pool, replay_check_live
 
-OWNERSHIP = {"lease_ttl_s": 2.0, "lease_margin_s": 0.4}
+OWNERSHIP = {"lease_ttl_s": 3.0, "lease_margin_s": 0.6}
 TAKEOVER_S = 15.0
 """Deadline for a standby's claim and its engine's readiness (ttl + margin + a poll + a load)."""
 

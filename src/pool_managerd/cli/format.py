@@ -28,7 +28,9 @@ from pool_managerd.messages import (
     LeaseReleased,
     NodeHeartbeat,
     OrphanReaped,
+    PoolClaimed,
     PoolFenced,
+    PoolReleased,
     PoolSnapshot,
     PreloadRejected,
     ReloadRolledBack,
@@ -124,6 +126,11 @@ def event_detail(event: Event) -> str:
             return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
         case PoolFenced():
             return b.reason
+        case PoolClaimed():
+            was = f" from {b.previous_node} (epoch {b.previous_epoch}, {b.previous_state})" if b.previous_node else ""
+            return f"{b.node} holds epoch {b.epoch}{was}"
+        case PoolReleased():
+            return f"{b.node} released epoch {b.epoch}"
         case OrphanReaped():
             return f"pid {b.pid} pgid {b.pgid}" + (f" pool {b.pool}" if b.pool else "")
         case DaemonStarted():

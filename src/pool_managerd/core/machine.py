@@ -263,7 +263,7 @@ class Checkpoint:
 
 
 _OBSERVED = ("health", "last_heartbeat", "perf_hints", "timers", "timer_seq", "stopping", "drain_deadline_s",
-             "last_plan_rejected")  # fmt: skip
+             "last_plan_rejected", "pending_claim")  # fmt: skip
 """What a pool keeps besides its state value: observations and effect bookkeeping the log does
 not record (the probe streak, timer tokens, pids being stopped), all fresh after a restart."""
 
@@ -308,6 +308,9 @@ class PoolModel:
         self.drain_deadline_s = 0.0
         self.ctx = Context(now=0.0)
         self.last_plan_rejected: PlanRejected | None = None
+        self.pending_claim: PoolClaimed | None = None
+        """The first claim of a pool without events: written just before its first event, so a
+        pool nobody has used has no history (and its status says ``seq`` 0)."""
         self.step_cause: tuple[str | None, str | None] | None = None
         """Set while a command's own step runs: the (command_id, traceparent) its events carry."""
         self.fingerprint: str | None = None
@@ -390,6 +393,9 @@ class PoolModel:
 
     def emit(self, body: EventBody) -> Event:
         """Append an event with the next per-pool sequence, and evolve the pool by it."""
+        if self.pending_claim is not None and body.__class__ is not PoolClaimed:
+            claim, self.pending_claim = self.pending_claim, None
+            self.emit(claim)
         command_id, traceparent = self.step_cause if self.step_cause is not None else self.value.cause
         event = Event(
             v=SCHEMA_VERSION,
@@ -1048,8 +1054,13 @@ class Lifecycle:
         previous = inp.previous_node
         if previous is not None and previous != self.node:
             model.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
-        model.emit(PoolClaimed(node=self.node, epoch=inp.epoch, previous_node=previous,
-                               previous_epoch=inp.previous_epoch, previous_state=model.state))  # fmt: skip
+        claim = PoolClaimed(node=self.node, epoch=inp.epoch, previous_node=previous,
+                            previous_epoch=inp.previous_epoch, previous_state=model.state)  # fmt: skip
+        model.pending_claim = None
+        if model.value.seq == 0 and previous in (None, self.node):
+            model.pending_claim = claim  # nothing to hand over: recorded with the first event
+        else:
+            model.emit(claim)
         return self._end(model, None)
 
     def release_ownership(self, pool: str, ctx: Context) -> Outcome:

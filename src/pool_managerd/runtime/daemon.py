@@ -540,26 +540,6 @@ class Daemon:
                 f"the last event on {subject} is unreadable ({exc}); refusing to restart node events at 1"
             ) from None
 
-    async def _last_heartbeat(self, node: str) -> tuple[float, float] | None:
-        """(age in seconds, beat period) of ``node``'s last heartbeat, or None if it has none.
-
-        The age is taken from the time the server stored the beat, so the other host's clock
-        does not matter; the period is the one that node announced."""
-        assert self.nc is not None
-        js = self.nc.jetstream()
-        try:
-            raw = await js.get_last_msg(STREAM_NAME, self.subjects.node_event(node, "heartbeat"))
-        except Exception:
-            return None
-        try:
-            event = msgspec.json.decode(raw.data or b"{}", type=Event)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        body = event.body
-        period = body.period_s if isinstance(body, NodeHeartbeat) and body.period_s else self.config.heartbeat_s
-        stored = raw.time.timestamp() if raw.time is not None else event.ts
-        return max(0.0, time.time() - stored), period
-
     async def _recover(self, claims: dict[str, ClaimInput]) -> None:
         """Rebuild every pool from its events and reconcile with the engines on this host."""
         assert self.nc is not None and self.runtime is not None and self.publisher is not None
@@ -770,10 +750,18 @@ class Daemon:
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
         self._stand_by(pool)
-        self._spawn(self._stand_down(pool, self.fenced[pool]), f"lease-lost-{pool}")
+        self._spawn(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
+
+    async def _lose_pool(self, pool: str, reason: str) -> None:
+        await self._stand_down(pool, reason)
+        runtime = self.runtime
+        if runtime is not None and pool in runtime.actors and pool not in self._served:
+            # Nothing of the pool is this node's now: it leaves ``pools`` and the KV writer.
+            await runtime.remove_pool(pool)
 
     async def _on_claimed(self, pool: str, claim: Claim) -> None:
         """This node won a lease it was watching: recover the pool from its log and serve it."""
+        await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
         runtime, publisher, nc = self.runtime, self.publisher, self.nc
         definition = self.standing_by.pop(pool, None)
         if runtime is None or publisher is None or nc is None or definition is None or self._stopping.is_set():

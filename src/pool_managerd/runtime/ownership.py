@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from pool_managerd.adapters.owner_store import LeaseLost, OwnerStore, ReadLease
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_claim, serving, serving_until
@@ -29,7 +30,7 @@ AT_ONCE = 64
 """KV reads and writes the keeper has in flight at once."""
 
 LostCallback = Callable[[str, str], None]
-ClaimedCallback = Callable[[str, Claim], Awaitable[None]]
+ClaimedCallback = Callable[[str, Claim], Coroutine[Any, Any, None]]
 
 
 @dataclass(slots=True)
@@ -72,6 +73,7 @@ class OwnershipKeeper:
         self.held: dict[str, _Held] = {}
         self.watched: dict[str, _Watched] = {}
         self._take_over: dict[str, bool] = {}
+        self._handovers: set[asyncio.Task[None]] = set()
         self._gate = asyncio.Semaphore(AT_ONCE)
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -154,6 +156,8 @@ class OwnershipKeeper:
     async def close(self) -> None:
         """Stop the loop and every timer (the leases are left to lapse unless released)."""
         self._closing = True
+        for handover in list(self._handovers):
+            handover.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -248,7 +252,16 @@ class OwnershipKeeper:
                 return
         claim = await self._claim_if_allowed(pool, watched)
         if claim is not None:
-            await self.on_claimed(pool, claim)
+            # In a task of its own: a takeover reads the pool's history, and the loop must go on
+            # renewing every lease meanwhile (the new one included).
+            task = asyncio.get_running_loop().create_task(self.on_claimed(pool, claim), name=f"claimed-{pool}")
+            self._handovers.add(task)
+            task.add_done_callback(self._handover_done)
+
+    def _handover_done(self, task: asyncio.Task[None]) -> None:
+        self._handovers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("takeover of %s failed", task.get_name(), exc_info=task.exception())
 
     async def _claim_if_allowed(self, pool: str, watched: _Watched) -> Claim | None:
         if self._closing or pool in self.held:
