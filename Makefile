@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check compat schemas asyncapi demo bench faults lock test-pythons clean dashboard
+.PHONY: test lint check compat schemas asyncapi demo fleet-demo bench faults fleet-faults lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -70,9 +70,19 @@ schemas: $(STAMP)
 demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
 
+## fleet-demo: a 3-node NATS cluster with the shipped users, two daemons (one a standby), the
+## owner killed, the standby taking over, replay, the fleet table; --non-interactive without a tty
+fleet-demo: $(STAMP)
+	$(BIN)/pool-managerd fleet-demo
+
 ## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
 faults: $(STAMP)
 	$(BIN)/python bench/faults.py
+
+## fleet-faults: a 3-node NATS cluster (3 replicas), two daemons, each server killed -9 once under
+## a retrying command load; prints commands, retries and recovery per kill; not part of test
+fleet-faults: $(STAMP)
+	$(BIN)/python bench/fleet_faults.py
 
 bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py

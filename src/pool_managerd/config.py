@@ -288,6 +288,10 @@ class NatsConfig(_Strict):
     reconnect_wait_s: Annotated[float, Field(gt=0)] = 1.0
     event_max_age_s: Annotated[float, Field(gt=0)] | None = 30 * 24 * 3600.0
     publish_backlog: Annotated[int, Field(ge=1)] = 10_000
+    replicas: int = 1
+    """Copies JetStream keeps of every stream and bucket the daemon creates (the event stream,
+    the KV buckets): 1, 3 or 5, at most the cluster's size. Above 1 the server must be clustered
+    (checked at connect: exit 2). Changing it on an existing stream resizes the stream."""
     embedded_websocket: bool = True
     """The embedded nats-server (no ``urls``) also listens for websocket clients (the dashboard)."""
     embedded_websocket_port: Annotated[int, Field(ge=0, le=65535)] = 0
@@ -303,6 +307,14 @@ class NatsConfig(_Strict):
                 f"{value!r} is not a subject prefix: dot-separated tokens of letters, digits, '_' and '-' "
                 "(no wildcards, spaces or empty tokens)"
             )
+        return value
+
+    @field_validator("replicas")
+    @classmethod
+    def _valid_replicas(cls, value: int) -> int:
+        # Raft needs a majority: an even count tolerates no more failures than the odd one below it.
+        if value not in (1, 3, 5):
+            raise ValueError(f"{value} is not a replica count: 1, 3 or 5 (at most the cluster's size)")
         return value
 
     @field_validator("inbox_prefix")

@@ -46,6 +46,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from pool_managerd.adapters.replication import open_bucket, wait_for_leader
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, PoolSnapshot, encode
 from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, validate_id
@@ -199,7 +200,9 @@ async def ensure_stream(
         info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         try:
-            return await js.add_stream(want)
+            created = await js.add_stream(want)
+            await wait_for_leader(js, stream)
+            return created
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != ERR_STREAM_NAME_IN_USE:
                 raise
@@ -214,10 +217,6 @@ async def ensure_stream(
 
 async def ensure_kv(js: JetStreamContext, *, bucket: str = KV_BUCKET, replicas: int = 1) -> KeyValue:
     """Open KV bucket ``bucket`` (default ``poold_pools``), creating it (history 1, file) if absent."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
     config = api.KeyValueConfig(
         bucket=bucket,
         description="pool-managerd pool snapshots (derived from the event stream)",
@@ -225,8 +224,7 @@ async def ensure_kv(js: JetStreamContext, *, bucket: str = KV_BUCKET, replicas: 
         storage=api.StorageType.FILE,
         replicas=replicas,
     )
-    # Creating with an identical config is idempotent on the server, so a race is harmless.
-    return await js.create_key_value(config)
+    return await open_bucket(js, config)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from pool_managerd.adapters.replication import open_bucket
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.messages import OWNER_DECODER, OwnerRecord, encode
 from pool_managerd.subjects import OWNERS_BUCKET, Subjects
@@ -62,18 +63,15 @@ class OwnerStore:
         cls, js: JetStreamContext, subjects: Subjects, *, bucket: str = OWNERS_BUCKET, replicas: int = 1
     ) -> OwnerStore:
         """Open (creating if needed: history 1, file storage) the bucket and wrap it."""
-        try:
-            kv = await js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            config = api.KeyValueConfig(
-                bucket=bucket,
-                description="pool-managerd ownership leases (node, epoch) per pool",
-                history=1,
-                storage=api.StorageType.FILE,
-                replicas=replicas,
-            )
-            # Creating with an identical config is idempotent on the server: a race is harmless.
-            kv = await js.create_key_value(config)
+        config = api.KeyValueConfig(
+            bucket=bucket,
+            description="pool-managerd ownership leases (node, epoch) per pool",
+            history=1,
+            storage=api.StorageType.FILE,
+            replicas=replicas,
+        )
+        # Opened once it has a leader: another daemon may be creating it this moment.
+        kv = await open_bucket(js, config)
         return cls(kv, subjects)
 
     async def read(self, pool: str) -> ReadLease:

@@ -196,14 +196,25 @@ def _last_event(snap: PoolSnapshot, event: Event | None, now: float) -> tuple[st
     return "-", "-"
 
 
+def _node_cell(node: str | None, node_status: Mapping[str, str] | None) -> str:
+    if not node:
+        return "-"
+    status = (node_status or {}).get(node)
+    return node if status is None or status == "live" else f"{node} ({status})"
+
+
 def render_table(
     snapshots: Mapping[str, PoolSnapshot],
     last_events: Mapping[str, Event],
     now: float,
     *,
     title: str = "pool-managerd",
+    node_status: Mapping[str, str] | None = None,
 ) -> str:
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
+
+    ``node_status`` (node → liveness, see ``pool_managerd.fleet``) marks the node column of
+    pools whose node is not ``live``: ``node-b (stale)``.
 
     ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer
     event than the one given shows the snapshot's event name and age instead. GPUs are shown as
@@ -227,7 +238,7 @@ def render_table(
         rows.append(
             [
                 snap.pool,
-                snap.node or "-",
+                _node_cell(snap.node, node_status),
                 snap.state,
                 str(engine.pid) if engine else "-",
                 str(engine.port) if engine else "-",

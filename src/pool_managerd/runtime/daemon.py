@@ -44,6 +44,13 @@ from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.process import SpawnRecord
+from pool_managerd.adapters.replication import (
+    REPLICA_ERROR_CODES,
+    ReplicasUnavailable,
+    check_clustered,
+    replicas_refused,
+    stream_replicas,
+)
 from pool_managerd.config import DaemonConfig
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
@@ -230,7 +237,7 @@ class Daemon:
         self._unclaimed_sub: Any = None
         self._inflight = 0
         self.server_version: ServerVersion | None = None
-        self.incompatible: NatsServerTooOld | None = None
+        self.incompatible: PoolManagerError | None = None
         self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -277,8 +284,7 @@ class Daemon:
             self._closed.set()
             raise
         js = self.nc.jetstream()
-        await ensure_stream(js, self.subjects, cfg.nats.event_max_age_s)
-        self.snapshots = await SnapshotStore.open(js)
+        self.snapshots = await self._ensure_storage(js)
         self.publisher = EventPublisher(
             self.nc,
             self.subjects,
@@ -370,6 +376,36 @@ class Daemon:
         log.info("pool-managerd %s on node %s serving %d pool(s) via %s (nats-server %s; supported: %s or newer)",
                  __version__, self.node, len(owned), self.url, self.server_version, NATS_SERVER_FLOOR_TEXT)  # fmt: skip
 
+    async def _ensure_storage(self, js: nats.js.JetStreamContext) -> SnapshotStore:
+        """The event stream and the snapshot bucket, each with ``nats.replicas`` copies.
+
+        A count the server cannot hold is a setup error (exit 2), found before any pool exists.
+        """
+        replicas = stream_replicas(self.config)
+        assert self.nc is not None
+        try:
+            check_clustered(self.nc._server_info, replicas, url=_safe_url(self.nc) or "the server")
+            await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
+            return await SnapshotStore.open(js, replicas=replicas)
+        except ReplicasUnavailable as exc:
+            self.incompatible = exc
+            await self._close_before_serving()
+            raise
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in REPLICA_ERROR_CODES:
+                raise
+            self.incompatible = replicas_refused(replicas, "the event stream and bucket", exc.description or str(exc))
+            await self._close_before_serving()
+            raise self.incompatible from None
+
+    async def _close_before_serving(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.nc is not None:
+                await self.nc.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self._closed.set()
+
     def _simulated(self) -> bool:
         try:
             return self.gpu_source().simulated
@@ -456,7 +492,7 @@ class Daemon:
         watched (a lease nobody renews is claimed once it lapses). Starts the lease keeper."""
         assert self.nc is not None
         cfg = self.config
-        owners = await OwnerStore.open(self.nc.jetstream(), self.subjects)
+        owners = await OwnerStore.open(self.nc.jetstream(), self.subjects, replicas=stream_replicas(cfg))
         timing = LeaseTiming(cfg.ownership.lease_ttl_s, cfg.ownership.lease_margin_s)
         keeper = OwnershipKeeper(owners, self.node, timing, on_lost=self._on_lease_lost, on_claimed=self._on_claimed)
         self.ownership = keeper
