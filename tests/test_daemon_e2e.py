@@ -656,3 +656,28 @@ async def test_a_forged_event_and_heartbeat_never_give_the_pool_away(
 
     history = fold([event async for _, event in read_events(nc_fresh, Subjects(), pool="chat")])
     assert [(v.code, v.seq) for v in history.violations if "evil" in v.message] == [("two_writers", last + 1)]
+
+
+async def test_an_unknown_pool_is_answered_once_by_a_fleet_and_a_standby_pool_by_its_owner_only(
+    fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
+) -> None:
+    await start_daemon(fresh_nats_server.url, node="node-a")
+    await start_daemon(fresh_nats_server.url, node="node-b")
+    for subject, want in (("poold.cmd.nobody.status", "rejected:unknown_pool"), ("poold.cmd.chat.status", "node-a")):
+        replies: list[Msg] = []
+        inbox = nc_fresh.new_inbox()
+
+        async def on_reply(msg: Msg, into: list[Msg] = replies) -> None:
+            into.append(msg)
+
+        sub = await nc_fresh.subscribe(inbox, cb=on_reply)
+        for _ in range(10):
+            await nc_fresh.publish(subject, b"", reply=inbox)
+        await nc_fresh.flush()
+        for _ in range(200):
+            if len(replies) >= 10:
+                break
+            await asyncio.sleep(0.02)  # ok: counting fire-and-forget replies
+        await asyncio.sleep(0.2)  # ok: room for a second node's duplicate answer to arrive
+        await sub.unsubscribe()
+        assert [_node_of(r.data) for r in replies] == [want] * 10, subject
