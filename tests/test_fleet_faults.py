@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from proc_helpers import leak_guard
+from support.procs import leak_guard
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "fleet_faults.py"
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -28,7 +29,8 @@ from pool_managerd.messages import (
 )
 from pool_managerd.subjects import KV_BUCKET
 from pool_managerd.testing.nats_server import NatsServer
-from test_client_ctl import REPLY_TIMEOUT_S, DaemonEnv, cli_env, rows_of, run_cli, running_daemon
+from support.deadlines import POOL_S
+from test_client_ctl import DaemonEnv, cli_env, rows_of, run_cli, running_daemon
 
 NOW = 1_700_000_100.0
 GPU_A = "GPU-4090c0de-0000-4000-8000-000000000024"
@@ -107,6 +109,17 @@ def test_render_table_empty_and_long_events() -> None:
     assert max(len(line) for line in text.splitlines()) < 120
 
 
+def test_a_snapshot_is_backed_by_its_nodes_events_or_its_announcement() -> None:
+    snap = _ready()
+    event = _event(snap.pool, snap.seq, NOW, StateChanged(trigger="engine_ready", src="preloading", dst="ready"))
+    other = msgspec.structs.replace(event, node="elsewhere")
+    assert watch_cli.backed(snap, event, frozenset())
+    assert not watch_cli.backed(snap, msgspec.structs.replace(event, seq=snap.seq - 1), frozenset())
+    assert not watch_cli.backed(snap, other, frozenset())
+    assert not watch_cli.backed(snap, None, frozenset({"other"}))
+    assert watch_cli.backed(snap, None, frozenset({snap.pool}))
+
+
 def test_pool_watch_keeps_the_newest_event_per_pool() -> None:
     watch = watch_cli.PoolWatch()
     newer = _event("chat", 9, NOW, StateChanged(trigger="stop", src="ready", dst="unready"))
@@ -115,7 +128,10 @@ def test_pool_watch_keeps_the_newest_event_per_pool() -> None:
     watch.on_event(older)  # arrives late: ignored
     assert watch.last_events["chat"] is newer
     watch.on_snapshot("chat", _ready())
-    assert watch.changed.is_set() and "chat" in watch.render(NOW)
+    assert watch.changed.is_set() and watch.unchecked() == ["chat"]
+    assert "chat" not in watch.render(NOW)  # shown once the stream backs it
+    watch.verified.add("chat")
+    assert "chat" in watch.render(NOW)
     watch.on_snapshot("chat", None)
     assert watch.snapshots == {}
 
@@ -132,7 +148,7 @@ async def env(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> AsyncIterato
 
 
 async def test_watch_once_shows_every_pool_and_its_state(env: DaemonEnv, nc: NATS) -> None:
-    client = PoolClient(nc, timeout=REPLY_TIMEOUT_S)
+    client = PoolClient(nc, timeout=POOL_S)
     result = await client.command_and_wait(env.pool, "preload", "ready", wait_timeout=20)
     assert result.reached, result
     # The KV snapshot trails the event by a moment: wait until the bucket says ready.
@@ -184,7 +200,7 @@ async def test_watch_follows_changes_live(env: DaemonEnv, nc: NATS) -> None:
                         return
 
         await state_of_pool_becomes("unready")
-        reply = await PoolClient(nc, timeout=REPLY_TIMEOUT_S).preload(env.pool)
+        reply = await PoolClient(nc, timeout=POOL_S).preload(env.pool)
         assert isinstance(reply, Accepted), reply
         await state_of_pool_becomes("ready")
     finally:

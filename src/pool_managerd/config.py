@@ -14,7 +14,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -320,6 +319,8 @@ class NatsConfig(_Strict):
     """Copies JetStream keeps of every stream and bucket the daemon creates (the event stream,
     the KV buckets): 1, 3 or 5, at most the cluster's size. Above 1 the server must be clustered
     (checked at connect: exit 2). Changing it on an existing stream resizes the stream."""
+    audit_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+    """Size bound of the audit stream of refused commands; the oldest records go first."""
     embedded_websocket: bool = True
     """The embedded nats-server (no ``urls``) also listens for websocket clients (the dashboard)."""
     embedded_websocket_port: Annotated[int, Field(ge=0, le=65535)] = 0
@@ -505,9 +506,3 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
         return DaemonConfig(**data)
     except ValidationError as exc:
         raise ConfigError(_format(str(path) if path else "(config)", exc)) from None
-
-
-def dump_spec(spec: EngineSpec) -> dict[str, Any]:
-    """An engine spec as plain data (for ``ctl`` and docs)."""
-    result: dict[str, Any] = msgspec.to_builtins(spec)
-    return result

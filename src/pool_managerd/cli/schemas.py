@@ -20,7 +20,7 @@ import msgspec
 
 from pool_managerd import messages
 from pool_managerd.core import machine
-from pool_managerd.subjects import DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -252,6 +252,13 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         {"snapshot": "pool_snapshot"}, ["pool"],
     )  # fmt: skip
     operations["put_snapshot"] = {"action": "send", "channel": {"$ref": "#/channels/pool_snapshots"}}
+    component("audit_record", messages.AuditRecord)
+    channels["audit"] = _channel(
+        f"{prefix}.audit.{{node}}.{{code}}",
+        f"refused commands, stored in JetStream stream {AUDIT_STREAM} (size-bounded, oldest discarded)",
+        {"audit": "audit_record"}, ["node", "code"],
+    )  # fmt: skip
+    operations["publish_audit"] = {"action": "send", "channel": {"$ref": "#/channels/audit"}}
 
     names = list(messages_)
     payloads, schemas = msgspec.json.schema_components(
@@ -292,7 +299,21 @@ def render() -> dict[str, str]:
     files["lifecycle.json"] = _dump(msgspec.to_builtins(machine.describe()))
     files["lifecycle.mmd"] = machine.mermaid()
     files["asyncapi.json"] = _dump(asyncapi())
+    files["README.md"] = _README
     return files
+
+
+_README = """# schemas/
+
+Generated from the code by `make schemas` (`pool-managerd schemas`); do not edit. CI fails when
+these files drift from the code (`tests/test_schemas.py`, `pool-managerd schemas --check`).
+
+- `messages/<name>.json`: JSON Schema 2020-12 of every top-level wire message (`messages.py`);
+- `lifecycle.json`, `lifecycle.mmd`: the lifecycle table (`core/machine.py`), as data and as a
+  Mermaid diagram (the dashboard draws the former);
+- `asyncapi.json`: an AsyncAPI 3.0 document of every subject the daemon serves or publishes
+  (`make asyncapi` runs the official parser on it).
+"""
 
 
 def write(out: Path) -> list[Path]:
