@@ -164,12 +164,19 @@ def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int) -> l
     return pools
 
 
-def start_daemon(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(
+    cfg: Path, log: Path, profile: Path | None = None, *, from_start: bool = False
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if profile is not None:
+        env["POOL_MANAGERD_PROFILE"] = str(profile)
+        env["POOL_MANAGERD_PROFILE_FROM_START"] = "1" if from_start else "0"
     return subprocess.Popen(
         [sys.executable, "-m", "pool_managerd", "run", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),
         start_new_session=True,
+        env=env,
     )
 
 
@@ -227,7 +234,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
     echo = subprocess.Popen([sys.executable, "-c", ECHO, server.url], stdout=subprocess.PIPE, start_new_session=True)
     cfg = work / "bench.toml"
     pools = write_config(cfg, work / "run", server.url, engine, n)
-    daemon = start_daemon(cfg, work / "daemon.log")
+    profile = args.profile / f"n{n}" if args.profile else None
+    daemon = start_daemon(cfg, work / "daemon.log", profile)
     out: dict[str, Any] = {"pools": n}
     try:
         assert echo.stdout is not None
@@ -250,6 +258,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
 
         sub = await nc.subscribe("poold.evt.*.state_changed", cb=on_change)
         await nc.flush()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # profile-1: the preload
         t0 = time.perf_counter()
         body = json.dumps({"command_id": "x"}).encode()
         replies = await asyncio.gather(
@@ -259,6 +269,8 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         assert all(r.data.startswith(b'{"type":"accepted"') for r in replies), replies[0].data
         await asyncio.wait_for(all_ready.wait(), 300)
         out["preload_all_s"] = round(time.perf_counter() - t0, 3)
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)
         await sub.unsubscribe()
 
         # -- idle steady state -----------------------------------------------------------------
@@ -274,9 +286,13 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         kv_sub = await nc.subscribe("$KV.poold_pools.>", cb=count_kv)
         health_sub = await nc.subscribe("poold.health.>", cb=count_health)
         await nc.flush()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # profile-2: the idle window (runtime/profiling.py)
         c0, w0 = cpu_s(daemon.pid), time.monotonic()
         await asyncio.sleep(args.idle_s)
         c1, w1 = cpu_s(daemon.pid), time.monotonic()
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)
         await kv_sub.unsubscribe()
         await health_sub.unsubscribe()
         cores = (c1 - c0) / (w1 - w0)
@@ -292,20 +308,29 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         )
 
         # -- status latency against a raw echo -------------------------------------------------
+        # A request that times out counts at its timeout (and is counted): on a loaded machine one
+        # can, and a bench that stops there measures nothing.
+        timeouts = {"raw": 0, "status": 0}
+
+        async def timed(kind: str, subject: str) -> float:
+            t0 = time.perf_counter()
+            try:
+                await nc.request(subject, b"", timeout=2)
+            except nats.errors.TimeoutError:
+                timeouts[kind] += 1
+            return (time.perf_counter() - t0) * 1e6
+
         target = pools[n // 2]
         for _ in range(100):
-            await nc.request("bench.echo", b"", timeout=2)
-            await nc.request(f"poold.cmd.{target}.status", b"", timeout=2)
+            await timed("raw", "bench.echo")
+            await timed("status", f"poold.cmd.{target}.status")
+        timeouts = {"raw": 0, "status": 0}
         raw: list[float] = []
         status: list[float] = []
         for i in range(args.requests):
-            t0 = time.perf_counter()
-            await nc.request("bench.echo", b"", timeout=2)
-            t1 = time.perf_counter()
-            await nc.request(f"poold.cmd.{pools[i % n]}.status", b"", timeout=2)
-            t2 = time.perf_counter()
-            raw.append((t1 - t0) * 1e6)
-            status.append((t2 - t1) * 1e6)
+            raw.append(await timed("raw", "bench.echo"))
+            status.append(await timed("status", f"poold.cmd.{pools[i % n]}.status"))
+        out["request_timeouts"] = timeouts
         out.update(
             raw_p50_us=round(pct(raw, 50)),
             raw_p99_us=round(pct(raw, 99)),
@@ -332,9 +357,11 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
         daemon.kill()
         daemon.wait()
         t0 = time.perf_counter()
-        daemon = start_daemon(cfg, work / "daemon.log")
+        daemon = start_daemon(cfg, work / "daemon.log", profile / "recovery" if profile else None, from_start=True)
         after = await wait_all_ready(client, pools, 120)
         out["recovery_s"] = round(time.perf_counter() - t0, 3)
+        if profile is not None:
+            daemon.send_signal(signal.SIGUSR1)  # recovery/profile-1: start-up until all ready
         out["engines_adopted"] = sum(1 for p in pools if after.get(p) == before.get(p))
 
         # -- graceful shutdown -----------------------------------------------------------------
@@ -415,7 +442,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     table(rows, engine_s)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if args.keep:
+        print(f"kept {tmp} (daemon logs under n<N>/daemon.log)", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"engine_start_s": round(engine_s, 4), "idle_s": args.idle_s, "sizes": rows}
 
 
@@ -424,6 +454,10 @@ def main() -> None:
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10, 100, 1000])
     ap.add_argument("--idle-s", type=float, default=30.0)
     ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, daemon logs)")
+    ap.add_argument(
+        "--profile", type=Path, default=None, help="cProfile each daemon's preload and idle windows into this directory"
+    )
     args = ap.parse_args()
     print(json.dumps(asyncio.run(run(args))))
 

@@ -131,7 +131,9 @@ async def test_publish_two_pools_in_order_with_headers(nc: NATS, js_ns: JsNamesp
     async with publisher(nc, js_ns) as pub:
         futures = [pub.publish_nowait(e) for e in events]
         seqs = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
-    assert seqs == sorted(seqs)
+    for lane in ("p1", "p2", None):  # in order within a pool; pools are written side by side
+        mine = [s for s, e in zip(seqs, events, strict=True) if e.pool == lane]
+        assert mine == sorted(mine)
     assert len(set(seqs)) == len(seqs)
 
     stored = [await js.get_msg(js_ns.stream, s) for s in seqs]
@@ -160,6 +162,28 @@ async def test_publish_two_pools_in_order_with_headers(nc: NATS, js_ns: JsNamesp
     assert hdrs[2]["traceparent"] == trace
     assert "traceparent" not in hdrs[0]
     assert stored[0].data == encode(events[0])
+
+
+async def test_pools_are_written_side_by_side_each_in_its_own_order(nc: NATS, js_ns: JsNamespace) -> None:
+    """Pools do not wait for each other's acks (many publishes in flight at once, bounded), while
+    within a pool each event still waits for the previous ack: its expected last subject
+    sequence is that ack's stream sequence."""
+    await setup_stream(nc, js_ns)
+    pools = [f"q{i:03d}" for i in range(200)]
+    async with publisher(nc, js_ns, max_in_flight=64) as pub:
+        futures = [pub.publish_nowait(ev(pool, n)) for n in (1, 2, 3) for pool in pools]
+        seqs = await asyncio.wait_for(asyncio.gather(*futures), WAIT)
+        stats = pub.stats
+    assert 1 < stats["peak_in_flight"] <= 64, stats
+    assert stats["published"] == 600 and stats["backlog"] == 0
+    stored = await collect(read_events(nc, js_ns.subjects, stream=js_ns.stream))
+    assert sorted(s for s, _ in stored) == sorted(seqs)
+    js = nc.jetstream()
+    for pool in pools[:: len(pools) // 10]:
+        mine = [(s, e.seq) for s, e in stored if e.pool == pool]
+        assert [n for _, n in mine] == [1, 2, 3]
+        hdrs = [(await js.get_msg(js_ns.stream, s)).headers or {} for s, _ in mine]
+        assert [h["Nats-Expected-Last-Subject-Sequence"] for h in hdrs] == ["0", str(mine[0][0]), str(mine[1][0])]
 
 
 async def test_msg_id_dedupe_same_event_stored_once(nc: NATS, js_ns: JsNamespace) -> None:
@@ -323,12 +347,16 @@ async def test_backlog_survives_kill9_and_arrives_in_order_exactly_once(
     await asyncio.wait_for(reconnected.wait(), WAIT)
     seqs = await asyncio.wait_for(asyncio.gather(*before, *during), 20)
 
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len(set(seqs)) == len(seqs)
     assert pub.backlog == 0 and not pub.fenced_pools
     await pub.close()
     stored = await collect(read_events(nc, subjects))
-    assert [e for _, e in stored] == sent  # every event once, in submission order
-    assert [s for s, _ in stored] == seqs
+    # Every event once, each pool's in submission order (pools are lanes of their own).
+    assert sorted(s for s, _ in stored) == sorted(seqs)
+    for pool in per_pool:
+        assert [e for _, e in stored if e.pool == pool] == [e for e in sent if e.pool == pool]
+    by_event = {(e.pool, e.seq): s for s, e in stored}
+    assert [by_event[(e.pool, e.seq)] for e in sent] == seqs
 
 
 async def test_ack_lost_after_store_is_recovered_not_duplicated(

@@ -301,6 +301,7 @@ async def _probes(count: int, port: int) -> tuple[HealthProber, list[ProbeResult
     async def on_result(result: ProbeResult) -> None:
         results.append(result)
         if len(results) >= count:
+            await prober.stop()  # from inside: no probe starts after the last one counted
             enough.set()
 
     prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady")
@@ -343,3 +344,100 @@ async def test_prober_reconnects_when_the_engine_closes_the_connection() -> None
         prober, results = await _probes(5, port)
     assert all(r.ok for r in results), [r.error for r in results]
     assert prober.connects == len(results)
+
+
+async def test_prober_on_a_kept_connection_times_a_silent_engine_out_and_reconnects() -> None:
+    # The first answer keeps the connection; the engine then stops answering on it: the read
+    # deadline ends that probe as a timeout (not a reset or a close) and drops the connection.
+    answered = itertools.count()
+
+    async def once_then_silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            if next(answered) % 2:
+                await asyncio.get_running_loop().create_future()
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await w.drain()
+
+    results: list[ProbeResult] = []
+    connects: list[int] = []
+    enough = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        connects.append(prober.connects)
+        if len(results) >= 4:
+            enough.set()
+
+    async with server(once_then_silent) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady",
+                              read_timeout_s=0.1)  # fmt: skip
+        prober.start()
+        try:
+            await asyncio.wait_for(enough.wait(), ENGINE_S)
+        finally:
+            await prober.stop()
+    assert [(r.ok, r.error) for r in results[:4]] == [(True, None), (False, "read timeout")] * 2
+    assert all(r.latency_ms >= 100 for r in results[1:4:2])
+    assert connects[:4] == [1, 1, 2, 2]  # the timed-out connection is not reused
+
+
+async def test_an_answer_in_time_counts_even_when_the_loop_was_held_past_the_deadline() -> None:
+    # The engine answers at once, then the loop is held (a long synchronous stretch elsewhere in
+    # the daemon) well past the read deadline: the answer was in, so the probe is healthy.
+    import time
+
+    async def answer_then_hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            time.sleep(0.3)  # ok: holds the loop on purpose, the stall under test
+
+    results: list[ProbeResult] = []
+    enough = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        if len(results) >= 3:
+            await prober.stop()
+            enough.set()
+
+    async with server(answer_then_hold) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=0.005, mode="steady",
+                              read_timeout_s=0.05)  # fmt: skip
+        prober.start()
+        try:
+            await asyncio.wait_for(enough.wait(), ENGINE_S)
+        finally:
+            await prober.stop()
+    assert [(r.ok, r.error) for r in results] == [(True, None)] * 3
+    assert all(r.latency_ms >= 300 for r in results)  # each waited out the hold, past its deadline
+    assert prober.connects == 1
+
+
+async def test_a_connect_the_daemon_was_too_busy_to_see_in_time_is_not_a_timeout() -> None:
+    # The connect is under way when the loop is held (a long synchronous stretch) for three
+    # times the connect deadline: the deadline fires late, so it was the daemon, not the engine,
+    # that was slow; the deadline is re-armed and the probe succeeds on the connection made.
+    import time
+
+    results: list[ProbeResult] = []
+    done = asyncio.Event()
+
+    async def on_result(result: ProbeResult) -> None:
+        results.append(result)
+        await prober.stop()
+        done.set()
+
+    async with server(answering(b"HTTP/1.1 200 OK")) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=3600, mode="steady",
+                              connect_timeout_s=0.1)  # fmt: skip
+        prober.start()
+        await asyncio.sleep(0)  # the prober's first step: its connect is in flight
+        time.sleep(0.3)  # ok: holds the loop on purpose, the stall under test
+        try:
+            await asyncio.wait_for(done.wait(), ENGINE_S)
+        finally:
+            await prober.stop()
+    assert [(r.ok, r.error) for r in results] == [(True, None)]
+    assert results[0].latency_ms >= 300

@@ -555,6 +555,38 @@ def test_health_lost_after_the_threshold_of_failed_probes() -> None:
     assert h.state() == "restarting"
 
 
+def test_absorbing_a_probe_is_the_step_it_replaces() -> None:
+    # Two pools fed the same reports: one absorbs what it can without a step, the other steps
+    # every report. They end every report alike, and only no-change reports are absorbed.
+    h = Harness(pools=("a", "b"))
+    pids = {pool: h.to_ready(pool).pid for pool in ("a", "b")}
+    script = [(True, False, 0), (False, False, 0), (True, False, 0), (True, False, 0), (False, True, 0),
+              (True, False, 1), (True, False, 0), (False, False, 0), (False, False, 0), (False, False, 0),
+              (True, False, 0)]  # fmt: skip
+    absorbed = []
+    for i, (ok, loading, wrong_pid) in enumerate(script):
+        h.now = 10.0 + i
+        report = HealthReport(pool="a", ts=h.now, ok=ok, loading=loading, engine_pid=pids["a"] + wrong_pid,
+                              latency_ms=1.0 + i)  # fmt: skip
+        took = h.lc.absorb_probe("a", report)
+        absorbed.append(took)
+        if not took:
+            h._track("a", h.lc.health("a", report, h.ctx()))
+        twin = msgspec.structs.replace(report, pool="b", engine_pid=pids["b"] + wrong_pid)
+        out = h._track("b", h.lc.health("b", twin, h.ctx()))
+        if took:
+            assert out.events == [] and out.effects == [] and out.reply is None
+        a, b = h.entry("a"), h.entry("b")
+        assert (a.state, a.health, a.last_heartbeat, a.perf_hints) == (b.state, b.health, b.last_heartbeat,
+                                                                       b.perf_hints), i  # fmt: skip
+        assert [e.type for e in h.log["a"]] == [e.type for e in h.log["b"]]
+    # Healthy probes of a ready engine still live and ready are absorbed (one after a failure
+    # below the threshold too: the streak resets without an event); a failure, a 503, another
+    # pid and anything after health was lost are not.
+    assert absorbed == [True, False, True, True, False, False, True, False, False, False, False]
+    assert h.state("a") == "restarting"
+
+
 def test_a_loading_answer_counts_against_a_ready_engine() -> None:
     # 503 "loading" is fine while preloading; a ready engine answering it cannot serve, so it
     # counts like a failed probe (an engine alternating failures and 503s must not stay ready).

@@ -2,8 +2,8 @@
 
 * :func:`ensure_stream` / :func:`ensure_kv` create or update stream ``POOLD_EVENTS`` (file
   storage) and KV bucket ``poold_pools`` idempotently; every daemon calls them at start.
-* :class:`EventPublisher` appends :class:`~pool_managerd.messages.Event` objects in order, one
-  at a time, through one drain task. Pool events carry ``Nats-Msg-Id: <pool>:<seq>`` and
+* :class:`EventPublisher` appends :class:`~pool_managerd.messages.Event` objects in order per
+  pool: one at a time within a pool, many pools in flight at once. Pool events carry ``Nats-Msg-Id: <pool>:<seq>`` and
   ``Nats-Expected-Last-Subject-Sequence`` over ``poold.evt.<pool>.>``, so a second daemon
   writing the same pool is refused by the server (error 10071) and this publisher *fences* the
   pool. Transport failures are retried in order from a bounded backlog.
@@ -54,6 +54,7 @@ from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, val
 
 __all__ = [
     "DEFAULT_MAX_BACKLOG",
+    "DEFAULT_MAX_IN_FLIGHT",
     "DUPLICATE_WINDOW_S",
     "ERR_NO_MESSAGE_FOUND",
     "ERR_WRONG_LAST_SEQUENCE",
@@ -88,6 +89,13 @@ ERR_STREAM_NAME_IN_USE = 10058
 DUPLICATE_WINDOW_S = 120.0
 """Server-side ``Nats-Msg-Id`` dedupe window of the event stream."""
 DEFAULT_MAX_BACKLOG = 10_000
+DEFAULT_MAX_IN_FLIGHT = 32
+"""Publishes awaiting their PubAck at once, over all pools (one per pool at most). Measured on
+a 2-core machine, 3,000 events over 1,000 pools: 1 at a time 12.6 s, 16 2.8 s, 64 2.4 s, 256
+2.1 s. More buys little and keeps a deeper queue at the server ahead of other requests (a KV
+watch's consumer info, a status read)."""
+WATCH_ATTEMPTS = 5
+"""Times a KV watch is set up before its error is raised (each a 5 s JetStream API request)."""
 
 HDR_MSG_ID = "Nats-Msg-Id"
 HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -478,16 +486,23 @@ class _Stats:
     rejected: int = 0
     recovered_after_10071: int = 0
     fenced_drops: int = 0
+    peak_in_flight: int = 0
 
 
 class EventPublisher:
-    """Append events to JetStream in order, fenced per pool, retried from a bounded backlog.
+    """Append events to JetStream in order per pool, fenced per pool, retried from a bounded backlog.
 
-    One drain task publishes the backlog head, waits for its PubAck, then moves on, so events
-    are stored in the order they were submitted (per pool and overall). A failure that retrying
-    can fix (disconnect, ack timeout, no responders, 503) keeps the head in place and retries it
-    with backoff; the ``Nats-Msg-Id`` makes the retry safe. When ``max_backlog`` events are
-    waiting, new ones are refused with :class:`BacklogFull`, never dropped.
+    Each pool (and the node's own events) is a lane: its drain task publishes the lane's head,
+    waits for its PubAck, then moves on, so a pool's events are stored in the order they were
+    submitted. Lanes run concurrently (at most ``max_in_flight`` publishes awaiting acks at
+    once), so one pool's slow ack never holds the next pool: a thousand preloads proceed at the
+    rate the server acks in parallel, not one round trip after another. Order across pools is
+    not kept (nothing reads it: every reader folds one pool's subject). Within a pool the next
+    event must wait for the previous ack, because its expected last subject sequence is that
+    ack's stream sequence. A failure that retrying can fix (disconnect, ack timeout, no
+    responders, 503) keeps the lane's head in place and retries it with backoff; the
+    ``Nats-Msg-Id`` makes the retry safe. When ``max_backlog`` events are waiting over all
+    lanes, new ones are refused with :class:`BacklogFull`, never dropped.
 
     A pool event's expected last subject sequence is the stream sequence of this pool's previous
     event (learned from the stream on first use, then from each PubAck; 0 for a pool without
@@ -516,9 +531,10 @@ class EventPublisher:
         retry_max_s: float = 1.0,
         may_write: Callable[[], bool] | None = None,
         inspect_conflict: ConflictInspector | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
-        if max_backlog < 1:
-            raise ValueError("max_backlog must be at least 1")
+        if max_backlog < 1 or max_in_flight < 1:
+            raise ValueError("max_backlog and max_in_flight must be at least 1")
         self._nc = nc
         self._js = nc.jetstream(timeout=ack_timeout)
         self.subjects = subjects
@@ -530,13 +546,17 @@ class EventPublisher:
         self.retry_max_s = retry_max_s
         self.may_write = may_write
         self.inspect_conflict = inspect_conflict
-        self._backlog: collections.deque[_Pending] = collections.deque()
-        self._wakeup = asyncio.Event()
+        # One lane per pool (None: the node's events), each drained by its own task while it
+        # holds events; _count is the backlog over all lanes.
+        self._lanes: dict[str | None, collections.deque[_Pending]] = {}
+        self._workers: dict[str | None, asyncio.Task[None]] = {}
+        self._count = 0
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_seq: dict[str, int] = {}
         self._fenced: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._stats = _Stats()
         self._callback_tasks: set[asyncio.Task[Any]] = set()
@@ -545,8 +565,8 @@ class EventPublisher:
 
     @property
     def backlog(self) -> int:
-        """Events accepted but not yet acknowledged by JetStream (including the one in flight)."""
-        return len(self._backlog)
+        """Events accepted but not yet acknowledged by JetStream (including those in flight)."""
+        return self._count
 
     @property
     def js(self) -> JetStreamContext:
@@ -568,7 +588,8 @@ class EventPublisher:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: published, duplicates, retries, rejected, recovered_after_10071, fenced_drops."""
+        """Counters: published, duplicates, retries, rejected, recovered_after_10071, fenced_drops,
+        peak_in_flight (most publishes awaiting acks at once), backlog."""
         s = self._stats
         return {
             "published": s.published,
@@ -577,16 +598,16 @@ class EventPublisher:
             "rejected": s.rejected,
             "recovered_after_10071": s.recovered_after_10071,
             "fenced_drops": s.fenced_drops,
+            "peak_in_flight": s.peak_in_flight,
             "backlog": self.backlog,
         }
 
     # ------------------------------------------------------------------------------- lifecycle
 
     async def start(self, pools: Iterable[str] = ()) -> Self:
-        """Start the drain task; learn the last stream sequence of ``pools`` now (others lazily)."""
+        """Learn the last stream sequence of ``pools`` now (others lazily, at their first event)."""
         for pool in pools:
             await self.prime(pool)
-        self._ensure_task()
         return self
 
     async def prime(self, pool: str) -> int:
@@ -616,14 +637,15 @@ class EventPublisher:
         Events still waiting afterwards fail with :class:`PublisherClosed`.
         """
         self._closed = True
-        if self._task is not None and self._backlog:
+        if self._count:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
-        if self._task is not None:
-            self._task.cancel()
+        workers = list(self._workers.values())
+        for task in workers:
+            task.cancel()
+        for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         self._fail_all(PublisherClosed("event publisher closed"))
         for task in list(self._callback_tasks):
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -653,7 +675,7 @@ class EventPublisher:
             raise PublisherClosed("event publisher closed")
         if event.pool is not None and event.pool in self._fenced:
             raise PoolFenced(event.pool, self._fenced[event.pool])
-        if len(self._backlog) >= self.max_backlog:
+        if self._count >= self.max_backlog:
             raise BacklogFull(self.max_backlog)
         if event.pool is not None:
             subject = self.subjects.pool_event(event.pool, event.type)
@@ -662,10 +684,16 @@ class EventPublisher:
             subject = self.subjects.node_event(event.node, event.type)
             mid = node_msg_id(validate_id(event.node, "node"), event.seq)
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._backlog.append(_Pending(event, subject, mid, encode(event), future))
+        key = event.pool
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = collections.deque()
+        lane.append(_Pending(event, subject, mid, encode(event), future))
+        self._count += 1
         self._idle.clear()
-        self._wakeup.set()
-        self._ensure_task()
+        if key not in self._workers:
+            name = f"event-publisher-{key}" if key is not None else "event-publisher-node"
+            self._workers[key] = asyncio.get_running_loop().create_task(self._drain(key, lane), name=name)
         return future
 
     async def publish(self, event: Event) -> int:
@@ -675,56 +703,68 @@ class EventPublisher:
 
     # -------------------------------------------------------------------------------- internals
 
-    def _ensure_task(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._drain(), name="event-publisher")
+    def _take(self, lane: collections.deque[_Pending], item: _Pending) -> None:
+        """Remove ``item`` from the head of its lane (unless a fence or close emptied it)."""
+        if lane and lane[0] is item:
+            lane.popleft()
+            self._count -= 1
 
-    async def _drain(self) -> None:
+    async def _drain(self, key: str | None, lane: collections.deque[_Pending]) -> None:
+        """Publish one lane's events in order until it is empty, then end."""
         delay = self.retry_initial_s
-        while True:
-            if not self._backlog:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            item = self._backlog[0]
-            pool = item.event.pool
-            if pool is not None and pool in self._fenced:
-                self._backlog.popleft()
-                self._stats.fenced_drops += 1
-                _settle(item.future, exc=PoolFenced(pool, self._fenced[pool]))
-                continue
-            try:
-                seq = await self._publish_one(item)
-            except _Retry:
-                if self._nc.is_closed:
-                    self._fail_all(PublisherClosed("NATS connection closed"))
+        try:
+            while lane:
+                item = lane[0]
+                pool = item.event.pool
+                if pool is not None and pool in self._fenced:
+                    self._take(lane, item)
+                    self._stats.fenced_drops += 1
+                    _settle(item.future, exc=PoolFenced(pool, self._fenced[pool]))
                     continue
-                item.attempts += 1
-                self._stats.retries += 1
-                await asyncio.sleep(delay)  # ok: backoff between retries, no event to wait on
-                delay = min(delay * 2, self.retry_max_s)
-                continue
-            except PoolFenced as exc:
-                self._backlog.popleft()
-                self._fence(exc.pool, exc.reason)
-                _settle(item.future, exc=exc)
-                continue
-            except PoolQuarantined as exc:
-                self._backlog.popleft()
-                self._drop_pool(exc.pool, exc)
-                _settle(item.future, exc=exc)
-                continue
-            except EventRejected as exc:
-                self._backlog.popleft()
-                self._stats.rejected += 1
-                log.error("%s", exc.message)
-                _settle(item.future, exc=exc)
-                continue
-            delay = self.retry_initial_s
-            self._backlog.popleft()
-            self._stats.published += 1
-            _settle(item.future, result=seq)
+                try:
+                    async with self._slots:
+                        self._in_flight += 1
+                        self._stats.peak_in_flight = max(self._stats.peak_in_flight, self._in_flight)
+                        try:
+                            seq = await self._publish_one(item)
+                        finally:
+                            self._in_flight -= 1
+                except _Retry:
+                    if self._nc.is_closed:
+                        self._fail_all(PublisherClosed("NATS connection closed"))
+                        return
+                    item.attempts += 1
+                    self._stats.retries += 1
+                    await asyncio.sleep(delay)  # ok: backoff between retries, no event to wait on
+                    delay = min(delay * 2, self.retry_max_s)
+                    continue
+                except PoolFenced as exc:
+                    self._take(lane, item)
+                    self._fence(exc.pool, exc.reason)
+                    _settle(item.future, exc=exc)
+                    continue
+                except PoolQuarantined as exc:
+                    self._take(lane, item)
+                    self._drop_pool(exc.pool, exc)
+                    _settle(item.future, exc=exc)
+                    continue
+                except EventRejected as exc:
+                    self._take(lane, item)
+                    self._stats.rejected += 1
+                    log.error("%s", exc.message)
+                    _settle(item.future, exc=exc)
+                    continue
+                delay = self.retry_initial_s
+                self._take(lane, item)
+                self._stats.published += 1
+                _settle(item.future, result=seq)
+        finally:
+            if self._workers.get(key) is asyncio.current_task():
+                del self._workers[key]
+            if not lane and self._lanes.get(key) is lane:
+                del self._lanes[key]
+            if self._count == 0:
+                self._idle.set()
 
     async def _publish_one(self, item: _Pending) -> int:
         # Sending while the client is reconnecting would only park a copy in its pending buffer
@@ -826,14 +866,13 @@ class EventPublisher:
         self._fenced[pool] = reason
         log.warning("pool %s fenced: %s", pool, reason)
         # Later events of the pool fail now rather than when they reach the head.
-        keep: collections.deque[_Pending] = collections.deque()
-        for other in self._backlog:
-            if other.event.pool == pool:
-                self._stats.fenced_drops += 1
-                _settle(other.future, exc=PoolFenced(pool, reason))
-            else:
-                keep.append(other)
-        self._backlog = keep
+        lane = self._lanes.get(pool)
+        while lane:
+            self._count -= 1
+            self._stats.fenced_drops += 1
+            _settle(lane.popleft().future, exc=PoolFenced(pool, reason))
+        if self._count == 0:
+            self._idle.set()
         if self.on_fenced is None:
             return
         try:
@@ -848,13 +887,12 @@ class EventPublisher:
 
     def _drop_pool(self, pool: str, exc: EventLogError) -> None:
         # Later events of a quarantined pool were built on the refused one: they fail with it.
-        keep: collections.deque[_Pending] = collections.deque()
-        for other in self._backlog:
-            if other.event.pool == pool:
-                _settle(other.future, exc=exc)
-            else:
-                keep.append(other)
-        self._backlog = keep
+        lane = self._lanes.get(pool)
+        while lane:
+            self._count -= 1
+            _settle(lane.popleft().future, exc=exc)
+        if self._count == 0:
+            self._idle.set()
 
     def _callback_done(self, task: asyncio.Task[Any]) -> None:
         self._callback_tasks.discard(task)
@@ -862,8 +900,10 @@ class EventPublisher:
             log.error("on_fenced callback failed", exc_info=task.exception())
 
     def _fail_all(self, exc: EventLogError) -> None:
-        while self._backlog:
-            _settle(self._backlog.popleft().future, exc=exc)
+        for lane in self._lanes.values():
+            while lane:
+                _settle(lane.popleft().future, exc=exc)
+        self._count = 0
         self._idle.set()
 
 
@@ -973,7 +1013,19 @@ class SnapshotStore:
 
     async def _start_watch(self) -> None:
         self._synced.clear()
-        watcher = await self.kv.watch(self._keys)
+        delay = 0.2
+        for attempt in range(WATCH_ATTEMPTS):
+            try:
+                watcher = await self.kv.watch(self._keys)
+                break
+            except (TimeoutError, nats.errors.TimeoutError) as exc:
+                # A server busy storing a burst of events (a thousand pools recovering at once)
+                # can answer the watch's consumer info late; nats-py has unsubscribed by then.
+                if attempt + 1 == WATCH_ATTEMPTS:
+                    raise
+                log.warning("KV watch not set up (%s); retrying in %.1f s", exc or "timeout", delay)
+                await asyncio.sleep(delay)  # ok: backoff before asking a busy server again
+                delay = min(delay * 2, 2.0)
         self._watcher = watcher
         self._task = asyncio.get_running_loop().create_task(self._pump(watcher), name="snapshot-watch")
 

@@ -147,6 +147,40 @@ _KEEP_MAX_BODY = 64 * 1024
 """A health answer longer than this is read to the end only on a connection that then closes."""
 
 
+class _Deadline:
+    """A kept connection's connect or read deadline: one timer handle (a timeout context costs a
+    handle, a reschedule and a task cancellation, a thousand times a second), and it counts
+    only time the daemon was there to see.
+
+    A deadline that fires more than half its length late found the loop held (a long step,
+    a starved process), not the engine slow: it is re-armed once for its full length. When it
+    does expire, ``on_expiry`` runs one loop turn later, so an answer that arrived in the same
+    turn the deadline fired is read first. Without both, a thousand adopted engines all lost
+    their health at once after a restart whose start-up held the loop past their deadlines."""
+
+    __slots__ = ("_handle", "_loop", "_on_expiry", "_rearmed", "_seconds", "_when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float, on_expiry: Callable[[], None]) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._on_expiry = on_expiry
+        self._rearmed = False
+        self._when = loop.time() + seconds
+        self._handle: asyncio.Handle = loop.call_at(self._when, self._fire)
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if not self._rearmed and now - self._when > self._seconds / 2:
+            self._rearmed = True
+            self._when = now + self._seconds
+            self._handle = self._loop.call_at(self._when, self._fire)
+            return
+        self._handle = self._loop.call_soon(self._on_expiry)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
 class _Connection:
     """One kept-alive HTTP/1.1 connection to an engine, for a prober's successive GETs.
 
@@ -173,46 +207,70 @@ class _Connection:
 
     async def get(self, connect_timeout_s: float, read_timeout_s: float) -> int:
         """One GET on the kept connection (opened first if needed); returns the status."""
+        loop = asyncio.get_running_loop()
         if self._streams is None:
+            task = asyncio.current_task()
+            assert task is not None
+            timed_out: list[bool] = []
+
+            def give_up() -> None:
+                timed_out.append(True)
+                task.cancel()
+
+            connect_deadline = _Deadline(loop, connect_timeout_s, give_up)
             try:
-                async with asyncio.timeout(connect_timeout_s):
-                    self._streams = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
-            except TimeoutError:
-                raise _ProbeFailure("connect timeout") from None
+                self._streams = await asyncio.open_connection(self.host, self.port, limit=_MAX_HEAD)
+            except asyncio.CancelledError:
+                if timed_out and task.uncancel() == 0:
+                    raise _ProbeFailure("connect timeout") from None
+                raise
             except ConnectionRefusedError:
                 raise _ProbeFailure("connection refused") from None
             except OSError as exc:
                 raise _ProbeFailure(f"connect failed: {exc.strerror or exc}") from None
+            finally:
+                connect_deadline.cancel()
         reader, writer = self._streams
         keep = False
+        # The read deadline aborts the connection (the pending read then fails).
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            writer.transport.abort()
+
+        read_deadline = _Deadline(loop, read_timeout_s, expire)
         try:
             writer.write(self.request)
-            async with asyncio.timeout(read_timeout_s):
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, headers = _parse_head(head)
-                length = headers.get("content-length")
-                keep = (
-                    head.startswith(b"HTTP/1.1")
-                    and "close" not in headers.get("connection", "").lower()
-                    and "transfer-encoding" not in headers
-                    and length is not None
-                    and length.isdigit()
-                    and int(length) <= _KEEP_MAX_BODY
-                )
-                if keep and length is not None:
-                    await reader.readexactly(int(length))
+            head = await reader.readuntil(b"\r\n\r\n")
+            status, headers = _parse_head(head)
+            length = headers.get("content-length")
+            keep = (
+                head.startswith(b"HTTP/1.1")
+                and "close" not in headers.get("connection", "").lower()
+                and "transfer-encoding" not in headers
+                and length is not None
+                and length.isdigit()
+                and int(length) <= _KEEP_MAX_BODY
+            )
+            if keep and length is not None:
+                await reader.readexactly(int(length))
+            if expired:
+                keep = False
+                raise _ProbeFailure("read timeout")
             return status
-        except TimeoutError:
-            raise _ProbeFailure("read timeout") from None
-        except asyncio.IncompleteReadError:
-            raise _ProbeFailure("connection closed before a complete response") from None
+        except (asyncio.IncompleteReadError, ConnectionResetError, OSError) as exc:
+            if expired:
+                raise _ProbeFailure("read timeout") from None
+            if isinstance(exc, asyncio.IncompleteReadError):
+                raise _ProbeFailure("connection closed before a complete response") from None
+            if isinstance(exc, ConnectionResetError):
+                raise _ProbeFailure("connection reset") from None
+            raise _ProbeFailure(f"read failed: {exc.strerror or exc}") from None
         except asyncio.LimitOverrunError:
             raise _ProbeFailure("response head too large") from None
-        except ConnectionResetError:
-            raise _ProbeFailure("connection reset") from None
-        except OSError as exc:
-            raise _ProbeFailure(f"read failed: {exc.strerror or exc}") from None
         finally:
+            read_deadline.cancel()
             if not keep:
                 self.close()
 
@@ -322,7 +380,8 @@ class HealthProber:
         self._next_preload_gap = preload_initial_s
         self._gap = preload_initial_s
         self._probe_now = False
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
+        """The pause in progress: resolves True when woken early, False at its deadline."""
         self._task: asyncio.Task[None] | None = None
         self._conn = _Connection(host, port, path)
         self.connects = 0
@@ -367,12 +426,17 @@ class HealthProber:
         if mode == "preload":
             self._next_preload_gap = self.preload_initial_s
             self._probe_now = True
-        self._wake.set()
+        self._wake()
 
     def probe_now(self) -> None:
         """Run the next probe at once instead of at its scheduled time."""
         self._probe_now = True
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def _take_gap(self) -> float:
         if self._mode == "steady":
@@ -422,17 +486,27 @@ class HealthProber:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _pause(self, loop: asyncio.AbstractEventLoop, t_start: float) -> None:
+        # One future and one timer handle per pause (not a timeout context over an Event's own
+        # future): a thousand probers pause a thousand times a second.
         gap = self._take_gap()
         while not self._probe_now:
             deadline = t_start + gap
             if loop.time() >= deadline:
                 return
-            self._wake.clear()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _resolve, waiter)
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._wake.wait()
-            except TimeoutError:
+                woken = await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not woken:
                 return
             # Woken by set_mode/probe_now: a switch to steady stretches the current gap.
             if self._mode == "steady":
                 gap = self.steady_interval_s
+
+
+def _resolve(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

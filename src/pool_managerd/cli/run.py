@@ -29,12 +29,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.adapters.replication import ReplicasUnavailable
-    from pool_managerd.runtime import logs
+    from pool_managerd.runtime import logs, profiling
     from pool_managerd.runtime.daemon import Daemon
     from pool_managerd.runtime.metrics import MetricsAddressUnusable
     from pool_managerd.testing.nats_server import NatsServerError
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
+    profiling.install_from_env()
     daemon = Daemon(config)
     try:
         return asyncio.run(daemon.run_until_stopped())

@@ -1011,6 +1011,30 @@ class Lifecycle:
             self._fire(model, "health_lost", cause=f"{failures} consecutive failed health probes")
         return self._end(model, None)
 
+    def absorb_probe(self, pool: str, report: HealthReport) -> bool:
+        """Fold a report that can change nothing but the probe bookkeeping, without a step.
+
+        A 200 from the engine of a ready pool whose health is already live and ready is what
+        :meth:`health` would fold into no event, no effect and no reply; all it keeps is the
+        probe streak, the time and the latency (bookkeeping outside the state value). Any other
+        report returns False having changed nothing, and is stepped as usual. The caller must
+        only ask while no step of the pool is running or queued, so the order of inputs holds."""
+        model = self.pools.get(pool)
+        if model is None or not report.ok or model.value.state != "ready":
+            return False
+        engine = model.value.engine
+        if engine is None or report.engine_pid != engine.pid:
+            return False
+        verdict = assess(model.health, ok=True, loading=False, ts=report.ts,
+                         threshold=model.spec.probe_failure_threshold)  # fmt: skip
+        if verdict.changed:
+            return False
+        model.health = verdict.state
+        model.last_heartbeat = report.ts
+        if report.latency_ms is not None:
+            model.perf_hints["probe_latency_ms"] = report.latency_ms
+        return True
+
     def _healthy_while_loading(self, model: PoolModel, pid: int, pgid: int) -> None:
         """The first healthy probe: ready at once, or first the check that the engine holds memory
         on its GPUs (the shell samples it and answers with ``GpuChecked``)."""

@@ -101,6 +101,10 @@ class ActorHost(Protocol):
         """Derived state (snapshots, metrics, waiters) after a step's effects ran."""
         ...
 
+    def after_probe(self, pool: str, report: HealthReport) -> None:
+        """Derived state after a probe that changed only the probe bookkeeping (no step ran)."""
+        ...
+
     def log_path(self, pool: str) -> Path:
         """The engine log of ``pool``."""
         ...
@@ -147,6 +151,7 @@ class ActorStats:
     spawn_failures: int = 0
     stops: int = 0
     health_dropped: int = 0
+    probes_absorbed: int = 0
     internal_errors: int = 0
     reverted: int = 0
 
@@ -166,6 +171,8 @@ class PoolActor:
         self._parked = quarantine.Parked()
         self._health_queued = 0
         self._commands_queued = 0
+        self._busy = False
+        """A step is running (between taking an input and settling it)."""
         self._background: set[asyncio.Task[None]] = set()
         self._spawns: set[asyncio.Task[None]] = set()
         self._checks: set[asyncio.Task[None]] = set()
@@ -214,12 +221,27 @@ class PoolActor:
         self.submit(HealthInput(report))
         return True
 
+    def absorb_probe(self, report: HealthReport) -> bool:
+        """Take our prober's healthy report of a healthy ready engine without a step: it changes
+        only the probe bookkeeping (:meth:`Lifecycle.absorb_probe`), so it costs no queue turn,
+        no checkpoint and no outcome. Only while the inbox is empty and no step runs, so it is
+        exactly the step it replaces; otherwise (or for any other report) returns False and the
+        caller queues the report."""
+        if self._busy or self.fenced or self.quarantine is not None or self._parked or not self._queue.empty():
+            return False
+        if not self.runtime.lifecycle.absorb_probe(self.pool, report):
+            return False
+        self.stats.probes_absorbed += 1
+        self.runtime.after_probe(self.pool, report)
+        return True
+
     # --- the loop ------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         rt = self.runtime
         lc = rt.lifecycle
         while True:
+            self._busy = False
             item = self._parked.take() if self.quarantine is None else None
             if item is None:
                 item = await self._queue.get()
@@ -229,6 +251,7 @@ class PoolActor:
                     self._commands_queued -= 1
                 elif isinstance(item.inp, HealthInput):
                     self._health_queued -= 1
+            self._busy = True
             ack = isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
             remaining: LogCorrupt | None = None
             if ack:

@@ -92,14 +92,7 @@ class Metrics:
             self.events.labels(pool).inc(len(outcome.events))
         # Every probe is a step: the label lookups are done once per pool and the gauges set only
         # when they change (a thousand pools probed every second made this a tenth of the loop).
-        kids = self._pools.get(pool)
-        if kids is None:
-            kids = self._pools[pool] = _PoolMetrics(
-                states={state: self.pool_state.labels(pool, state) for state in STATES},
-                leases=self.leases.labels(pool),
-                vram=self.vram.labels(pool),
-                latency=self.probe_latency.labels(pool),
-            )
+        kids = self._kids(pool)
         shown = (entry.state, entry.active_leases, sum(entry.placement.budgets) if entry.placement else 0)
         if kids.shown != shown:
             for state, gauge in kids.states.items():
@@ -116,6 +109,21 @@ class Metrics:
         latency = entry.perf_hints.get("probe_latency_ms")
         if latency is not None:
             kids.latency.observe(latency / 1000.0)
+
+    def probe_observed(self, pool: str, latency_ms: float) -> None:
+        """One probe that needed no step (its pool's other metrics cannot have changed)."""
+        self._kids(pool).latency.observe(latency_ms / 1000.0)
+
+    def _kids(self, pool: str) -> _PoolMetrics:
+        kids = self._pools.get(pool)
+        if kids is None:
+            kids = self._pools[pool] = _PoolMetrics(
+                states={state: self.pool_state.labels(pool, state) for state in STATES},
+                leases=self.leases.labels(pool),
+                vram=self.vram.labels(pool),
+                latency=self.probe_latency.labels(pool),
+            )
+        return kids
 
     def serve(self, addr: str) -> tuple[str, int]:
         """Serve ``/metrics`` on ``host:port`` (port 0 picks one); returns the bound address."""

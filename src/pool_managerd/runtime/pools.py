@@ -105,6 +105,8 @@ class PoolRuntime:
         self.actors: dict[str, PoolActor] = {}
         self.health_out = health_out
         self.listeners: list[Callable[[str, Outcome], None]] = []
+        self.probe_listeners: list[Callable[[str, HealthReport], None]] = []
+        """Called for each probe absorbed without a step (:meth:`PoolActor.absorb_probe`)."""
         self.run_dir = self.options.run_dir
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
@@ -195,8 +197,10 @@ class PoolRuntime:
 
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
         """Where our own prober's results go: straight to the pool (no round trip through NATS),
-        then to ``health_out`` for observers when wired."""
-        actor.health_report(report)
+        then to ``health_out`` for observers when wired. A healthy probe that changes nothing
+        is absorbed without a step; any other is queued as the pool's next input."""
+        if not actor.absorb_probe(report):
+            actor.health_report(report)
         if self.health_out is not None:
             self.health_out(report)
 
@@ -234,14 +238,18 @@ class PoolRuntime:
         taken: dict[str, int] = {}
         if snapshot.simulated:
             listed = {p.pid for gpu in snapshot.gpus for p in gpu.processes}
-            for entry in self.lifecycle.registry:
-                if entry.pool == pool or entry.placement is None:
+            # Straight from the state values: one registry Entry per pool, built and sorted for
+            # every placement, made a thousand preloads quadratic (seconds of the loop).
+            for other, model in self.lifecycle.pools.items():
+                value = model.value
+                placement = value.placement
+                if other == pool or placement is None:
                     continue
-                if entry.engine is not None and entry.engine.pid in listed:
+                if value.engine is not None and value.engine.pid in listed:
                     # The simulated driver already takes what this engine holds off free memory.
                     continue
-                held = entry.vram_held
-                for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
+                held = value.vram_held
+                for uuid, budget in zip(placement.uuids, placement.budgets, strict=False):
                     # What the engine really holds once verified, not only what was planned.
                     taken[uuid] = taken.get(uuid, 0) + held.get(uuid, budget)
         else:
@@ -286,6 +294,13 @@ class PoolRuntime:
                 listener(pool, outcome)
             except Exception:
                 log.exception("listener failed for pool %s", pool)
+
+    def after_probe(self, pool: str, report: HealthReport) -> None:
+        for listener in self.probe_listeners:
+            try:
+                listener(pool, report)
+            except Exception:
+                log.exception("probe listener failed for pool %s", pool)
 
     def log_path(self, pool: str) -> Path:
         return self.run_dir / "logs" / f"{pool}.log"
