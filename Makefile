@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test test-fast lint check compat schemas asyncapi demo bench faults fuzz lock test-pythons clean dashboard
+.PHONY: test test-fast lint check compat schemas asyncapi demo fleet-demo bench faults fleet-faults fuzz lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -75,6 +75,11 @@ schemas: $(STAMP)
 demo: $(STAMP) dashboard
 	$(BIN)/pool-managerd demo
 
+## fleet-demo: a 3-node NATS cluster with the shipped users, two daemons (one a standby), the
+## owner killed, the standby taking over, replay, the fleet table; --non-interactive without a tty
+fleet-demo: $(STAMP)
+	$(BIN)/pool-managerd fleet-demo
+
 ## faults: the fault suite (NATS restarts under load, daemon SIGKILLs, a crash storm); not part of test
 faults: $(STAMP)
 	$(BIN)/python bench/faults.py
@@ -86,6 +91,11 @@ FUZZ_SEED ?= 1
 fuzz: $(STAMP)
 	$(BIN)/python bench/fuzz.py --messages $(FUZZ_MESSAGES) --seed $(FUZZ_SEED)
 
+## fleet-faults: a 3-node NATS cluster (3 replicas), two daemons, each server killed -9 once under
+## a retrying command load; prints commands, retries and recovery per kill; not part of test
+fleet-faults: $(STAMP)
+	$(BIN)/python bench/fleet_faults.py
+
 bench: $(STAMP) dashboard
 	$(BIN)/python bench/lifecycle_latency.py
 	$(BIN)/python bench/command_latency.py
@@ -93,6 +103,7 @@ bench: $(STAMP) dashboard
 	$(BIN)/python bench/dashboard_render.py
 	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/gpu_check.py
+	$(BIN)/python bench/takeover.py
 
 $(LOCK_TOOLS)/.installed: tools/lock-tools.txt
 	rm -rf $(LOCK_TOOLS)

@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from pool_managerd.config import load_config
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
+from pool_managerd.testing.nats_cluster import NatsCluster
 from pool_managerd.testing.nats_server import NatsServer
 from support.markers import classify, has_unit_tests
 from support.procs import leak_guard
@@ -128,6 +129,19 @@ def fresh_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         server.close()
 
 
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster on loopback of this test's own (routes, a store dir per node),
+    started once the meta leader is agreed on; free to ``kill(i)`` / ``restart(i)`` a node (same
+    ports and store: it rejoins). Its own, because daemons on it create the shared stream."""
+    cluster = NatsCluster(3, store_root=tmp_path / "nats-cluster")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
 NatsConnect = Callable[..., Awaitable[NATS]]
 
 
@@ -181,17 +195,24 @@ StartDaemon = Callable[..., Awaitable[Daemon]]
 
 @pytest.fixture
 async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    """``await start_daemon(url, node=..., pools=[...], **config)``; every daemon is stopped after."""
+    """``await start_daemon(url or urls, node=..., pools=[...], nats_options={...}, **config)``; every
+    daemon is stopped after."""
     daemons: list[Daemon] = []
 
     async def start(
-        url: str, *, node: str = "node-a", pools: list[dict[str, Any]] | None = None, **extra: Any
+        url: str | list[str],
+        *,
+        node: str = "node-a",
+        pools: list[dict[str, Any]] | None = None,
+        nats_options: dict[str, Any] | None = None,
+        **extra: Any,
     ) -> Daemon:
         pools = pools if pools is not None else [{"id": "chat", **FAKE}]
         extra.setdefault("heartbeat_s", 5.0)
-        nats_options = {**extra.pop("nats", {}), "urls": [url]}
+        urls = [url] if isinstance(url, str) else list(url)
+        options = {**extra.pop("nats", {}), **(nats_options or {}), "urls": urls}
         config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats=nats_options, pools=pools, **extra)  # fmt: skip
+                             nats=options, pools=pools, **extra)  # fmt: skip
         daemon = Daemon(config)
         daemons.append(daemon)
         await daemon.start()

@@ -235,6 +235,9 @@ async def test_events_stream_and_traceparent(env: DaemonEnv, client: PoolClient)
     async with client.events(env.pool) as events:
         reply = await client.preload(env.pool, traceparent=traceparent, command_id="cmd-trace-1")
         assert isinstance(reply, Accepted) and reply.command_id == "cmd-trace-1"
+        # The pool's first claim of its ownership lease is written with its first event.
+        claim = await events.next(timeout=10)
+        assert claim is not None and claim.type == "pool_claimed" and claim.command_id == "cmd-trace-1"
         first = await events.next(timeout=10)
         assert first is not None and first.type == "state_changed" and first.pool == env.pool
         assert first.command_id == "cmd-trace-1" and first.traceparent == traceparent

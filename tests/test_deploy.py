@@ -44,7 +44,8 @@ def test_every_file_the_compose_mounts_exists_and_the_config_loads() -> None:
         assert host_path.is_file(), f"{host_path} is mounted but missing"
     config_mount = next(m for m in mounts if m.split(":")[1] == "/etc/pool-managerd/config.toml")
     config = load_config(REPO / config_mount.split(":")[0])
-    assert config.nats.urls == ["nats://nats:4222"]  # the compose service name
+    # The compose service names of the three cluster nodes.
+    assert config.nats.urls == ["nats://nats:4222", "nats://nats-2:4222", "nats://nats-3:4222"]
     assert config.gpus.startswith("sim:")
     assert [p.id for p in config.pools] == ["chat-8b", "embed"]
     assert config.metrics_addr and config.metrics_addr.endswith(":9464")
@@ -64,3 +65,59 @@ def test_compose_runs_nats_with_the_shipped_permissions_and_the_daemon_as_its_us
     daemon_env = doc["services"]["pool-managerd"]["environment"]
     assert daemon_env["POOL_MANAGERD_NATS__USER"] == "daemon"
     assert password_env("daemon") in daemon_env["POOL_MANAGERD_NATS__PASSWORD"]
+
+
+NATS_NODES = ("nats", "nats-2", "nats-3")
+DAEMONS = ("pool-managerd", "pool-managerd-b")
+
+
+def _flag(command: list[str], flag: str) -> str:
+    assert flag in command, f"{flag} missing from {command}"
+    return command[command.index(flag) + 1]
+
+
+def test_compose_runs_a_three_node_nats_cluster_with_routes_and_own_stores() -> None:
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    names, stores = set(), set()
+    for service in NATS_NODES:
+        node = services[service]
+        command = node["command"]
+        assert "-js" in command
+        assert _flag(command, "--cluster_name") == "poold"
+        assert _flag(command, "--cluster").endswith(":6222")
+        routes = set(_flag(command, "--routes").split(","))
+        # Every node routes to every node of the cluster (a route to itself is ignored).
+        assert routes == {f"nats://{other}:6222" for other in NATS_NODES}
+        names.add(_flag(command, "-n"))
+        conf = _flag(command, "-c")
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in node["volumes"]}
+        assert (REPO / mounts[conf]).resolve() == (REPO / "deploy" / "nats-server.conf").resolve()
+        stores.add(mounts[_flag(command, "-sd")])
+        for role in ROLES:
+            assert f"${{{password_env(role)}:?" in node["environment"][password_env(role)]
+    assert len(names) == 3, "JetStream clustering needs a distinct server name per node"
+    assert len(stores) == 3, "each node keeps its own JetStream store"
+
+
+def test_compose_runs_two_daemons_with_own_ids_and_run_dirs_one_a_standby() -> None:
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    configs, run_volumes = {}, set()
+    for service in DAEMONS:
+        daemon = services[service]
+        assert set(NATS_NODES) <= set(daemon["depends_on"])
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in daemon["volumes"]}
+        config = load_config(REPO / mounts["/etc/pool-managerd/config.toml"])
+        run_volumes.add(mounts[str(config.run_dir)])
+        configs[service] = config
+        # Every server of the cluster, and three copies of the stream and buckets.
+        assert sorted(config.nats.urls) == sorted(f"nats://{n}:4222" for n in NATS_NODES)
+        assert config.nats.replicas == 3
+        assert daemon["environment"]["POOL_MANAGERD_NATS__USER"] == "daemon"
+    a, b = configs["pool-managerd"], configs["pool-managerd-b"]
+    assert (a.node, b.node) == ("node-a", "node-b")
+    assert len(run_volumes) == 2, "each host has its own run dir"
+    # node-b stands by for chat-8b, with the same definition as its owner's.
+    chat_a = next(p for p in a.pools if p.id == "chat-8b")
+    chat_b = next(p for p in b.pools if p.id == "chat-8b")
+    assert chat_a == chat_b and chat_a.standby == ["node-b"]
+    assert [p.id for p in b.pools] == ["chat-8b"]

@@ -63,7 +63,9 @@ from pool_managerd.messages import (
     NodeHeartbeat,
     OrphanReaped,
     Placement,
+    PoolClaimed,
     PoolFenced,
+    PoolReleased,
     PoolsCmd,
     PoolSnapshot,
     PoolsReply,
@@ -202,6 +204,10 @@ BODIES: dict[str, Any] = {
     "reload_rolled_back": ReloadRolledBack(reason="new engine crashed"),
     "health_changed": HealthChanged(live=True, ready=False, consecutive_failures=2),
     "pool_fenced": PoolFenced(reason="10071"),
+    "pool_claimed": PoolClaimed(
+        node="node-b", epoch=4, previous_node="node-a", previous_epoch=3, previous_state="ready"
+    ),
+    "pool_released": PoolReleased(node="node-b", epoch=4),
     "log_corrupt_acknowledged": LogCorruptAcknowledged(sequences=[7, 9]),
     "orphan_reaped": OrphanReaped(pid=5, pgid=5, pool="p"),
     "daemon_started": DaemonStarted(version="0.1.0", pools=["a", "b"], simulated=True),

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, OWNERS_BUCKET, SERVICE_NAME, STREAM_NAME
 
 __all__ = [
     "AUTH_DIR",
@@ -60,6 +60,7 @@ AUTH_DIR: Final = "auth"
 _READ_NODE_VERBS: Final = ("pools", "inventory", "lifecycle")
 _OPERATOR_VERBS: Final = ("preload", "drain", "stop", "reset", "lease", "release", "ack_corrupt")
 _KV_STREAM: Final = f"KV_{KV_BUCKET}"
+_OWNERS_STREAM: Final = f"KV_{OWNERS_BUCKET}"
 
 
 class CredentialError(PoolManagerError):
@@ -116,6 +117,7 @@ def _viewer(prefix: str, user: str) -> tuple[list[str], list[str]]:
         *_stream_reads(_KV_STREAM),
         # Flow-control answers of the ordered consumer behind a KV watch.
         f"$JS.FC.{_KV_STREAM}.>",
+        *_stream_reads(_OWNERS_STREAM),
     ]
     subscribe = [
         f"{prefix}.evt.>",
@@ -139,6 +141,10 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
             f"$JS.API.STREAM.CREATE.{_KV_STREAM}",
             f"$KV.{KV_BUCKET}.>",
             *_stream_reads(_KV_STREAM),
+            # Ownership leases: only daemons write them (compare-and-set on the revision).
+            f"$JS.API.STREAM.CREATE.{_OWNERS_STREAM}",
+            f"$KV.{OWNERS_BUCKET}.{prefix}.>",
+            *_stream_reads(_OWNERS_STREAM),
             # Refused commands: the size-bounded audit stream (written, never read, by the daemon).
             f"{prefix}.audit.>",
             f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",

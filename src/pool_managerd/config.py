@@ -251,6 +251,18 @@ class PoolConfig(_Strict):
     """How long the engine has to allocate after its first healthy probe (default: the preset's)."""
     gpu_check_min_fraction: Annotated[float, Field(ge=0, le=1)] = DEFAULT_MIN_FRACTION
     """Share of each GPU's planned budget the engine must hold by the deadline."""
+    standby: Annotated[list[str], Field(max_length=64)] = Field(default_factory=list)
+    """Nodes that take the pool over while running when its owner stops renewing its lease.
+    Empty: every node that configures the pool does. A node not named still claims the pool
+    when it is free (never claimed, released) or found unrenewed at its own start-up."""
+
+    @field_validator("standby")
+    @classmethod
+    def _valid_standby(cls, nodes: list[str]) -> list[str]:
+        for node in nodes:
+            if not ID_RE.fullmatch(node):
+                raise ValueError(f"{node!r} is not a valid node id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
+        return nodes
 
     @field_validator("id")
     @classmethod
@@ -366,6 +378,10 @@ class NatsConfig(_Strict):
     reconnect_wait_s: Annotated[float, Field(gt=0)] = 1.0
     event_max_age_s: Annotated[float, Field(gt=0)] | None = 30 * 24 * 3600.0
     publish_backlog: Annotated[int, Field(ge=1)] = 10_000
+    replicas: int = 1
+    """Copies JetStream keeps of every stream and bucket the daemon creates (the event stream,
+    the KV buckets): 1, 3 or 5, at most the cluster's size. Above 1 the server must be clustered
+    (checked at connect: exit 2). Changing it on an existing stream resizes the stream."""
     audit_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
     """Size bound of the audit stream of refused commands; the oldest records go first."""
     embedded_websocket: bool = True
@@ -385,6 +401,14 @@ class NatsConfig(_Strict):
             )
         return value
 
+    @field_validator("replicas")
+    @classmethod
+    def _valid_replicas(cls, value: int) -> int:
+        # Raft needs a majority: an even count tolerates no more failures than the odd one below it.
+        if value not in (1, 3, 5):
+            raise ValueError(f"{value} is not a replica count: 1, 3 or 5 (at most the cluster's size)")
+        return value
+
     @field_validator("inbox_prefix")
     @classmethod
     def _valid_inbox(cls, value: str | None) -> str | None:
@@ -398,6 +422,22 @@ class NatsConfig(_Strict):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.user is not None and self.password is None:
             raise ValueError("user needs a password")
+        return self
+
+
+class OwnershipConfig(_Strict):
+    """The pools' ownership leases (README "Ownership"): how long one lasts unrenewed, and the
+    safety margin on each side (the owner stops ``margin`` before it lapses; others claim
+    ``margin`` after)."""
+
+    lease_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
+    lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 2.0
+
+    @model_validator(mode="after")
+    def _margin_fits(self) -> OwnershipConfig:
+        if self.lease_margin_s * 2 >= self.lease_ttl_s:
+            raise ValueError(f"lease_margin_s ({self.lease_margin_s}) must be under half of lease_ttl_s "
+                             f"({self.lease_ttl_s})")  # fmt: skip
         return self
 
 
@@ -421,6 +461,7 @@ class DaemonConfig(BaseSettings):
     on_shutdown: Literal["stop", "leave"] = "stop"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     nats: NatsConfig = Field(default_factory=NatsConfig)
+    ownership: OwnershipConfig = Field(default_factory=OwnershipConfig)
     pools: list[PoolConfig] = Field(default_factory=list)
 
     @field_validator("node")

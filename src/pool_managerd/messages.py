@@ -778,6 +778,31 @@ class PoolFenced(_EventBody, tag="pool_fenced", kw_only=True):
     pool: str | None = None
 
 
+Epoch = Annotated[int, Meta(ge=0, le=2**53)]
+"""A pool's ownership epoch: the fencing token its owner's events carry (0: no lease, old logs)."""
+
+
+class PoolClaimed(_EventBody, tag="pool_claimed", kw_only=True):
+    """``node`` holds the pool's ownership lease at ``epoch`` from here on (a claim is the first
+    event of every epoch). ``previous_node``/``previous_epoch`` name the holder it took over from;
+    when that was another node, whatever that node ran (its engine, its client leases) is its
+    own to stop: this node starts with no engine and the pool ``unready``, and ``previous_state``
+    says what the pool was doing there."""
+
+    node: Id
+    epoch: Epoch
+    previous_node: Id | None = None
+    previous_epoch: Epoch = 0
+    previous_state: PoolState | None = None
+
+
+class PoolReleased(_EventBody, tag="pool_released", kw_only=True):
+    """``node`` gave up the lease of ``epoch`` (a graceful stop): anyone may claim it at once."""
+
+    node: Id
+    epoch: Epoch
+
+
 class LogCorruptAcknowledged(_EventBody, tag="log_corrupt_acknowledged", kw_only=True):
     """An operator acknowledged the foreign messages at these stream sequences of the pool's
     event subjects: replay and recovery skip exactly them, and the pool serves again."""
@@ -867,6 +892,8 @@ EventBody = (
     | HealthChanged
     | GpuVerified
     | PoolFenced
+    | PoolClaimed
+    | PoolReleased
     | LogCorruptAcknowledged
     | OrphanReaped
     | DaemonStarted
@@ -895,12 +922,32 @@ class Event(_Base, kw_only=True):
     fingerprint: str | None = None
     """Set only on the events of the command's own step: ``<verb>:<hash>`` of the decoded
     command (see :func:`command_fingerprint`). Recovery rebuilds the command's reply from them."""
+    epoch: Epoch | None = None
+    """The ownership epoch of the writer's lease (pool events; absent in logs from before leases).
+    Replay checks it against the pool's claims: a write under an epoch its writer does not hold
+    is a ``two_writers`` violation."""
     body: EventBody
 
     @property
     def type(self) -> str:
         """The event name: the tag of its body (``state_changed``, ``engine_exited``, ...)."""
         return str(self.body.__struct_config__.tag)
+
+
+class OwnerRecord(_Base, kw_only=True):
+    """A pool's ownership lease: the value of key ``<prefix>.<pool>`` in KV bucket ``poold_owners``.
+
+    Written only with compare-and-set on the key's revision: a claim creates it or updates the
+    revision it read, a renewal updates the revision it wrote. ``renewed_at`` (the owner's wall
+    clock) and ``ttl_s`` are for people; nodes judge expiry by their own monotonic clock from
+    when they saw the revision change (see ``pool_managerd.core.ownership``)."""
+
+    v: int = SCHEMA_VERSION
+    node: Id
+    epoch: Annotated[int, Meta(ge=1, le=2**53)]
+    ttl_s: PositiveSeconds
+    renewed_at: float = 0.0
+    released: bool = False
 
 
 class AuditRecord(_Base, tag_field="type", tag="command_refused", kw_only=True):
@@ -950,6 +997,7 @@ EVENT_DECODER: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 REPLY_DECODER: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 HEALTH_DECODER: msgspec.json.Decoder[HealthReport] = msgspec.json.Decoder(HealthReport)
 SNAPSHOT_DECODER: msgspec.json.Decoder[PoolSnapshot] = msgspec.json.Decoder(PoolSnapshot)
+OWNER_DECODER: msgspec.json.Decoder[OwnerRecord] = msgspec.json.Decoder(OwnerRecord)
 GPU_SNAPSHOT_DECODER: msgspec.json.Decoder[GpuSnapshot] = msgspec.json.Decoder(GpuSnapshot)
 
 ALL_MESSAGES: dict[str, type[Struct]] = {

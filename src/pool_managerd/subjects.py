@@ -15,6 +15,8 @@ DEFAULT_PREFIX = "poold"
 STREAM_NAME = "POOLD_EVENTS"
 AUDIT_STREAM = "POOLD_AUDIT"
 KV_BUCKET = "poold_pools"
+OWNERS_BUCKET = "poold_owners"
+"""KV bucket of the pools' ownership leases: key ``<prefix>.<pool>``."""
 SERVICE_NAME = "pool-managerd"
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -107,6 +109,10 @@ class Subjects:
         return f"{self.prefix}.health.*"
 
     # parsing
+    def owner_key(self, pool: str) -> str:
+        """``<prefix>.<pool>``: the pool's key in the ownership bucket."""
+        return f"{self.prefix}.{validate_id(pool, 'pool')}"
+
     def parse_command(self, subject: str) -> tuple[str, str]:
         """``<prefix>.cmd.<pool>.<verb>`` → (pool, verb); raises on anything else."""
         rest = self._strip(subject, "cmd")

@@ -46,6 +46,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from pool_managerd.adapters.replication import open_bucket, wait_for_leader
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.core.log_integrity import LogEntry
 from pool_managerd.limits import MAX_SNAPSHOT_BYTES, json_problem
@@ -230,7 +231,9 @@ async def ensure_stream(
         info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         try:
-            return await js.add_stream(want)
+            created = await js.add_stream(want)
+            await wait_for_leader(js, stream)
+            return created
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != ERR_STREAM_NAME_IN_USE:
                 raise
@@ -245,10 +248,6 @@ async def ensure_stream(
 
 async def ensure_kv(js: JetStreamContext, *, bucket: str = KV_BUCKET, replicas: int = 1) -> KeyValue:
     """Open KV bucket ``bucket`` (default ``poold_pools``), creating it (history 1, file) if absent."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
     config = api.KeyValueConfig(
         bucket=bucket,
         description="pool-managerd pool snapshots (derived from the event stream)",
@@ -256,8 +255,7 @@ async def ensure_kv(js: JetStreamContext, *, bucket: str = KV_BUCKET, replicas: 
         storage=api.StorageType.FILE,
         replicas=replicas,
     )
-    # Creating with an identical config is idempotent on the server, so a race is harmless.
-    return await js.create_key_value(config)
+    return await open_bucket(js, config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,6 +622,11 @@ class EventPublisher:
         recovered from, so a write by another daemon since then fences this one at its first
         write (0: the pool has no events yet)."""
         self._last_seq[pool] = stream_seq
+
+    def unfence(self, pool: str) -> None:
+        """Forget a fence (this node holds the pool's lease again); its last sequence is re-learned."""
+        self._fenced.pop(pool, None)
+        self._last_seq.pop(pool, None)
 
     async def flush(self) -> None:
         """Wait until every accepted event is stored or failed (bound it with ``asyncio.timeout``)."""

@@ -72,7 +72,10 @@ class Target:
 def add_connection_arguments(parser: argparse.ArgumentParser, *, timeout: bool = True) -> None:
     """``--url --prefix [--timeout] --creds-dir --role --user --password --tls-*``."""
     parser.add_argument(
-        "--url", default=None, help=f"NATS server URL (default: ${URL_ENV}, the credentials' url, or {DEFAULT_URL})"
+        "--url",
+        default=None,
+        help=f"NATS server URL, or several comma-separated (a cluster) (default: ${URL_ENV}, the credentials' url, "
+        f"or {DEFAULT_URL})",
     )
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"subject prefix (default: {DEFAULT_PREFIX})")
     if timeout:
@@ -155,7 +158,8 @@ async def connect(
         return None
 
     opts: dict[str, Any] = {
-        "servers": [target.url],
+        # A cluster: "--url nats://a:4222,nats://b:4222" lists several; any one that answers will do.
+        "servers": [url.strip() for url in target.url.split(",") if url.strip()] or [target.url],
         "name": name,
         "connect_timeout": max(0.1, min(timeout, 5.0)),
         "allow_reconnect": True,

@@ -71,6 +71,8 @@ POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
 NODE_VERBS: tuple[str, ...] = tuple(v for v in NODE_COMMANDS if v != "gpu_clear")
 GPU_CLEAR = "gpu-clear"
 """``ctl gpu-clear <uuid> --node N``: the node command ``gpu_clear`` (operator)."""
+FLEET_VERBS: tuple[str, ...] = ("nodes",)
+"""Answered from discovery, the KV bucket and the stream (``pool_managerd.fleet``), not by a daemon."""
 STATES: tuple[str, ...] = get_args(PoolState)
 
 DEFAULT_WAIT: dict[str, PoolState] = {
@@ -111,12 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``ctl`` options."""
     parser.description = "send one command to a pool or a node and print the reply (or follow its events with --wait)"
     parser.epilog = (
-        "pool verbs: " + ", ".join(POOL_VERBS) + ". node verbs: " + ", ".join(NODE_VERBS) + ", "
-        f"{GPU_CLEAR} UUID --node N. Exit status: 0 ok, "
-        "1 rejected, 2 usage error, 3 timeout or unreachable."
+        f"pool verbs: {', '.join(POOL_VERBS)}. node verbs: {', '.join(NODE_VERBS)}, {GPU_CLEAR} UUID --node N. "
+        f"fleet verbs: {', '.join(FLEET_VERBS)} (every node: id, liveness, version, heartbeat age, GPUs, pools). "
+        "Exit status: 0 ok, 1 rejected, 2 usage error, 3 timeout or unreachable."
     )
-    parser.add_argument("verb", choices=(*POOL_VERBS, "ack-corrupt", *NODE_VERBS, GPU_CLEAR), metavar="VERB",
-                        help="what to do")  # fmt: skip
+    verbs = (*POOL_VERBS, "ack-corrupt", *NODE_VERBS, GPU_CLEAR, *FLEET_VERBS)
+    parser.add_argument("verb", choices=verbs, metavar="VERB", help="what to do")
     parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
     parser.add_argument("sequences", nargs="*", type=int, metavar="SEQ",
                         help="ack-corrupt: the foreign stream sequences the pool's status lists")  # fmt: skip
@@ -196,14 +198,14 @@ def default_role(verb: str) -> str:
     """The least role that may send ``verb``: what ``--creds-dir`` uses without ``--role``."""
     if verb == "reload":
         return "admin"
-    return "viewer" if verb == "status" or verb in NODE_VERBS else "operator"
+    return "viewer" if verb == "status" or verb in NODE_VERBS or verb in FLEET_VERBS else "operator"
 
 
 def wait_target(args: argparse.Namespace) -> PoolState | None:
     """The state ``--wait`` asks for, or None without ``--wait``."""
     if args.wait is None:
         return None
-    if args.verb in NODE_VERBS or args.verb == GPU_CLEAR:
+    if args.verb in NODE_VERBS or args.verb == GPU_CLEAR or args.verb in FLEET_VERBS:
         raise UsageError(f"--wait does not apply to {args.verb}")
     if args.wait == _WAIT_DEFAULT:
         if args.verb not in DEFAULT_WAIT:
@@ -408,6 +410,8 @@ async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
         reply = await client.node(node, args.verb)
         _print_reply(reply, args.json)
         return _exit_for(reply)
+    if args.verb == "pools" and not args.json:
+        return await _fleet_pools(client)
     found = await client.discover(timeout=min(args.timeout, 2.0))
     if not found:
         _print("unavailable: no pool-managerd daemon answered $SRV.PING.pool-managerd; give --node", sys.stderr)
@@ -416,16 +420,39 @@ async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
     good = [r for r in replies if not isinstance(r, Rejected)] or replies
     if args.verb == "lifecycle":
         good = good[:1]
-    if args.verb == "pools" and not args.json and len(good) > 1:
-        merged = {s.pool: s for r in good if isinstance(r, PoolsReply) for s in r.pools}
-        nodes = ", ".join(r.node for r in good if isinstance(r, PoolsReply))
-        _print(render_table(merged, {}, time.time(), title=f"nodes {nodes}"))
-        return EXIT_OK
     for i, reply in enumerate(good):
         if i and not args.json:
             _print("")
         _print_reply(reply, args.json)
     return max(_exit_for(r) for r in good)
+
+
+async def _fleet_pools(client: PoolClient) -> int:
+    """``ctl pools`` without a node: every pool of every node, from the bucket, with node liveness."""
+    from pool_managerd.fleet import gather_nodes, liveness
+
+    views, snapshots = await gather_nodes(client.nc, client.subjects, timeout=client.timeout)
+    if not views and not snapshots:
+        _print("unavailable: no pool-managerd daemon answered and the bucket holds no pool", sys.stderr)
+        return EXIT_UNAVAILABLE
+    now = time.time()
+    status = {v.node: liveness(v, now) for v in views}
+    nodes = ", ".join(f"{node} ({state})" for node, state in status.items())
+    _print(render_table(snapshots, {}, now, title=f"nodes {nodes}", node_status=status))
+    return EXIT_OK
+
+
+async def _fleet_nodes(client: PoolClient, as_json: bool) -> int:
+    """``ctl nodes``: every node, from discovery, the bucket and the stream's heartbeats."""
+    from pool_managerd.fleet import gather_nodes, node_record, render_nodes
+
+    views, _ = await gather_nodes(client.nc, client.subjects, timeout=client.timeout)
+    now = time.time()
+    if as_json:
+        _print(json.dumps({"nodes": [node_record(view, now) for view in views]}))
+    else:
+        _print(render_nodes(views, now))
+    return EXIT_OK if views else EXIT_UNAVAILABLE
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -435,6 +462,8 @@ async def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.verb} needs a POOL")
         if args.node is not None:
             raise UsageError(f"--node does not apply to {args.verb}")
+    if args.verb in FLEET_VERBS and (args.node is not None or args.target is not None):
+        raise UsageError(f"{args.verb} lists every node; it takes no POOL or --node")
     if args.verb == GPU_CLEAR and (args.target is None or args.node is None):
         raise UsageError(f"{GPU_CLEAR} needs a GPU UUID and --node")
     if args.verb == GPU_CLEAR:
@@ -461,6 +490,8 @@ async def _main(args: argparse.Namespace) -> int:
         client = PoolClient(nc, prefix=args.prefix, timeout=args.timeout, denials=denials)
         if args.verb in POOL_VERBS:
             return await _pool_command(client, args, fields)
+        if args.verb == "nodes":
+            return await _fleet_nodes(client, args.json)
         if args.verb == GPU_CLEAR:
             return await _gpu_clear(client, args)
         return await _node_command(client, args)

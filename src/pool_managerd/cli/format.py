@@ -32,7 +32,9 @@ from pool_managerd.messages import (
     LogCorruptAcknowledged,
     NodeHeartbeat,
     OrphanReaped,
+    PoolClaimed,
     PoolFenced,
+    PoolReleased,
     PoolSnapshot,
     PreloadRejected,
     ReloadRolledBack,
@@ -130,6 +132,11 @@ def event_detail(event: Event) -> str:
             return f"acknowledged foreign stream sequences {b.sequences}"
         case PoolFenced():
             return b.reason
+        case PoolClaimed():
+            was = f" from {b.previous_node} (epoch {b.previous_epoch}, {b.previous_state})" if b.previous_node else ""
+            return f"{b.node} holds epoch {b.epoch}{was}"
+        case PoolReleased():
+            return f"{b.node} released epoch {b.epoch}"
         case OrphanReaped():
             return f"pid {b.pid} pgid {b.pgid}" + (f" pool {b.pool}" if b.pool else "")
         case DaemonStarted():
@@ -206,16 +213,27 @@ def _last_event(snap: PoolSnapshot, event: Event | None, now: float) -> tuple[st
     return "-", "-"
 
 
+def _node_cell(node: str | None, node_status: Mapping[str, str] | None) -> str:
+    if not node:
+        return "-"
+    status = (node_status or {}).get(node)
+    return node if status is None or status == "live" else f"{node} ({status})"
+
+
 def render_table(
     snapshots: Mapping[str, PoolSnapshot],
     last_events: Mapping[str, Event],
     now: float,
     *,
     title: str = "pool-managerd",
+    node_status: Mapping[str, str] | None = None,
     ignored: Collection[str] = (),
 ) -> str:
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
     ``ignored`` pools (KV snapshots the event stream does not back) are named under the table.
+
+    ``node_status`` (node → liveness, see ``pool_managerd.fleet``) marks the node column of
+    pools whose node is not ``live``: ``node-b (stale)``.
 
     ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer
     event than the one given shows the snapshot's event name and age instead. GPUs are shown as
@@ -243,7 +261,7 @@ def render_table(
         rows.append(
             [
                 snap.pool,
-                snap.node or "-",
+                _node_cell(snap.node, node_status),
                 snap.state,
                 str(engine.pid) if engine else "-",
                 str(engine.port) if engine else "-",

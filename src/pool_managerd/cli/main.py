@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "watch": ("pool_managerd.cli.watch", "live table of every pool, fed by the KV bucket and the event stream"),
     "dashboard": ("pool_managerd.cli.dashboard", "serve the web dashboard (a NATS websocket client) and print its URL"),
     "demo": ("pool_managerd.cli.demo", "the scripted tour: embedded NATS, simulated GPUs, fake engines"),
+    "fleet-demo": ("pool_managerd.cli.fleet_demo", "two daemons on a 3-node NATS cluster: owner killed, takeover"),
     "replay": ("pool_managerd.cli.replay", "rebuild pool states from the event log, check its invariants"),
     "export": ("pool_managerd.cli.replay", "write the event stream as JSONL, replayable offline"),
     "nats-config": ("pool_managerd.cli.nats_config", "print the nats-server users and permissions (deploy/)"),

@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pool-managerd: invalid configuration:\n{exc.message}", file=sys.stderr)
         return 2
     from pool_managerd.adapters.nats_connect import ConnectFailed
+    from pool_managerd.adapters.replication import ReplicasUnavailable
     from pool_managerd.runtime import logs, profiling
     from pool_managerd.runtime.daemon import Daemon
     from pool_managerd.runtime.metrics import MetricsAddressUnusable
@@ -38,10 +39,11 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         return asyncio.run(daemon.run_until_stopped())
-    except (NatsServerTooOld, ConnectFailed, MetricsAddressUnusable) as exc:
+    except (NatsServerTooOld, ConnectFailed, MetricsAddressUnusable, ReplicasUnavailable) as exc:
         # A server below the floor, wrong credentials, refused TLS, no server within
-        # startup_timeout_s, a metrics address in use: setup problems found before any pool was
-        # touched, like an invalid configuration, so one line and the same exit status.
+        # startup_timeout_s, a metrics address in use, replicas the server cannot hold: setup
+        # problems found before any pool was touched, like an invalid configuration, so one line
+        # and the same exit status.
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
         return 2
     except NatsServerError as exc:

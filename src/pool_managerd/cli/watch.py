@@ -33,9 +33,10 @@ from nats.aio.msg import Msg
 
 from pool_managerd.adapters.event_log import SnapshotStore, last_event
 from pool_managerd.cli.connect import TargetError, add_connection_arguments, connect, resolve_target
-from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, render_table, silence
+from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, format_age, render_table, silence
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import EVENT_DECODER, DaemonStarted, Event, PoolSnapshot
+from pool_managerd.fleet import NodeView, liveness, read_heartbeats
+from pool_managerd.messages import EVENT_DECODER, DaemonStarted, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
 from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 MIN_REDRAW_S = 0.1
@@ -76,6 +77,8 @@ class PoolWatch:
     def __init__(self) -> None:
         self.snapshots: dict[str, PoolSnapshot] = {}
         self.last_events: dict[str, Event] = {}
+        self.beats: dict[str, Event] = {}
+        self.node_events: dict[str, Event] = {}
         self.changed = asyncio.Event()
         self.verified: set[str] = set()
         """Pools whose snapshots the event stream backs (checked once per pool)."""
@@ -98,21 +101,55 @@ class PoolWatch:
             self.last_events[event.pool] = event
         self.changed.set()
 
+    def on_node_event(self, event: Event) -> None:
+        """A node event arrived: a heartbeat keeps its node live, any event is its last word."""
+        if event.pool is not None:
+            return
+        if isinstance(event.body, NodeHeartbeat):
+            self.beats[event.node] = event
+        self.node_events[event.node] = event
+        self.changed.set()
+
     async def on_msg(self, msg: Msg) -> None:
-        """Core subscription callback on ``<prefix>.evt.>``."""
+        """Core subscription callback on ``<prefix>.evt.>`` and ``<prefix>.node.*.evt.>``."""
         try:
             event = EVENT_DECODER.decode(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        self.on_event(event)
+        if event.pool is None:
+            self.on_node_event(event)
+        else:
+            self.on_event(event)
+
+    def node_status(self, now: float) -> dict[str, str]:
+        """node → liveness from the heartbeats seen (``pool_managerd.fleet.liveness``); a node
+        counts as answering until its last word is ``daemon_stopping`` (watch sends no pings)."""
+        status = {}
+        for node in sorted(set(self.beats) | {s.node for s in self.snapshots.values() if s.node}):
+            last = self.node_events.get(node)
+            stopped = last is not None and isinstance(last.body, DaemonStopping)
+            view = NodeView(node=node, answering=not stopped, beat=self.beats.get(node), last_node_event=last)
+            status[node] = liveness(view, now)
+        return status
 
     def unchecked(self) -> list[str]:
         return [p for p in self.snapshots if p not in self.verified and p not in self.ghosts]
 
     def render(self, now: float) -> str:
-        """:func:`render_table` of the current state (ghost snapshots left out and named)."""
+        """:func:`render_table` of the current state (ghost snapshots left out and named), with a
+        line of node liveness."""
+        status = self.node_status(now)
         shown = {p: s for p, s in self.snapshots.items() if p in self.verified}
-        return render_table(shown, self.last_events, now, ignored=[p for p in self.ghosts if p in self.snapshots])
+        ignored = [p for p in self.ghosts if p in self.snapshots]
+        text = render_table(shown, self.last_events, now, node_status=status, ignored=ignored)
+        if not status:
+            return text
+        cells = []
+        for node, state in status.items():
+            beat = self.beats.get(node)
+            age = f"beat {format_age(now - beat.ts)} ago" if beat is not None and now else "no beat"
+            cells.append(f"{node} {state if state == 'live' else state.upper()} ({age})" if now else f"{node} {state}")
+        return text + "\nnodes: " + ", ".join(cells)
 
 
 async def _open_store(nc: NATS, bucket: str) -> SnapshotStore | None:
@@ -202,6 +239,7 @@ async def _main(args: argparse.Namespace) -> int:
         if not args.once:
             # Subscribe before reading the bucket: nothing that happens meanwhile is missed.
             await nc.subscribe(subjects.all_pool_events, cb=watch.on_msg)
+            await nc.subscribe(subjects.all_node_events, cb=watch.on_msg)
         try:
             store = await asyncio.wait_for(_open_store(nc, args.bucket), args.timeout)
             if store is not None:
@@ -213,6 +251,12 @@ async def _main(args: argparse.Namespace) -> int:
         if store is None:
             print(f"note: KV bucket {args.bucket} does not exist yet (no daemon has started)", file=sys.stderr)
         await _verify(nc, subjects, watch, args.timeout)
+        with contextlib.suppress(TimeoutError, nats.errors.Error, PoolManagerError, OSError):
+            beats, last = await read_heartbeats(nc, subjects, timeout=args.timeout)
+            for node, event in beats.items():
+                watch.beats.setdefault(node, event)
+            for node, event in last.items():
+                watch.node_events.setdefault(node, event)
         if args.once:
             print(watch.render(time.time()), flush=True)
             return EXIT_OK

@@ -13,8 +13,13 @@ Invariants checked per pool:
   the fold begins mid-log, see ``expect_start``);
 * ``illegal_transition``: every ``state_changed`` is a row of the table and starts from the
   state the fold is in;
-* ``two_writers``: one writer per pool: a pool may move to another node once (a takeover), but
-  a node that handed a pool over never writes it again.
+* ``two_writers``: every event is written under the lease its node holds. An event carries the
+  epoch of its writer's ownership lease; each epoch opens with a ``pool_claimed`` by its holder,
+  with an epoch above every earlier one, and an event is legal only from the node that claimed
+  its epoch, while no later epoch has been claimed. So a pool may change hands any number of
+  times (A to B to A), and a write by a node that did not hold the lease at that point is found.
+  Events without an epoch (logs from before leases) follow the older rule until the pool's first
+  claim: a pool may move to another node, but a node that handed it over never writes it again.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 
 from pool_managerd.core.machine import DESTINATIONS
 from pool_managerd.core.state import PoolValue, evolve, initial
-from pool_managerd.messages import Event, StateChanged
+from pool_managerd.messages import Event, PoolClaimed, StateChanged
 
 _DESTINATIONS = DESTINATIONS
 _NONE: frozenset[str] = frozenset()
@@ -57,6 +62,8 @@ class Fold:
     """Per pool, the nodes that wrote it, in order; the last one is the current writer."""
     violations: list[Violation] = field(default_factory=list)
     events: int = 0
+    claims: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Per pool, the latest claim: (node, epoch)."""
 
     def writer(self, pool: str) -> str | None:
         """The node that wrote ``pool``'s last event."""
@@ -86,15 +93,18 @@ class Fold:
                 f"pool {pool!r}: seq {event.seq} follows {view.seq} (want {view.seq + 1})",
             )
         writers = self.writers[pool]
+        body = event.body
+        if event.epoch is not None or pool in self.claims:
+            found = self._check_epoch(pool, event) or found
         if not writers or event.node != writers[-1]:  # rare: a pool's first event or a takeover
             if event.node in writers:
-                found = found or self._violate(
-                    "two_writers", pool, event.seq,
-                    f"pool {pool!r}: node {event.node!r} writes again after {writers[-1]!r} took the pool over",
-                )  # fmt: skip
+                if pool not in self.claims:
+                    found = found or self._violate(
+                        "two_writers", pool, event.seq,
+                        f"pool {pool!r}: node {event.node!r} writes again after {writers[-1]!r} took the pool over",
+                    )  # fmt: skip
                 writers.remove(event.node)
             writers.append(event.node)
-        body = event.body
         if body.__class__ is StateChanged and (
             body.src != view.state or body.dst not in _DESTINATIONS.get((body.src, body.trigger), _NONE)
         ):
@@ -105,6 +115,32 @@ class Fold:
             )  # fmt: skip
         self.views[pool] = evolve(view, event)
         return found
+
+    def _check_epoch(self, pool: str, event: Event) -> Violation | None:
+        """The lease rule of ``two_writers`` (see the module docstring)."""
+        held = self.claims.get(pool)
+        body = event.body
+        if body.__class__ is PoolClaimed:
+            assert isinstance(body, PoolClaimed)
+            self.claims[pool] = (event.node, body.epoch)
+            if held is not None and body.epoch <= held[1]:
+                return self._violate(
+                    "two_writers", pool, event.seq,
+                    f"pool {pool!r}: node {event.node!r} claims epoch {body.epoch}, "
+                    f"but {held[0]!r} already claimed epoch {held[1]}",
+                )  # fmt: skip
+            if body.node != event.node or event.epoch != body.epoch:
+                return self._violate("two_writers", pool, event.seq,
+                                     f"pool {pool!r}: a claim of epoch {body.epoch} for {body.node!r} "
+                                     f"written by {event.node!r} under epoch {event.epoch}")  # fmt: skip
+            return None
+        if held is None or held != (event.node, event.epoch):
+            lease = "nobody has claimed it" if held is None else f"{held[0]!r} holds epoch {held[1]}"
+            return self._violate(
+                "two_writers", pool, event.seq,
+                f"pool {pool!r}: node {event.node!r} writes under epoch {event.epoch}, but {lease}",
+            )  # fmt: skip
+        return None
 
     def _violate(self, code: str, pool: str, seq: int, message: str) -> Violation:
         violation = Violation(code, pool, seq, message)

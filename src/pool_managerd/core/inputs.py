@@ -105,6 +105,21 @@ class ExpireLeases:
     """Drop expired leases now."""
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimInput:
+    """This node won the pool's ownership lease at ``epoch``, taking it from ``previous_node``
+    (None: nobody held it; this node's own id: its own earlier life)."""
+
+    epoch: int
+    previous_node: str | None
+    previous_epoch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseInput:
+    """This node gives the pool's ownership lease up (a graceful stop)."""
+
+
 PoolInput = (
     CommandInput
     | HealthInput
@@ -116,6 +131,8 @@ PoolInput = (
     | RestoreInput
     | RemoveInput
     | ExpireLeases
+    | ClaimInput
+    | ReleaseInput
     | GpuChecked
 )
 
@@ -135,6 +152,8 @@ def label(inp: PoolInput) -> str:
         RestoreInput: "restore",
         RemoveInput: "remove",
         ExpireLeases: "expire_leases",
+        ClaimInput: "claim",
+        ReleaseInput: "release_ownership",
         GpuChecked: "gpu_checked",
     }
     return names.get(type(inp), "unknown")

@@ -40,6 +40,7 @@ from pool_managerd.core.effects import (
 from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
 from pool_managerd.core.health import HealthState, assess
 from pool_managerd.core.inputs import (
+    ClaimInput,
     CommandInput,
     EngineAdoptedInput,
     EngineExitedInput,
@@ -48,6 +49,7 @@ from pool_managerd.core.inputs import (
     GpuChecked,
     HealthInput,
     PoolInput,
+    ReleaseInput,
     RemoveInput,
     RestoreInput,
     SpawnFailed,
@@ -85,7 +87,9 @@ from pool_managerd.messages import (
     LifecycleReply,
     LogCorruptAcknowledged,
     Placement,
+    PoolClaimed,
     PoolCommand,
+    PoolReleased,
     PoolState,
     PreloadCmd,
     Problem,
@@ -268,7 +272,7 @@ class Checkpoint:
 
 
 _OBSERVED = ("health", "last_heartbeat", "perf_hints", "timers", "timer_seq", "stopping", "drain_deadline_s",
-             "last_plan_rejected", "verifying")  # fmt: skip
+             "last_plan_rejected", "verifying", "pending_claim")  # fmt: skip
 """What a pool keeps besides its state value: observations and effect bookkeeping the log does
 not record (the probe streak, timer tokens, pids being stopped), all fresh after a restart."""
 
@@ -313,6 +317,9 @@ class PoolModel:
         self.drain_deadline_s = 0.0
         self.ctx = Context(now=0.0)
         self.last_plan_rejected: PlanRejected | None = None
+        self.pending_claim: PoolClaimed | None = None
+        """The first claim of a pool without events: written just before its first event, so a
+        pool nobody has used has no history (and its status says ``seq`` 0)."""
         self.verifying: int | None = None
         """The engine pid whose GPU memory the shell is sampling (``VerifyGpus``), if any."""
         self.step_cause: tuple[str | None, str | None] | None = None
@@ -397,6 +404,9 @@ class PoolModel:
 
     def emit(self, body: EventBody) -> Event:
         """Append an event with the next per-pool sequence, and evolve the pool by it."""
+        if self.pending_claim is not None and body.__class__ is not PoolClaimed:
+            claim, self.pending_claim = self.pending_claim, None
+            self.emit(claim)
         command_id, traceparent = self.step_cause if self.step_cause is not None else self.value.cause
         event = Event(
             v=SCHEMA_VERSION,
@@ -407,6 +417,8 @@ class PoolModel:
             command_id=command_id,
             traceparent=traceparent,
             fingerprint=self.fingerprint,
+            # A claim opens its epoch; every other event is written under the one held.
+            epoch=body.epoch if isinstance(body, PoolClaimed) else (self.value.epoch or None),
             body=body,
         )
         if isinstance(body, StateChanged):
@@ -734,6 +746,10 @@ class Lifecycle:
             return self.remove(pool, inp.drain_s, ctx)
         if isinstance(inp, ExpireLeases):
             return self.expire_leases(pool, ctx)
+        if isinstance(inp, ClaimInput):
+            return self.claim(pool, inp, ctx)
+        if isinstance(inp, ReleaseInput):
+            return self.release_ownership(pool, ctx)
         if isinstance(inp, GpuChecked):
             return self.gpu_checked(pool, inp, ctx)
         raise TypeError(f"not a pool input: {type(inp).__name__}")
@@ -1112,6 +1128,32 @@ class Lifecycle:
             model.arm("backoff", remaining)
         if value.leases:
             self._arm_lease_expiry(model)
+        return self._end(model, None)
+
+    def claim(self, pool: str, inp: ClaimInput, ctx: Context) -> Outcome:
+        """This node holds the pool's ownership lease at ``inp.epoch``: record the claim. Taken
+        from another node, the pool starts here with nothing running (see :class:`PoolClaimed`),
+        and whatever that node's timers were waiting for is no concern of this one."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        previous = inp.previous_node
+        if previous is not None and previous != self.node:
+            model.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
+        claim = PoolClaimed(node=self.node, epoch=inp.epoch, previous_node=previous,
+                            previous_epoch=inp.previous_epoch, previous_state=model.state)  # fmt: skip
+        model.pending_claim = None
+        if model.value.seq == 0 and previous in (None, self.node):
+            model.pending_claim = claim  # nothing to hand over: recorded with the first event
+        else:
+            model.emit(claim)
+        return self._end(model, None)
+
+    def release_ownership(self, pool: str, ctx: Context) -> Outcome:
+        """This node gives the pool's lease up (a graceful stop): the last event of its epoch."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        if model.value.epoch:
+            model.emit(PoolReleased(node=self.node, epoch=model.value.epoch))
         return self._end(model, None)
 
     def expire_leases(self, pool: str, ctx: Context) -> Outcome:

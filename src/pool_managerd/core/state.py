@@ -35,6 +35,8 @@ from pool_managerd.messages import (
     LeaseGranted,
     LeaseReleased,
     Placement,
+    PoolClaimed,
+    PoolReleased,
     PoolState,
     StateChanged,
 )
@@ -108,6 +110,11 @@ class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     vram_held: Mapping[str, int] = msgspec.field(default_factory=dict)
     """Bytes the engine held per GPU UUID when it was verified after launch (``gpu_verified``);
     empty while none is verified and once it is stopped."""
+    owner: str | None = None
+    """The node holding the pool's ownership lease as of the last claim (None: never claimed,
+    or released)."""
+    epoch: int = 0
+    """The epoch of that lease (0: never claimed; logs from before leases)."""
 
     @property
     def supervision(self) -> SupervisionState:
@@ -257,6 +264,25 @@ def _lease_gone(value: PoolValue, event: Event, cause: tuple[str | None, str | N
                     leases=leases)  # fmt: skip
 
 
+def _claimed(value: PoolValue, event: Event, cause: tuple[str | None, str | None]) -> PoolValue:
+    body = event.body
+    assert isinstance(body, PoolClaimed)
+    common = {"seq": event.seq, "last_ts": event.ts, "cause": cause, "last_event": "pool_claimed",
+              "owner": body.node, "epoch": body.epoch}  # fmt: skip
+    if body.previous_node is None or body.previous_node == body.node:
+        # A first claim, or this node's own again (a restart): its engine, if alive, is adopted.
+        return _replace(value, **common)
+    # Taken over from another host: nothing that host ran is this node's. A failed pool stays
+    # failed (an operator still has to acknowledge it); anything else starts here unready.
+    state = "failed" if value.state == "failed" else "unready"
+    return _replace(value, **common, **_LEFT_SERVICE, state=state, engine=None, placement=None, leases={},
+                    ready_since=None, deadline_at=None, vram_held={})  # fmt: skip
+
+
+def _released(value: PoolValue, event: Event, cause: tuple[str | None, str | None]) -> PoolValue:
+    return _replace(value, seq=event.seq, last_ts=event.ts, cause=cause, last_event="pool_released", owner=None)
+
+
 def _verified(value: PoolValue, event: Event, cause: tuple[str | None, str | None]) -> PoolValue:
     body = event.body
     assert isinstance(body, GpuVerified)
@@ -271,6 +297,8 @@ _FACTS: dict[type, Callable[[PoolValue, Event, tuple[str | None, str | None]], P
     LeaseGranted: _granted,
     LeaseReleased: _lease_gone,
     LeaseExpired: _lease_gone,
+    PoolClaimed: _claimed,
+    PoolReleased: _released,
     GpuVerified: _verified,
 }
 

@@ -39,13 +39,25 @@ from pool_managerd.adapters.event_log import (
     PoolQuarantined,
     SnapshotStore,
     ensure_stream,
-    last_event,
+    read_events,
 )
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
+from pool_managerd.adapters.owner_store import OwnerStore
+from pool_managerd.adapters.process import SpawnRecord
+from pool_managerd.adapters.replication import (
+    REPLICA_ERROR_CODES,
+    ReplicasUnavailable,
+    check_clustered,
+    replicas_refused,
+    stream_replicas,
+)
 from pool_managerd.config import DaemonConfig
+from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.core.inputs import ClaimInput, ReleaseInput
 from pool_managerd.core.log_integrity import scan_pool
 from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.limits import json_problem
 from pool_managerd.messages import (
@@ -67,6 +79,7 @@ from pool_managerd.messages import (
     PoolsCmd,
     PoolSnapshot,
     PoolsReply,
+    PreloadCmd,
     Rejected,
     StopCmd,
     command_fingerprint,
@@ -93,8 +106,9 @@ from pool_managerd.runtime.commands import (
 )
 from pool_managerd.runtime.gpu_node import GpuNode
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
+from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
-from pool_managerd.runtime.recovery import RecoveryReport, recover
+from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
 from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
 log = logging.getLogger(__name__)
@@ -108,8 +122,6 @@ ACK_BOUND_S = 2.0
 """How long a step waits for its events' PubAcks before running its effects anyway. Normally
 events are durable before effects run; while NATS is unreachable the pool keeps working and the
 events wait, in order, in the publisher's backlog."""
-OWNER_CHECKS_AT_ONCE = 64
-"""Start-up ownership reads (one per pool) in flight at once."""
 ORIGIN_HEADER = "Poold-Node"
 """Header naming the node whose prober published a health report; the daemon skips its own."""
 
@@ -117,14 +129,18 @@ ORIGIN_HEADER = "Poold-Node"
 class JetStreamSink:
     """The runtime's event sink over :class:`EventPublisher`."""
 
-    def __init__(self, publisher: EventPublisher, metrics: Metrics) -> None:
+    def __init__(self, publisher: EventPublisher, metrics: Metrics, may_append: Any = None) -> None:
         self.publisher = publisher
         self.metrics = metrics
+        self.may_append = may_append
+        """``may_append(pool)``: False once this node may no longer write the pool (its lease ran out)."""
         self._behind = 0
         """Steps that went on without their acks in the current backlog episode (0: none)."""
 
     async def append(self, pool: str, events: Sequence[Event]) -> None:
         futures: list[asyncio.Future[int]] = []
+        if self.may_append is not None and not self.may_append(pool):
+            raise PoolFenced(pool, "this node does not hold the pool's ownership lease")
         if self._behind and self.publisher.backlog == 0:
             log.info("event log caught up: %d step(s) had gone on before their events were acknowledged",
                      self._behind)  # fmt: skip
@@ -220,12 +236,16 @@ class Daemon:
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
+        self.ownership: OwnershipKeeper | None = None
+        self.standing_by: dict[str, PoolDefinition] = {}
+        """Configured pools another node holds: claimed when their lease is free or lapses."""
+        self._released: set[str] = set()
         self.known_pools: set[str] = set()
         self.removing: set[str] = set()
         self._unclaimed_sub: Any = None
         self._inflight = 0
         self.server_version: ServerVersion | None = None
-        self.incompatible: NatsServerTooOld | None = None
+        self.incompatible: PoolManagerError | None = None
         self._supported_for: tuple[object, ...] | None = None
         """The server (version, URL) last found supported."""
         self._embedded_auth: Credentials | None = None
@@ -265,11 +285,10 @@ class Daemon:
             self._closed.set()
             raise
         js = self.nc.jetstream()
-        await ensure_stream(js, self.subjects, cfg.nats.event_max_age_s)
+        self.snapshots = await self._ensure_storage(js)
         await ensure_audit_stream(js, self.subjects, max_bytes=cfg.nats.audit_max_bytes,
                                   max_age_s=cfg.nats.event_max_age_s)  # fmt: skip
         self.audit = AuditLog(self.nc, self.subjects, clock=time.monotonic, on_drop=self.metrics.audit_dropped.inc)
-        self.snapshots = await SnapshotStore.open(js)
         self.publisher = EventPublisher(
             self.nc,
             self.subjects,
@@ -283,7 +302,7 @@ class Daemon:
         await self.gpus.recover(js, self.subjects, self.node)
         simulated = self._simulated()
         self.runtime = PoolRuntime(
-            JetStreamSink(self.publisher, self.metrics),
+            JetStreamSink(self.publisher, self.metrics, self._may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
             health_out=self._publish_health,
@@ -295,24 +314,15 @@ class Daemon:
         self.runtime.on_quarantine = self._on_quarantine
         owned = []
         definitions = list(cfg.definitions())
-        # One read of the log per pool: concurrently (bounded), not one after another (a thousand
-        # pools took seconds here before recovery even began).
-        gate = asyncio.Semaphore(OWNER_CHECKS_AT_ONCE)
-
-        async def owner(pool: str) -> str | None:
-            async with gate:
-                return await self._other_owner(pool)
-
-        others = await asyncio.gather(*(owner(d.pool) for d in definitions))
-        for definition, other in zip(definitions, others, strict=True):
-            if other is not None:
-                self.fenced[definition.pool] = other
-                log.error("pool %s is owned by %s; not serving it here", definition.pool, other)
+        claims = await self._claim_pools(definitions)
+        for definition in definitions:
+            if definition.pool not in claims:
+                self.standing_by[definition.pool] = definition
                 continue
             self.runtime.add_pool(definition, simulated=simulated)
             owned.append(definition.pool)
         checked = time.monotonic()
-        await self._recover()
+        await self._recover(claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
@@ -380,6 +390,36 @@ class Daemon:
                  "started in %.2f s (ownership checks %.2f s, recovery %.2f s)", __version__, self.node, len(owned),
                  self.url, self.server_version, NATS_SERVER_FLOOR_TEXT, time.monotonic() - began, checked - began,
                  recovered - checked)  # fmt: skip
+
+    async def _ensure_storage(self, js: nats.js.JetStreamContext) -> SnapshotStore:
+        """The event stream and the snapshot bucket, each with ``nats.replicas`` copies.
+
+        A count the server cannot hold is a setup error (exit 2), found before any pool exists.
+        """
+        replicas = stream_replicas(self.config)
+        assert self.nc is not None
+        try:
+            check_clustered(self.nc._server_info, replicas, url=_safe_url(self.nc) or "the server")
+            await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
+            return await SnapshotStore.open(js, replicas=replicas)
+        except ReplicasUnavailable as exc:
+            self.incompatible = exc
+            await self._close_before_serving()
+            raise
+        except nats.js.errors.APIError as exc:
+            if exc.err_code not in REPLICA_ERROR_CODES:
+                raise
+            self.incompatible = replicas_refused(replicas, "the event stream and bucket", exc.description or str(exc))
+            await self._close_before_serving()
+            raise self.incompatible from None
+
+    async def _close_before_serving(self) -> None:
+        with contextlib.suppress(Exception):
+            if self.nc is not None:
+                await self.nc.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+        self._closed.set()
 
     def _simulated(self) -> bool:
         try:
@@ -462,23 +502,31 @@ class Daemon:
         # reconnects after it never stop.
         return await first_connect(opts, timeout=cfg.startup_timeout_s, who=who)
 
-    async def _other_owner(self, pool: str) -> str | None:
-        """The node that writes ``pool``'s events, if that is another node still alive."""
+    async def _claim_pools(self, definitions: list[PoolDefinition]) -> dict[str, ClaimInput]:
+        """Claim every configured pool whose lease is free or this node's own; the others are
+        watched (a lease nobody renews is claimed once it lapses). Starts the lease keeper."""
         assert self.nc is not None
-        try:
-            found = await last_event(self.nc, self.subjects, pool)
-        except PoolManagerError:
-            return None  # an unreadable log: recovery fences the pool with the reason
-        if found is None or found[1].node == self.node:
-            return None
-        other = found[1].node
-        beat = await self._last_heartbeat(other)
-        if beat is not None:
-            age, period = beat
-            if age < 3 * period:
-                return other
-        log.warning("pool %s was written by node %s, which is silent; taking it over", pool, other)
-        return None
+        cfg = self.config
+        owners = await OwnerStore.open(self.nc.jetstream(), self.subjects, replicas=stream_replicas(cfg))
+        timing = LeaseTiming(cfg.ownership.lease_ttl_s, cfg.ownership.lease_margin_s)
+        keeper = OwnershipKeeper(owners, self.node, timing, on_lost=self._on_lease_lost, on_claimed=self._on_claimed)
+        self.ownership = keeper
+        standby = {pool.id: tuple(pool.standby) for pool in cfg.pools}
+
+        async def claim(pool: str) -> Claim | None:
+            return await keeper.try_claim(pool, take_over=may_take_over(self.node, standby.get(pool, ())))
+
+        found = await asyncio.gather(*(claim(d.pool) for d in definitions))
+        keeper.start()
+        claims: dict[str, ClaimInput] = {}
+        for definition, won in zip(definitions, found, strict=True):
+            if won is None:
+                owner = keeper.owner_of(definition.pool) or "another node"
+                self.fenced[definition.pool] = f"its ownership lease is held by {owner}"
+                log.info("pool %s is held by %s; not serving it here", definition.pool, owner)
+                continue
+            claims[definition.pool] = ClaimInput(won.epoch, won.previous_node, won.previous_epoch)
+        return claims
 
     async def _continue_node_sequence(self, js: Any) -> None:
         """Node events continue their sequence across restarts: their Msg-Id must stay unique.
@@ -511,32 +559,13 @@ class Daemon:
             log.warning("the last message on %s (stream sequence %s) is not an event (%s); node events continue "
                         "from %d", subject, raw.seq, exc, self.node_events.seq)  # fmt: skip
 
-    async def _last_heartbeat(self, node: str) -> tuple[float, float] | None:
-        """(age in seconds, beat period) of ``node``'s last heartbeat, or None if it has none.
-
-        The age is taken from the time the server stored the beat, so the other host's clock
-        does not matter; the period is the one that node announced."""
-        assert self.nc is not None
-        js = self.nc.jetstream()
-        try:
-            raw = await js.get_last_msg(STREAM_NAME, self.subjects.node_event(node, "heartbeat"))
-        except Exception:
-            return None
-        try:
-            event = msgspec.json.decode(raw.data or b"{}", type=Event)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        body = event.body
-        period = body.period_s if isinstance(body, NodeHeartbeat) and body.period_s else self.config.heartbeat_s
-        stored = raw.time.timestamp() if raw.time is not None else event.ts
-        return max(0.0, time.time() - stored), period
-
-    async def _recover(self) -> None:
+    async def _recover(self, claims: dict[str, ClaimInput]) -> None:
         """Rebuild every pool from its events and reconcile with the engines on this host."""
         assert self.nc is not None and self.runtime is not None and self.publisher is not None
         runtime, publisher = self.runtime, self.publisher
         logged = await self._pools_in_log()
-        candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced]
+        candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced
+                                             and p not in self.standing_by]  # fmt: skip
         events: dict[str, list[Event]] = {}
         # One pass over the pool events for every pool, not a consumer per pool (~9 ms each, one
         # after another: 9 s for a thousand pools). Messages are judged one by one: a foreign one
@@ -562,7 +591,11 @@ class Daemon:
         removed = [
             p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
         ]
-        report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node)
+        for pool, claim in list(claims.items()):
+            claims[pool] = await self._above_logged_epochs(pool, claim, events.get(pool, []))
+        report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node, claims=claims)
+        for pool, state in report.taken_over.items():
+            self._spawn(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
         # Exactly once across restarts: the replies of the commands still in the cache window are
         # rebuilt from the log, so a client retrying across the restart gets its first answer.
         since = self.cache.clock() - self.cache.ttl_s
@@ -678,6 +711,11 @@ class Daemon:
     def _on_fenced(self, pool: str, reason: str) -> None:
         log.error("pool %s fenced: %s", pool, reason)
         self.fenced[pool] = reason
+        if self.ownership is not None and self.ownership.tracks(pool):
+            # The log's own fence: another node wrote the pool, so whatever the lease says this
+            # node stops renewing it and watches it again.
+            self.ownership.drop(pool, watch=True)
+            self._stand_by(pool)
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
         self._spawn(self._stand_down(pool, reason), f"fenced-{pool}")
@@ -689,6 +727,121 @@ class Daemon:
         if self.runtime is not None and pool in self.runtime.actors:
             await self.runtime.actors[pool].abandon()
         await self._publish_node(PoolFencedEvent(reason=reason, pool=pool))
+
+    # --- ownership ---------------------------------------------------------------------------------
+
+    def _serves(self, pool: str) -> bool:
+        """Whether this node answers and acts for ``pool`` now: it serves the pool and, the pool
+        being leased, its lease is fresh by the local clock."""
+        if pool not in self._served:
+            return False
+        keeper = self.ownership
+        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
+
+    def _may_append(self, pool: str) -> bool:
+        if pool in self._released:
+            return False
+        keeper = self.ownership
+        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
+
+    def _stand_by(self, pool: str) -> None:
+        for definition in self.config.definitions():
+            if definition.pool == pool:
+                self.standing_by[pool] = definition
+
+    async def _above_logged_epochs(self, pool: str, claim: ClaimInput, events: list[Event]) -> ClaimInput:
+        """An epoch above every one the pool's events name (the record may have been lost)."""
+        logged = max((e.epoch or 0 for e in events), default=0)
+        if claim.epoch > logged or self.ownership is None:
+            return claim
+        epoch = await self.ownership.raise_epoch(pool, logged + 1)
+        return ClaimInput(epoch, claim.previous_node, claim.previous_epoch)
+
+    def _on_lease_lost(self, pool: str, reason: str) -> None:
+        """This node may no longer act on ``pool``: stop answering for it and stop its engine now,
+        before the lease can lapse for anyone else; then stand by for it."""
+        log.error("pool %s: %s; no longer serving it here", pool, reason)
+        self._served.discard(pool)
+        self.fenced[pool] = f"ownership lease lost: {reason}"
+        if self.runtime is not None and pool in self.runtime.actors:
+            self.runtime.actors[pool].fenced = True
+        self._stand_by(pool)
+        self._spawn(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
+
+    async def _lose_pool(self, pool: str, reason: str) -> None:
+        await self._stand_down(pool, reason)
+        runtime = self.runtime
+        if runtime is not None and pool in runtime.actors and pool not in self._served:
+            # Nothing of the pool is this node's now: it leaves ``pools`` and the KV writer.
+            await runtime.remove_pool(pool)
+
+    async def _on_claimed(self, pool: str, claim: Claim) -> None:
+        """This node won a lease it was watching: recover the pool from its log and serve it."""
+        await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
+        runtime, publisher, nc = self.runtime, self.publisher, self.nc
+        definition = self.standing_by.pop(pool, None)
+        if runtime is None or publisher is None or nc is None or definition is None or self._stopping.is_set():
+            return
+        try:
+            if pool in runtime.actors:
+                await runtime.remove_pool(pool)  # what the lost lease left: abandoned, engine stopped
+            pairs = [pair async for pair in read_events(nc, self.subjects, pool=pool)]
+        except Exception as exc:
+            log.error("pool %s: claimed but its events cannot be read (%s); letting the lease lapse", pool, exc)
+            if self.ownership is not None:
+                self.ownership.drop(pool, watch=True)
+            self.standing_by[pool] = definition
+            return
+        events = [event for _, event in pairs]
+        self.fenced.pop(pool, None)
+        publisher.unfence(pool)
+        publisher.assume(pool, pairs[-1][0] if pairs else 0)
+        start = ClaimInput(claim.epoch, claim.previous_node, claim.previous_epoch)
+        start = await self._above_logged_epochs(pool, start, events)
+        actor = runtime.add_pool(definition, simulated=self._simulated())
+        report = RecoveryReport()
+        by_pid = {e.pid: e for e in SpawnRecord.load(runtime.spawn_record.path) if e.pool == pool}
+        restore_pool(runtime, actor, events, start, by_pid, report)
+        since = self.cache.clock() - self.cache.ttl_s
+        for old in rebuild_replies(events, since=since):
+            self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
+        self._served.add(pool)
+        self._mark_dirty(pool)
+        log.warning("pool %s taken over at epoch %d from %s (%s there)", pool, start.epoch,
+                    start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
+        if pool in report.taken_over:
+            await self._resume(pool, start.epoch, report.taken_over[pool])
+
+    async def _resume(self, pool: str, epoch: int, state: str) -> None:
+        """A pool taken over while it served (or was starting) elsewhere starts its engine here,
+        through normal placement on this node's GPUs."""
+        if state not in _RESUMED_STATES or self.runtime is None:
+            return
+        try:
+            reply = await self.runtime.command(pool, PreloadCmd(command_id=f"takeover-{self.node}-{epoch}"))
+        except PoolManagerError as exc:
+            log.error("pool %s: not restarted after the takeover: %s", pool, exc.message)
+            return
+        if isinstance(reply, Rejected):
+            log.error("pool %s: not restarted after the takeover: %s %s", pool, reply.code, reply.message)
+
+    async def _release_pools(self) -> None:
+        """A graceful stop with the engines stopped: give every held lease up, its last event
+        first (``pool_released``), so another node may claim at once."""
+        runtime, keeper = self.runtime, self.ownership
+        if runtime is None or keeper is None:
+            return
+        held = [pool for pool in list(keeper.held) if pool in runtime.actors and not runtime.actors[pool].fenced]
+        waits = []
+        for pool in held:
+            fut = runtime.actors[pool].submit(ReleaseInput(), want_reply=True)
+            if fut is not None:
+                waits.append(fut)
+        if waits:
+            await asyncio.wait(waits, timeout=ACK_BOUND_S * 2)
+        self._released.update(held)
+        self._served.difference_update(held)
+        await asyncio.gather(*(keeper.release(pool) for pool in held), return_exceptions=True)
 
     # --- commands --------------------------------------------------------------------------------
 
@@ -708,7 +861,8 @@ class Daemon:
             message = f"pool {pool!r} was removed from node {self.node}'s configuration and is being drained"
             await self._reply_unclaimed(msg, rejection("unknown_pool", message, pool=pool, verb=verb))
             return
-        if self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools:
+        if (self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools
+                or pool in self.standing_by):  # fmt: skip
             return  # its owner answers
         await self._reply_unclaimed(
             msg, rejection("unknown_pool", f"no daemon serves pool {pool!r}", pool=pool, verb=verb)
@@ -732,8 +886,10 @@ class Daemon:
             pool, verb = self.subjects.parse_command(subject)
         except PoolManagerError:
             return  # the catch-all answers malformed subjects
-        if pool not in self._served:
-            return  # another node's pool, or nobody's: its owner or the catch-all answers
+        if not self._serves(pool):
+            # Another node's pool, nobody's, or one whose lease this node can no longer vouch
+            # for (checked on the local clock, no round trip): its owner or the catch-all answers.
+            return
         if self._inflight >= MAX_INFLIGHT_COMMANDS:
             # Bounded work per daemon: past it a client is told to come back, at once.
             busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
@@ -744,7 +900,8 @@ class Daemon:
             # Fast path for the commonest read: no task, no cache.
             try:
                 reply = await self.runtime.command(pool, decode_pool_command(verb, data))
-                await self._respond(req, reply, verb, f"pools-{self.node}")
+                if self._serves(pool):
+                    await self._respond(req, reply, verb, f"pools-{self.node}")
                 return
             except PoolManagerError:
                 pass
@@ -800,6 +957,8 @@ class Daemon:
                 log.exception("command %s on pool %s failed", verb, pool)
                 message = "internal error; see the daemon log"
                 body = encode(rejection("internal", message, pool=pool, verb=verb, command_id=cmd.command_id))
+            if not self._serves(pool):
+                return  # the lease ran out meanwhile: the new owner answers a retry (from the log)
             await self._respond_raw(req, body, verb, f"pools-{self.node}")
         finally:
             logs.pool_var.reset(token)
@@ -1128,6 +1287,11 @@ class Daemon:
             except TimeoutError:
                 log.error("shutdown: pools not stopped within %.0f s; closing the actors anyway",
                           grace + SHUTDOWN_POOLS_S)  # fmt: skip
+            step("releasing leases")
+            await self._release_pools()
+        if self.ownership is not None:
+            # No more renewals: a lease not released (engines left running) lapses after its ttl.
+            await self.ownership.close()
         if writable:
             await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
@@ -1279,6 +1443,10 @@ async def flush_through_cancel(nc: NATS) -> None:
     # Retrieved here, so a flush that fails after its caller left is not an unhandled error.
     flush.add_done_callback(lambda done: done.cancelled() or done.exception())
     await asyncio.shield(flush)
+
+
+_RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
+"""States a pool taken over from another node is started again from (a drain was ending it)."""
 
 
 def _last_writer(events: list[Event]) -> str | None:

@@ -16,13 +16,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.fold import Fold
-from pool_managerd.core.inputs import EngineAdoptedInput, EngineExitedInput, RemoveInput, RestoreInput, SpawnFailed
+from pool_managerd.core.inputs import (
+    ClaimInput,
+    EngineAdoptedInput,
+    EngineExitedInput,
+    RemoveInput,
+    RestoreInput,
+    SpawnFailed,
+)
 from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.messages import (
     EngineInfo,
@@ -50,6 +57,8 @@ class RecoveryReport:
     orphans: list[int] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    taken_over: dict[str, str] = field(default_factory=dict)
+    """Pools claimed from another node, with the state they were in there."""
 
 
 async def recover(
@@ -60,10 +69,12 @@ async def recover(
     publish_node: Callable[[EventBody], Awaitable[None]],
     orphan_grace_s: float = 5.0,
     removed_drain_s: float = 30.0,
+    claims: Mapping[str, ClaimInput] | None = None,
 ) -> RecoveryReport:
     """Restore every registered pool from its events and reconcile with the spawn record.
 
-    ``known_pools`` are pools that have events but are not configured any more.
+    ``known_pools`` are pools that have events but are not configured any more. ``claims``: the
+    ownership lease this node won for each pool, recorded right after the pool is restored.
     """
     report = RecoveryReport()
     record_entries = SpawnRecord.load(runtime.spawn_record.path)
@@ -72,19 +83,8 @@ async def recover(
 
     for pool, actor in list(runtime.actors.items()):
         events = await read_events(pool)
-        if not events:
-            continue
-        # Folded from the pool's definition: the value is then the one the live pool evolved.
-        fold = Fold(start=_from_definition(runtime.lifecycle.pool(pool).definition))
-        for event in events:
-            fold.apply(event)
-        report.violations += [v.message for v in fold.violations]
-        view = fold.views.get(pool)
-        if view is None:
-            continue
-        actor.submit(RestoreInput(view))
-        report.restored[pool] = view.state
-        claimed |= _reconcile(runtime, actor, view, fold.writer(pool), by_pid, report)
+        claim = (claims or {}).get(pool)
+        claimed |= restore_pool(runtime, actor, events, claim, by_pid, report)
 
     for pool in known_pools:
         if pool in runtime.actors:
@@ -131,6 +131,47 @@ async def recover(
     for pid in dropped:
         await asyncio.to_thread(runtime.spawn_record.remove, pid)  # two fsyncs each: off the loop
     return report
+
+
+def restore_pool(
+    runtime: PoolRuntime,
+    actor: PoolActor,
+    events: list[Event],
+    claim: ClaimInput | None,
+    by_pid: dict[int, SpawnEntry],
+    report: RecoveryReport,
+) -> set[int]:
+    """Restore one registered pool from its events, record its claim, and reconcile it with the
+    engines on this host; returns the pids it adopted.
+
+    A pool claimed from another node is not reconciled: the engine its log names runs on that
+    node (a pid there means nothing here), so it is neither adopted nor reported exited; the
+    claim itself records that this node starts with none."""
+    view = None
+    writer = None
+    if events:
+        # Folded from the pool's definition: the value is then the one the live pool evolved.
+        fold = Fold(start=_from_definition(runtime.lifecycle.pool(actor.pool).definition))
+        for event in events:
+            fold.apply(event)
+        report.violations += [v.message for v in fold.violations]
+        view = fold.views.get(actor.pool)
+        writer = fold.writer(actor.pool)
+    if view is not None:
+        actor.submit(RestoreInput(view))
+        report.restored[actor.pool] = view.state
+    if claim is not None:
+        if claim.previous_node is None and writer is not None:
+            # A log from before leases: its last writer is whom the pool is taken from.
+            claim = dataclasses.replace(claim, previous_node=writer)
+        actor.submit(claim)
+        if claim.previous_node not in (None, runtime.node):
+            if view is not None:
+                report.taken_over[actor.pool] = view.state
+            return set()
+    if view is None:
+        return set()
+    return _reconcile(runtime, actor, view, writer, by_pid, report)
 
 
 def _from_definition(definition: PoolDefinition) -> Callable[[str], PoolValue]:

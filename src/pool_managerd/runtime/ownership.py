@@ -1,0 +1,291 @@
+"""The shell around the ownership leases: claims, renewals, the serving deadline, standby polls.
+
+The decisions are :mod:`pool_managerd.core.ownership`'s; this module does the KV I/O and keeps
+the timers. Per pool this node configures, the keeper either *holds* the lease (renews it every
+:attr:`~pool_managerd.core.ownership.LeaseTiming.renew_every_s`, and calls ``on_lost`` the moment
+it may no longer serve: a renewal refused, or the serving deadline passed without one) or
+*watches* it (reads the record every renewal period, notes when its revision last changed, and
+claims it once :func:`~pool_managerd.core.ownership.may_claim` allows, then calls
+``on_claimed``). A watch that may not take over from a live node (see
+:func:`~pool_managerd.core.ownership.may_take_over`) ends as soon as the record is seen renewed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from pool_managerd.adapters.owner_store import LeaseLost, OwnerStore, ReadLease
+from pool_managerd.core.ownership import Claim, LeaseTiming, may_claim, serving, serving_until
+from pool_managerd.messages import OwnerRecord
+
+log = logging.getLogger(__name__)
+
+AT_ONCE = 64
+"""KV reads and writes the keeper has in flight at once."""
+
+LostCallback = Callable[[str, str], None]
+ClaimedCallback = Callable[[str, Claim], Coroutine[Any, Any, None]]
+
+
+@dataclass(slots=True)
+class _Held:
+    epoch: int
+    revision: int
+    sent_at: float
+    """Local monotonic time the last successful write was sent."""
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Watched:
+    lease: ReadLease
+    since: float | None
+    """When this revision was first seen (None: never read yet)."""
+    take_over: bool
+    known_epoch: int = 0
+
+
+class OwnershipKeeper:
+    """Holds and watches the ownership leases of one node's pools (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: OwnerStore,
+        node: str,
+        timing: LeaseTiming,
+        *,
+        on_lost: LostCallback,
+        on_claimed: ClaimedCallback,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.timing = timing
+        self.on_lost = on_lost
+        self.on_claimed = on_claimed
+        self.clock = clock
+        self.held: dict[str, _Held] = {}
+        self.watched: dict[str, _Watched] = {}
+        self._take_over: dict[str, bool] = {}
+        self._handovers: set[asyncio.Task[None]] = set()
+        self._gate = asyncio.Semaphore(AT_ONCE)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.claims = 0
+        self.renewals = 0
+        self.renew_failures = 0
+
+    # --- what the daemon asks ------------------------------------------------------------------
+
+    def serving(self, pool: str) -> bool:
+        """Whether this node holds ``pool``'s lease and may still act on it (no round trip)."""
+        held = self.held.get(pool)
+        return held is not None and serving(held.sent_at, self.clock(), self.timing)
+
+    def tracks(self, pool: str) -> bool:
+        """Whether the pool's ownership is this keeper's business (held or watched)."""
+        return pool in self.held or pool in self.watched
+
+    def epoch(self, pool: str) -> int:
+        """The epoch this node holds ``pool`` at (0: not held)."""
+        held = self.held.get(pool)
+        return held.epoch if held is not None else 0
+
+    def owner_of(self, pool: str) -> str | None:
+        """The node the last read of a watched pool's record names."""
+        if pool in self.held:
+            return self.node
+        watched = self.watched.get(pool)
+        record = watched.lease.record if watched is not None else None
+        return record.node if record is not None and not record.released else None
+
+    async def try_claim(self, pool: str, *, take_over: bool, known_epoch: int = 0) -> Claim | None:
+        """Claim ``pool`` now if it is free or this node's own; otherwise start watching it
+        (its record may be stale, which only watching for a while can tell)."""
+        async with self._gate:
+            lease = await self.store.read(pool)
+        self._take_over[pool] = take_over
+        watched = _Watched(lease, self.clock(), take_over, known_epoch)
+        self.watched[pool] = watched
+        return await self._claim_if_allowed(pool, watched)
+
+    async def raise_epoch(self, pool: str, epoch: int) -> int:
+        """Write ``epoch`` (above what the record said) into a held lease: the pool's events
+        named a higher epoch than its record (a bucket recreated). Returns the epoch held."""
+        held = self.held[pool]
+        if epoch <= held.epoch:
+            return held.epoch
+        await self._write(pool, held, epoch)
+        return epoch
+
+    def start(self) -> None:
+        """Start renewing and watching."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ownership")
+
+    def drop(self, pool: str, *, watch: bool) -> None:
+        """Stop holding ``pool`` (fenced by the log, or lost): no more renewals, and (``watch``)
+        watch it again as a possible claimant."""
+        held = self.held.pop(pool, None)
+        if held is not None and held.timer is not None:
+            held.timer.cancel()
+        if watch and pool not in self.watched:
+            self.watched[pool] = _Watched(ReadLease(None, -1), None, self._take_over.get(pool, True))
+
+    async def release(self, pool: str) -> None:
+        """Give the lease up (a graceful stop): the record says released; anyone may claim."""
+        held = self.held.pop(pool, None)
+        if held is None:
+            return
+        if held.timer is not None:
+            held.timer.cancel()
+        record = OwnerRecord(node=self.node, epoch=held.epoch, ttl_s=self.timing.ttl_s, renewed_at=time.time(),
+                             released=True)  # fmt: skip
+        try:
+            async with self._gate:
+                await asyncio.wait_for(self.store.write(pool, record, held.revision), 2.0)
+        except Exception as exc:
+            log.warning("pool %s: lease not released (%s); it lapses after %.1f s", pool, exc, self.timing.ttl_s)
+
+    async def close(self) -> None:
+        """Stop the loop and every timer (the leases are left to lapse unless released)."""
+        self._closing = True
+        for handover in list(self._handovers):
+            handover.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for held in self.held.values():
+            if held.timer is not None:
+                held.timer.cancel()
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        period = self.timing.renew_every_s
+        while True:
+            now = self.clock()
+            due = [p for p, h in self.held.items() if now - h.sent_at >= period * 0.9]
+            jobs = [self._renew(p) for p in due] + [self._poll(p) for p in list(self.watched)]
+            if jobs:
+                await asyncio.gather(*jobs, return_exceptions=True)
+            # A periodic tick: renewals are due on a period, and a record's staleness is only
+            # seen by reading it again.
+            await asyncio.sleep(period / 2)  # ok: the renewal/poll period itself
+
+    async def _renew(self, pool: str) -> None:
+        held = self.held.get(pool)
+        if held is None:
+            return
+        try:
+            await self._write(pool, held, held.epoch)
+            self.renewals += 1
+        except LeaseLost:
+            await self._after_refused_renewal(pool, held)
+        except Exception as exc:
+            # Unknown outcome (timeout, disconnected): the deadline timer decides, not this.
+            self.renew_failures += 1
+            log.warning("pool %s: lease renewal failed (%s: %s); serving until the deadline", pool,
+                        type(exc).__name__, exc)  # fmt: skip
+
+    async def _after_refused_renewal(self, pool: str, held: _Held) -> None:
+        # A renewal whose ack was lost may have been stored: then the record is ours still.
+        with contextlib.suppress(Exception):
+            async with self._gate:
+                lease = await self.store.read(pool)
+            record = lease.record
+            if record is not None and record.node == self.node and record.epoch == held.epoch and not record.released:
+                held.revision = lease.revision  # ours; the deadline still runs from the older send
+                return
+        if self.held.get(pool) is held:
+            self._lose(pool, "another node wrote its owner record")
+
+    async def _write(self, pool: str, held: _Held, epoch: int) -> None:
+        record = OwnerRecord(node=self.node, epoch=epoch, ttl_s=self.timing.ttl_s, renewed_at=time.time())
+        sent = self.clock()
+        async with self._gate:
+            revision = await asyncio.wait_for(self.store.write(pool, record, held.revision), self.timing.margin_s)
+        if self.held.get(pool) is not held:
+            return  # lost meanwhile: the deadline passed while the write was in flight
+        held.epoch, held.revision, held.sent_at = epoch, revision, sent
+        self._arm(pool, held)
+
+    def _arm(self, pool: str, held: _Held) -> None:
+        if held.timer is not None:
+            held.timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, serving_until(held.sent_at, self.timing) - self.clock())
+        held.timer = loop.call_later(delay, self._deadline, pool, held)
+
+    def _deadline(self, pool: str, held: _Held) -> None:
+        if self.held.get(pool) is held and not self.serving(pool):
+            self._lose(pool, f"lease not renewed within {self.timing.serve_for_s:.1f} s")
+
+    def _lose(self, pool: str, reason: str) -> None:
+        self.drop(pool, watch=True)
+        if not self._closing:
+            self.on_lost(pool, reason)
+
+    async def _poll(self, pool: str) -> None:
+        watched = self.watched.get(pool)
+        if watched is None:
+            return
+        try:
+            async with self._gate:
+                lease = await self.store.read(pool)
+        except Exception as exc:
+            log.debug("pool %s: owner record not read (%s)", pool, exc)
+            return
+        if lease.revision != watched.lease.revision:
+            renewed = watched.since is not None and lease.record is not None and not lease.record.released
+            watched.lease, watched.since = lease, self.clock()
+            if renewed and not watched.take_over:
+                del self.watched[pool]  # its owner is alive, and this node is no standby for it
+                log.info("pool %s is held by %s; not standing by for it", pool, self.owner_of(pool))
+                return
+        claim = await self._claim_if_allowed(pool, watched)
+        if claim is not None:
+            # In a task of its own: a takeover reads the pool's history, and the loop must go on
+            # renewing every lease meanwhile (the new one included).
+            task = asyncio.get_running_loop().create_task(self.on_claimed(pool, claim), name=f"claimed-{pool}")
+            self._handovers.add(task)
+            task.add_done_callback(self._handover_done)
+
+    def _handover_done(self, task: asyncio.Task[None]) -> None:
+        self._handovers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("takeover of %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _claim_if_allowed(self, pool: str, watched: _Watched) -> Claim | None:
+        if self._closing or pool in self.held:
+            return None
+        lease = watched.lease
+        if lease.revision < 0:
+            return None  # not read since it was dropped
+        claim = may_claim(self.node, lease.record, lease.revision, watched.since, self.clock(), self.timing,
+                          known_epoch=watched.known_epoch)  # fmt: skip
+        if claim is None:
+            return None
+        held = _Held(epoch=claim.epoch, revision=claim.expect_revision, sent_at=self.clock())
+        try:
+            self.held[pool] = held
+            await self._write(pool, held, claim.epoch)
+        except LeaseLost:
+            del self.held[pool]
+            watched.lease, watched.since = ReadLease(None, -1), None  # someone else was quicker
+            return None
+        except Exception as exc:
+            del self.held[pool]
+            log.warning("pool %s: claim not written (%s: %s)", pool, type(exc).__name__, exc)
+            return None
+        self.watched.pop(pool, None)
+        self.claims += 1
+        log.info("pool %s: claimed at epoch %d (from %s)", pool, claim.epoch, claim.previous_node or "nobody")
+        return claim
