@@ -157,6 +157,8 @@ def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int) -> l
             "probe_interval_s = 1.0",
             "stop_grace_s = 5.0",
             "load_timeout_s = 120.0",
+            # The tiny engine holds no GPU memory, simulated or not: readiness is its probe alone.
+            'gpu_check = "off"',
         ]
     path.write_text("\n".join(lines) + "\n")
     return pools

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,8 @@ A100 = load_gpu_source("sim:a100-80g-x4-mig")
 H200_UUID = "GPU-61deac7a-becd-5525-b8e1-312c9b0a037e"
 A100_UUIDS = [g.uuid for g in A100.gpus]
 MIGS = [m.uuid for m in A100.gpus[3].mig_instances]
+SICK = msgspec.structs.replace(HETERO, gpus=[HETERO.gpus[0], msgspec.structs.replace(HETERO.gpus[1], healthy=False)])
+SICK_MIG = msgspec.structs.replace(A100, gpus=[*A100.gpus[:3], msgspec.structs.replace(A100.gpus[3], healthy=False)])
 
 
 def err(mask: object, snapshot: GpuSnapshot = H200) -> MaskError:
@@ -138,6 +141,9 @@ def test_snapshot_devices_lists_gpus_then_their_instances() -> None:
         (f"GPU3,{MIGS[2]}", "mig_with_parent", MIGS[2], 1, A100),
         ("3", "mig_enabled_gpu", "3", 0, A100),
         (f"{MIGS[0]},{MIGS[1]}", "mig_multiple", MIGS[1], 1, A100),
+        ("1", "gpu_unhealthy", "1", 0, SICK),
+        ("0,1", "gpu_unhealthy", "1", 1, SICK),
+        (MIGS[0], "gpu_unhealthy", MIGS[0], 0, SICK_MIG),
     ],
 )
 def test_error_codes(mask: object, code: str, token: str | None, position: int | None, snapshot: GpuSnapshot) -> None:
@@ -169,8 +175,13 @@ def test_every_code_is_tested() -> None:
         "mig_with_parent",
         "mig_enabled_gpu",
         "mig_multiple",
+        "gpu_unhealthy",
     }
     assert tested == set(MASK_ERROR_CODES)
+
+
+def test_all_and_auto_leave_an_unhealthy_gpu_out() -> None:
+    assert resolve_mask("all", SICK).uuids == (HETERO.gpus[0].uuid,)
 
 
 def test_all_with_no_usable_gpu() -> None:

@@ -61,6 +61,10 @@ CLI_S = 60.0
 """Deadline for one CLI subprocess (Python start-up on a loaded machine included)."""
 
 
+SIM_GPU = "GPU-4090c0de-0000-4000-8000-000000000024"
+"""GPU0 of the simulated inventory the rig's daemon runs on."""
+
+
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     yield from leak_guard()
@@ -274,6 +278,9 @@ async def test_a_viewers_drain_is_refused_by_the_server_and_ctl_says_permission_
         assert isinstance(reply, Rejected) and reply.code == "permission_denied", reply
         assert isinstance(await client.status("chat"), StatusReply)
         assert [n.node for n in await client.discover(timeout=5)] == ["node-a"]
+        # Putting a faulted GPU back into placement is an operator's call.
+        cleared = await client.gpu_clear("node-a", SIM_GPU)
+        assert isinstance(cleared, Rejected) and cleared.code == "permission_denied", cleared
     finally:
         await viewer.close()
 
@@ -281,6 +288,8 @@ async def test_a_viewers_drain_is_refused_by_the_server_and_ctl_says_permission_
     op_args, op_env = as_user(secured, "operator")
     rc, out, err = await cli("ctl", "reload", "chat", "--model", "other", *op_args, env=op_env)
     assert rc == 1 and "permission denied" in err, (rc, out, err)
+    rc, out, err = await cli("ctl", "gpu-clear", SIM_GPU, "--node", "node-a", *op_args, env=op_env)
+    assert rc == 0 and "was not marked unhealthy" in out, (rc, out, err)
     assert (await r.status("chat")).state == "ready"
 
     # The viewer's live table follows a change made by someone allowed to make it.
@@ -307,7 +316,7 @@ async def test_a_viewers_drain_is_refused_by_the_server_and_ctl_says_permission_
 
     # Every refusal the server logged is one this test asked for: reads need nothing refused.
     expected = {("viewer", "poold.cmd.chat.drain"), ("viewer", "poold.cmd.chat.stop"),
-                ("operator", "poold.cmd.chat.reload")}  # fmt: skip
+                ("operator", "poold.cmd.chat.reload"), ("viewer", "poold.node.node-a.cmd.gpu_clear")}  # fmt: skip
     for line in secured.violations():
         assert any(f"user:{u}" in line and f'"{s}"' in line for u, s in expected), line
     assert secured.violations("daemon") == []

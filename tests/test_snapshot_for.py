@@ -63,3 +63,24 @@ def test_real_inventory_gives_a_pools_own_engine_memory_back(tmp_path: Path) -> 
     assert for_a.gpus[1].memory_free == base.gpus[1].memory_free
     for_b, _ = rt.snapshot_for("b")  # another pool sees the memory as used
     assert for_b is not None and for_b.gpus[0].memory_free == base.gpus[0].memory_free
+
+
+def test_simulated_inventory_counts_what_a_verified_pool_holds_not_its_plan(tmp_path: Path) -> None:
+    rt, _, gpu1 = runtime(tmp_path, snapshot_simulated=True)
+    placement = Placement(mask=[gpu1], uuids=[gpu1], cuda_visible_devices=gpu1, budgets=[4 * GIB])
+    engine = EngineInfo(pid=999_999_999, pgid=999_999_999, port=1, started_at=0.0)  # not in the driver's list
+    put(rt, "a", placement=placement, engine=engine, vram_held={gpu1: 7 * GIB})
+    base = rt.gpu_source()
+    for_b, _ = rt.snapshot_for("b")
+    assert for_b is not None and for_b.gpus[1].memory_free == base.gpus[1].memory_free - 7 * GIB
+
+
+def test_simulated_inventory_does_not_count_twice_what_its_driver_lists(tmp_path: Path) -> None:
+    rt, gpu0, _ = runtime(tmp_path, snapshot_simulated=True)
+    # This process is listed on GPU0 with 10 GiB (the snapshot already took it off free memory).
+    placement = Placement(mask=[gpu0], uuids=[gpu0], cuda_visible_devices=gpu0, budgets=[4 * GIB])
+    engine = EngineInfo(pid=os.getpid(), pgid=os.getpgrp(), port=1, started_at=0.0)
+    put(rt, "a", placement=placement, engine=engine, vram_held={gpu0: 10 * GIB})
+    base = rt.gpu_source()
+    for_b, _ = rt.snapshot_for("b")
+    assert for_b is not None and for_b.gpus[0].memory_free == base.gpus[0].memory_free

@@ -38,8 +38,13 @@ from pool_managerd.messages import (
     Event,
     EventBody,
     Gpu,
+    GpuClearCmd,
+    GpuCleared,
+    GpuClearReply,
+    GpuFault,
     GpuProcess,
     GpuSnapshot,
+    GpuVerified,
     HealthChanged,
     HealthReport,
     InternalError,
@@ -204,6 +209,30 @@ BODIES: dict[str, Any] = {
     "daemon_started": DaemonStarted(version="0.1.0", pools=["a", "b"], simulated=True),
     "daemon_stopping": DaemonStopping(reason="SIGTERM"),
     "heartbeat": NodeHeartbeat(gpus=1, memory_total=10, memory_free=5, simulated=True, states={"ready": 1}),
+    "gpu_verified": GpuVerified(
+        ok=False,
+        reason="cpu_fallback",
+        message="m",
+        pid=7,
+        pids=[7, 8],
+        held={"GPU-aaaa": 1},
+        elapsed_s=1.5,
+        deadline_s=1.0,
+        min_fraction=0.5,
+        source="nvml",
+    ),
+    "gpu_fault": GpuFault(
+        uuid="GPU-aaaa",
+        kind="xid",
+        xid=79,
+        fault_class="stop",
+        action="stop",
+        unhealthy=True,
+        description="Xid 79: GPU fell off the bus",
+        pools=["chat-8b"],
+        simulated=True,
+    ),
+    "gpu_cleared": GpuCleared(uuid="GPU-aaaa", fault="Xid 79: GPU fell off the bus"),
 }
 
 
@@ -232,6 +261,7 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "node_cmd.pools": PoolsCmd(command_id="n1"),
     "node_cmd.inventory": InventoryCmd(),
     "node_cmd.lifecycle": LifecycleCmd(command_id="n3"),
+    "node_cmd.gpu_clear": GpuClearCmd(command_id="n4", uuid="GPU-aaaa"),
     "reply.accepted": Accepted(
         command_id="c6", pool="chat-8b", verb="lease", seq=3, state="ready", lease_id="l1", expires_at=9.0
     ),
@@ -249,6 +279,7 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "reply.pools": PoolsReply(node="node-1", pools=[SNAPSHOT, PoolSnapshot(pool="other")]),
     "reply.inventory": InventoryReply(node="node-1", gpus=GPU_SNAPSHOT),
     "reply.lifecycle": describe(),
+    "reply.gpu_clear": GpuClearReply(node="node-1", uuid="GPU-aaaa", cleared=True, seq=4),
     "health": HealthReport(
         pool="chat-8b",
         ts=2.0,
@@ -350,11 +381,23 @@ def test_release_needs_a_lease_id() -> None:
     assert msgspec.json.decode(b'{"command_id":"x","lease_id":"l"}', type=ReleaseCmd).lease_id == "l"
 
 
-@pytest.mark.parametrize("verb", sorted(NODE_COMMANDS))
+@pytest.mark.parametrize("verb", sorted(set(NODE_COMMANDS) - {"gpu_clear"}))
 def test_node_commands_need_no_fields(verb: str) -> None:
     cmd = msgspec.json.decode(b"{}", type=NODE_COMMANDS[verb])
     assert cmd.command_id is None
     assert cmd.__struct_config__.tag == verb
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"{}", b'{"uuid":""}', b'{"uuid":"GPU/etc"}', b'{"uuid":"GPU-a b"}', b'{"uuid":"GPU-' + b"a" * 90 + b'"}',
+     b'{"uuid":"GPU-aaaa\\n"}', b'{"uuid":7}'],
+)  # fmt: skip
+def test_gpu_clear_takes_only_a_bounded_gpu_uuid(payload: bytes) -> None:
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(payload, type=NODE_COMMANDS["gpu_clear"])
+    ok = msgspec.json.decode(b'{"uuid":"GPU-4090c0de-0000-4000-8000-000000000024"}', type=NODE_COMMANDS["gpu_clear"])
+    assert ok.__struct_config__.tag == "gpu_clear"
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,8 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
     publish, subscribe = _viewer(prefix, role)
     if role in ("operator", "admin"):
         verbs = _OPERATOR_VERBS + (("reload",) if role == "admin" else ())
-        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + publish
+        # gpu_clear puts a device a fault took out back into placement: an operator's call.
+        publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + [f"{prefix}.node.*.cmd.gpu_clear"] + publish
     # Browser dashboards connect over websocket; the daemon's identity never does.
     return Permissions(tuple(publish), tuple(subscribe), connection_types=("STANDARD", "WEBSOCKET"))
 

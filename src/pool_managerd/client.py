@@ -52,6 +52,8 @@ from pool_managerd.messages import (
     REPLY_DECODER,
     Accepted,
     Event,
+    GpuClearCmd,
+    GpuClearReply,
     InventoryReply,
     LifecycleReply,
     PoolsCmd,
@@ -82,7 +84,7 @@ log = logging.getLogger(__name__)
 CommandReply: TypeAlias = Accepted | Rejected | StatusReply
 """What a pool command can be answered with."""
 
-NodeReply: TypeAlias = PoolsReply | InventoryReply | LifecycleReply | Rejected
+NodeReply: TypeAlias = PoolsReply | InventoryReply | LifecycleReply | GpuClearReply | Rejected
 """What a node command can be answered with."""
 
 RESTING_STATES: Final[frozenset[str]] = frozenset({"unready", "ready", "failed"})
@@ -464,7 +466,22 @@ class PoolClient:
             after = reply.next
         return _reject("internal", f"node {node}: pools pages do not end", verb=verb)
 
-    async def _node_once(self, node: str, verb: str, after: str | None, timeout: float | None) -> NodeReply:
+    async def gpu_clear(self, node: str, uuid: str, *, timeout: float | None = None) -> GpuClearReply | Rejected:
+        """``gpu_clear``: tell ``node`` that the unhealthy device ``uuid`` may be placed on again
+        (operator). ``cleared`` False in the reply: it was not marked unhealthy."""
+        try:
+            cmd = GpuClearCmd(uuid=uuid)
+            msgspec.json.decode(encode(cmd), type=GpuClearCmd)  # the bounds the daemon checks
+        except msgspec.ValidationError as exc:
+            return _reject("bad_request", f"not a GPU UUID: {exc}", verb="gpu_clear")
+        reply = await self._node_once(node, "gpu_clear", None, timeout, cmd=cmd)
+        if isinstance(reply, GpuClearReply | Rejected):
+            return reply
+        return _reject("internal", f"unexpected {type(reply).__name__} to gpu_clear", verb="gpu_clear")
+
+    async def _node_once(
+        self, node: str, verb: str, after: str | None, timeout: float | None, *, cmd: msgspec.Struct | None = None
+    ) -> NodeReply:
         try:
             validate_id(node, "node")
         except PoolManagerError as exc:
@@ -472,10 +489,13 @@ class PoolClient:
         cls = NODE_COMMANDS.get(verb)
         if cls is None:
             return _reject("unknown_verb", f"unknown node verb {verb!r}; known: {', '.join(NODE_COMMANDS)}", verb=verb)
+        if cmd is None and verb == "gpu_clear":
+            return _reject("bad_request", "gpu_clear needs a GPU UUID: use gpu_clear()", verb=verb)
         wait = self.timeout if timeout is None else timeout
         subject = self.subjects.node_command(node, verb)
         try:
-            msg = await self._request(subject, encode(PoolsCmd(after=after) if after else cls()), wait, None)
+            body = cmd if cmd is not None else (PoolsCmd(after=after) if after else cls())  # type: ignore[call-arg]
+            msg = await self._request(subject, encode(body), wait, None)
         except _Denied:
             return _reject("permission_denied", f"permission denied: this NATS user may not ask node {node} for "
                            f"{verb} (the server refused {subject})", verb=verb)  # fmt: skip
@@ -486,7 +506,7 @@ class PoolClient:
         except (nats.errors.Error, OSError) as exc:
             return _reject("unavailable", f"NATS: {exc or type(exc).__name__}", verb=verb)
         reply = self._decode(msg.data, verb=verb)
-        if isinstance(reply, PoolsReply | InventoryReply | LifecycleReply | Rejected):
+        if isinstance(reply, PoolsReply | InventoryReply | LifecycleReply | GpuClearReply | Rejected):
             return reply
         return _reject("internal", f"unexpected {type(reply).__name__} to node {verb}", verb=verb)
 

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pool_managerd.adapters.gpu_profiles import SIM_PREFIX, list_profiles
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.core.gpu_verify import DEFAULT_MIN_FRACTION, GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import EngineSpec
 from pool_managerd.subjects import ID_RE
@@ -46,6 +47,9 @@ class Preset(BaseModel):
     health_path: str = "/health"
     load_timeout_s: float = 300.0
     stop_grace_s: float = 10.0
+    gpu_check_deadline_s: float = 30.0
+    """How long after its first healthy probe the engine has to hold memory on every GPU of its
+    placement (see the README: what is verified after launch, per preset)."""
 
 
 def _fake_argv() -> list[str]:
@@ -70,11 +74,17 @@ PRESETS: dict[str, Preset] = {
             "{tensor_split}",
         ],
         load_timeout_s=300.0,
+        # llama-server answers 200 only once the weights are offloaded; mmap'd pages of a model
+        # read from a cold disk may still arrive, so a little slack.
+        gpu_check_deadline_s=15.0,
     ),
     "vllm": Preset(
         argv=["vllm", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--tensor-parallel-size", "{n_gpus}"],
         load_timeout_s=900.0,
         stop_grace_s=30.0,
+        # The profiling run and the KV cache come before the API server answers; the API
+        # process's own CUDA context may lag behind a worker's.
+        gpu_check_deadline_s=60.0,
     ),
     "tgi": Preset(
         argv=[
@@ -90,6 +100,7 @@ PRESETS: dict[str, Preset] = {
         ],
         load_timeout_s=900.0,
         stop_grace_s=30.0,
+        gpu_check_deadline_s=60.0,
     ),
     "sglang": Preset(
         argv=[
@@ -107,8 +118,9 @@ PRESETS: dict[str, Preset] = {
         ],
         load_timeout_s=900.0,
         stop_grace_s=30.0,
+        gpu_check_deadline_s=60.0,
     ),
-    "fake": Preset(argv=_fake_argv(), load_timeout_s=30.0, stop_grace_s=5.0),
+    "fake": Preset(argv=_fake_argv(), load_timeout_s=30.0, stop_grace_s=5.0, gpu_check_deadline_s=5.0),
 }
 
 
@@ -186,6 +198,14 @@ class PoolConfig(_Strict):
                 raise ValueError(f"{node!r} is not a valid node id (^[a-z0-9][a-z0-9_-]{{0,62}}$)")
         return nodes
 
+    gpu_check: Literal["enforce", "off"] = "enforce"
+    """After the first healthy probe, check that the engine's processes hold memory on every GPU
+    of the placement before the pool is ready (``off``: the probe alone makes it ready)."""
+    gpu_check_deadline_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    """How long the engine has to allocate after its first healthy probe (default: the preset's)."""
+    gpu_check_min_fraction: Annotated[float, Field(ge=0, le=1)] = DEFAULT_MIN_FRACTION
+    """Share of each GPU's planned budget the engine must hold by the deadline."""
+
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
@@ -261,7 +281,16 @@ class PoolConfig(_Strict):
             model_bytes=self.model_bytes,
             context_bytes=self.context_bytes,
             headroom_bytes=self.headroom_bytes,
+            gpu_check=self.gpu_check_policy(),
         )
+
+    def gpu_check_policy(self) -> GpuCheckPolicy | None:
+        """The post-launch GPU check of this pool, or None when it is off."""
+        if self.gpu_check == "off":
+            return None
+        preset = PRESETS.get(self.engine)
+        deadline = self.gpu_check_deadline_s or (preset.gpu_check_deadline_s if preset else 30.0)
+        return GpuCheckPolicy(deadline_s=deadline, min_fraction=self.gpu_check_min_fraction)
 
 
 class NatsConfig(_Strict):

@@ -91,6 +91,11 @@ class Gpu(_Base, kw_only=True):
     mig_mode: bool = False
     mig_instances: list[MigInstance] = msgspec.field(default_factory=list)
     processes: list[GpuProcess] = msgspec.field(default_factory=list)
+    healthy: bool = True
+    """False after a device fault (Xid, double-bit ECC, off the bus) until an operator clears it:
+    placement avoids it."""
+    fault: str | None = None
+    """What made it unhealthy, for a person (``Xid 79: GPU fell off the bus``)."""
 
 
 class GpuSnapshot(_Base, kw_only=True):
@@ -268,12 +273,22 @@ class LifecycleCmd(_NodeCommand, tag="lifecycle", kw_only=True):
     """Return the lifecycle table (states, transitions, triggers allowed per state)."""
 
 
-NodeCommand = PoolsCmd | InventoryCmd | LifecycleCmd
+GpuUuid = Annotated[str, Meta(pattern=r"^(GPU|MIG)-[0-9A-Za-z-]{1,80}(?![\s\S])", max_length=84)]
+
+
+class GpuClearCmd(_NodeCommand, tag="gpu_clear", kw_only=True):
+    """An operator says a device marked unhealthy by a fault may be placed on again."""
+
+    uuid: GpuUuid
+
+
+NodeCommand = PoolsCmd | InventoryCmd | LifecycleCmd | GpuClearCmd
 
 NODE_COMMANDS: dict[str, type[NodeCommand]] = {
     "pools": PoolsCmd,
     "inventory": InventoryCmd,
     "lifecycle": LifecycleCmd,
+    "gpu_clear": GpuClearCmd,
 }
 
 
@@ -410,6 +425,9 @@ class PoolSnapshot(_State, kw_only=True):
     simulated: bool = False
     updated_at: float = 0.0
     last_event: str | None = None
+    vram_held: dict[str, NonNeg] = msgspec.field(default_factory=dict)
+    """Bytes the engine's processes hold per GPU UUID, as read when it was verified after launch
+    (empty until then, and when no engine runs)."""
 
 
 class StatusReply(_State, tag_field="type", tag="status", kw_only=True):
@@ -439,6 +457,17 @@ class InventoryReply(_Base, tag_field="type", tag="inventory", kw_only=True):
     gpus: GpuSnapshot
 
 
+class GpuClearReply(_Base, tag_field="type", tag="gpu_clear", kw_only=True):
+    """Reply to ``gpu_clear``: ``cleared`` is False when the device was not marked unhealthy."""
+
+    v: int = SCHEMA_VERSION
+    node: str
+    uuid: str
+    cleared: bool
+    seq: int | None = None
+    """The node event (``gpu_cleared``) that recorded it."""
+
+
 class TransitionRow(_Base, kw_only=True):
     """One row of the lifecycle table."""
 
@@ -459,7 +488,7 @@ class LifecycleReply(_Base, tag_field="type", tag="lifecycle", kw_only=True):
     allowed: dict[str, list[str]]
 
 
-Reply = Accepted | Rejected | StatusReply | PoolsReply | InventoryReply | LifecycleReply
+Reply = Accepted | Rejected | StatusReply | PoolsReply | InventoryReply | LifecycleReply | GpuClearReply
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,6 +662,30 @@ class HealthChanged(_EventBody, tag="health_changed", kw_only=True):
     consecutive_failures: NonNeg = 0
 
 
+VerifyReason = Literal["cpu_fallback", "wrong_devices", "under_budget"]
+
+
+class GpuVerified(_EventBody, tag="gpu_verified", kw_only=True):
+    """The post-launch check of the engine's GPU memory: its verdict and the inputs it judged.
+
+    ``held`` is what the engine's processes (``pids``) held per GPU UUID in the sample judged,
+    ``elapsed_s`` how long after its first healthy probe; with the placement (in the pool's
+    ``state_changed``) and ``deadline_s``/``min_fraction`` a replay re-judges it without a GPU.
+    ``ok`` False: ``reason`` says why and the preload fails."""
+
+    ok: bool
+    reason: VerifyReason | None = None
+    message: str = ""
+    pid: int
+    pids: list[int] = msgspec.field(default_factory=list)
+    held: dict[str, NonNeg] = msgspec.field(default_factory=dict)
+    elapsed_s: float = 0.0
+    deadline_s: float = 0.0
+    min_fraction: float = 0.0
+    source: str = ""
+    """Where the memory was read: ``nvml``, ``sim:<profile>``..."""
+
+
 class PoolFenced(_EventBody, tag="pool_fenced", kw_only=True):
     """Another writer owns this pool's event subject; this daemon stops acting on it."""
 
@@ -683,6 +736,34 @@ class DaemonStopping(_EventBody, tag="daemon_stopping", kw_only=True):
     reason: str
 
 
+FaultKindName = Literal["xid", "ecc_dbe", "fell_off_bus", "handle_lost"]
+FaultClassName = Literal["application", "drain", "stop"]
+
+
+class GpuFault(_EventBody, tag="gpu_fault", kw_only=True):
+    """A critical GPU event (node event): the device, what happened, and what the daemon did.
+
+    ``fault_class`` ``application`` leaves the device healthy; ``drain`` and ``stop`` mark it
+    unhealthy (placement avoids it) and drain or stop the ``pools`` placed on it."""
+
+    uuid: str
+    kind: FaultKindName
+    xid: int | None = None
+    fault_class: FaultClassName
+    action: Literal["none", "drain", "stop"]
+    unhealthy: bool
+    description: str = ""
+    pools: list[str] = msgspec.field(default_factory=list)
+    simulated: bool = False
+
+
+class GpuCleared(_EventBody, tag="gpu_cleared", kw_only=True):
+    """An operator cleared an unhealthy device (node event): placement may use it again."""
+
+    uuid: str
+    fault: str | None = None
+
+
 class NodeHeartbeat(_EventBody, tag="heartbeat", kw_only=True):
     """Every 10 s: the node is alive; a GPU summary and how many pools are in each state.
 
@@ -717,16 +798,20 @@ EventBody = (
     | DrainForced
     | ReloadRolledBack
     | HealthChanged
+    | GpuVerified
     | PoolFenced
     | PoolClaimed
     | PoolReleased
     | OrphanReaped
     | DaemonStarted
     | DaemonStopping
+    | GpuFault
+    | GpuCleared
     | NodeHeartbeat
 )
 
-NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat"})
+NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat", "gpu_fault",
+                              "gpu_cleared"})  # fmt: skip
 
 
 class Event(_Base, kw_only=True):
@@ -818,6 +903,7 @@ ALL_MESSAGES: dict[str, type[Struct]] = {
     "reply.status": StatusReply,
     "reply.pools": PoolsReply,
     "reply.inventory": InventoryReply,
+    "reply.gpu_clear": GpuClearReply,
     "reply.lifecycle": LifecycleReply,
     "health": HealthReport,
     "event": Event,

@@ -331,6 +331,20 @@ async def read_events_by_pool(
     return out
 
 
+async def read_subject_events(
+    js_or_nc: JetStreamContext | NATS, subjects: Iterable[str], *, stream: str = STREAM_NAME, batch: int = 256
+) -> list[tuple[int, Event]]:
+    """Every event on each of ``subjects`` (exact subjects), merged in stream order: one consumer
+    per subject, each reading only its own subject (a node's fault history, not its heartbeats)."""
+    js = _jetstream(js_or_nc)
+    out: list[tuple[int, Event]] = []
+    for subject in subjects:
+        async for seq, _subject, event in _read(js, subject, None, None, stream=stream, batch=batch,
+                                                fetch_timeout=5.0):  # fmt: skip
+            out.append((seq, event))
+    return sorted(out, key=lambda item: item[0])
+
+
 async def _read(
     js: JetStreamContext,
     filter_subject: str | None,

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO, cast, get_args
 
+import msgspec
+
 from pool_managerd.cli.connect import (
     TargetError,
     add_connection_arguments,
@@ -51,6 +53,8 @@ from pool_managerd.messages import (
     POOL_COMMANDS,
     Accepted,
     Event,
+    GpuClearCmd,
+    GpuClearReply,
     InventoryReply,
     LifecycleReply,
     PoolSnapshot,
@@ -64,7 +68,9 @@ from pool_managerd.placement import format_bytes
 from pool_managerd.subjects import Subjects
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
-NODE_VERBS: tuple[str, ...] = tuple(NODE_COMMANDS)
+NODE_VERBS: tuple[str, ...] = tuple(v for v in NODE_COMMANDS if v != "gpu_clear")
+GPU_CLEAR = "gpu-clear"
+"""``ctl gpu-clear <uuid> --node N``: the node command ``gpu_clear`` (operator)."""
 FLEET_VERBS: tuple[str, ...] = ("nodes",)
 """Answered from discovery, the KV bucket and the stream (``pool_managerd.fleet``), not by a daemon."""
 STATES: tuple[str, ...] = get_args(PoolState)
@@ -107,11 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``ctl`` options."""
     parser.description = "send one command to a pool or a node and print the reply (or follow its events with --wait)"
     parser.epilog = (
-        f"pool verbs: {', '.join(POOL_VERBS)}. node verbs: {', '.join(NODE_VERBS)}. fleet verbs: "
-        f"{', '.join(FLEET_VERBS)} (every node: id, liveness, version, heartbeat age, GPUs, pools). "
+        f"pool verbs: {', '.join(POOL_VERBS)}. node verbs: {', '.join(NODE_VERBS)}, {GPU_CLEAR} UUID --node N. "
+        f"fleet verbs: {', '.join(FLEET_VERBS)} (every node: id, liveness, version, heartbeat age, GPUs, pools). "
         "Exit status: 0 ok, 1 rejected, 2 usage error, 3 timeout or unreachable."
     )
-    parser.add_argument("verb", choices=(*POOL_VERBS, *NODE_VERBS, *FLEET_VERBS), metavar="VERB", help="what to do")
+    parser.add_argument(
+        "verb", choices=(*POOL_VERBS, *NODE_VERBS, GPU_CLEAR, *FLEET_VERBS), metavar="VERB", help="what to do"
+    )
     parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
     add_connection_arguments(parser)
     parser.add_argument("--node", help="node id for pools/inventory/lifecycle (default: every daemon that answers)")
@@ -180,7 +188,7 @@ def wait_target(args: argparse.Namespace) -> PoolState | None:
     """The state ``--wait`` asks for, or None without ``--wait``."""
     if args.wait is None:
         return None
-    if args.verb in NODE_VERBS or args.verb in FLEET_VERBS:
+    if args.verb in NODE_VERBS or args.verb == GPU_CLEAR or args.verb in FLEET_VERBS:
         raise UsageError(f"--wait does not apply to {args.verb}")
     if args.wait == _WAIT_DEFAULT:
         if args.verb not in DEFAULT_WAIT:
@@ -360,6 +368,16 @@ async def _pool_command(client: PoolClient, args: argparse.Namespace, fields: di
     return _wait_outcome(result, args.verb, args.json, time.monotonic() - started)
 
 
+async def _gpu_clear(client: PoolClient, args: argparse.Namespace) -> int:
+    reply = await client.gpu_clear(args.node, args.target)
+    if isinstance(reply, GpuClearReply) and not args.json:
+        what = "cleared: placement may use it again" if reply.cleared else "was not marked unhealthy; nothing to clear"
+        _print(f"{reply.uuid} on node {reply.node} {what}")
+    else:
+        _print_reply(reply, args.json)
+    return _exit_for(reply)
+
+
 async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
     if args.node is not None and args.target is not None and args.node != args.target:
         raise UsageError(f"node given twice: {args.target!r} and --node {args.node!r}")
@@ -422,6 +440,13 @@ async def _main(args: argparse.Namespace) -> int:
             raise UsageError(f"--node does not apply to {args.verb}")
     if args.verb in FLEET_VERBS and (args.node is not None or args.target is not None):
         raise UsageError(f"{args.verb} lists every node; it takes no POOL or --node")
+    if args.verb == GPU_CLEAR and (args.target is None or args.node is None):
+        raise UsageError(f"{GPU_CLEAR} needs a GPU UUID and --node")
+    if args.verb == GPU_CLEAR:
+        try:
+            msgspec.convert({"uuid": args.target}, GpuClearCmd)
+        except msgspec.ValidationError as exc:
+            raise UsageError(f"{GPU_CLEAR}: {args.target!r} is not a GPU UUID (GPU-... or MIG-...): {exc}") from None
     fields = command_fields(args)
     wait_target(args)
     if args.timeout <= 0:
@@ -443,6 +468,8 @@ async def _main(args: argparse.Namespace) -> int:
             return await _pool_command(client, args, fields)
         if args.verb == "nodes":
             return await _fleet_nodes(client, args.json)
+        if args.verb == GPU_CLEAR:
+            return await _gpu_clear(client, args)
         return await _node_command(client, args)
     finally:
         await nc.close()

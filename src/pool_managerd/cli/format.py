@@ -22,6 +22,9 @@ from pool_managerd.messages import (
     EngineExited,
     EngineSpawned,
     Event,
+    GpuCleared,
+    GpuFault,
+    GpuVerified,
     HealthChanged,
     LeaseExpired,
     LeaseGranted,
@@ -137,6 +140,17 @@ def event_detail(event: Event) -> str:
             return f"version {b.version} pools {','.join(b.pools) or '-'}" + (" simulated" if b.simulated else "")
         case DaemonStopping():
             return b.reason
+        case GpuVerified():
+            held = ", ".join(f"{short_uuid(u)} {format_bytes(n)}" for u, n in b.held.items()) or "nothing held"
+            verdict = "ok" if b.ok else str(b.reason)
+            return f"{verdict}: pid {b.pid} {held} after {b.elapsed_s:.2f}s" + ("" if b.ok else f" ({b.message})")
+        case GpuFault():
+            acted = f"; {b.action} {', '.join(b.pools)}" if b.pools else ""
+            return (
+                f"{short_uuid(b.uuid)} {b.description} ({b.fault_class}{', unhealthy' if b.unhealthy else ''}){acted}"
+            )
+        case GpuCleared():
+            return f"{short_uuid(b.uuid)} cleared" + (f" (was: {b.fault})" if b.fault else "")
         case NodeHeartbeat():
             pools = ", ".join(f"{n} {state}" for state, n in sorted(b.states.items()))
             return f"{b.gpus} GPU(s), {format_bytes(b.memory_free)} free of {format_bytes(b.memory_total)}" + (

@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("pool_managerd.cli.replay", "rebuild pool states from the event log, check its invariants"),
     "export": ("pool_managerd.cli.replay", "write the event stream as JSONL, replayable offline"),
     "nats-config": ("pool_managerd.cli.nats_config", "print the nats-server users and permissions (deploy/)"),
+    "sim-fault": (
+        "pool_managerd.cli.sim_fault",
+        "inject a GPU fault (Xid, ECC, off the bus) into a simulated inventory",
+    ),
 }
 """name → (module exposing ``add_arguments(parser)`` and ``run(args) -> int``, help)."""
 

@@ -215,6 +215,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "pools": messages.PoolsReply,
         "inventory": messages.InventoryReply,
         "lifecycle": messages.LifecycleReply,
+        "gpu_clear": messages.GpuClearReply,
     }
     for verb, node_cls in messages.NODE_COMMANDS.items():
         cname = component(f"node_cmd_{verb}", node_cls)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pool_managerd.core.gpu_verify import GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
 from pool_managerd.messages import EngineSpec, GpuSnapshot, Placement, Problem, RejectCode
 
@@ -59,3 +60,6 @@ class PoolDefinition:
     model_bytes: int | None = None
     context_bytes: int = 0
     headroom_bytes: int = 0
+    gpu_check: GpuCheckPolicy | None = None
+    """Verify after launch that the engine holds memory on its GPUs (None: readiness is the first
+    healthy probe alone, for runtimes that have no per-process GPU memory to read)."""

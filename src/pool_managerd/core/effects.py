@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pool_managerd.core.gpu_verify import GpuCheckPolicy
 from pool_managerd.messages import EngineSpec, Placement
 
 TimerName = Literal["load_timeout", "backoff", "drain_deadline", "lease_expiry"]
@@ -59,4 +60,16 @@ class CancelTimer:
     name: TimerName
 
 
-Effect = SpawnEngine | ReleaseEngine | StopEngine | ArmTimer | CancelTimer
+@dataclass(frozen=True, slots=True)
+class VerifyGpus:
+    """Sample the GPU memory the engine ``pid`` (and its process group ``pgid``) holds until
+    :func:`~pool_managerd.core.gpu_verify.judge` gives a verdict or the deadline passes; report
+    the last sample back as ``GpuChecked``."""
+
+    pid: int
+    pgid: int
+    placement: Placement
+    policy: GpuCheckPolicy
+
+
+Effect = SpawnEngine | ReleaseEngine | StopEngine | ArmTimer | CancelTimer | VerifyGpus

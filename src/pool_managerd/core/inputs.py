@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pool_managerd.core.effects import TimerName
+from pool_managerd.core.gpu_verify import GpuSample
 from pool_managerd.messages import EngineInfo, HealthReport, PoolCommand
 
 if TYPE_CHECKING:
@@ -89,6 +90,17 @@ class RemoveInput:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuChecked:
+    """The shell's sample of the GPU memory engine ``pid`` holds (``VerifyGpus``), final: the
+    verdict on it is no longer pending, or the deadline has passed. ``source`` names the
+    inventory it was read from."""
+
+    pid: int
+    sample: GpuSample
+    source: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ExpireLeases:
     """Drop expired leases now."""
 
@@ -121,6 +133,7 @@ PoolInput = (
     | ExpireLeases
     | ClaimInput
     | ReleaseInput
+    | GpuChecked
 )
 
 
@@ -141,5 +154,6 @@ def label(inp: PoolInput) -> str:
         ExpireLeases: "expire_leases",
         ClaimInput: "claim",
         ReleaseInput: "release_ownership",
+        GpuChecked: "gpu_checked",
     }
     return names.get(type(inp), "unknown")

@@ -24,8 +24,18 @@ from typing import Any, Literal, cast
 import msgspec
 from transitions import EventData, Machine
 
+from pool_managerd.core import gpu_verify
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, ReleaseEngine, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.effects import (
+    ArmTimer,
+    CancelTimer,
+    Effect,
+    ReleaseEngine,
+    SpawnEngine,
+    StopEngine,
+    TimerName,
+    VerifyGpus,
+)
 from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
 from pool_managerd.core.health import HealthState, assess
 from pool_managerd.core.inputs import (
@@ -35,6 +45,7 @@ from pool_managerd.core.inputs import (
     EngineExitedInput,
     EngineStarted,
     ExpireLeases,
+    GpuChecked,
     HealthInput,
     PoolInput,
     ReleaseInput,
@@ -64,6 +75,7 @@ from pool_managerd.messages import (
     EngineSpec,
     Event,
     EventBody,
+    GpuVerified,
     HealthChanged,
     HealthReport,
     InternalError,
@@ -137,7 +149,8 @@ ROWS: tuple[Row, ...] = (
         "preflight and placement succeed against the current GPU snapshot",
         ("_place",), ("_is_placed",), (), ("_spawn",)),
     Row("engine_ready", "preloading", "ready", "fact",
-        "first healthy probe (HTTP 200) of the current engine", after=("_became_ready",)),
+        "first healthy probe (HTTP 200) of the current engine, then its GPU memory verified (gpu_verified)",
+        after=("_became_ready",)),
     *_failure_rows("preload_failed", "preloading", "fact", "spawn error, exit during load or load timeout"),
     *_failure_rows("engine_exited", "ready", "fact", "the engine process exited"),
     *_failure_rows("health_lost", "ready", "fact", "consecutive failed health probes"),
@@ -263,7 +276,7 @@ class Checkpoint:
 
 
 _OBSERVED = ("health", "last_heartbeat", "perf_hints", "timers", "timer_seq", "stopping", "drain_deadline_s",
-             "last_plan_rejected", "pending_claim")  # fmt: skip
+             "last_plan_rejected", "pending_claim", "verifying")  # fmt: skip
 """What a pool keeps besides its state value: observations and effect bookkeeping the log does
 not record (the probe streak, timer tokens, pids being stopped), all fresh after a restart."""
 
@@ -311,6 +324,8 @@ class PoolModel:
         self.pending_claim: PoolClaimed | None = None
         """The first claim of a pool without events: written just before its first event, so a
         pool nobody has used has no history (and its status says ``seq`` 0)."""
+        self.verifying: int | None = None
+        """The engine pid whose GPU memory the shell is sampling (``VerifyGpus``), if any."""
         self.step_cause: tuple[str | None, str | None] | None = None
         """Set while a command's own step runs: the (command_id, traceparent) its events carry."""
         self.fingerprint: str | None = None
@@ -414,6 +429,7 @@ class PoolModel:
             self.prior = self.value
             if body.dst in _HEALTH_RESET:
                 self.health = HealthState()
+                self.verifying = None
         self.value = evolve(self.value, event)
         self.events.append(event)
         return event
@@ -738,6 +754,8 @@ class Lifecycle:
             return self.claim(pool, inp, ctx)
         if isinstance(inp, ReleaseInput):
             return self.release_ownership(pool, ctx)
+        if isinstance(inp, GpuChecked):
+            return self.gpu_checked(pool, inp, ctx)
         raise TypeError(f"not a pool input: {type(inp).__name__}")
 
     def _internal_error(
@@ -990,10 +1008,49 @@ class Lifecycle:
         if model.state == "preloading" and preload_policy.ready_gate(
             probe_ok=report.ok, probe_pid=report.engine_pid, engine_pid=engine.pid
         ):
-            self._fire(model, "engine_ready", reason="first healthy probe")
+            self._healthy_while_loading(model, engine.pid, engine.pgid)
         elif model.state == "ready" and verdict.lost:
             failures = verdict.state.consecutive_failures
             self._fire(model, "health_lost", cause=f"{failures} consecutive failed health probes")
+        return self._end(model, None)
+
+    def _healthy_while_loading(self, model: PoolModel, pid: int, pgid: int) -> None:
+        """The first healthy probe: ready at once, or first the check that the engine holds memory
+        on its GPUs (the shell samples it and answers with ``GpuChecked``)."""
+        check = model.definition.gpu_check
+        placement = model.value.placement
+        if check is None or placement is None or not placement.uuids:
+            self._fire(model, "engine_ready", reason="first healthy probe")
+        elif model.verifying != pid:
+            model.verifying = pid
+            model.effects.append(VerifyGpus(pid, pgid, placement, check))
+
+    def gpu_checked(self, pool: str, inp: GpuChecked, ctx: Context) -> Outcome:
+        """The shell's final sample of the engine's GPU memory: ready, or a failed preload with the
+        typed reason (``cpu_fallback``, ``wrong_devices``, ``under_budget``) recorded."""
+        model = self.pool(pool)
+        self._begin(model, ctx)
+        engine = model.value.engine
+        check = model.definition.gpu_check
+        placement = model.value.placement
+        if (model.state != "preloading" or engine is None or engine.pid != inp.pid or model.verifying != inp.pid
+                or check is None or placement is None):  # fmt: skip
+            return self._end(model, None)  # about an engine or a load this pool has moved past
+        verdict = gpu_verify.judge(placement, inp.sample, check)
+        if verdict.status == "pending":
+            # Not final after all: the next healthy probe asks for another check.
+            model.verifying = None
+            return self._end(model, None)
+        ok = verdict.status == "ok"
+        model.emit(GpuVerified(ok=ok, reason=verdict.reason, message=verdict.message, pid=inp.pid,
+                               pids=list(inp.sample.pids), held=dict(verdict.held), elapsed_s=inp.sample.elapsed_s,
+                               deadline_s=check.deadline_s, min_fraction=check.min_fraction,
+                               source=inp.source))  # fmt: skip
+        model.verifying = None
+        if ok:
+            self._fire(model, "engine_ready", reason=f"first healthy probe; GPUs verified: {verdict.message}")
+        else:
+            self._fire(model, "preload_failed", cause=f"{verdict.reason}: {verdict.message}")
         return self._end(model, None)
 
     def timer_fired(self, pool: str, name: TimerName, token: int, ctx: Context) -> Outcome:

@@ -30,6 +30,7 @@ from pool_managerd.messages import (
     EngineSpec,
     Event,
     EventBody,
+    GpuVerified,
     LeaseExpired,
     LeaseGranted,
     LeaseReleased,
@@ -111,6 +112,9 @@ class PoolValue(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     or released)."""
     epoch: int = 0
     """The epoch of that lease (0: never claimed; logs from before leases)."""
+    vram_held: Mapping[str, int] = msgspec.field(default_factory=dict)
+    """Bytes the engine held per GPU UUID when it was verified after launch (``gpu_verified``);
+    empty while none is verified and once it is stopped."""
 
     @property
     def supervision(self) -> SupervisionState:
@@ -279,6 +283,13 @@ def _released(value: PoolValue, event: Event, cause: tuple[str | None, str | Non
     return _replace(value, seq=event.seq, last_ts=event.ts, cause=cause, last_event="pool_released", owner=None)
 
 
+def _verified(value: PoolValue, event: Event, cause: tuple[str | None, str | None]) -> PoolValue:
+    body = event.body
+    assert isinstance(body, GpuVerified)
+    held = dict(body.held) if body.ok else {}
+    return _replace(value, seq=event.seq, last_ts=event.ts, cause=cause, last_event="gpu_verified", vram_held=held)
+
+
 _FACTS: dict[type, Callable[[PoolValue, Event, tuple[str | None, str | None]], PoolValue]] = {
     EngineSpawned: _spawned,
     EngineAdopted: _adopted,
@@ -288,6 +299,7 @@ _FACTS: dict[type, Callable[[PoolValue, Event, tuple[str | None, str | None]], P
     LeaseExpired: _lease_gone,
     PoolClaimed: _claimed,
     PoolReleased: _released,
+    GpuVerified: _verified,
 }
 
 
@@ -306,6 +318,8 @@ def _transition(value: PoolValue, event: Event, body: StateChanged, c: dict[str,
     if dst in _ENGINE_STOPPED:
         # The machine stops (or has lost) the engine on these rows; its exit event may follow.
         c["engine"] = None
+        if value.vram_held:
+            c["vram_held"] = {}
     if trigger == "reload":
         c["reloading"] = True
         c["pending_spec"], c["pending_mask"], c["pending_policy"] = body.spec, asked_mask, body.policy

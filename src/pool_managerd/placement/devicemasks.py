@@ -40,6 +40,7 @@ MASK_ERROR_CODES: tuple[str, ...] = (
     "mig_with_parent",
     "mig_enabled_gpu",
     "mig_multiple",
+    "gpu_unhealthy",
 )
 """Every code a :class:`MaskError` can carry. Stable: clients may switch on them."""
 
@@ -109,6 +110,8 @@ class Device:
     """For a whole GPU: whether it is in MIG mode (then only its instances are usable)."""
     profile: str | None = None
     """For a MIG instance: its profile, e.g. ``3g.40gb``."""
+    healthy: bool = True
+    """False while the GPU (or a MIG instance's parent) is marked unhealthy by a fault."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +255,7 @@ def snapshot_devices(snapshot: GpuSnapshot) -> tuple[Device, ...]:
                 memory_free=gpu.memory_free,
                 compute_capability=(gpu.compute_capability[0], gpu.compute_capability[1]),
                 mig_mode=gpu.mig_mode,
+                healthy=gpu.healthy,
             )
         )
         for mig in sorted(gpu.mig_instances, key=lambda m: m.index):
@@ -267,6 +271,7 @@ def snapshot_devices(snapshot: GpuSnapshot) -> tuple[Device, ...]:
                     compute_capability=(gpu.compute_capability[0], gpu.compute_capability[1]),
                     parent_uuid=gpu.uuid,
                     profile=mig.profile,
+                    healthy=gpu.healthy,
                 )
             )
     return tuple(out)
@@ -327,11 +332,11 @@ def resolve_mask(mask: str | Sequence[str], snapshot: GpuSnapshot) -> DeviceMask
     gpu_count = sum(1 for d in devices if d.kind == "gpu")
 
     if tokens[0].kind == "all":
-        chosen = tuple(d for d in devices if d.kind == "gpu" and not d.mig_mode)
+        chosen = tuple(d for d in devices if d.kind == "gpu" and not d.mig_mode and d.healthy)
         if not chosen:
             raise MaskError(
                 "unknown_device",
-                "mask 'all' matches no usable GPU: the snapshot has no GPU outside MIG mode",
+                "mask 'all' matches no usable GPU: the snapshot has no healthy GPU outside MIG mode",
                 token="all",
                 position=0,
             )
@@ -365,6 +370,15 @@ def resolve_mask(mask: str | Sequence[str], snapshot: GpuSnapshot) -> DeviceMask
         resolved.append((tok, dev))
 
     for tok, dev in resolved:
+        if not dev.healthy:
+            raise MaskError(
+                "gpu_unhealthy",
+                f"mask entry {tok.text!r} at position {tok.position} names {dev.label} ({dev.uuid}), "
+                "marked unhealthy after a GPU fault; an operator clears it with ctl gpu-clear",
+                token=tok.text,
+                position=tok.position,
+                device=dev.uuid,
+            )
         if dev.kind == "gpu" and dev.mig_mode:
             raise MaskError(
                 "mig_enabled_gpu",

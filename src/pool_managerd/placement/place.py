@@ -28,7 +28,8 @@ def auto_mask(snapshot: GpuSnapshot, need: int, headroom: int, policy: Policy) -
     holds ``need + headroom``; ties go to the lower NVML index. If none does (or the policy names
     more than one ratio), every GPU not in MIG mode, in index order.
     """
-    devices = snapshot_devices(snapshot)
+    # A device marked unhealthy by a fault is never picked (ctl gpu-clear puts it back).
+    devices = tuple(d for d in snapshot_devices(snapshot) if d.healthy)
     whole = [d for d in devices if d.kind == "gpu" and not d.mig_mode]
     singles: list[Device] = [d for d in devices if (d.kind == "gpu" and not d.mig_mode) or d.kind == "mig"]
     wants_many = policy.ratios is not None and len(policy.ratios) != 1
@@ -44,7 +45,7 @@ def auto_mask(snapshot: GpuSnapshot, need: int, headroom: int, policy: Policy) -
     if not whole:
         raise PlanError(
             "no_devices",
-            "mask auto: no GPU outside MIG mode to split over"
+            "mask auto: no healthy GPU outside MIG mode to split over"
             + ("" if wants_many else ", and no single device holds the model"),
         )
     reason = (

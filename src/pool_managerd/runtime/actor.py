@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,12 +39,14 @@ from pool_managerd.core.effects import (
     SpawnEngine,
     StopEngine,
     TimerName,
+    VerifyGpus,
 )
 from pool_managerd.core.errors import UnknownPool
 from pool_managerd.core.inputs import (
     CommandInput,
     EngineExitedInput,
     EngineStarted,
+    GpuChecked,
     HealthInput,
     PoolInput,
     SpawnFailed,
@@ -86,6 +88,14 @@ class ActorHost(Protocol):
 
     def publish_health(self, actor: PoolActor, report: HealthReport) -> None:
         """Where this actor's own prober results go."""
+        ...
+
+    def engine_env(self, placement: Placement) -> dict[str, str]:
+        """What the engine's environment gets besides its spec's and ``CUDA_VISIBLE_DEVICES``."""
+        ...
+
+    async def check_gpus(self, effect: VerifyGpus, alive: Callable[[], bool]) -> GpuChecked | None:
+        """The post-launch GPU check's final sample (None: the engine went away first)."""
         ...
 
 
@@ -136,6 +146,7 @@ class PoolActor:
         self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
         self._spawns: set[asyncio.Task[None]] = set()
+        self._checks: set[asyncio.Task[None]] = set()
         self._spawn_lock = asyncio.Lock()
         self._queue: asyncio.Queue[_Input | None] = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"pool-actor-{pool}")
@@ -256,6 +267,19 @@ class PoolActor:
             handle = self.timers.pop(effect.name, None)
             if handle is not None:
                 handle.cancel()
+        elif isinstance(effect, VerifyGpus):
+            task = asyncio.get_running_loop().create_task(self._check_gpus(effect), name=f"gpu-check-{self.pool}")
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _check_gpus(self, effect: VerifyGpus) -> None:
+        def alive() -> bool:
+            engine = self.engines.get(effect.pid)
+            return engine is not None and engine.stopping is None
+
+        result = await self.runtime.check_gpus(effect, alive)
+        if result is not None and alive():
+            self.submit(result)
 
     # --- timers --------------------------------------------------------------------------------
 
@@ -284,7 +308,8 @@ class PoolActor:
             try:
                 port = spec.port if spec.port is not None else allocate_port(spec.host)
                 argv = render_argv(spec.argv, _placeholders(spec.model, port, spec.host, effect.placement))
-                env = {**spec.env, "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}
+                env = {**spec.env, **rt.engine_env(effect.placement),
+                       "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}  # fmt: skip
                 handle = await spawn(
                     argv,
                     pool=self.pool,
@@ -415,6 +440,8 @@ class PoolActor:
         self._queue.put_nowait(None)
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        for check in list(self._checks):
+            check.cancel()
         if self._spawns:
             # A spawn in flight registers its engine (or fails) within the old engine's stop;
             # its engine_spawned is never applied, so the engine is stopped below with the rest.

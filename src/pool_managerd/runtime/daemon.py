@@ -40,7 +40,6 @@ from pool_managerd.adapters.event_log import (
     read_events,
     read_events_by_pool,
 )
-from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.process import SpawnRecord
@@ -65,6 +64,8 @@ from pool_managerd.messages import (
     DaemonStopping,
     Event,
     EventBody,
+    GpuClearCmd,
+    GpuClearReply,
     GpuSnapshot,
     HealthReport,
     InventoryCmd,
@@ -99,6 +100,7 @@ from pool_managerd.runtime.commands import (
     rejected_in,
     rejection,
 )
+from pool_managerd.runtime.gpu_node import GpuNode
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
@@ -211,9 +213,7 @@ class Daemon:
         self.fenced: dict[str, str] = {}
         self._external_health = frozenset(pool.id for pool in config.pools if pool.external_health)
         self.node_events = NodeEvents(self.node)
-        self._gpu_fixed = gpu_snapshot
-        self._gpu_cached: GpuSnapshot | None = None
-        self._nvml: Any = None
+        self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()
@@ -244,19 +244,9 @@ class Daemon:
 
     def gpu_source(self) -> GpuSnapshot:
         """The current GPU snapshot: NVML read fresh each time through one reader initialised
-        once (nvmlInit costs ~11 ms, a read microseconds); profiles and files are read once."""
-        if self._gpu_fixed is not None:
-            return self._gpu_fixed
-        if self.config.gpus != "nvml":
-            if self._gpu_cached is None:
-                self._gpu_cached = load_gpu_source(self.config.gpus)
-            return self._gpu_cached
-        if self._nvml is None:
-            from pool_managerd.adapters.nvml import NvmlReader
-
-            self._nvml = NvmlReader()
-        snapshot: GpuSnapshot = self._nvml.snapshot()
-        return snapshot
+        once (nvmlInit costs ~11 ms, a read microseconds), or the simulated inventory with what
+        its processes hold; devices marked unhealthy by a fault are flagged (see ``GpuNode``)."""
+        return self.gpus.snapshot()
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -294,12 +284,15 @@ class Daemon:
         )
         await self.publisher.start()
         await self._continue_node_sequence(js)
+        await self.gpus.recover(js, self.subjects, self.node)
         simulated = self._simulated()
         self.runtime = PoolRuntime(
             JetStreamSink(self.publisher, self.metrics, self._may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
             health_out=self._publish_health,
+            gpu_reader=self.gpus.raw,
+            engine_env=self.gpus.engine_env,
         )
         self.runtime.listeners.append(self._after_step)
         owned = []
@@ -359,6 +352,7 @@ class Daemon:
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
         self._spawn(self._kv_writer(), "kv-writer")
         self._spawn(self._heartbeat(), "heartbeat")
+        self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", host, port)
@@ -986,6 +980,10 @@ class Daemon:
                     reply = Rejected(verb=verb, code="unavailable", message=exc.message)
             elif isinstance(cmd, LifecycleCmd):
                 reply = describe()
+            elif isinstance(cmd, GpuClearCmd):
+                cleared = await self.gpus.clear(cmd.uuid)
+                reply = GpuClearReply(node=self.node, uuid=cmd.uuid, cleared=cleared,
+                                      seq=self.node_events.seq if cleared else None)  # fmt: skip
             else:
                 await self._respond_raw(req, self._pools_page(cmd), "node", f"node-{self.node}")
                 return
@@ -1218,6 +1216,7 @@ class Daemon:
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
+        await self.gpus.stop_watching()
         for sub in (self._health_sub, self._unclaimed_sub):
             if sub is not None:
                 with contextlib.suppress(Exception):
@@ -1277,9 +1276,7 @@ class Daemon:
                     await self.nc.close()
         step("done")
         self.metrics.close()
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.close()
+        self.gpus.close()
         if self.embedded is not None:
             self.embedded.stop()
         self._closed.set()

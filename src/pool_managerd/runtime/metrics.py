@@ -4,7 +4,7 @@ come from the lifecycle table, verbs and outcomes from the wire contract."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -56,6 +56,12 @@ class Metrics:
         )
         self.leases = Gauge("poold_leases_active", "Leases held", ["pool"], registry=r)
         self.vram = Gauge("poold_pool_vram_bytes", "VRAM budgeted to the pool's placement", ["pool"], registry=r)
+        self.vram_held = Gauge(
+            "poold_pool_vram_held_bytes",
+            "VRAM the pool's engine holds per GPU, as read when it was verified after launch",
+            ["pool", "gpu"],
+            registry=r,
+        )
         self.backlog = Gauge("poold_event_backlog", "Events waiting for a JetStream ack", registry=r)
         self.commands = Counter("poold_commands_total", "Commands answered", ["verb", "outcome"], registry=r)
         self.health_ignored = Counter(
@@ -93,6 +99,12 @@ class Metrics:
             kids.leases.set(shown[1])
             kids.vram.set(shown[2])
             kids.shown = shown
+        if kids.held != entry.vram_held:
+            for gpu in set(kids.held) - set(entry.vram_held):
+                self.vram_held.remove(pool, gpu)
+            for gpu, held in entry.vram_held.items():
+                self.vram_held.labels(pool, gpu).set(held)
+            kids.held = dict(entry.vram_held)
         latency = entry.perf_hints.get("probe_latency_ms")
         if latency is not None:
             kids.latency.observe(latency / 1000.0)
@@ -121,3 +133,4 @@ class _PoolMetrics:
     vram: Any
     latency: Any
     shown: tuple[object, ...] | None = None
+    held: dict[str, int] = field(default_factory=dict)

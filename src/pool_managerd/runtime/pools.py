@@ -18,8 +18,9 @@ import msgspec
 from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.definitions import Context, PoolDefinition
+from pool_managerd.core.effects import VerifyGpus
 from pool_managerd.core.errors import PoolManagerError, UnknownPool
-from pool_managerd.core.inputs import CommandInput
+from pool_managerd.core.inputs import CommandInput, GpuChecked
 from pool_managerd.core.machine import Lifecycle, Outcome
 from pool_managerd.lifecycle.preload import model_path, plan
 from pool_managerd.messages import (
@@ -28,6 +29,7 @@ from pool_managerd.messages import (
     Event,
     GpuSnapshot,
     HealthReport,
+    Placement,
     PoolCommand,
     Problem,
     Rejected,
@@ -35,6 +37,7 @@ from pool_managerd.messages import (
     StatusReply,
 )
 from pool_managerd.runtime.actor import Overloaded, PoolActor
+from pool_managerd.runtime.gpu_check import check_engine
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,14 @@ class PoolRuntime:
         options: RuntimeOptions | None = None,
         *,
         health_out: Callable[[HealthReport], None] | None = None,
+        gpu_reader: GpuSource | None = None,
+        engine_env: Callable[[Placement], dict[str, str]] | None = None,
     ) -> None:
         self.options = options or RuntimeOptions()
+        self.gpu_reader = gpu_reader
+        """Fresh per-process GPU memory for the post-launch check; without one, pools skip it."""
+        self._engine_env = engine_env
+
         self.node = self.options.node
         self.sink = sink
         self.gpu_source = gpu_source
@@ -129,6 +138,8 @@ class PoolRuntime:
     # --- pools ---------------------------------------------------------------------------------
 
     def add_pool(self, definition: PoolDefinition, *, simulated: bool = False) -> PoolActor:
+        if self.gpu_reader is None and definition.gpu_check is not None:
+            definition = dataclasses.replace(definition, gpu_check=None)
         self.lifecycle.register(definition, simulated=simulated)
         actor = PoolActor(self, definition.pool)
         self.actors[definition.pool] = actor
@@ -221,11 +232,17 @@ class PoolRuntime:
             return None, Problem(code=exc.code, message=exc.message)
         taken: dict[str, int] = {}
         if snapshot.simulated:
+            listed = {p.pid for gpu in snapshot.gpus for p in gpu.processes}
             for entry in self.lifecycle.registry:
                 if entry.pool == pool or entry.placement is None:
                     continue
+                if entry.engine is not None and entry.engine.pid in listed:
+                    # The simulated driver already takes what this engine holds off free memory.
+                    continue
+                held = entry.vram_held
                 for uuid, budget in zip(entry.placement.uuids, entry.placement.budgets, strict=False):
-                    taken[uuid] = taken.get(uuid, 0) + budget
+                    # What the engine really holds once verified, not only what was planned.
+                    taken[uuid] = taken.get(uuid, 0) + held.get(uuid, budget)
         else:
             engine = self.lifecycle.registry.get(pool).engine
             if engine is not None:
@@ -235,6 +252,14 @@ class PoolRuntime:
                     if own:
                         taken[gpu.uuid] = -own
         return (_adjusted(snapshot, taken) if taken else snapshot), None
+
+    def engine_env(self, placement: Placement) -> dict[str, str]:
+        return self._engine_env(placement) if self._engine_env is not None else {}
+
+    async def check_gpus(self, effect: VerifyGpus, alive: Callable[[], bool]) -> GpuChecked | None:
+        if self.gpu_reader is None:
+            return None
+        return await check_engine(effect, self.gpu_reader, alive=alive)
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         await self.sink.append(pool, events)
@@ -269,6 +294,15 @@ class PoolRuntime:
     async def close(self, *, stop_engines: bool = True) -> None:
         """Stop every actor and (by default) every engine; waits for the processes to be reaped."""
         await asyncio.gather(*(a.close(stop_engines=stop_engines) for a in self.actors.values()))
+
+
+def mark_unhealthy(snapshot: GpuSnapshot, unhealthy: dict[str, str]) -> GpuSnapshot:
+    """``snapshot`` with the faulted devices marked ``healthy=False`` (placement avoids them)."""
+    if not unhealthy or not any(g.uuid in unhealthy for g in snapshot.gpus):
+        return snapshot
+    gpus = [msgspec.structs.replace(g, healthy=False, fault=unhealthy[g.uuid]) if g.uuid in unhealthy else g
+            for g in snapshot.gpus]  # fmt: skip
+    return msgspec.structs.replace(snapshot, gpus=gpus)
 
 
 def _adjusted(snapshot: GpuSnapshot, taken: dict[str, int]) -> GpuSnapshot:

@@ -44,6 +44,13 @@ _LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "una
 _NOT_FOUND_BODY = {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}
 _MAX_REQUEST_HEAD = 16 * 1024
 
+GPU_ALLOC_MODES = ("budget", "none", "wrong-device", "first-only", "under")
+# The simulated driver's interface (pool_managerd.adapters.sim_gpus), spelled out here so the
+# fake engine starts without importing the package's wire types.
+_SIM_GPU_DIR_ENV = "POOL_MANAGERD_SIM_GPU_DIR"
+_SIM_GPU_BUDGETS_ENV = "POOL_MANAGERD_SIM_GPU_BUDGETS"
+_DEFAULT_ALLOC = 512 * 1024 * 1024
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The fake engine's argument parser (long options only; see ``_SHORT_ALIASES``)."""
@@ -72,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grandchild-pid-file", default=None)
     p.add_argument("--ready-file", default=None, help="write time.time() of the healthy instant")
     p.add_argument("--pid-file", default=None)
+    p.add_argument("--gpu-alloc", choices=GPU_ALLOC_MODES, default="budget",
+                   help="on a simulated inventory, what to allocate: the plan's budget on every GPU of the "
+                        "mask, nothing (a CPU fallback), on a GPU outside the mask, on the first GPU only, "
+                        "or a tenth of the budget")  # fmt: skip
+    p.add_argument("--gpu-alloc-after", type=float, default=0.0, help="allocate S s after start (late allocation)")
+    p.add_argument("--gpu-alloc-bytes", type=int, default=None, help="bytes per GPU instead of the plan's budget")
     return p
 
 
@@ -240,6 +253,47 @@ class FakeEngine:
         return keep
 
 
+def gpu_allocation(
+    mode: str, visible: list[str], budgets: dict[str, int], all_uuids: list[str], per_gpu: int | None
+) -> dict[str, int]:
+    """What the fake engine "allocates" per GPU UUID in ``mode`` (see ``--gpu-alloc``)."""
+
+    def size(uuid: str) -> int:
+        return per_gpu if per_gpu is not None else (budgets.get(uuid) or _DEFAULT_ALLOC)
+
+    if mode == "none" or not visible:
+        return {}
+    if mode == "wrong-device":
+        others = [u for u in all_uuids if u not in visible]
+        return {others[0]: sum(size(u) for u in visible)} if others else {}
+    if mode == "first-only":
+        return {visible[0]: size(visible[0])}
+    if mode == "under":
+        return {u: max(1, size(u) // 10) for u in visible}
+    return {u: size(u) for u in visible}
+
+
+def _record_gpu_alloc(args: argparse.Namespace) -> None:
+    """Record this process's simulated allocations where the simulated driver reads them."""
+    root = os.environ.get(_SIM_GPU_DIR_ENV)
+    if not root:
+        return
+    visible = [u for u in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if u]
+    try:
+        budgets = {str(k): int(v) for k, v in json.loads(os.environ.get(_SIM_GPU_BUDGETS_ENV) or "{}").items()}
+    except (ValueError, AttributeError):
+        budgets = {}
+    try:
+        with open(os.path.join(root, "gpus.json"), encoding="utf-8") as f:
+            all_uuids = [str(u) for u in json.load(f).get("uuids", [])]
+    except (OSError, ValueError, AttributeError):
+        all_uuids = []
+    alloc = gpu_allocation(args.gpu_alloc, visible, budgets, all_uuids, args.gpu_alloc_bytes)
+    os.makedirs(os.path.join(root, "procs"), exist_ok=True)
+    _write_atomic(os.path.join(root, "procs", f"{os.getpid()}.json"), json.dumps({"pid": os.getpid(), "alloc": alloc}))
+    _log(f"gpu alloc ({args.gpu_alloc}): {alloc}")
+
+
 def _spawn_grandchild(args: argparse.Namespace) -> None:
     # Same process group as us (no new session): only a group kill can reach it once we die.
     sleep = shutil.which("sleep")
@@ -284,6 +338,10 @@ async def serve(args: argparse.Namespace, extra: list[str], t0: float) -> int:
         if seconds is not None and math.isfinite(seconds):
             loop.call_later(max(0.0, seconds - (time.monotonic() - t0)), fn)
 
+    if args.gpu_alloc_after > 0:
+        after(args.gpu_alloc_after, lambda: _record_gpu_alloc(args))
+    else:
+        _record_gpu_alloc(args)
     after(args.load_time, engine.become_ready)
     after(args.crash_after, engine.crash)
     after(args.hang_after, engine.hang)

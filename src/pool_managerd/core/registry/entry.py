@@ -87,6 +87,10 @@ class Entry:
         return self.value.last_event
 
     @property
+    def vram_held(self) -> Mapping[str, int]:
+        return self.value.vram_held
+
+    @property
     def draining(self) -> bool:
         """Derived from ``state``: never stored twice."""
         return self.value.state == "draining"

@@ -38,4 +38,5 @@ def to_snapshot(entry: Entry) -> PoolSnapshot:
         simulated=entry.simulated,
         updated_at=entry.updated_at,
         last_event=entry.last_event,
+        vram_held=dict(entry.vram_held),
     )
