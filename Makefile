@@ -89,6 +89,7 @@ bench: $(STAMP) dashboard
 	$(BIN)/python bench/command_latency.py
 	$(BIN)/python bench/replay_throughput.py
 	$(BIN)/python bench/dashboard_render.py
+	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/gpu_check.py
 
 $(LOCK_TOOLS)/.installed: tools/lock-tools.txt

@@ -170,8 +170,9 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
         pools = pools if pools is not None else [{"id": "chat", **FAKE}]
         extra.setdefault("heartbeat_s", 5.0)
         urls = [url] if isinstance(url, str) else list(url)
+        options = {**extra.pop("nats", {}), **(nats_options or {}), "urls": urls}
         config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats={"urls": urls, **(nats_options or {})}, pools=pools, **extra)  # fmt: skip
+                             nats=options, pools=pools, **extra)  # fmt: skip
         daemon = Daemon(config)
         daemons.append(daemon)
         await daemon.start()

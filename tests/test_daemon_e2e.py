@@ -515,17 +515,22 @@ async def test_export_then_offline_replay_matches_the_live_replay(
     assert rc == 0 and {json.loads(line)["pool"] for line in only_chat.splitlines()} == {"chat"}
 
 
-async def test_node_events_never_restart_at_one_when_their_sequence_cannot_be_read(
+async def test_node_events_never_restart_at_one_when_their_last_message_is_foreign(
     fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
 ) -> None:
     from pool_managerd.adapters.event_log import ensure_stream
-    from pool_managerd.core.errors import PoolManagerError
 
     js = nc_fresh.jetstream()
     await ensure_stream(js, Subjects())
-    await js.publish("poold.node.node-a.evt.heartbeat", b"not an event")
-    with pytest.raises(PoolManagerError, match="refusing to restart node events at 1"):
-        await start_daemon(fresh_nats_server.url)
+    for _ in range(3):
+        await js.publish("poold.node.node-a.evt.daemon_stopping", b"{}")
+    junk = await js.publish("poold.node.node-a.evt.heartbeat", b"not an event")
+    # A foreign message does not keep the daemon from starting: its node events continue past
+    # every sequence the stream holds, so no Msg-Id can repeat one it wrote before.
+    daemon = await start_daemon(fresh_nats_server.url)
+    started = await js.get_last_msg("POOLD_EVENTS", "poold.node.node-a.evt.daemon_started")
+    event = EVENT_DECODER.decode(started.data)
+    assert event.seq > junk.seq and daemon.node_events.seq >= event.seq
 
 
 async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_only(
@@ -652,7 +657,6 @@ async def test_a_forged_event_and_heartbeat_never_give_the_pool_away(
     assert again.runtime is not None and "chat" in again.runtime.actors and "chat" not in again.fenced
     status = await req(nc_fresh, "poold.cmd.chat.status")
     assert isinstance(status, StatusReply) and status.pool.node == "node-a"
-    from pool_managerd.subjects import Subjects
 
     history = fold([event async for _, event in read_events(nc_fresh, Subjects(), pool="chat")])
     assert [(v.code, v.seq) for v in history.violations if "evil" in v.message] == [("two_writers", last + 1)]

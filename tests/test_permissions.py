@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -46,11 +47,13 @@ from pool_managerd.accounts import (
     password_env,
     server_config,
 )
+from pool_managerd.adapters.event_log import read_entries
 from pool_managerd.adapters.nats_connect import ConnectFailed, first_connect
 from pool_managerd.client import PermissionDenials, PoolClient
 from pool_managerd.config import load_config
 from pool_managerd.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
 from pool_managerd.runtime.daemon import Daemon
+from pool_managerd.subjects import AUDIT_STREAM, STREAM_NAME
 from pool_managerd.testing.nats_server import NatsServer, free_port
 from proc_helpers import leak_guard
 from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
@@ -674,3 +677,62 @@ async def test_browsers_may_use_websocket_but_the_daemon_user_may_not(tmp_path: 
         assert "Authorization Violation" in answer, answer
     finally:
         server.close()
+
+
+# --- foreign messages and refusals under the shipped permissions -----------------------------------
+
+
+async def test_a_daemon_identitys_junk_quarantines_an_operator_acknowledges_and_refusals_are_audited(
+    rig: tuple[DaemonUserRig, list[Exception]], secured: Secured
+) -> None:
+    r, _ = rig
+    r.configure([fake_pool("chat")])
+    await r.start()
+    await r.preload_ready("chat")
+    # Only the daemon's identity may publish on event subjects; here it is used to forge one.
+    forger = await connect_as(secured, "daemon")
+    try:
+        junk = (await forger.jetstream().publish("poold.evt.chat.junk", b"{}", stream=STREAM_NAME)).seq
+    finally:
+        await forger.close()
+    refused = await r.request("chat", "lease", ttl_s=30.0)
+    assert isinstance(refused, Rejected) and refused.code == "log_corrupt", refused
+    snap = await r.status("chat")
+    assert snap.state == "ready" and snap.log_corrupt is not None and snap.log_corrupt.sequences == [junk]
+
+    args, env = as_user(secured, "viewer")
+    rc, out, err = await cli("ctl", "ack-corrupt", "chat", str(junk), *args, "--timeout", "20", env=env)
+    assert rc == 1 and "permission denied" in err, (rc, out, err)
+    op_args, op_env = as_user(secured, "operator")
+    rc, out, err = await cli("ctl", "status", "chat", *op_args, env=op_env)
+    assert rc == 0 and f"ctl ack-corrupt chat {junk}" in out, out + err
+    rc, out, err = await cli("ctl", "ack-corrupt", "chat", str(junk), *op_args, env=op_env)
+    assert rc == 0 and out.startswith("accepted: ack_corrupt chat"), (rc, out, err)
+    assert (await r.status("chat")).log_corrupt is None
+    await r.accepted("chat", "lease", ttl_s=30.0)
+    rc, out, err = await cli("replay", "--pool", "chat", *args, env=env)
+    assert rc == 0 and "acknowledged)" in out, (rc, out, err)
+
+    # Refusals are in the audit stream, which an operator reads and a viewer may not.
+    operator = await connect_as(secured, "operator")
+    try:
+        async with asyncio.timeout(CLI_S):
+            while True:
+                codes = [json.loads(e.data)["code"] async for e in read_entries(operator, "poold.audit.>",
+                                                                                stream=AUDIT_STREAM)]  # fmt: skip
+                if "log_corrupt" in codes:
+                    break
+                await asyncio.sleep(0.05)  # ok: audit records are written without an ack to wait on
+    finally:
+        await operator.close()
+    viewer = await connect_as(secured, "viewer")
+    try:
+        # The server drops the refused API request: no answer comes.
+        with pytest.raises((TimeoutError, nats.errors.Error)):
+            _ = [e async for e in read_entries(viewer, "poold.audit.>", stream=AUDIT_STREAM, fetch_timeout=1.0)]
+    finally:
+        await viewer.close()
+    await r.accepted("chat", "stop")
+    assert await r.terminate() == 0
+    r.finished = True
+    assert secured.violations("daemon") == [] and secured.violations("operator") == []

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -107,6 +108,17 @@ def test_render_table_empty_and_long_events() -> None:
     assert max(len(line) for line in text.splitlines()) < 120
 
 
+def test_a_snapshot_is_backed_by_its_nodes_events_or_its_announcement() -> None:
+    snap = _ready()
+    event = _event(snap.pool, snap.seq, NOW, StateChanged(trigger="engine_ready", src="preloading", dst="ready"))
+    other = msgspec.structs.replace(event, node="elsewhere")
+    assert watch_cli.backed(snap, event, frozenset())
+    assert not watch_cli.backed(snap, msgspec.structs.replace(event, seq=snap.seq - 1), frozenset())
+    assert not watch_cli.backed(snap, other, frozenset())
+    assert not watch_cli.backed(snap, None, frozenset({"other"}))
+    assert watch_cli.backed(snap, None, frozenset({snap.pool}))
+
+
 def test_pool_watch_keeps_the_newest_event_per_pool() -> None:
     watch = watch_cli.PoolWatch()
     newer = _event("chat", 9, NOW, StateChanged(trigger="stop", src="ready", dst="unready"))
@@ -115,7 +127,10 @@ def test_pool_watch_keeps_the_newest_event_per_pool() -> None:
     watch.on_event(older)  # arrives late: ignored
     assert watch.last_events["chat"] is newer
     watch.on_snapshot("chat", _ready())
-    assert watch.changed.is_set() and "chat" in watch.render(NOW)
+    assert watch.changed.is_set() and watch.unchecked() == ["chat"]
+    assert "chat" not in watch.render(NOW)  # shown once the stream backs it
+    watch.verified.add("chat")
+    assert "chat" in watch.render(NOW)
     watch.on_snapshot("chat", None)
     assert watch.snapshots == {}
 

@@ -24,6 +24,8 @@ from pool_managerd.messages import (
     SCHEMA_VERSION,
     SNAPSHOT_DECODER,
     Accepted,
+    AckCorruptCmd,
+    AuditRecord,
     BackoffScheduled,
     CommandRejected,
     DaemonStarted,
@@ -56,6 +58,7 @@ from pool_managerd.messages import (
     LeaseInfo,
     LeaseReleased,
     LifecycleCmd,
+    LogCorruptAcknowledged,
     MigInstance,
     NodeHeartbeat,
     OrphanReaped,
@@ -205,6 +208,7 @@ BODIES: dict[str, Any] = {
         node="node-b", epoch=4, previous_node="node-a", previous_epoch=3, previous_state="ready"
     ),
     "pool_released": PoolReleased(node="node-b", epoch=4),
+    "log_corrupt_acknowledged": LogCorruptAcknowledged(sequences=[7, 9]),
     "orphan_reaped": OrphanReaped(pid=5, pgid=5, pool="p"),
     "daemon_started": DaemonStarted(version="0.1.0", pools=["a", "b"], simulated=True),
     "daemon_stopping": DaemonStopping(reason="SIGTERM"),
@@ -258,6 +262,7 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "cmd.lease": LeaseCmd(command_id="c6", ttl_s=5.0, lease_id="l1", holder="svc"),
     "cmd.release": ReleaseCmd(command_id="c7", lease_id="l1"),
     "cmd.status": StatusCmd(command_id="c8"),
+    "cmd.ack_corrupt": AckCorruptCmd(command_id="c9", sequences=[7]),
     "node_cmd.pools": PoolsCmd(command_id="n1"),
     "node_cmd.inventory": InventoryCmd(),
     "node_cmd.lifecycle": LifecycleCmd(command_id="n3"),
@@ -293,6 +298,16 @@ EXAMPLES: dict[str, msgspec.Struct] = {
     "event": event(BODIES["state_changed"]),
     "pool_snapshot": SNAPSHOT,
     "gpu_snapshot": GPU_SNAPSHOT,
+    "audit_record": AuditRecord(
+        ts=3.0,
+        node="node-1",
+        pool="chat-8b",
+        verb="drain",
+        command_id="c2",
+        code="illegal_transition",
+        message="not now",
+        state="unready",
+    ),
 }
 
 DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
@@ -361,7 +376,7 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
 # --- commands by verb -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verb", sorted(set(POOL_COMMANDS) - {"release"}))
+@pytest.mark.parametrize("verb", sorted(set(POOL_COMMANDS) - {"release", "ack_corrupt"}))
 def test_minimal_command_decodes_by_verb(verb: str) -> None:
     cmd = msgspec.json.decode(b'{"command_id":"x"}', type=POOL_COMMANDS[verb])
     assert type(cmd) is POOL_COMMANDS[verb]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.subjects import DEFAULT_PREFIX, KV_BUCKET, OWNERS_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, OWNERS_BUCKET, SERVICE_NAME, STREAM_NAME
 
 __all__ = [
     "AUTH_DIR",
@@ -58,7 +58,7 @@ AUTH_DIR: Final = "auth"
 """Where ``run`` keeps the embedded server's credentials, under the run dir (mode 0700)."""
 
 _READ_NODE_VERBS: Final = ("pools", "inventory", "lifecycle")
-_OPERATOR_VERBS: Final = ("preload", "drain", "stop", "reset", "lease", "release")
+_OPERATOR_VERBS: Final = ("preload", "drain", "stop", "reset", "lease", "release", "ack_corrupt")
 _KV_STREAM: Final = f"KV_{KV_BUCKET}"
 _OWNERS_STREAM: Final = f"KV_{OWNERS_BUCKET}"
 
@@ -145,6 +145,11 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
             f"$JS.API.STREAM.CREATE.{_OWNERS_STREAM}",
             f"$KV.{OWNERS_BUCKET}.{prefix}.>",
             *_stream_reads(_OWNERS_STREAM),
+            # Refused commands: the size-bounded audit stream (written, never read, by the daemon).
+            f"{prefix}.audit.>",
+            f"$JS.API.STREAM.CREATE.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.UPDATE.{AUDIT_STREAM}",
+            f"$JS.API.STREAM.INFO.{AUDIT_STREAM}",
         ]
         subscribe = [
             f"{prefix}.cmd.*.*",
@@ -164,7 +169,10 @@ def permissions(role: Role, prefix: str = DEFAULT_PREFIX) -> Permissions:
     if role in ("operator", "admin"):
         verbs = _OPERATOR_VERBS + (("reload",) if role == "admin" else ())
         # gpu_clear puts a device a fault took out back into placement: an operator's call.
+        # Operators read the audit stream too (whose commands were refused and why); viewers
+        # do not: it names other clients' command ids.
         publish = [f"{prefix}.cmd.*.{verb}" for verb in verbs] + [f"{prefix}.node.*.cmd.gpu_clear"] + publish
+        publish += _stream_reads(AUDIT_STREAM)
     # Browser dashboards connect over websocket; the daemon's identity never does.
     return Permissions(tuple(publish), tuple(subscribe), connection_types=("STANDARD", "WEBSOCKET"))
 

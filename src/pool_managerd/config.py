@@ -321,6 +321,8 @@ class NatsConfig(_Strict):
     """Copies JetStream keeps of every stream and bucket the daemon creates (the event stream,
     the KV buckets): 1, 3 or 5, at most the cluster's size. Above 1 the server must be clustered
     (checked at connect: exit 2). Changing it on an existing stream resizes the stream."""
+    audit_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+    """Size bound of the audit stream of refused commands; the oldest records go first."""
     embedded_websocket: bool = True
     """The embedded nats-server (no ``urls``) also listens for websocket clients (the dashboard)."""
     embedded_websocket_port: Annotated[int, Field(ge=0, le=65535)] = 0

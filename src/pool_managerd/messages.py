@@ -228,7 +228,19 @@ class StatusCmd(_Command, tag="status", kw_only=True):
     """Read the pool's snapshot. Never changes anything."""
 
 
-PoolCommand = PreloadCmd | DrainCmd | ReloadCmd | StopCmd | ResetCmd | LeaseCmd | ReleaseCmd | StatusCmd
+MAX_ACK_SEQUENCES = 64
+"""Most foreign stream sequences one ``ack_corrupt`` names (and one quarantine lists)."""
+
+
+class AckCorruptCmd(_Command, tag="ack_corrupt", kw_only=True):
+    """An operator has looked at the foreign messages of a quarantined (``log_corrupt``) pool:
+    ``sequences`` must name exactly the stream sequences its ``status`` lists. Records
+    ``log_corrupt_acknowledged``; replay and recovery skip those messages from then on."""
+
+    sequences: Annotated[list[Annotated[int, Meta(ge=1)]], Meta(min_length=1, max_length=MAX_ACK_SEQUENCES)]
+
+
+PoolCommand = PreloadCmd | DrainCmd | ReloadCmd | StopCmd | ResetCmd | LeaseCmd | ReleaseCmd | StatusCmd | AckCorruptCmd
 
 POOL_COMMANDS: dict[str, type[PoolCommand]] = {
     "preload": PreloadCmd,
@@ -239,6 +251,7 @@ POOL_COMMANDS: dict[str, type[PoolCommand]] = {
     "lease": LeaseCmd,
     "release": ReleaseCmd,
     "status": StatusCmd,
+    "ack_corrupt": AckCorruptCmd,
 }
 """Verb → command type; the verb in the subject selects the type."""
 
@@ -315,6 +328,8 @@ RejectCode = Literal[
     "permission_denied",
     "internal",
     "overloaded",
+    "log_corrupt",
+    "ack_mismatch",
 ]
 """Stable rejection codes. Clients may switch on them; they never change meaning.
 ``permission_denied`` is a client's own answer: the NATS server refused to deliver the command
@@ -339,6 +354,8 @@ REJECT_STATUS: dict[str, str] = {
     "internal": "500",
     "overloaded": "429",
     "permission_denied": "403",
+    "log_corrupt": "503",
+    "ack_mismatch": "409",
 }
 """The ``Nats-Service-Error-Code`` of each rejection code (nats micro error convention: an
 HTTP-style status). The body keeps the precise ``code``; the header lets generic micro tooling
@@ -395,6 +412,27 @@ class EngineInfo(_State, kw_only=True):
     log_path: str | None = None
 
 
+class ForeignMessage(_State, kw_only=True):
+    """A message in a pool's event subjects that is not one of its events: undecodable, of
+    another pool or type than its subject says, or out of the pool's sequence."""
+
+    stream_seq: Annotated[int, Meta(ge=1)]
+    subject: str
+    size: NonNeg
+    preview: str
+    """At most 64 characters of the payload, non-printable characters escaped."""
+    reason: str
+
+
+class LogCorrupt(_State, kw_only=True):
+    """A quarantined pool: foreign messages in its event stream wait for an operator's
+    ``ack_corrupt``. The engine keeps running; commands that would append are refused."""
+
+    sequences: list[int]
+    reason: str
+    messages: list[ForeignMessage] = msgspec.field(default_factory=list)
+
+
 class PoolSnapshot(_State, kw_only=True):
     """A pool's current state and registry fields: the ``status`` reply and the KV value."""
 
@@ -428,6 +466,8 @@ class PoolSnapshot(_State, kw_only=True):
     vram_held: dict[str, NonNeg] = msgspec.field(default_factory=dict)
     """Bytes the engine's processes hold per GPU UUID, as read when it was verified after launch
     (empty until then, and when no engine runs)."""
+    log_corrupt: LogCorrupt | None = None
+    """Set while the pool is quarantined (``log_corrupt``), else null."""
 
 
 class StatusReply(_State, tag_field="type", tag="status", kw_only=True):
@@ -551,7 +591,8 @@ class StateChanged(_EventBody, tag="state_changed", kw_only=True):
 
 
 class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):
-    """A preload (or a restart's re-placement) failed preflight or placement."""
+    """A preload (or a restart's re-placement) failed preflight or placement. No longer written
+    (refusals go to the audit stream); kept so that older logs still decode and replay."""
 
     code: RejectCode
     message: str
@@ -559,7 +600,8 @@ class PreloadRejected(_EventBody, tag="preload_rejected", kw_only=True):
 
 
 class CommandRejected(_EventBody, tag="command_rejected", kw_only=True):
-    """A pool command was refused; the state did not change."""
+    """A pool command was refused; the state did not change. No longer written (refusals go to
+    the audit stream); kept so that older logs still decode and replay."""
 
     verb: str
     code: RejectCode
@@ -718,6 +760,13 @@ class PoolReleased(_EventBody, tag="pool_released", kw_only=True):
     epoch: Epoch
 
 
+class LogCorruptAcknowledged(_EventBody, tag="log_corrupt_acknowledged", kw_only=True):
+    """An operator acknowledged the foreign messages at these stream sequences of the pool's
+    event subjects: replay and recovery skip exactly them, and the pool serves again."""
+
+    sequences: list[int]
+
+
 class OrphanReaped(_EventBody, tag="orphan_reaped", kw_only=True):
     """An engine process group from the spawn record that no pool claims was stopped."""
 
@@ -802,6 +851,7 @@ EventBody = (
     | PoolFenced
     | PoolClaimed
     | PoolReleased
+    | LogCorruptAcknowledged
     | OrphanReaped
     | DaemonStarted
     | DaemonStopping
@@ -860,6 +910,21 @@ class OwnerRecord(_Base, kw_only=True):
     released: bool = False
 
 
+class AuditRecord(_Base, tag_field="type", tag="command_refused", kw_only=True):
+    """One refused command, on ``<prefix>.audit.<node>.<code>`` in the size-bounded stream
+    ``POOLD_AUDIT`` (never in the pool's event stream: a refusal changes no state)."""
+
+    v: int = SCHEMA_VERSION
+    ts: float
+    node: str
+    pool: str | None = None
+    verb: str | None = None
+    command_id: str | None = None
+    code: RejectCode
+    message: Annotated[str, Meta(max_length=512)]
+    state: PoolState | None = None
+
+
 # --------------------------------------------------------------------------------------------
 # Encoding helpers shared by every layer
 # --------------------------------------------------------------------------------------------
@@ -909,5 +974,6 @@ ALL_MESSAGES: dict[str, type[Struct]] = {
     "event": Event,
     "pool_snapshot": PoolSnapshot,
     "gpu_snapshot": GpuSnapshot,
+    "audit_record": AuditRecord,
 }
 """Every top-level message by schema name; ``pool-managerd schemas`` writes one file each."""

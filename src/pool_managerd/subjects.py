@@ -13,6 +13,7 @@ from pool_managerd.core.errors import InvalidId, InvalidSubject
 
 DEFAULT_PREFIX = "poold"
 STREAM_NAME = "POOLD_EVENTS"
+AUDIT_STREAM = "POOLD_AUDIT"
 KV_BUCKET = "poold_pools"
 OWNERS_BUCKET = "poold_owners"
 """KV bucket of the pools' ownership leases: key ``<prefix>.<pool>``."""
@@ -88,6 +89,15 @@ class Subjects:
     def stream_subjects(self) -> list[str]:
         """The subjects stream ``POOLD_EVENTS`` captures."""
         return [self.all_pool_events, self.all_node_events]
+
+    # audit (refused commands; a stream of its own, size-bounded)
+    def audit(self, node: str, code: str) -> str:
+        """``<prefix>.audit.<node>.<code>``"""
+        return f"{self.prefix}.audit.{validate_id(node, 'node')}.{_token(code, 'code')}"
+
+    @property
+    def all_audit(self) -> str:
+        return f"{self.prefix}.audit.>"
 
     # health
     def health(self, pool: str) -> str:

@@ -48,7 +48,8 @@ from nats.js.kv import KeyValue
 
 from pool_managerd.adapters.replication import open_bucket, wait_for_leader
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
-from pool_managerd.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, PoolSnapshot, encode
+from pool_managerd.core.log_integrity import LogEntry
+from pool_managerd.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, LogCorrupt, PoolSnapshot, encode
 from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, validate_id
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "EventRejected",
     "FencedCallback",
     "PoolFenced",
+    "PoolQuarantined",
     "PublisherClosed",
     "SnapshotCallback",
     "SnapshotStore",
@@ -70,6 +72,7 @@ __all__ = [
     "last_event",
     "last_pool_sequence",
     "node_msg_id",
+    "read_entries",
     "read_events",
 ]
 
@@ -120,6 +123,25 @@ class PoolFenced(EventLogError):
         super().__init__(f"pool {pool!r} is fenced: {reason}")
         self.pool = pool
         self.reason = reason
+
+
+class PoolQuarantined(EventLogError):
+    """The append was refused because foreign messages (not events of this pool) were stored on
+    the pool's subjects: the pool is quarantined (``log_corrupt``), not fenced."""
+
+    code = "log_corrupt"
+
+    def __init__(self, pool: str, corrupt: LogCorrupt) -> None:
+        super().__init__(f"pool {pool!r} is quarantined: {corrupt.reason}")
+        self.pool = pool
+        self.corrupt = corrupt
+
+
+ConflictInspector = Callable[[str, int, int, bytes], Awaitable[LogCorrupt | int | None]]
+"""``inspect(pool, expected_last_stream_seq, next_pool_seq, payload)``: after a refused append, a
+:class:`LogCorrupt` when only foreign messages were stored since, the stream sequence of
+``payload`` when an earlier attempt stored it (foreign messages after it), None for another
+writer."""
 
 
 class PublisherClosed(EventLogError):
@@ -358,6 +380,28 @@ async def _read(
 ) -> AsyncIterator[tuple[int, str, Event]]:
     """``(stream_sequence, subject, event)`` through an ephemeral pull consumer; messages whose
     subject ``wanted`` refuses are skipped undecoded."""
+    async for entry in read_entries(js, filter_subject, from_seq, until_seq, stream=stream, batch=batch,
+                                    fetch_timeout=fetch_timeout, wanted=wanted):  # fmt: skip
+        yield entry.stream_seq, entry.subject, _decode_event(entry.data, entry.stream_seq)
+
+
+async def read_entries(
+    js_or_nc: JetStreamContext | NATS,
+    filter_subject: str | None,
+    from_seq: int | None = None,
+    until_seq: int | None = None,
+    *,
+    stream: str = STREAM_NAME,
+    batch: int = 256,
+    fetch_timeout: float = 5.0,
+    wanted: Callable[[str], bool] | None = None,
+    limit: int | None = None,
+) -> AsyncIterator[LogEntry]:
+    """Every stored message of the range as a :class:`~pool_managerd.core.log_integrity.LogEntry`
+    (bytes undecoded, ``Nats-Msg-Id`` kept), so a caller can judge foreign ones itself; at most
+    ``limit`` of them when given."""
+    js = _jetstream(js_or_nc)
+    taken = 0
     info = await js.stream_info(stream)
     end = info.state.last_seq
     if until_seq is not None:
@@ -393,8 +437,9 @@ async def _read(
                 if seq > end:
                     return
                 if wanted is None or wanted(msg.subject):
-                    yield seq, msg.subject, _decode_event(msg.data, seq)
-                if seq >= end or meta.num_pending == 0:
+                    yield LogEntry(seq, msg.subject, msg.data, (msg.headers or {}).get(HDR_MSG_ID))
+                    taken += 1
+                if seq >= end or meta.num_pending == 0 or (limit is not None and taken >= limit):
                     return
     finally:
         with contextlib.suppress(TimeoutError, nats.errors.Error):
@@ -470,6 +515,7 @@ class EventPublisher:
         retry_initial_s: float = 0.05,
         retry_max_s: float = 1.0,
         may_write: Callable[[], bool] | None = None,
+        inspect_conflict: ConflictInspector | None = None,
     ) -> None:
         if max_backlog < 1:
             raise ValueError("max_backlog must be at least 1")
@@ -483,6 +529,7 @@ class EventPublisher:
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
         self.may_write = may_write
+        self.inspect_conflict = inspect_conflict
         self._backlog: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -500,6 +547,11 @@ class EventPublisher:
     def backlog(self) -> int:
         """Events accepted but not yet acknowledged by JetStream (including the one in flight)."""
         return len(self._backlog)
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context this publisher writes through."""
+        return self._js
 
     @property
     def fenced_pools(self) -> dict[str, str]:
@@ -658,6 +710,11 @@ class EventPublisher:
                 self._fence(exc.pool, exc.reason)
                 _settle(item.future, exc=exc)
                 continue
+            except PoolQuarantined as exc:
+                self._backlog.popleft()
+                self._drop_pool(exc.pool, exc)
+                _settle(item.future, exc=exc)
+                continue
             except EventRejected as exc:
                 self._backlog.popleft()
                 self._stats.rejected += 1
@@ -744,6 +801,18 @@ class EventPublisher:
             self._stats.recovered_after_10071 += 1
             self._last_seq[pool] = raw.seq
             return raw.seq
+        if self.inspect_conflict is not None:
+            try:
+                verdict = await self.inspect_conflict(pool, expected, item.event.seq, item.payload)
+            except (TimeoutError, nats.errors.Error, OSError) as err:
+                raise _Retry from err
+            if isinstance(verdict, int):
+                # Stored by an earlier attempt; what follows it is the next append's to meet.
+                self._stats.recovered_after_10071 += 1
+                self._last_seq[pool] = verdict
+                return verdict
+            if verdict is not None:
+                raise PoolQuarantined(pool, verdict)
         found = "none" if raw is None else f"{raw.seq} ({(raw.headers or {}).get(HDR_MSG_ID)!r})"
         raise PoolFenced(
             pool,
@@ -776,6 +845,16 @@ class EventPublisher:
             task = asyncio.ensure_future(result)
             self._callback_tasks.add(task)
             task.add_done_callback(self._callback_done)
+
+    def _drop_pool(self, pool: str, exc: EventLogError) -> None:
+        # Later events of a quarantined pool were built on the refused one: they fail with it.
+        keep: collections.deque[_Pending] = collections.deque()
+        for other in self._backlog:
+            if other.event.pool == pool:
+                _settle(other.future, exc=exc)
+            else:
+                keep.append(other)
+        self._backlog = keep
 
     def _callback_done(self, task: asyncio.Task[Any]) -> None:
         self._callback_tasks.discard(task)

@@ -117,10 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"fleet verbs: {', '.join(FLEET_VERBS)} (every node: id, liveness, version, heartbeat age, GPUs, pools). "
         "Exit status: 0 ok, 1 rejected, 2 usage error, 3 timeout or unreachable."
     )
-    parser.add_argument(
-        "verb", choices=(*POOL_VERBS, *NODE_VERBS, GPU_CLEAR, *FLEET_VERBS), metavar="VERB", help="what to do"
-    )
+    parser.add_argument("verb", choices=(*POOL_VERBS, "ack-corrupt", *NODE_VERBS, GPU_CLEAR, *FLEET_VERBS),
+                        metavar="VERB", help="what to do")  # fmt: skip
     parser.add_argument("target", nargs="?", metavar="POOL", help="the pool (for node verbs: the node, or --node)")
+    parser.add_argument("sequences", nargs="*", type=int, metavar="SEQ",
+                        help="ack-corrupt: the foreign stream sequences the pool's status lists")  # fmt: skip
     add_connection_arguments(parser)
     parser.add_argument("--node", help="node id for pools/inventory/lifecycle (default: every daemon that answers)")
     parser.add_argument("--command-id", help="client command id (default: a fresh uuid4); retries reuse it")
@@ -164,6 +165,13 @@ def command_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields[name] = value
     if verb == "release" and "lease_id" not in fields:
         raise UsageError("release needs --lease-id")
+    sequences = getattr(args, "sequences", None) or []
+    if verb == "ack_corrupt":
+        if not sequences:
+            raise UsageError("ack-corrupt needs the stream sequences its status lists: ack-corrupt POOL SEQ [SEQ...]")
+        fields["sequences"] = sequences
+    elif sequences:
+        raise UsageError(f"{verb} takes no sequences (only ack-corrupt does)")
     return fields
 
 
@@ -236,6 +244,13 @@ def format_status(snap: PoolSnapshot, now: float) -> str:
         holder = f" by {lease.holder}" if lease.holder else ""
         rows.append(("", f"{lease.lease_id}{holder}, expires in {format_age(lease.expires_at - now)}"))
     rows.append(("restarts", f"{snap.restarts} (crashes {snap.crashes})"))
+    corrupt = snap.log_corrupt
+    if corrupt is not None:
+        rows.append(("log_corrupt", corrupt.reason))
+        for m in corrupt.messages:
+            rows.append(("", f"stream seq {m.stream_seq} {m.subject} ({m.size} B): {m.reason}; {m.preview}"))
+        rows.append(("", f"after a look: pool-managerd ctl ack-corrupt {snap.pool} "
+                         + " ".join(str(q) for q in corrupt.sequences)))  # fmt: skip
     if snap.last_error:
         rows.append(("last error", snap.last_error))
     if snap.last_event:
@@ -477,6 +492,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``pool-managerd ctl``."""
+    if args.verb == "ack-corrupt":
+        args.verb = "ack_corrupt"
     try:
         return asyncio.run(_main(args))
     except UsageError as exc:

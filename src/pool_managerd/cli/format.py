@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TextIO
 
 import msgspec
@@ -29,6 +29,7 @@ from pool_managerd.messages import (
     LeaseExpired,
     LeaseGranted,
     LeaseReleased,
+    LogCorruptAcknowledged,
     NodeHeartbeat,
     OrphanReaped,
     PoolClaimed,
@@ -127,6 +128,8 @@ def event_detail(event: Event) -> str:
         case HealthChanged():
             text = f"live={str(b.live).lower()} ready={str(b.ready).lower()}"
             return text + (f" failures={b.consecutive_failures}" if b.consecutive_failures else "")
+        case LogCorruptAcknowledged():
+            return f"acknowledged foreign stream sequences {b.sequences}"
         case PoolFenced():
             return b.reason
         case PoolClaimed():
@@ -224,8 +227,10 @@ def render_table(
     *,
     title: str = "pool-managerd",
     node_status: Mapping[str, str] | None = None,
+    ignored: Collection[str] = (),
 ) -> str:
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
+    ``ignored`` pools (KV snapshots the event stream does not back) are named under the table.
 
     ``node_status`` (node → liveness, see ``pool_managerd.fleet``) marks the node column of
     pools whose node is not ``live``: ``node-b (stale)``.
@@ -236,8 +241,12 @@ def render_table(
     inventory is simulated.
     """
     lines = [f"{title}: {len(snapshots)} pool(s) at {format_clock(now)}"]
+    note = []
+    if ignored:
+        names = ", ".join(sorted(ignored)[:10]) + (" ..." if len(ignored) > 10 else "")
+        note = [f"ignored {len(ignored)} KV snapshot(s) that no event backs (forged?): {names}"]
     if not snapshots:
-        return "\n".join([*lines, "(no pools)"])
+        return "\n".join([*lines, "(no pools)", *note])
     rows = [HEADERS]
     simulated = False
     for pool in sorted(snapshots):
@@ -266,4 +275,4 @@ def render_table(
     lines += table(rows, right=frozenset({3, 4, 9}))
     if simulated:
         lines.append("* simulated GPUs")
-    return "\n".join(lines)
+    return "\n".join(lines + note)

@@ -23,12 +23,13 @@ import msgspec
 from pool_managerd.cli.connect import add_auth_arguments
 from pool_managerd.core.errors import MalformedMessage, PoolManagerError
 from pool_managerd.core.fold import Fold
+from pool_managerd.core.log_integrity import StreamJudge
 from pool_managerd.core.state import PoolValue
 from pool_managerd.core.upcast import decode_event
-from pool_managerd.messages import Event, StateChanged, encode
+from pool_managerd.messages import Event, ForeignMessage, StateChanged, encode
 from pool_managerd.subjects import DEFAULT_PREFIX, Subjects, validate_id
 
-EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_FOREIGN = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,19 +83,32 @@ async def _connect(args: argparse.Namespace) -> Any:
     return await connect(resolve_target(args, "viewer"), 5.0)
 
 
-async def read_stream(args: argparse.Namespace, sel: Selection) -> AsyncIterator[tuple[int, Event]]:
-    """Events of stream ``POOLD_EVENTS`` as (stream sequence, event), as ``args`` says to connect."""
-    from pool_managerd.adapters.event_log import read_events
+async def read_stream(
+    args: argparse.Namespace, sel: Selection, judge: StreamJudge | None = None
+) -> AsyncIterator[tuple[int, Event | ForeignMessage]]:
+    """Messages of stream ``POOLD_EVENTS`` as (stream sequence, event or foreign message), as
+    ``args`` says to connect. A message that is not a legitimate event is named, not fatal."""
+    from pool_managerd.adapters.event_log import read_entries
 
-    prefix = args.prefix
+    subjects = Subjects(args.prefix)
+    judge = judge or StreamJudge(subjects.prefix)
     nc = await _connect(args)
     try:
-        async for seq, event in read_events(nc, Subjects(prefix), sel.pool, sel.from_seq, sel.until_seq):
-            if sel.until_time is not None and event.ts > sel.until_time:
+        filter_subject = None if sel.pool is None else subjects.pool_events(sel.pool)
+        async for entry in read_entries(nc, filter_subject, sel.from_seq, sel.until_seq):
+            found = judge.take(entry)
+            if isinstance(found, Event) and sel.until_time is not None and found.ts > sel.until_time:
                 break
-            yield seq, event
+            yield entry.stream_seq, found
     finally:
         await nc.close()
+
+
+def foreign_line(found: ForeignMessage, acknowledged: bool) -> str:
+    """One human line naming a foreign message."""
+    mark = "acknowledged" if acknowledged else "NOT acknowledged"
+    return (f"{found.stream_seq:>8} !! foreign message on {found.subject} ({found.size} B, {mark}): "
+            f"{found.reason}; preview {found.preview!r}")  # fmt: skip
 
 
 def timeline_line(position: int, event: Event) -> str:
@@ -130,7 +144,13 @@ def view_json(view: PoolValue, writer: str | None) -> dict[str, Any]:
     }
 
 
-async def _collect(args: argparse.Namespace, sel: Selection, out: TextIO) -> tuple[Fold, int]:
+async def _collect(
+    args: argparse.Namespace,
+    sel: Selection,
+    out: TextIO,
+    foreign_open: list[ForeignMessage],
+    foreign_acked: list[ForeignMessage],
+) -> tuple[Fold, int]:
     fold = Fold(expect_start=sel.from_seq is None and sel.pool is None and args.file is None)
     quiet = args.json or args.quiet
     count = 0
@@ -148,8 +168,16 @@ async def _collect(args: argparse.Namespace, sel: Selection, out: TextIO) -> tup
         for position, event in read_file(args.file, sel):
             take(position, event)
     else:
-        async for position, event in read_stream(args, sel):
-            take(position, event)
+        judge = StreamJudge(Subjects(args.prefix).prefix)
+        async for position, found in read_stream(args, sel, judge):
+            if isinstance(found, Event):
+                take(position, found)
+        # Named after the timeline: only then is it known which ones a later event acknowledged.
+        for found in judge.foreign:
+            acknowledged = found.stream_seq in judge.acknowledged
+            (foreign_acked if acknowledged else foreign_open).append(found)
+            if not quiet:
+                out.write(foreign_line(found, acknowledged) + "\n")
     return fold, count
 
 
@@ -203,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
         if args.check_live and args.file is not None:
             raise PoolManagerError("--check-live compares with the live KV bucket; it needs --url, not --file")
         sel = Selection(args.pool, args.from_seq, args.until_seq, args.until_time)
-        fold, count = asyncio.run(_collect(args, sel, sys.stdout))
+        foreign_open: list[ForeignMessage] = []
+        foreign_acked: list[ForeignMessage] = []
+        fold, count = asyncio.run(_collect(args, sel, sys.stdout, foreign_open, foreign_acked))
         diffs = asyncio.run(_live_differences(args, fold)) if args.check_live else []
     except (PoolManagerError, OSError) as exc:
         message = getattr(exc, "message", None) or str(exc)
@@ -220,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
                 {"code": v.code, "pool": v.pool, "seq": v.seq, "message": v.message} for v in fold.violations
             ],
             "live_differences": diffs,
+            "foreign": [
+                {**msgspec.structs.asdict(f), "acknowledged": f in foreign_acked}
+                for f in sorted(foreign_open + foreign_acked, key=lambda f: f.stream_seq)
+            ],
         }
         print(json.dumps(result, indent=2))
     else:
@@ -235,7 +269,14 @@ def run(args: argparse.Namespace) -> int:
         first = fold.violations[0]
         print(f"violation: {first.code}: {first.message}", file=sys.stderr)
         return EXIT_VIOLATION
-    return EXIT_VIOLATION if diffs else EXIT_OK
+    if diffs:
+        return EXIT_VIOLATION
+    if foreign_open:
+        seqs = ", ".join(str(f.stream_seq) for f in foreign_open)
+        print(f"foreign: {len(foreign_open)} unacknowledged foreign message(s) at stream sequence(s) {seqs}; "
+              "their pools are quarantined until an operator runs ctl ack-corrupt", file=sys.stderr)  # fmt: skip
+        return EXIT_FOREIGN
+    return EXIT_OK
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -256,8 +297,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 async def _export(args: argparse.Namespace, out: TextIO) -> int:
     sel = Selection(args.pool, args.from_seq, args.until_seq, args.until_time)
     n = 0
-    async for _, event in read_stream(args, sel):
-        out.write(encode(event).decode() + "\n")
+    async for _position, found in read_stream(args, sel):
+        if isinstance(found, ForeignMessage):
+            # Not an event: an export holds events only, and says what it left out.
+            print(f"export: skipped {foreign_line(found, False).strip()}", file=sys.stderr)
+            continue
+        out.write(encode(found).decode() + "\n")
         n += 1
     return n
 

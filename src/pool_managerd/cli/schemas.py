@@ -20,7 +20,7 @@ import msgspec
 
 from pool_managerd import messages
 from pool_managerd.core import machine
-from pool_managerd.subjects import DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -252,6 +252,13 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         {"snapshot": "pool_snapshot"}, ["pool"],
     )  # fmt: skip
     operations["put_snapshot"] = {"action": "send", "channel": {"$ref": "#/channels/pool_snapshots"}}
+    component("audit_record", messages.AuditRecord)
+    channels["audit"] = _channel(
+        f"{prefix}.audit.{{node}}.{{code}}",
+        f"refused commands, stored in JetStream stream {AUDIT_STREAM} (size-bounded, oldest discarded)",
+        {"audit": "audit_record"}, ["node", "code"],
+    )  # fmt: skip
+    operations["publish_audit"] = {"action": "send", "channel": {"$ref": "#/channels/audit"}}
 
     names = list(messages_)
     payloads, schemas = msgspec.json.schema_components(

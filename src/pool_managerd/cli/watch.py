@@ -6,7 +6,9 @@ Examples::
     pool-managerd watch --once                # print the current table and exit (scripts, tests)
     pool-managerd watch | tee pools.log       # not a terminal: a new table per change
 
-Rows come from the KV bucket ``poold_pools`` (a watch: every current snapshot, then each update);
+Rows come from the KV bucket ``poold_pools`` (a watch: every current snapshot, then each update),
+each checked once against the event stream (:func:`backed`): a snapshot of a pool that no event
+and no ``daemon_started`` of its node backs (a forged one) is left out and named below the table;
 the event stream (a core subscription on ``<prefix>.evt.>``) keeps the "last event" column fresh
 and triggers a redraw as events arrive. Redraws are at most every 100 ms; on a terminal the ages
 also tick every ``--interval`` seconds.
@@ -21,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import nats.errors
@@ -33,8 +36,8 @@ from pool_managerd.cli.connect import TargetError, add_connection_arguments, con
 from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, format_age, render_table, silence
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.fleet import NodeView, liveness, read_heartbeats
-from pool_managerd.messages import EVENT_DECODER, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
-from pool_managerd.subjects import KV_BUCKET, Subjects
+from pool_managerd.messages import EVENT_DECODER, DaemonStarted, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
+from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 MIN_REDRAW_S = 0.1
 """Redraws are at least this far apart, however fast events arrive."""
@@ -58,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def backed(snap: PoolSnapshot, last: Event | None, announced: frozenset[str]) -> bool:
+    """Whether the event stream backs a KV snapshot: the pool's newest event is by the node the
+    snapshot names and not older than it, or that node's last ``daemon_started`` lists the pool
+    (``announced``: a pool served but without events yet). A snapshot nobody's history backs is a
+    ghost: the bucket is derived state and only says what the stream already says."""
+    if last is not None and last.node == snap.node and last.seq >= snap.seq:
+        return True
+    return snap.pool in announced
+
+
 class PoolWatch:
     """What the table shows, kept current by the KV watch and the event subscription."""
 
@@ -67,6 +80,9 @@ class PoolWatch:
         self.beats: dict[str, Event] = {}
         self.node_events: dict[str, Event] = {}
         self.changed = asyncio.Event()
+        self.verified: set[str] = set()
+        """Pools whose snapshots the event stream backs (checked once per pool)."""
+        self.ghosts: set[str] = set()
 
     def on_snapshot(self, pool: str, snapshot: PoolSnapshot | None) -> None:
         """KV watch callback: a pool's snapshot changed (None: deleted)."""
@@ -116,10 +132,16 @@ class PoolWatch:
             status[node] = liveness(view, now)
         return status
 
+    def unchecked(self) -> list[str]:
+        return [p for p in self.snapshots if p not in self.verified and p not in self.ghosts]
+
     def render(self, now: float) -> str:
-        """:func:`render_table` of the current state, with a line of node liveness."""
+        """:func:`render_table` of the current state (ghost snapshots left out and named), with a
+        line of node liveness."""
+        shown = {p: s for p, s in self.snapshots.items() if p in self.verified}
         status = self.node_status(now)
-        text = render_table(self.snapshots, self.last_events, now, node_status=status)
+        ignored = [p for p in self.ghosts if p in self.snapshots]
+        text = render_table(shown, self.last_events, now, ignored=ignored, node_status=status)
         if not status:
             return text
         cells = []
@@ -149,6 +171,37 @@ async def _prime_last_events(nc: NATS, subjects: Subjects, watch: PoolWatch, tim
             continue
         if found is not None and pool not in watch.last_events:
             watch.last_events[pool] = found[1]
+
+
+async def _announced(nc: NATS, subjects: Subjects, node: str, timeout: float) -> frozenset[str]:
+    """The pools ``node``'s last ``daemon_started`` lists (empty when unreadable)."""
+    try:
+        raw = await asyncio.wait_for(
+            nc.jetstream().get_last_msg(STREAM_NAME, subjects.node_event(node, "daemon_started")), timeout
+        )
+        body = EVENT_DECODER.decode(raw.data or b"").body
+    except (TimeoutError, nats.errors.Error, PoolManagerError, OSError, msgspec.DecodeError):
+        return frozenset()
+    return frozenset(body.pools) if isinstance(body, DaemonStarted) else frozenset()
+
+
+async def _verify(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float) -> None:
+    """Check every snapshot not checked yet against the stream (:func:`backed`)."""
+    pending = watch.unchecked()
+    if not pending:
+        return
+    await _prime_last_events(nc, subjects, watch, timeout)
+    nodes: dict[str, frozenset[str]] = {}
+    for pool in pending:
+        snap = watch.snapshots.get(pool)
+        if snap is None:
+            continue
+        if snap.node not in nodes:
+            nodes[snap.node] = await _announced(nc, subjects, snap.node, timeout)
+        if backed(snap, watch.last_events.get(pool), nodes[snap.node]):
+            watch.verified.add(pool)
+        else:
+            watch.ghosts.add(pool)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -197,6 +250,7 @@ async def _main(args: argparse.Namespace) -> int:
             return EXIT_UNAVAILABLE
         if store is None:
             print(f"note: KV bucket {args.bucket} does not exist yet (no daemon has started)", file=sys.stderr)
+        await _verify(nc, subjects, watch, args.timeout)
         await _prime_last_events(nc, subjects, watch, args.timeout)
         with contextlib.suppress(TimeoutError, nats.errors.Error, PoolManagerError, OSError):
             beats, last = await read_heartbeats(nc, subjects, timeout=args.timeout)
@@ -213,7 +267,7 @@ async def _main(args: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGTERM, main.cancel)
         try:
-            await _loop(watch, args.interval, sys.stdout.isatty())
+            await _loop(watch, args.interval, sys.stdout.isatty(), lambda: _verify(nc, subjects, watch, args.timeout))
         except asyncio.CancelledError:
             if main.cancelling() > 1:
                 raise
@@ -230,7 +284,7 @@ async def _main(args: argparse.Namespace) -> int:
             await nc.close()
 
 
-async def _loop(watch: PoolWatch, interval: float, tty: bool) -> None:
+async def _loop(watch: PoolWatch, interval: float, tty: bool, verify: Callable[[], Awaitable[None]]) -> None:
     """Redraw on change (at most every :data:`MIN_REDRAW_S`); on a terminal also every ``interval``."""
     last_draw = 0.0
     last_shown = ""
@@ -244,6 +298,7 @@ async def _loop(watch: PoolWatch, interval: float, tty: bool) -> None:
                 await asyncio.sleep(pause)
         first = False
         watch.changed.clear()
+        await verify()
         if not tty:
             # A new table only when something visible changed (not for a heartbeat's KV put):
             # rendered at a fixed instant, ages and the clock drop out of the comparison.

@@ -64,8 +64,8 @@ from pool_managerd.lifecycle.supervision import Decision, SupervisionState
 from pool_managerd.messages import (
     SCHEMA_VERSION,
     Accepted,
+    AckCorruptCmd,
     BackoffScheduled,
-    CommandRejected,
     DrainCmd,
     DrainForced,
     EngineAdopted,
@@ -84,13 +84,13 @@ from pool_managerd.messages import (
     LeaseGranted,
     LeaseReleased,
     LifecycleReply,
+    LogCorruptAcknowledged,
     Placement,
     PoolClaimed,
     PoolCommand,
     PoolReleased,
     PoolState,
     PreloadCmd,
-    PreloadRejected,
     Problem,
     RejectCode,
     Rejected,
@@ -884,6 +884,9 @@ class Lifecycle:
             self._arm_lease_expiry(model)
             first = model.events[0].seq
             return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=expires_at)
+        elif isinstance(cmd, AckCorruptCmd):
+            # In any state: the shell checked the sequences against the quarantine it holds.
+            model.emit(LogCorruptAcknowledged(sequences=sorted(set(cmd.sequences))))
         elif isinstance(cmd, ReleaseCmd):
             check_release(model.value, cmd.lease_id)
             model.emit(LeaseReleased(lease_id=cmd.lease_id, active=model.value.active_leases - 1))
@@ -899,7 +902,7 @@ class Lifecycle:
 
     def _reject(self, model: PoolModel, verb: str, code: RejectCode, message: str,
                 allowed: Iterable[str] = (), problems: Iterable[Problem] = ()) -> Rejected:  # fmt: skip
-        model.emit(CommandRejected(verb=verb, code=code, message=message, state=model.state))
+        # A refusal changes no state, so it is no event: the shell reports it (audit stream).
         return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
                         message=message, state=model.state, allowed=list(allowed), problems=list(problems))  # fmt: skip
 
@@ -909,7 +912,6 @@ class Lifecycle:
         code: RejectCode = rejected.code if rejected else "placement_failed"
         message = rejected.message if rejected else "placement failed"
         problems: list[Problem] = list(rejected.problems) if rejected else []
-        model.emit(PreloadRejected(code=code, message=message, problems=problems))
         return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
                         message=message, state=model.state, problems=problems)  # fmt: skip
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pool_managerd.adapters.event_log import PoolFenced
+from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.adapters.process import (
@@ -54,7 +54,17 @@ from pool_managerd.core.inputs import (
     label,
 )
 from pool_managerd.core.machine import Lifecycle, Outcome
-from pool_managerd.messages import EngineInfo, Event, HealthReport, Placement, RejectCode, Rejected
+from pool_managerd.messages import (
+    AckCorruptCmd,
+    EngineInfo,
+    Event,
+    HealthReport,
+    LogCorrupt,
+    Placement,
+    RejectCode,
+    Rejected,
+)
+from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +86,15 @@ class ActorHost(Protocol):
 
     async def append_events(self, pool: str, events: Sequence[Event]) -> None:
         """Make a step's events durable (or queued in order, past the ack bound)."""
+        ...
+
+    async def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> LogCorrupt | None:
+        """The operator acknowledged ``corrupt``: the next append follows it and any foreign
+        messages stored after it, which it returns (still to acknowledge), or None."""
+        ...
+
+    def quarantine_changed(self, pool: str) -> None:
+        """The pool entered or left ``log_corrupt``: derived state (snapshots, metrics) follows."""
         ...
 
     def after_step(self, pool: str, outcome: Outcome) -> None:
@@ -142,6 +161,9 @@ class PoolActor:
         self.timers: dict[TimerName, asyncio.TimerHandle] = {}
         self.stats = ActorStats()
         self.fenced = False
+        self.quarantine: LogCorrupt | None = None
+        """Set while foreign messages in the pool's stream wait for an operator (``log_corrupt``)."""
+        self._parked = quarantine.Parked()
         self._health_queued = 0
         self._commands_queued = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -198,13 +220,21 @@ class PoolActor:
         rt = self.runtime
         lc = rt.lifecycle
         while True:
-            item = await self._queue.get()
+            item = self._parked.take() if self.quarantine is None else None
             if item is None:
-                return
-            if isinstance(item.inp, CommandInput):
-                self._commands_queued -= 1
-            elif isinstance(item.inp, HealthInput):
-                self._health_queued -= 1
+                item = await self._queue.get()
+                if item is None:
+                    return
+                if isinstance(item.inp, CommandInput):
+                    self._commands_queued -= 1
+                elif isinstance(item.inp, HealthInput):
+                    self._health_queued -= 1
+            ack = isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
+            remaining: LogCorrupt | None = None
+            if ack:
+                matched, remaining = await self._ack_matches(item)
+                if not matched:
+                    continue
             if self.pool not in lc.pools:
                 if item.reply is not None and not item.reply.done():
                     item.reply.set_exception(UnknownPool(self.pool))
@@ -222,9 +252,22 @@ class PoolActor:
             if any(e.type == "internal_error" for e in outcome.events):
                 self.stats.internal_errors += 1
                 log.error("pool %s: step %s raised; the pool is failed", self.pool, label(item.inp))
+            if outcome.events and self.quarantine is not None and not ack:
+                # Nothing more is written while foreign messages wait for an operator: a command
+                # is refused, a fact waits (in order) and is applied once the pool is released.
+                lc.revert(self.pool, outcome)
+                self._hold(item)
+                continue
             if outcome.events:
                 try:
                     await rt.append_events(self.pool, outcome.events)
+                except PoolQuarantined as exc:
+                    lc.revert(self.pool, outcome)
+                    self.quarantine = quarantine.merged(self.quarantine, exc.corrupt)
+                    log.error("pool %s: quarantined (log_corrupt): %s", self.pool, self.quarantine.reason)
+                    rt.quarantine_changed(self.pool)
+                    self._hold(item)
+                    continue
                 except PoolFenced as exc:
                     lc.revert(self.pool, outcome)
                     self.fenced = True
@@ -240,6 +283,13 @@ class PoolActor:
                     reply = _rejected(self.pool, item, "unavailable", "the event log refused the step; nothing applied")
                     _settle(item, Outcome(reply, [], []))
                     continue
+            if ack and self.quarantine is not None:
+                log.warning("pool %s: foreign messages at stream sequences %s acknowledged; %s", self.pool,
+                            self.quarantine.sequences, "serving again" if remaining is None else
+                            f"more wait: {remaining.reason}")  # fmt: skip
+                # A flood larger than one acknowledgement lists is acknowledged in batches.
+                self.quarantine = remaining
+                rt.quarantine_changed(self.pool)
             _settle(item, outcome)
             if self.fenced:
                 continue
@@ -249,6 +299,33 @@ class PoolActor:
                 except Exception:
                     log.exception("pool %s: effect %r failed", self.pool, effect)
             rt.after_step(self.pool, outcome)
+
+    async def _ack_matches(self, item: _Input) -> tuple[bool, LogCorrupt | None]:
+        """Check an ``ack_corrupt`` against the quarantine; on a match the publisher is told to
+        follow the acknowledged messages, and the step (which records the ack) goes ahead.
+        Returns whether it matched, and the foreign messages found after the acknowledged ones."""
+        assert isinstance(item.inp, CommandInput) and isinstance(item.inp.cmd, AckCorruptCmd)
+        problem = quarantine.ack_problem(self.pool, self.quarantine, item.inp.cmd.sequences)
+        if problem is not None:
+            _settle(item, Outcome(_rejected(self.pool, item, "ack_mismatch", problem), [], []))
+            return False, None
+        assert self.quarantine is not None
+        try:
+            return True, await self.runtime.acknowledge_corrupt(self.pool, self.quarantine)
+        except Exception:
+            log.exception("pool %s: the messages after the acknowledged ones could not be read", self.pool)
+            _settle(item, Outcome(_rejected(self.pool, item, "unavailable", "the event log could not be read; "
+                                            "nothing applied, retry"), [], []))  # fmt: skip
+            return False, None
+
+    def _hold(self, item: _Input) -> None:
+        corrupt = self.quarantine
+        assert corrupt is not None
+        if isinstance(item.inp, CommandInput):
+            message = quarantine.refusal(corrupt)
+            _settle(item, Outcome(_rejected(self.pool, item, "log_corrupt", message), [], []))
+        elif not self._parked.park(item, health=isinstance(item.inp, HealthInput)):
+            self.stats.health_dropped += 1
 
     def _execute(self, effect: Effect) -> None:
         if isinstance(effect, SpawnEngine):

@@ -30,15 +30,16 @@ from nats.micro.service import EndpointConfig, Service
 
 from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
+from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
 from pool_managerd.adapters.event_log import (
     BacklogFull,
     EventLogError,
     EventPublisher,
     PoolFenced,
+    PoolQuarantined,
     SnapshotStore,
     ensure_stream,
     read_events,
-    read_events_by_pool,
 )
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.owner_store import OwnerStore
@@ -54,6 +55,7 @@ from pool_managerd.config import DaemonConfig
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.inputs import ClaimInput, ReleaseInput
+from pool_managerd.core.log_integrity import scan_pool
 from pool_managerd.core.machine import Outcome, describe
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.replies import rebuild_replies
@@ -71,6 +73,7 @@ from pool_managerd.messages import (
     InventoryCmd,
     InventoryReply,
     LifecycleCmd,
+    LogCorrupt,
     NodeHeartbeat,
     PoolsCmd,
     PoolSnapshot,
@@ -88,7 +91,7 @@ from pool_managerd.nats_version import (
     ServerVersion,
     check_server_version,
 )
-from pool_managerd.runtime import logs
+from pool_managerd.runtime import logs, quarantine
 from pool_managerd.runtime.commands import (
     ERROR_CODE_HEADER,
     ERROR_HEADER,
@@ -154,15 +157,18 @@ class JetStreamSink:
                                 "backlog (%d waiting); steps go on meanwhile", pool, len(pending), ACK_BOUND_S,
                                 self.publisher.backlog)  # fmt: skip
                 self._behind += 1
-            fenced: PoolFenced | None = None
+            fenced: PoolFenced | PoolQuarantined | None = None
             for fut in done:
                 exc = fut.exception()
-                if isinstance(exc, PoolFenced):
+                if isinstance(exc, PoolFenced | PoolQuarantined):
                     fenced = exc
                 elif exc is not None:
                     log.error("pool %s: event refused: %s", pool, exc)
             if fenced is not None:
                 raise fenced
+
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        return await quarantine.skip_acknowledged(self.publisher, pool, corrupt, next_seq)
 
     async def _queue(self, event: Event) -> asyncio.Future[int]:
         waited = 0.0
@@ -203,6 +209,7 @@ class Daemon:
         self.cache = CommandCache()
         self.nc: NATS | None = None
         self.publisher: EventPublisher | None = None
+        self.audit: AuditLog | None = None
         self.snapshots: SnapshotStore | None = None
         self.runtime: PoolRuntime | None = None
         self.service: Service | None = None
@@ -275,12 +282,16 @@ class Daemon:
             raise
         js = self.nc.jetstream()
         self.snapshots = await self._ensure_storage(js)
+        await ensure_audit_stream(js, self.subjects, max_bytes=cfg.nats.audit_max_bytes,
+                                  max_age_s=cfg.nats.event_max_age_s, replicas=stream_replicas(cfg))  # fmt: skip
+        self.audit = AuditLog(self.nc, self.subjects, clock=time.monotonic, on_drop=self.metrics.audit_dropped.inc)
         self.publisher = EventPublisher(
             self.nc,
             self.subjects,
             max_backlog=cfg.nats.publish_backlog,
             on_fenced=self._on_fenced,
             may_write=self._server_supported,
+            inspect_conflict=quarantine.inspector(self.nc, self.subjects),
         )
         await self.publisher.start()
         await self._continue_node_sequence(js)
@@ -295,6 +306,7 @@ class Daemon:
             engine_env=self.gpus.engine_env,
         )
         self.runtime.listeners.append(self._after_step)
+        self.runtime.on_quarantine = self._on_quarantine
         owned = []
         definitions = list(cfg.definitions())
         claims = await self._claim_pools(definitions)
@@ -512,7 +524,7 @@ class Daemon:
 
         Starting again at 1 would have the server drop the heartbeats as duplicates within its
         dedupe window (and other nodes judge this one dead), so a sequence that cannot be read
-        stops the start-up with the reason instead."""
+        stops the start-up with the reason instead; a foreign last message is skipped over."""
         subject = self.subjects.node_events(self.node)
         for attempt in range(3):
             try:
@@ -530,9 +542,13 @@ class Daemon:
         try:
             self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise PoolManagerError(
-                f"the last event on {subject} is unreadable ({exc}); refusing to restart node events at 1"
-            ) from None
+            # A foreign message there must not keep the daemon from starting. Every node event
+            # is one stream message, so the stream's last sequence is past any this node wrote:
+            # continuing from it keeps every Msg-Id unique (the node's sequence shows a gap).
+            info = await js.stream_info(STREAM_NAME)
+            self.node_events.seq = max(info.state.last_seq, raw.seq or 0)
+            log.warning("the last message on %s (stream sequence %s) is not an event (%s); node events continue "
+                        "from %d", subject, raw.seq, exc, self.node_events.seq)  # fmt: skip
 
     async def _recover(self, claims: dict[str, ClaimInput]) -> None:
         """Rebuild every pool from its events and reconcile with the engines on this host."""
@@ -542,32 +558,23 @@ class Daemon:
         candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced
                                              and p not in self.standing_by]  # fmt: skip
         events: dict[str, list[Event]] = {}
-        batched: dict[str, list[tuple[int, Event]]] | None = None
-        if len(candidates) > 1:
-            # One pass over the pool events for every pool, not a consumer per pool (~9 ms each,
-            # one after another: 9 s for a thousand pools). One unreadable message sends every
-            # pool back to its own read, where it spoils only its own pool.
-            try:
-                batched = await read_events_by_pool(self.nc, self.subjects, candidates)
-            except PoolManagerError as exc:
-                log.warning("reading every pool's events at once failed (%s); reading them one by one", exc.message)
+        # One pass over the pool events for every pool, not a consumer per pool (~9 ms each, one
+        # after another: 9 s for a thousand pools). Messages are judged one by one: a foreign one
+        # quarantines its own pool and keeps nothing else from starting.
+        entries = await quarantine.read_pool_entries(self.nc, self.subjects, candidates)
         for pool in candidates:
-            try:
-                if batched is not None:
-                    pairs = batched[pool]
-                else:
-                    pairs = [pair async for pair in read_events(self.nc, self.subjects, pool=pool)]
-            except PoolManagerError as exc:
-                # One unreadable message must not keep every other pool from starting.
+            scan = scan_pool(pool, entries[pool], self.subjects.prefix)
+            events[pool] = [event for _, event in scan.events]
+            corrupt = scan.quarantine()
+            if corrupt is not None:
+                log.error("pool %s: quarantined (log_corrupt): %s", pool, corrupt.reason)
                 if pool in runtime.actors:
-                    self._fence_at_start(pool, f"its event log cannot be read: {exc.message}")
-                log.error("pool %s: event log unreadable, not recovered: %s", pool, exc.message)
-                continue
-            events[pool] = [event for _, event in pairs]
+                    runtime.quarantine(pool, corrupt)
             if pool in runtime.actors:
-                # Writes continue from exactly what was recovered: if another daemon appended
-                # since, the first write here is refused and this daemon stops acting on the pool.
-                publisher.assume(pool, pairs[-1][0] if pairs else 0)
+                # Writes continue from exactly what was recovered (foreign messages included: the
+                # server's fence counts them): if another daemon appended since, the first write
+                # here is refused and this daemon stops acting on the pool.
+                publisher.assume(pool, scan.last_stream_seq)
 
         async def read(pool: str) -> list[Event]:
             return events.get(pool, [])
@@ -848,6 +855,7 @@ class Daemon:
 
     async def _reply_unclaimed(self, msg: Msg, reply: Rejected) -> None:
         # Not a micro endpoint, so nothing counts it in $SRV.STATS; the headers still say "error".
+        self._audit(reply)
         if msg.reply and self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.publish(msg.reply, encode(reply), headers=error_headers(reply))
@@ -924,7 +932,9 @@ class Daemon:
                     # A retry is the same command when it decodes to the same values (key order,
                     # whitespace and defaults spelled out do not matter); the verb is part of it.
                     body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
-                    if body.startswith(b'{"type":"rejected"') and b'"code":"overloaded"' in body:
+                    if body.startswith(b'{"type":"rejected"') and (
+                        b'"code":"overloaded"' in body or b'"code":"log_corrupt"' in body
+                    ):
                         self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
             except PoolManagerError as exc:
                 body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
@@ -946,6 +956,8 @@ class Daemon:
         convention as well: error headers, and counted as an error of ``endpoint``."""
         rejected = rejected_in(body)
         self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", "rejected" if rejected else "ok").inc()
+        if rejected is not None:
+            self._audit(rejected)
         headers = error_headers(rejected) if rejected is not None else None
         if headers is not None and endpoint is not None:
             self._count_error(endpoint, headers)
@@ -953,6 +965,13 @@ class Daemon:
             await req.respond(body, headers=headers)
         except Exception as exc:
             log.warning("could not send reply: %s", exc)
+
+    def _audit(self, rejected: Rejected) -> None:
+        """A refused command goes to metrics, the audit stream and (summed up) the log; never
+        to the pool's history, since it changed nothing."""
+        self.metrics.refused.labels(rejected.code).inc()
+        if self.audit is not None:
+            self.audit.record(audit_record(self.node, rejected))
 
     def _count_error(self, endpoint: str, headers: dict[str, str]) -> None:
         # nats-py counts an endpoint error only when the handler raises, and then replies with an
@@ -995,7 +1014,7 @@ class Daemon:
         """One page of the ``pools`` reply, never over the server's max payload."""
         runtime = self.runtime
         assert runtime is not None
-        snaps = sorted(runtime.lifecycle.registry.snapshots(), key=lambda s: s.pool)
+        snaps = sorted(map(runtime.overlay, runtime.lifecycle.registry.snapshots()), key=lambda s: s.pool)
         start = 0 if cmd.after is None else bisect.bisect_right([s.pool for s in snaps], cmd.after)
         budget = (self.nc.max_payload if self.nc is not None and self.nc.max_payload else 1024 * 1024) - 4096
         count = min(cmd.limit, len(snaps) - start)
@@ -1062,6 +1081,11 @@ class Daemon:
             return
         self._mark_dirty(pool)
 
+    def _on_quarantine(self, pool: str) -> None:
+        actor = self.runtime.actors.get(pool) if self.runtime is not None else None
+        self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
+        self._mark_dirty(pool)
+
     def _mark_dirty(self, pool: str) -> None:
         self._kv_dirty[pool] = None
         self._kv_wake.set()
@@ -1089,7 +1113,7 @@ class Daemon:
                 if not self._server_supported():
                     self._kv_dirty.clear()
                     break
-                snapshot = self.runtime.lifecycle.registry.snapshot(pool)
+                snapshot = self.runtime.snapshot(pool)
                 now = loop.time()
                 written = _Written.of(snapshot, now)
                 due = _kv_due(self._kv_written.get(pool), written)
@@ -1258,6 +1282,8 @@ class Daemon:
             if not writable and self.publisher.backlog:
                 log.error("%d event(s) not written: the server cannot fence them", self.publisher.backlog)
             await self.publisher.close(grace_s=5.0 if writable else 0.0)
+        if self.audit is not None:
+            await self.audit.close()
         step("background tasks")
         tasks = list(self._tasks)
         for task in tasks:
@@ -1310,7 +1336,7 @@ class Daemon:
             if pool in self.fenced or pool not in self.runtime.actors:
                 continue
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.snapshots.put(self.runtime.lifecycle.registry.snapshot(pool)), 2.0)
+                await asyncio.wait_for(self.snapshots.put(self.runtime.snapshot(pool)), 2.0)
         self._kv_dirty.clear()
 
 

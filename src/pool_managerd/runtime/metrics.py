@@ -64,6 +64,14 @@ class Metrics:
         )
         self.backlog = Gauge("poold_event_backlog", "Events waiting for a JetStream ack", registry=r)
         self.commands = Counter("poold_commands_total", "Commands answered", ["verb", "outcome"], registry=r)
+        self.refused = Counter("poold_commands_refused_total", "Commands refused, by rejection code", ["code"],
+                               registry=r)  # fmt: skip
+        self.log_corrupt = Gauge(
+            "poold_pool_log_corrupt", "1 while the pool is quarantined by foreign messages", ["pool"], registry=r
+        )
+        self.audit_dropped = Counter(
+            "poold_audit_dropped_total", "Refusals not written to the audit stream (buffer full)", registry=r
+        )
         self.health_ignored = Counter(
             "poold_health_reports_ignored_total", "Health reports for pools this daemon does not own", registry=r
         )

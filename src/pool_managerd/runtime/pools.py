@@ -29,8 +29,10 @@ from pool_managerd.messages import (
     Event,
     GpuSnapshot,
     HealthReport,
+    LogCorrupt,
     Placement,
     PoolCommand,
+    PoolSnapshot,
     Problem,
     Rejected,
     StatusCmd,
@@ -51,6 +53,12 @@ class EventSink(Protocol):
 
     async def append(self, pool: str, events: Sequence[Event]) -> None: ...
 
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        """An operator acknowledged ``corrupt``: the pool's next append (the acknowledgement)
+        follows those messages and any foreign ones stored after them; returns the latter (still
+        to acknowledge), or None."""
+        ...
+
 
 class MemoryEventSink:
     """An in-process event log with waiters: for tests of the runtime without NATS, and the
@@ -67,6 +75,10 @@ class MemoryEventSink:
 
     def of(self, pool: str) -> list[Event]:
         return [e for e in self.events if e.pool == pool]
+
+    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
+        """Nothing to follow in memory: no foreign message can land here."""
+        return None
 
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
         """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
@@ -134,6 +146,8 @@ class PoolRuntime:
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
         self.probe_options = dict(self.options.probe_options)
         self._state_waiters: list[tuple[str, frozenset[str], asyncio.Future[str]]] = []
+        self.on_quarantine: Callable[[str], None] | None = None
+        """Called when a pool enters or leaves ``log_corrupt``."""
 
     # --- pools ---------------------------------------------------------------------------------
 
@@ -163,7 +177,7 @@ class PoolRuntime:
         actor = self.actor(pool)
         if isinstance(cmd, StatusCmd):
             # A read needs no serialisation: the loop is single-threaded and steps are synchronous.
-            return StatusReply(pool=self.lifecycle.registry.snapshot(pool))
+            return StatusReply(pool=self.snapshot(pool))
         verb = str(cmd.__struct_config__.tag)
         if actor.fenced:
             return Rejected(command_id=cmd.command_id, pool=pool, verb=verb, code="fenced",
@@ -183,6 +197,29 @@ class PoolRuntime:
         outcome = await fut
         assert outcome.reply is not None
         return outcome.reply
+
+    def snapshot(self, pool: str) -> PoolSnapshot:
+        """The pool as ``status`` and the KV bucket show it, its quarantine included."""
+        return self.overlay(self.lifecycle.registry.snapshot(pool))
+
+    def overlay(self, snapshot: PoolSnapshot) -> PoolSnapshot:
+        """``snapshot`` with its pool's quarantine (``log_corrupt``), which lives in the actor."""
+        actor = self.actors.get(snapshot.pool)
+        if actor is not None and actor.quarantine is not None:
+            snapshot = msgspec.structs.replace(snapshot, log_corrupt=actor.quarantine)
+        return snapshot
+
+    def quarantine(self, pool: str, corrupt: LogCorrupt) -> None:
+        """Put ``pool`` in ``log_corrupt`` (recovery found unacknowledged foreign messages)."""
+        self.actor(pool).quarantine = corrupt
+        self.quarantine_changed(pool)
+
+    async def acknowledge_corrupt(self, pool: str, corrupt: LogCorrupt) -> LogCorrupt | None:
+        return await self.sink.acknowledge(pool, corrupt, self.lifecycle.pool(pool).value.seq + 1)
+
+    def quarantine_changed(self, pool: str) -> None:
+        if self.on_quarantine is not None:
+            self.on_quarantine(pool)
 
     def health_report(self, report: HealthReport) -> bool:
         """Route a health report to its pool's actor; reports for pools not owned here are
