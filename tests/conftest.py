@@ -3,7 +3,10 @@
 Sections (append new fixtures to the section they belong to, or add a new section at the end):
 
 1. Hypothesis profiles
-2. NATS: real ``nats-server`` processes, clients, isolated JetStream namespaces
+2. Test kinds: the ``unit`` / ``adapter`` / ``e2e`` markers, and the leak guard
+3. NATS: real ``nats-server`` processes, clients, isolated JetStream namespaces
+
+Helpers that are not fixtures live in ``tests/support/``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_cluster import NatsCluster
 from pool_managerd.testing.nats_server import NatsServer
+from support.markers import classify, has_unit_tests
+from support.procs import leak_guard
 
 # ---------------------------------------------------------------------------------------------
 # 1. Hypothesis profiles: HYPOTHESIS_PROFILE=ci|dev (default dev). Both keep >= 200 examples.
@@ -43,7 +48,42 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. NATS
+# 2. Test kinds (see support/markers.py): every test is marked unit, adapter or e2e from what it
+#    uses, and the Hypothesis properties slow; `make test-fast` runs `-m "unit and not slow"`.
+# ---------------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    classify(items)
+
+
+_UNIT_ONLY = frozenset({"unit", "unit and not slow"})
+"""The -m expressions that select unit tests alone (any other is left to pytest)."""
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # With -m unit, a module none of whose tests can be unit is not even imported: importing
+    # them all (nats, playwright, the daemon) would cost more than running the unit tests.
+    if config.getoption("markexpr") in _UNIT_ONLY and collection_path.name.startswith("test_"):
+        return True if not has_unit_tests(collection_path) else None
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that is not ``unit`` fails if a process it started outlives it.
+
+    Autouse here, at the top, so it is set up before and torn down after every other fixture of
+    the test: the rigs and harnesses have stopped what they know of when it looks. A fixture that
+    must start after it (to be stopped before it looks) requests ``_no_leaks``."""
+    if request.node.get_closest_marker("unit") is not None:
+        yield
+        return
+    yield from leak_guard()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. NATS
 # ---------------------------------------------------------------------------------------------
 
 NATS_TEST_OPTIONS: dict[str, Any] = {

@@ -15,7 +15,8 @@ from pool_managerd.config import PoolConfig
 from pool_managerd.messages import HealthReport, Rejected, StopCmd
 from pool_managerd.runtime.actor import MAX_QUEUED_COMMANDS, MAX_QUEUED_HEALTH
 from pool_managerd.runtime.commands import CommandCache
-from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
 
 
 async def test_a_flood_of_health_reports_is_bounded(tmp_path: Path) -> None:

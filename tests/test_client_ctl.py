@@ -42,9 +42,7 @@ from pool_managerd.messages import (
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-
-CLI_DEADLINE_S = 30.0
-REPLY_TIMEOUT_S = 15.0
+from support.deadlines import CLI_S, POOL_S
 
 
 @dataclass(frozen=True)
@@ -126,11 +124,11 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
         env=cli_env() if env is None else env,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), CLI_DEADLINE_S)
+        out, err = await asyncio.wait_for(proc.communicate(), CLI_S)
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise AssertionError(f"pool-managerd {' '.join(args)} did not finish in {CLI_DEADLINE_S} s") from None
+        raise AssertionError(f"pool-managerd {' '.join(args)} did not finish in {CLI_S} s") from None
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -154,7 +152,7 @@ async def env(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> AsyncIterato
 @pytest.fixture
 def client(nc: NATS) -> PoolClient:
     # Generous: replies take milliseconds, but a loaded CI machine has stalled one for seconds.
-    return PoolClient(nc, timeout=REPLY_TIMEOUT_S)
+    return PoolClient(nc, timeout=POOL_S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +312,7 @@ async def test_node_commands_and_discovery(env: DaemonEnv, client: PoolClient) -
 
 
 async def test_ctl_preload_status_lease_release_drain(env: DaemonEnv, client: PoolClient) -> None:
-    url = ["--url", env.url, "--timeout", str(REPLY_TIMEOUT_S)]
+    url = ["--url", env.url, "--timeout", str(POOL_S)]
     rc, out, err = await run_cli("ctl", "preload", env.pool, *url, "--wait")
     assert rc == 0, (out, err)
     lines = out.splitlines()
@@ -349,7 +347,7 @@ async def test_ctl_preload_status_lease_release_drain(env: DaemonEnv, client: Po
 
 
 async def test_ctl_rejections_exit_1(env: DaemonEnv) -> None:
-    url = ["--url", env.url, "--timeout", str(REPLY_TIMEOUT_S)]
+    url = ["--url", env.url, "--timeout", str(POOL_S)]
     ghost = f"ghost-{uuid.uuid4().hex[:8]}"
     (rc_invalid, _, err_invalid), (rc_unknown, _, err_unknown), (rc_illegal, _, err_illegal) = await asyncio.gather(
         run_cli("ctl", "status", "Bad_Pool", *url),
@@ -368,7 +366,7 @@ def test_ctl_unreachable_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 async def test_ctl_wait_for_a_crash_loop_exits_1(env: DaemonEnv) -> None:
-    url = ["--url", env.url, "--timeout", str(REPLY_TIMEOUT_S)]
+    url = ["--url", env.url, "--timeout", str(POOL_S)]
     rc, out, err = await run_cli("ctl", "preload", env.crashy, *url, "--wait", "--wait-timeout", "20")
     assert rc == 1, (out, err)
     assert f"{env.crashy}  backoff_scheduled" in out
@@ -385,7 +383,7 @@ async def test_ctl_reply_timeout_exits_3(nats_server: NatsServer, nc: NATS) -> N
 
 
 async def test_ctl_node_verbs(env: DaemonEnv) -> None:
-    url = ["--url", env.url, "--timeout", str(REPLY_TIMEOUT_S)]
+    url = ["--url", env.url, "--timeout", str(POOL_S)]
     (rc_pools, out_pools, err), (rc_inv, out_inv, _) = await asyncio.gather(
         run_cli("ctl", "pools", "--node", env.node, *url),
         run_cli("ctl", "inventory", env.node, *url, "--json"),

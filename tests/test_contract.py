@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,19 +20,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from conftest import FAKE, StartDaemon
-from contract_helpers import README, Example, channel_of, matching_reply, message_schema, parse
 from pool_managerd.messages import REJECT_STATUS
 from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
+from support.contract import README, Example, channel_of, matching_reply, message_schema, parse
+from support.deadlines import until
 
 # --- the daemon ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture
@@ -54,19 +48,6 @@ async def req(nc: NATS, subject: str, payload: dict[str, Any] | bytes | None = N
 
 def cid() -> str:
     return uuid.uuid4().hex
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> None:
-    """Wait for ``check()`` to hold, polling a cheap read; fails naming ``what`` at the deadline."""
-
-    async def loop() -> None:
-        while not await check():
-            await asyncio.sleep(0.02)  # ok: polls a cheap read; the caller's deadline bounds it
-
-    try:
-        await asyncio.wait_for(loop(), timeout)
-    except TimeoutError:
-        pytest.fail(f"timed out waiting for {what}")
 
 
 async def state_is(nc: NATS, pool: str, state: str) -> bool:

@@ -7,7 +7,7 @@ import json
 import sys
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,6 @@ from pool_managerd.messages import (
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 class Events:

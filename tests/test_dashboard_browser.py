@@ -28,7 +28,6 @@ from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, Status
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
 
 CHROMIUM = os.environ.get("POOL_MANAGERD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -44,11 +43,6 @@ PASSWORDS = {"daemon": "daemonpw1", "admin": "adminpw1", "operator": "operatorpw
 """The shipped users and permissions (``accounts.server_config``) with these passwords."""
 WAIT_MS = 15_000
 FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture

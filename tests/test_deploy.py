@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from nats_versions import SUPPORTED_TESTED
 from pool_managerd.accounts import ROLES, password_env
 from pool_managerd.config import load_config
 from pool_managerd.nats_version import NATS_SERVER_FLOOR, parse_server_version
+from support.nats_versions import SUPPORTED_TESTED
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest_gpu import load_json
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.messages import Gpu, GpuSnapshot
 from pool_managerd.placement import (
@@ -19,6 +18,7 @@ from pool_managerd.placement import (
     resolve_mask,
     snapshot_devices,
 )
+from support.gpu import load_json
 
 H200 = load_gpu_source("sim:h200-x1")
 HETERO = load_gpu_source("sim:hetero-24g-48g")

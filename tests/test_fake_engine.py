@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,8 @@ import pytest
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
 from pool_managerd.adapters.process import EngineProcess, allocate_port
 from pool_managerd.testing.fake_engine import parse_args
-from proc_helpers import FakeEngines, leak_guard, read_log, wait_for_file, wait_ready
-
-EXIT_DEADLINE_S = 20.0
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
+from support.deadlines import ENGINE_S
+from support.procs import FakeEngines, read_log, wait_for_file, wait_ready
 
 
 @pytest.fixture
@@ -50,7 +44,7 @@ async def test_loading_503_then_200_when_loaded(fakes: FakeEngines) -> None:
     prober = HealthProber("127.0.0.1", engine.port, on_result=on_result)
     prober.start()
     try:
-        await asyncio.wait_for(seen_loading.wait(), EXIT_DEADLINE_S)
+        await asyncio.wait_for(seen_loading.wait(), ENGINE_S)
     finally:
         await prober.stop()
 
@@ -122,7 +116,7 @@ async def test_crash_after_exit_code_is_observed_by_wait(fakes: FakeEngines) -> 
     engine = await fakes.start(
         "--crash-after", "0.2", "--exit-code", "7", on_exit=lambda e, info: seen.append((e, info))
     )
-    info = await asyncio.wait_for(engine.wait(), EXIT_DEADLINE_S)
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert (info.exit_code, info.signal, info.expected) == (7, None, False)
     assert seen == [(engine, info)]
     assert "crashing with exit code 7" in read_log(engine)
@@ -133,14 +127,14 @@ async def test_crash_after_ready_counts_from_healthy(fakes: FakeEngines, tmp_pat
     engine = await fakes.start(
         "--crash-after-ready", "0.2", "--exit-code", "3", "--ready-file", str(ready_file), load_time=0.1
     )
-    info = await asyncio.wait_for(engine.wait(), EXIT_DEADLINE_S)
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert info.exit_code == 3
     assert float(ready_file.read_text()) + 0.2 <= info.ended_at
 
 
 async def test_fail_bind_knob_exits_like_a_bind_failure(fakes: FakeEngines) -> None:
     engine = await fakes.start("--fail-bind")
-    info = await asyncio.wait_for(engine.wait(), EXIT_DEADLINE_S)
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert info.exit_code == errno.EADDRINUSE
     assert "couldn't bind HTTP server socket" in read_log(engine)
 
@@ -151,12 +145,12 @@ async def test_port_taken_is_a_bind_failure(fakes: FakeEngines) -> None:
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         engine = await fakes.start(port=port, check_port=False)
-        info = await asyncio.wait_for(engine.wait(), EXIT_DEADLINE_S)
+        info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert info.exit_code == errno.EADDRINUSE
 
 
 async def wait_log_line(engine: EngineProcess, text: str) -> str:
-    deadline = time.monotonic() + EXIT_DEADLINE_S
+    deadline = time.monotonic() + ENGINE_S
     while text not in (log := read_log(engine)):
         assert not engine.exited.done() and time.monotonic() < deadline, log
         await asyncio.sleep(0.005)  # ok: no event for another process writing its log
@@ -182,5 +176,5 @@ async def test_hang_from_start(fakes: FakeEngines) -> None:
 async def test_sigterm_exit_code_knob(fakes: FakeEngines) -> None:
     engine = await fakes.start("--exit-on-sigterm-code", "5")
     await wait_ready(engine)
-    info = await asyncio.wait_for(engine.stop(5.0), EXIT_DEADLINE_S)
+    info = await asyncio.wait_for(engine.stop(5.0), ENGINE_S)
     assert (info.exit_code, info.signal, info.expected) == (5, None, True)

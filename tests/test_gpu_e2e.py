@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,12 @@ from pool_managerd.messages import (
     StatusReply,
 )
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
 from test_client_ctl import run_cli
 
 GPU0 = "GPU-4090c0de-0000-4000-8000-000000000024"
 GPU1 = "GPU-a6000ce1-0000-4000-8000-000000000048"
 ONCE = {"max_consecutive_failures": 1, "initial_s": 0.05}
 """One failed start parks the pool in failed: the test sees one verdict, not a restart loop."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 class Events:

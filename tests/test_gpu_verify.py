@@ -10,7 +10,6 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from conftest_gpu import FakePynvml, load_json
 from pool_managerd.adapters.nvml import read_nvml_snapshot
 from pool_managerd.core.definitions import Context, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import SpawnEngine, VerifyGpus
@@ -28,6 +27,7 @@ from pool_managerd.messages import (
     StateChanged,
 )
 from pool_managerd.runtime.gpu_check import sample_of
+from support.gpu import FakePynvml, load_json
 
 A, B, C = "GPU-aaaa", "GPU-bbbb", "GPU-cccc"
 GiB = 1024**3

@@ -7,22 +7,17 @@ import contextlib
 import errno
 import itertools
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
 from pool_managerd.adapters.process import allocate_port
-from proc_helpers import FakeEngines, leak_guard, wait_ready
+from support.deadlines import ENGINE_S
+from support.procs import FakeEngines, wait_ready
 
-DEADLINE_S = 20.0
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.fixture
@@ -201,7 +196,7 @@ class Recorder:
 
     async def wait_for(self, pred: Callable[[list[ProbeResult]], bool]) -> None:
         async with self.changed:
-            await asyncio.wait_for(self.changed.wait_for(lambda: pred(self.results)), DEADLINE_S)
+            await asyncio.wait_for(self.changed.wait_for(lambda: pred(self.results)), ENGINE_S)
 
 
 async def test_prober_preload_then_steady_after_first_ok() -> None:
@@ -265,7 +260,7 @@ async def test_prober_stop_cancels_cleanly_even_mid_probe() -> None:
     async with server(silent) as port:
         prober = HealthProber("127.0.0.1", port, on_result=never, read_timeout_s=60)
         prober.start()
-        await asyncio.wait_for(request_seen.wait(), DEADLINE_S)  # the probe is waiting for an answer
+        await asyncio.wait_for(request_seen.wait(), ENGINE_S)  # the probe is waiting for an answer
         await prober.stop()
         await prober.stop()
     assert not prober.running
@@ -287,7 +282,7 @@ async def test_prober_survives_callback_errors_and_can_stop_itself() -> None:
 
     prober = HealthProber("127.0.0.1", allocate_port(), on_result=on_result)
     prober.start()
-    await asyncio.wait_for(stopped.wait(), DEADLINE_S)
+    await asyncio.wait_for(stopped.wait(), ENGINE_S)
     assert calls == 2
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("probe-") and not t.done()]
 

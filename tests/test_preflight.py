@@ -293,9 +293,9 @@ def test_port_is_free() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        assert port_is_free(port) is False
-    assert port_is_free(0) is False
-    assert port_is_free(70000) is False
+        assert port_is_free("127.0.0.1", port) is False
+    assert port_is_free("127.0.0.1", 0) is False
+    assert port_is_free("127.0.0.1", 70000) is False
 
 
 def test_gathered_facts_feed_preflight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +33,8 @@ from pool_managerd.adapters.process import (
     stop_group,
     wait_pid_exit,
 )
-from proc_helpers import FakeEngines, leak_guard, read_log, track_pid, wait_ready
-
-DEADLINE_S = 20.0
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
+from support.deadlines import ENGINE_S
+from support.procs import FakeEngines, read_log, track_pid, wait_ready
 
 
 @pytest.fixture
@@ -52,7 +46,7 @@ async def fakes(tmp_path: Path, _no_leaks: None) -> AsyncIterator[FakeEngines]:
 
 async def assert_gone(pid: int) -> None:
     """The pid exits (or is a zombie, which holds nothing) before the deadline."""
-    assert await wait_pid_exit(pid, DEADLINE_S), f"pid {pid} is still alive"
+    assert await wait_pid_exit(pid, ENGINE_S), f"pid {pid} is still alive"
     assert not pid_alive(pid)
 
 
@@ -199,7 +193,7 @@ async def test_spawn_refuses_a_busy_port() -> None:
 async def test_stop_graceful(fakes: FakeEngines) -> None:
     engine = await fakes.start()
     await wait_ready(engine)
-    info = await asyncio.wait_for(engine.stop(5.0), DEADLINE_S)
+    info = await asyncio.wait_for(engine.stop(5.0), ENGINE_S)
     assert (info.exit_code, info.signal, info.expected) == (0, None, True)
     assert not engine.running and engine.returncode == 0
 
@@ -228,7 +222,7 @@ async def test_stop_is_idempotent_and_shared(fakes: FakeEngines) -> None:
 
 async def test_stop_after_exit_returns_the_exit(fakes: FakeEngines) -> None:
     engine = await fakes.start("--crash-after", "0", "--exit-code", "4")
-    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert await engine.stop(1.0) is info
     assert not info.expected
 
@@ -239,7 +233,7 @@ async def test_cancelling_a_stop_caller_does_not_cancel_the_stop(fakes: FakeEngi
     caller = asyncio.ensure_future(engine.stop(0.3))
     await asyncio.sleep(0)  # ok: let the stop start, then cancel its caller
     caller.cancel()
-    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)
     assert info.signal == signal.SIGKILL
 
 
@@ -266,7 +260,7 @@ async def test_grandchild_dies_when_the_leader_crashes(fakes: FakeEngines, tmp_p
     await wait_ready(engine)
     grandchild = int(pid_file.read_text())
     track_pid(grandchild)
-    info = await asyncio.wait_for(engine.wait(), DEADLINE_S)  # no stop(): the leader exits alone
+    info = await asyncio.wait_for(engine.wait(), ENGINE_S)  # no stop(): the leader exits alone
     assert info.exit_code == 1
     await assert_gone(grandchild)
 
@@ -281,7 +275,7 @@ async def test_stop_group_for_a_process_we_did_not_wait_on(fakes: FakeEngines, t
     assert await stop_group(engine.pgid, 0.3)
     assert time.monotonic() - t0 < 0.3 + 1.0 + 1.0  # grace + settle, correctness bound
     assert not pid_alive(grandchild) and not pid_alive(engine.pid)
-    assert (await asyncio.wait_for(engine.wait(), DEADLINE_S)).signal == signal.SIGKILL
+    assert (await asyncio.wait_for(engine.wait(), ENGINE_S)).signal == signal.SIGKILL
     assert await stop_group(engine.pgid, 0.3)  # an empty group: nothing to do
 
 
@@ -420,7 +414,7 @@ async def test_adopt_watches_and_stops_an_engine(fakes: FakeEngines, tmp_path: P
     assert adopted is not None and adopted.running
     info = await adopted.stop(0.3)
     assert (info.exit_code, info.signal, info.expected) == (None, None, True)
-    assert (await asyncio.wait_for(engine.wait(), DEADLINE_S)).signal == signal.SIGKILL
+    assert (await asyncio.wait_for(engine.wait(), ENGINE_S)).signal == signal.SIGKILL
     assert SpawnRecord.load(record.path) == []
     assert AdoptedProcess.adopt(entry) is None
 
@@ -434,7 +428,7 @@ async def test_wait_pid_exit_works_with_descriptors_above_1024() -> None:
         probe = os.open(os.devnull, os.O_RDONLY)
         os.close(probe)
         assert probe > 1024, "the test must run with descriptors above 1024"
-        waiter = asyncio.ensure_future(wait_pid_exit(proc.pid, DEADLINE_S))
+        waiter = asyncio.ensure_future(wait_pid_exit(proc.pid, ENGINE_S))
         await asyncio.sleep(0)  # ok: one loop turn lets the waiter register its pidfd before the kill
         assert not waiter.done()
         proc.kill()

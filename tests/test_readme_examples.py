@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from contract_helpers import README, Example, matching_reply, message_schema, parse
+from support.contract import README, Example, matching_reply, message_schema, parse
 
 EXAMPLES, UNCLAIMED = parse(README.read_text(encoding="utf-8"))
 REQUESTS = [e for e in EXAMPLES if e.kind == "request"]

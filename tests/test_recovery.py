@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from pool_managerd.messages import (
 )
 from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_server import NatsServer
-from proc_helpers import FakeEngines, leak_guard, track_pid, wait_for_file
+from support.procs import FakeEngines, track_pid, wait_for_file
 
 NODE = "node-a"
 START_S = 20.0
@@ -304,13 +304,6 @@ class Rig:
         for path in sorted((self.run_dir / "logs").glob("*.log")):
             print(f"----- engine log {path}\n{path.read_text(errors='replace')[-4000:]}")
         return killed
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    # Outermost: after the rig has killed what it knows of, no child of ours and no tracked pid
-    # (every engine pid seen in an event) may be left.
-    yield from leak_guard()
 
 
 @pytest.fixture

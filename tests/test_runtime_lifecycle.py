@@ -12,7 +12,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,10 +48,11 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
 )
-from pool_managerd.runtime.pools import PROBE_OPTIONS, MemoryEventSink, PoolRuntime, RuntimeOptions
-from proc_helpers import leak_guard, track_pid
+from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
+from support.deadlines import POOL_S
+from support.procs import track_pid
 
-DEADLINE_S = 15.0
 """Upper bound for any single wait on an event (2 loaded cores start a Python engine in ~0.3 s)."""
 
 DAEMON_PROBE_OPTIONS: dict[str, Any] = dict(PROBE_OPTIONS)
@@ -64,11 +65,6 @@ GPU_24G, GPU_48G = (g.uuid for g in SNAPSHOT.gpus)
 NO_RESTART = RestartConfig(initial_s=60.0, max_s=60.0)
 
 T = TypeVar("T")
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +113,7 @@ class Harness:
     after_ready: int = 0
 
     def add(self, pool: str = "p", *, knobs: Sequence[str] = (), **cfg: Any) -> PoolConfig:
-        cfg.setdefault("load_timeout_s", DEADLINE_S)
+        cfg.setdefault("load_timeout_s", POOL_S)
         config = PoolConfig(id=pool, engine="fake", extra_args=list(knobs), model_bytes=1 << 30, **cfg)
         self.rt.add_pool(config.definition(), simulated=True)
         self.configs[pool] = config
@@ -137,7 +133,7 @@ class Harness:
         assert isinstance(reply, StatusReply)
         return reply
 
-    async def wait(self, predicate: Callable[[Event], bool], start: int = 0, timeout: float = DEADLINE_S) -> Event:
+    async def wait(self, predicate: Callable[[Event], bool], start: int = 0, timeout: float = POOL_S) -> Event:
         try:
             return await self.sink.wait_for(predicate, timeout, start)
         except TimeoutError:
@@ -223,7 +219,7 @@ def h(make: Callable[..., Harness], tmp_path: Path) -> Harness:
     return make(tmp_path)
 
 
-async def _wait_dead(pid: int, within_s: float = DEADLINE_S) -> None:
+async def _wait_dead(pid: int, within_s: float = POOL_S) -> None:
     assert await wait_pid_exit(pid, within_s), f"pid {pid} still alive after {within_s} s"
 
 

@@ -59,9 +59,9 @@ def outside_refs(rel: str, text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("rel", "snippet"),
     [
-        ("tests/conftest_gpu.py", 'GPU = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"'),
-        ("tests/conftest_gpu.py", "X = Path(__file__).parents[2]"),
-        ("tests/conftest_gpu.py", "X = Path(__file__).parent.parent.parent"),
+        ("tests/test_x.py", 'GPU = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"'),
+        ("tests/test_x.py", "X = Path(__file__).parents[2]"),
+        ("tests/test_x.py", "X = Path(__file__).parent.parent.parent"),
         ("src/pool_managerd/x.py", "X = Path(__file__).resolve().parents[3]"),
         ("tests/x.py", 'open("../shared/fixtures/gpu/h200-x1/nvml.json")'),
         ("tests/x.py", 'X = ROOT / ".." / "elsewhere"'),
@@ -77,7 +77,7 @@ def test_the_checker_catches_a_path_outside(rel: str, snippet: str) -> None:
 @pytest.mark.parametrize(
     ("rel", "snippet"),
     [
-        ("tests/conftest_gpu.py", 'GPU = Path(__file__).resolve().parent / "fixtures" / "gpu"'),
+        ("tests/test_x.py", 'GPU = Path(__file__).resolve().parent / "fixtures" / "gpu"'),
         ("tests/test_x.py", "REPO = Path(__file__).resolve().parents[1]"),
         ("src/pool_managerd/x.py", "ROOT = Path(__file__).parents[2]"),
         ("src/pool_managerd/lifecycle/preload.py", 'm.startswith(("/", "./", "../", "~"))  # ``../`` paths'),
@@ -113,7 +113,7 @@ def test_nothing_in_the_repository_refers_outside_it() -> None:
 
 
 def test_the_gpu_recordings_are_inside_the_repository() -> None:
-    from conftest_gpu import GPU_FIXTURES, H200
+    from support.gpu import GPU_FIXTURES, H200
 
     assert GPU_FIXTURES.resolve().is_relative_to(REPO)
     for name in ("nvml.json", "nvidia-smi-query.csv", "cuda_visible_devices.json"):

@@ -13,7 +13,8 @@ from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.config import PoolConfig
 from pool_managerd.core.definitions import Context
 from pool_managerd.messages import EngineInfo, GpuProcess, Placement
-from pool_managerd.runtime.pools import MemoryEventSink, PoolRuntime, RuntimeOptions
+from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
+from pool_managerd.testing.memory_sink import MemoryEventSink
 
 GIB = 1 << 30
 

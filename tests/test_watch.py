@@ -29,7 +29,8 @@ from pool_managerd.messages import (
 )
 from pool_managerd.subjects import KV_BUCKET
 from pool_managerd.testing.nats_server import NatsServer
-from test_client_ctl import REPLY_TIMEOUT_S, DaemonEnv, cli_env, rows_of, run_cli, running_daemon
+from support.deadlines import POOL_S
+from test_client_ctl import DaemonEnv, cli_env, rows_of, run_cli, running_daemon
 
 NOW = 1_700_000_100.0
 GPU_A = "GPU-4090c0de-0000-4000-8000-000000000024"
@@ -147,7 +148,7 @@ async def env(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> AsyncIterato
 
 
 async def test_watch_once_shows_every_pool_and_its_state(env: DaemonEnv, nc: NATS) -> None:
-    client = PoolClient(nc, timeout=REPLY_TIMEOUT_S)
+    client = PoolClient(nc, timeout=POOL_S)
     result = await client.command_and_wait(env.pool, "preload", "ready", wait_timeout=20)
     assert result.reached, result
     # The KV snapshot trails the event by a moment: wait until the bucket says ready.
@@ -199,7 +200,7 @@ async def test_watch_follows_changes_live(env: DaemonEnv, nc: NATS) -> None:
                         return
 
         await state_of_pool_becomes("unready")
-        reply = await PoolClient(nc, timeout=REPLY_TIMEOUT_S).preload(env.pool)
+        reply = await PoolClient(nc, timeout=POOL_S).preload(env.pool)
         assert isinstance(reply, Accepted), reply
         await state_of_pool_becomes("ready")
     finally:

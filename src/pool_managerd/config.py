@@ -14,7 +14,6 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import msgspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -508,9 +507,3 @@ def load_config(path: Path | None = None, **overrides: Any) -> DaemonConfig:
         return DaemonConfig(**data)
     except ValidationError as exc:
         raise ConfigError(_format(str(path) if path else "(config)", exc)) from None
-
-
-def dump_spec(spec: EngineSpec) -> dict[str, Any]:
-    """An engine spec as plain data (for ``ctl`` and docs)."""
-    result: dict[str, Any] = msgspec.to_builtins(spec)
-    return result

@@ -860,9 +860,6 @@ EventBody = (
     | NodeHeartbeat
 )
 
-NODE_EVENT_TYPES = frozenset({"orphan_reaped", "daemon_started", "daemon_stopping", "heartbeat", "gpu_fault",
-                              "gpu_cleared"})  # fmt: skip
-
 
 class Event(_Base, kw_only=True):
     """The envelope of every event. ``pool`` events have a contiguous per-pool ``seq`` from 1;

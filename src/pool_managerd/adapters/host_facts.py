@@ -95,11 +95,12 @@ def file_fact(path: str, *, want_hash: bool = False, hash_cap: int = DEFAULT_HAS
     return FileFact(exists=True, readable=readable, size=None if is_dir else st.st_size, sha256=digest, is_dir=is_dir)
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a TCP listener could bind ``host:port`` now.
+def port_is_free(host: str, port: int) -> bool:
+    """Whether an engine could bind ``host:port`` now (port 0 or out of range: False).
 
-    SO_REUSEADDR matches what HTTP engines set, so a port held only by TIME_WAIT sockets counts
-    as free, and one with a live listener does not.
+    SO_REUSEADDR matches what HTTP engines set, so a port held only by TIME_WAIT sockets from the
+    previous engine counts as free, and one with a live listener does not (on Linux, also a
+    listener on the wildcard address). The one such check: preflight and spawning both use it.
     """
     if not 0 < port < 65536:
         return False
@@ -137,6 +138,6 @@ def gather_host_facts(
     return HostFacts(
         executables={name: find_executable(name) for name in executables},
         files=file_facts,
-        free_ports=frozenset(p for p in ports if port_is_free(p, host)),
+        free_ports=frozenset(p for p in ports if port_is_free(host, p)),
         gpu_problem=gpu_problem,
     )

@@ -31,12 +31,13 @@ import string
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from pool_managerd.adapters.faults import fault_point
+from pool_managerd.adapters.host_facts import port_is_free
 from pool_managerd.core.errors import PoolManagerError
 
 log = logging.getLogger(__name__)
@@ -179,22 +180,6 @@ def allocate_port(host: str = "127.0.0.1") -> int:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when an engine could bind ``host:port`` now.
-
-    Uses ``SO_REUSEADDR`` like the engines do, so leftover ``TIME_WAIT`` connections from the
-    previous engine on that port do not count as busy, while a live listener does (on Linux,
-    also a listener on the wildcard address).
-    """
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,12 +578,6 @@ class SpawnRecord:
             except BaseException:
                 self._entries[pid] = entry
                 raise
-
-    def replace_all(self, entries: Iterable[SpawnEntry]) -> None:
-        """Rewrite the record with exactly ``entries`` (e.g. after adoption/orphan reaping)."""
-        with self._lock:
-            self._entries = {e.pid: e for e in entries}
-            self._rewrite()
 
     def _append(self, op: Mapping[str, Any]) -> None:
         if self._lines is None:

@@ -299,7 +299,21 @@ def render() -> dict[str, str]:
     files["lifecycle.json"] = _dump(msgspec.to_builtins(machine.describe()))
     files["lifecycle.mmd"] = machine.mermaid()
     files["asyncapi.json"] = _dump(asyncapi())
+    files["README.md"] = _README
     return files
+
+
+_README = """# schemas/
+
+Generated from the code by `make schemas` (`pool-managerd schemas`); do not edit. CI fails when
+these files drift from the code (`tests/test_schemas.py`, `pool-managerd schemas --check`).
+
+- `messages/<name>.json`: JSON Schema 2020-12 of every top-level wire message (`messages.py`);
+- `lifecycle.json`, `lifecycle.mmd`: the lifecycle table (`core/machine.py`), as data and as a
+  Mermaid diagram (the dashboard draws the former);
+- `asyncapi.json`: an AsyncAPI 3.0 document of every subject the daemon serves or publishes
+  (`make asyncapi` runs the official parser on it).
+"""
 
 
 def write(out: Path) -> list[Path]:

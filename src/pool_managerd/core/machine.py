@@ -218,11 +218,6 @@ def client_verbs(state: PoolState) -> tuple[str, ...]:
     return tuple(v for v in CLIENT_VERBS if v in verbs)
 
 
-def allowed_triggers(state: PoolState) -> tuple[str, ...]:
-    """Triggers the table allows from ``state``."""
-    return ALLOWED[state]
-
-
 def is_legal(source: PoolState, trigger: str, dest: PoolState) -> bool:
     """Whether ``source --trigger--> dest`` is a row of the table."""
     return dest in DESTINATIONS.get((source, trigger), frozenset())

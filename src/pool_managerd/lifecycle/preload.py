@@ -21,11 +21,6 @@ def ready_gate(*, probe_ok: bool, probe_pid: int | None, engine_pid: int | None)
     return probe_pid is None or probe_pid == engine_pid
 
 
-def load_deadline(spec: EngineSpec, started_at: float) -> float:
-    """The instant a preload that began at ``started_at`` times out."""
-    return started_at + spec.load_timeout_s
-
-
 def timeout_reason(spec: EngineSpec) -> str:
     return f"load timeout: not ready within {spec.load_timeout_s:g} s"
 

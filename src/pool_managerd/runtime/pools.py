@@ -60,42 +60,6 @@ class EventSink(Protocol):
         ...
 
 
-class MemoryEventSink:
-    """An in-process event log with waiters: for tests of the runtime without NATS, and the
-    replay tooling's offline mode."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._changed = asyncio.Condition()
-
-    async def append(self, pool: str, events: Sequence[Event]) -> None:
-        async with self._changed:
-            self.events.extend(events)
-            self._changed.notify_all()
-
-    def of(self, pool: str) -> list[Event]:
-        return [e for e in self.events if e.pool == pool]
-
-    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
-        """Nothing to follow in memory: no foreign message can land here."""
-        return None
-
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
-        """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
-
-        async def find() -> Event:
-            async with self._changed:
-                i = start
-                while True:
-                    while i < len(self.events):
-                        if predicate(self.events[i]):
-                            return self.events[i]
-                        i += 1
-                    await self._changed.wait()
-
-        return await asyncio.wait_for(find(), timeout)
-
-
 GpuSource = Callable[[], GpuSnapshot]
 
 

@@ -16,7 +16,7 @@ from jsonschema import Draft7Validator, Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 SCHEMAS = REPO / "schemas"
 ASYNCAPI: dict[str, Any] = json.loads((SCHEMAS / "asyncapi.json").read_text())

@@ -1,14 +1,9 @@
 """Helpers for tests that run real engine subprocesses: leak checks and a fake-engine launcher.
 
-``leak_guard()`` is meant for an autouse fixture in each such test module::
-
-    @pytest.fixture(autouse=True)
-    def _no_leaks() -> Iterator[None]:
-        yield from leak_guard()
-
-It fails a test after which a child process of the test runner (one that did not exist before
-the test) or a tracked grandchild (``track_pid``) is still alive, and kills the leftovers by pid
-so one leak does not cascade into the following tests.
+``leak_guard()`` is the body of ``tests/conftest.py``'s autouse ``_no_leaks`` fixture, which every
+test that is not ``unit`` gets. It fails a test after which a child process of the test runner
+(one that did not exist before the test) or a tracked grandchild (``track_pid``) is still alive,
+and kills the leftovers by pid so one leak does not cascade into the following tests.
 """
 
 from __future__ import annotations
@@ -27,10 +22,9 @@ import pytest
 
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.adapters.process import EngineProcess, allocate_port, pid_alive, spawn
+from support.deadlines import ENGINE_S, LEAK_S
 
 FAKE = [sys.executable, "-m", "pool_managerd.testing.fake_engine"]
-LEAK_DEADLINE_S = 5.0
-READY_DEADLINE_S = 20.0
 
 _tracked: list[int] = []
 
@@ -77,7 +71,7 @@ def leak_guard() -> Iterator[None]:
     before = set(children_of(os.getpid()))
     _tracked.clear()
     yield
-    deadline = time.monotonic() + LEAK_DEADLINE_S
+    deadline = time.monotonic() + LEAK_S
     kids, grandkids = _leftovers(before)
     # Reaping happens in asyncio's watcher thread, and killed non-children vanish on their own
     # schedule; neither gives us an event to wait on.
@@ -94,7 +88,7 @@ def leak_guard() -> Iterator[None]:
         pytest.fail("processes survived the test:\n  " + "\n  ".join(described))
 
 
-async def wait_ready(engine: EngineProcess, within_s: float = READY_DEADLINE_S) -> list[ProbeResult]:
+async def wait_ready(engine: EngineProcess, within_s: float = ENGINE_S) -> list[ProbeResult]:
     """Probe ``engine`` until the first 200; fail if it exits first or the deadline passes.
 
     Returns every probe result seen, the ok one last.
@@ -126,7 +120,7 @@ def read_log(engine: EngineProcess) -> str:
     return "" if engine.log_path is None else engine.log_path.read_text(errors="replace")
 
 
-async def wait_for_file(path: Path, engine: EngineProcess, within_s: float = READY_DEADLINE_S) -> str:
+async def wait_for_file(path: Path, engine: EngineProcess, within_s: float = ENGINE_S) -> str:
     """Content of ``path`` once it exists. The engines write such files before they listen, so
     callers normally check them after :func:`wait_ready`; this covers the rest."""
     deadline = time.monotonic() + within_s

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pool_managerd.nats_version import NATS_SERVER_FLOOR_TEXT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "nats-server"
 
 FLOOR = NATS_SERVER_FLOOR_TEXT

@@ -1,6 +1,6 @@
 """GPU test helpers: where the recorded fixtures live, and a pynvml stand-in that replays them.
 
-Not a conftest (pytest does not auto-load it); tests import it by name. The fixtures are
+Tests import it as ``support.gpu``. The fixtures are
 recordings from real hardware in ``tests/fixtures/gpu/<host>/`` (see the README there).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-GPU_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "gpu"
+GPU_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
 H200 = GPU_FIXTURES / "h200-x1"
 
 
