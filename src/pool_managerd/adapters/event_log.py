@@ -601,6 +601,12 @@ class EventPublisher:
         write (0: the pool has no events yet)."""
         self._last_seq[pool] = stream_seq
 
+    def unfence(self, pool: str) -> None:
+        """Forget a fence (the pool was claimed again with a new lease); its last sequence is
+        re-learned."""
+        self._fenced.pop(pool, None)
+        self._last_seq.pop(pool, None)
+
     async def flush(self) -> None:
         """Wait until every accepted event is stored or failed (bound it with ``asyncio.timeout``)."""
         await self._idle.wait()
