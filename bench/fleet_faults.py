@@ -54,6 +54,11 @@ NODES = ("node-a", "node-b")
 START_S = 60.0
 READY_S = 30.0
 RECOVER_S = 30.0
+# A lease must outlast a JetStream leader election of the ownership bucket (5-8 s here, and a
+# renewal caught in one waits out its request timeout first): with the default 15 s lease and
+# 2 s margin an owner was seen to lose its lease to a single server's death and claim it anew.
+LEASE_TTL_S = 30.0
+LEASE_MARGIN_S = 5.0
 
 
 def _pool(node: str) -> str:
@@ -102,6 +107,7 @@ class FleetRig:
         lines = [f'node = "{node}"', f"run_dir = {_toml(str(self.root / node))}", 'gpus = "sim:hetero-24g-48g"',
                  "heartbeat_s = 5.0", "", "[nats]", f"urls = {_toml(self.cluster.urls)}",
                  f"replicas = {self.replicas}", "reconnect_wait_s = 0.2", "",
+                 "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}", "",
                  "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]  # fmt: skip
         path = self.root / f"{node}.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -230,6 +236,8 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
                     if isinstance(rel, Accepted):
                         replies.append(rel)
 
+        t_load = time.time()
+        kill_times: list[float] = []
         tasks = [asyncio.ensure_future(client(n)) for n in range(clients_per_pool * len(pools))]
         kills: list[dict[str, Any]] = []
         moved: set[str] = set()
@@ -242,6 +250,7 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
                 at = len(replies)
                 t0 = time.monotonic()
                 rig.cluster.kill(index)
+                kill_times.append(round(time.time() - t_load, 1))
                 try:
                     after = await rig.until_reconnected(name)
                 except TimeoutError:
@@ -276,15 +285,21 @@ async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -
             await asyncio.gather(*tasks, return_exceptions=True)
         events = await rig.stream()
         stored = {(e.pool, e.seq) for e in events}
-        lost = sum(1 for r in replies for s in range(r.seq, max(r.seq, r.last_seq) + 1) if (r.pool, s) not in stored)
+        missing = [(r.pool, s, r.verb) for r in replies for s in range(r.seq, max(r.seq, r.last_seq) + 1)
+                   if (r.pool, s) not in stored]  # fmt: skip
+        lost = len(missing)
         checks = log_checks(events)
         # A server dying must not cost an owner its lease: one claim per pool, by its own node.
-        claims = [(e.pool, e.body.node) for e in events if isinstance(e.body, PoolClaimed)]
+        claimed = [e for e in events if isinstance(e.body, PoolClaimed)]
+        claims = [(e.pool, e.body.node) for e in claimed]
         ownership_changes = sum(1 for pool, node in claims if node != _owner(pool)) + max(0, len(claims) - len(pools))
+        claim_log = [f"{e.pool} {e.body.node} epoch {e.body.epoch} at +{e.ts - t_load:.1f}s" for e in claimed]
         rcs = [await rig.terminate(node) for node in NODES]
     return {"kills": kills, "commands": sent, "accepted": len(replies), "retries": rig.retries,
             "events": len(events), **checks, "lost_events": lost, "not_reconnected": not_reconnected,
             "not_rejoined": not_rejoined, "daemons_moved": sorted(moved), "ownership_changes": ownership_changes,
+            "claims": claim_log, "lost_detail": [f"{p} #{q} ({v})" for p, q, v in missing[:10]],
+            "kill_times_s": kill_times,
             "exit_status": max(rcs)}  # fmt: skip
 
 

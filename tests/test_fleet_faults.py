@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-from support.procs import leak_guard
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "fleet_faults.py"
 
@@ -24,11 +21,6 @@ def _load() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 @pytest.mark.timeout(240)

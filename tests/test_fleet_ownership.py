@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,11 @@ from nats.aio.msg import Msg
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.messages import Accepted, EngineExited, EngineSpawned, PoolClaimed
 from pool_managerd.testing.nats_server import NatsServer
-from support.procs import leak_guard
 from test_recovery import MATCH, Rig, Wire, body, body_of, changed, fake_pool, replay_check_live
 
 OWNERSHIP = {"lease_ttl_s": 3.0, "lease_margin_s": 0.6}
 TAKEOVER_S = 15.0
 """Deadline for a standby's claim and its engine's readiness (ttl + margin + a poll + a load)."""
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks() -> Iterator[None]:
-    yield from leak_guard()
 
 
 class Fleet:

@@ -287,7 +287,7 @@ class Daemon:
         js = self.nc.jetstream()
         self.snapshots = await self._ensure_storage(js)
         await ensure_audit_stream(js, self.subjects, max_bytes=cfg.nats.audit_max_bytes,
-                                  max_age_s=cfg.nats.event_max_age_s)  # fmt: skip
+                                  max_age_s=cfg.nats.event_max_age_s, replicas=stream_replicas(cfg))  # fmt: skip
         self.audit = AuditLog(self.nc, self.subjects, clock=time.monotonic, on_drop=self.metrics.audit_dropped.inc)
         self.publisher = EventPublisher(
             self.nc,
