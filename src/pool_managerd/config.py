@@ -430,8 +430,10 @@ class OwnershipConfig(_Strict):
     safety margin on each side (the owner stops ``margin`` before it lapses; others claim
     ``margin`` after)."""
 
-    lease_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 15.0
-    lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 2.0
+    # 30 s / 5 s leaves room for a JetStream leader election of the ownership bucket (5-8 s when
+    # the server leading it dies) plus a renewal's own timeout; 15 s / 2 s lost leases to one kill.
+    lease_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    lease_margin_s: Annotated[float, Field(gt=0, le=600)] = 5.0
 
     @model_validator(mode="after")
     def _margin_fits(self) -> OwnershipConfig:

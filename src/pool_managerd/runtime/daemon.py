@@ -367,7 +367,7 @@ class Daemon:
             )
         )
         for pool in self.fenced:
-            await self._publish_node(PoolFencedEvent(reason=f"pool {pool} is owned by {self.fenced[pool]}", pool=pool))
+            await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
         self._spawn(self._kv_writer(), "kv-writer")
         self._spawn(self._heartbeat(), "heartbeat")
