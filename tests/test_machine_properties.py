@@ -504,7 +504,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         if self.state != "ready":
             return
         if not self.entry.leases:
-            self.command(LeaseCmd(command_id=f"lease-{self.seq}", ttl_s=1000.0), new_lease_id="held")
+            self.command(LeaseCmd(command_id=f"lease-{self.seq}", ttl_s=1000.0), new_lease_id=LEASE_IDS[0])
         if reload:
             self.model_counter += 1
             self.plan_ok = ok
