@@ -182,8 +182,8 @@ def start_daemon(
 
 async def engine_start_s(engine: Path, samples: int = 20) -> float:
     """The tiny engine's own start: fork, exec, listen, first 200 (median of ``samples``)."""
+    from pool_managerd.adapters.engines.ports import allocate_port
     from pool_managerd.adapters.http_probe import probe
-    from pool_managerd.adapters.process import allocate_port
 
     times = []
     for _ in range(samples):

@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pool_managerd.adapters.process import pid_alive
+from pool_managerd.adapters.engines.procs import pid_alive
 from pool_managerd.messages import Accepted, EngineExited, EngineSpawned, PoolClaimed
 from pool_managerd.testing.nats_server import NatsServer
 from test_recovery import MATCH, Rig, Wire, body, body_of, changed, fake_pool, replay_check_live

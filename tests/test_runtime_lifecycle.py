@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.procs import pid_alive, wait_pid_exit
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.http_probe import http_get
-from pool_managerd.adapters.process import allocate_port, pid_alive, wait_pid_exit
 from pool_managerd.config import PoolConfig, RestartConfig
 from pool_managerd.lifecycle.supervision import backoff_delay
 from pool_managerd.messages import (

@@ -39,7 +39,7 @@ ADAPTER_ORIGINS = (
     "nats",
     "support.procs",
     "support.nats_versions",
-    "pool_managerd.adapters.process",
+    "pool_managerd.adapters.engines",
     "pool_managerd.adapters.http_probe",
     "pool_managerd.adapters.event_log",
     "pool_managerd.adapters.nats_connect",

@@ -18,20 +18,15 @@ from typing import Any, Protocol
 
 import msgspec
 
+from pool_managerd.adapters.engines.argv import render_argv
+from pool_managerd.adapters.engines.errors import SpawnError, TemplateError
+from pool_managerd.adapters.engines.handles import EngineHandle, EngineProcess, ExitInfo
+from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.record import SpawnRecord
+from pool_managerd.adapters.engines.spawn import spawn
 from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
-from pool_managerd.adapters.process import (
-    EngineHandle,
-    EngineProcess,
-    ExitInfo,
-    SpawnError,
-    SpawnRecord,
-    TemplateError,
-    allocate_port,
-    render_argv,
-    spawn,
-)
 from pool_managerd.core.definitions import Context
 from pool_managerd.core.effects import (
     ArmTimer,

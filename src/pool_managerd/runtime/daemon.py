@@ -31,6 +31,7 @@ from nats.micro.service import EndpointConfig, Service
 from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
 from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
+from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.event_log import (
     BacklogFull,
     EventLogError,
@@ -43,7 +44,6 @@ from pool_managerd.adapters.event_log import (
 )
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.owner_store import OwnerStore
-from pool_managerd.adapters.process import SpawnRecord
 from pool_managerd.adapters.replication import (
     REPLICA_ERROR_CODES,
     ReplicasUnavailable,

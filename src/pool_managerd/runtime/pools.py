@@ -16,8 +16,9 @@ from typing import Any, Protocol
 
 import msgspec
 
+from pool_managerd.adapters.engines.procs import group_members
+from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.host_facts import gather_host_facts
-from pool_managerd.adapters.process import SpawnRecord, group_members
 from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
 from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.effects import VerifyGpus
