@@ -28,7 +28,7 @@ from typing import Any
 import nats
 from playwright.async_api import async_playwright
 
-from pool_managerd.adapters.event_log import ensure_kv, ensure_stream
+from pool_managerd.adapters.eventlog.stream import ensure_kv, ensure_stream
 from pool_managerd.dashboard import DashboardServer, PageConfig
 from pool_managerd.messages import PoolSnapshot, encode
 from pool_managerd.subjects import Subjects

@@ -40,7 +40,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import read_events
+from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.messages import (
     EVENT_DECODER,
     REPLY_DECODER,

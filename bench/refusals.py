@@ -21,7 +21,8 @@ from pathlib import Path
 
 import nats
 
-from pool_managerd.adapters.event_log import EventPublisher, ensure_stream
+from pool_managerd.adapters.eventlog.publisher import EventPublisher
+from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.config import load_config
 from pool_managerd.messages import REPLY_DECODER, SCHEMA_VERSION, CommandRejected, Event, Rejected
 from pool_managerd.runtime.daemon import Daemon

@@ -23,7 +23,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from pool_managerd.adapters.engines.procs import pid_alive
-from pool_managerd.adapters.event_log import read_events
+from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.cli import ctl as ctl_cli
 from pool_managerd.cli.format import format_age, format_event, short_uuid
 from pool_managerd.client import CommandReply, PoolClient

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAKE, JsNamespace, NatsConnect, StartDaemon
-from pool_managerd.adapters.event_log import ensure_kv, ensure_stream
+from pool_managerd.adapters.eventlog.stream import ensure_kv, ensure_stream
 from pool_managerd.adapters.replication import ReplicasUnavailable
 from pool_managerd.client import PoolClient
 from pool_managerd.config import ConfigError, load_config

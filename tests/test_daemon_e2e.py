@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from conftest import FAKE, StartDaemon
-from pool_managerd.adapters.event_log import read_events
+from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.core.fold import fold
 from pool_managerd.messages import (
     EVENT_DECODER,
@@ -512,7 +512,7 @@ async def test_export_then_offline_replay_matches_the_live_replay(
 async def test_node_events_never_restart_at_one_when_their_last_message_is_foreign(
     fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
 ) -> None:
-    from pool_managerd.adapters.event_log import ensure_stream
+    from pool_managerd.adapters.eventlog.stream import ensure_stream
 
     js = nc_fresh.jetstream()
     await ensure_stream(js, Subjects())

@@ -34,7 +34,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from pool_managerd.adapters.engines.procs import pid_alive
-from pool_managerd.adapters.event_log import ensure_stream, read_events
+from pool_managerd.adapters.eventlog.reading import read_events
+from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.config import load_config
 from pool_managerd.messages import Accepted, EngineSpawned, Event, PreloadCmd, StopCmd
 from pool_managerd.nats_version import NATS_SERVER_FLOOR, parse_server_version

@@ -47,7 +47,7 @@ from pool_managerd.accounts import (
     password_env,
     server_config,
 )
-from pool_managerd.adapters.event_log import read_entries
+from pool_managerd.adapters.eventlog.reading import read_entries
 from pool_managerd.adapters.nats_connect import ConnectFailed, first_connect
 from pool_managerd.client import PermissionDenials, PoolClient
 from pool_managerd.config import load_config

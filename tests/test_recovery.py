@@ -37,7 +37,7 @@ from nats.aio.msg import Msg
 
 from pool_managerd.adapters.engines.procs import group_members, pid_alive, wait_pid_exit
 from pool_managerd.adapters.engines.record import SpawnRecord
-from pool_managerd.adapters.event_log import read_events
+from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.messages import (
     EVENT_DECODER,
     REPLY_DECODER,

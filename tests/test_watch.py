@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import SnapshotStore
+from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.cli import watch as watch_cli
 from pool_managerd.cli.format import format_clock, render_table
 from pool_managerd.client import PoolClient

@@ -144,7 +144,7 @@ class EventStream:
 
     Events are decoded with ``EVENT_DECODER``; messages that are not events (or of an event type
     this client does not know) are skipped with a debug log line. Nothing is replayed: use
-    ``adapters.event_log.read_events`` for history.
+    ``adapters.eventlog.reading.read_events`` for history.
     """
 
     def __init__(self, nc: NATS, subjects: Sequence[str]) -> None:

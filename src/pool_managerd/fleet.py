@@ -27,7 +27,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import SnapshotStore
+from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.cli.format import format_age, format_clock, table
 from pool_managerd.client import NodeInfo, PoolClient
 from pool_managerd.core.errors import PoolManagerError

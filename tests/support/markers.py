@@ -41,7 +41,7 @@ ADAPTER_ORIGINS = (
     "support.nats_versions",
     "pool_managerd.adapters.engines",
     "pool_managerd.adapters.http_probe",
-    "pool_managerd.adapters.event_log",
+    "pool_managerd.adapters.eventlog",
     "pool_managerd.adapters.nats_connect",
     "pool_managerd.adapters.replication",
     "pool_managerd.runtime",

@@ -88,7 +88,7 @@ async def read_stream(
 ) -> AsyncIterator[tuple[int, Event | ForeignMessage]]:
     """Messages of stream ``POOLD_EVENTS`` as (stream sequence, event or foreign message), as
     ``args`` says to connect. A message that is not a legitimate event is named, not fatal."""
-    from pool_managerd.adapters.event_log import read_entries
+    from pool_managerd.adapters.eventlog.reading import read_entries
 
     subjects = Subjects(args.prefix)
     judge = judge or StreamJudge(subjects.prefix)
@@ -182,7 +182,7 @@ async def _collect(
 
 
 async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
-    from pool_managerd.adapters.event_log import SnapshotStore
+    from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 
     diffs: list[str] = []
     nc = await _connect(args)

@@ -31,7 +31,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pool_managerd.adapters.event_log import SnapshotStore, last_event
+from pool_managerd.adapters.eventlog.reading import last_event
+from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.cli.connect import TargetError, add_connection_arguments, connect, resolve_target
 from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, format_age, render_table, silence
 from pool_managerd.core.errors import PoolManagerError

@@ -24,7 +24,7 @@ from pool_managerd.adapters.engines.handles import EngineHandle, EngineProcess, 
 from pool_managerd.adapters.engines.ports import allocate_port
 from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.engines.spawn import spawn
-from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
+from pool_managerd.adapters.eventlog.errors import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
 from pool_managerd.core.definitions import Context

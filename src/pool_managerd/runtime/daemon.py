@@ -32,16 +32,11 @@ from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
 from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
 from pool_managerd.adapters.engines.record import SpawnRecord
-from pool_managerd.adapters.event_log import (
-    BacklogFull,
-    EventLogError,
-    EventPublisher,
-    PoolFenced,
-    PoolQuarantined,
-    SnapshotStore,
-    ensure_stream,
-    read_events,
-)
+from pool_managerd.adapters.eventlog.errors import BacklogFull, EventLogError, PoolFenced, PoolQuarantined
+from pool_managerd.adapters.eventlog.publisher import EventPublisher
+from pool_managerd.adapters.eventlog.reading import read_events
+from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
+from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.replication import (

@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pool_managerd.adapters.event_log import read_subject_events
+from pool_managerd.adapters.eventlog.reading import read_subject_events
 from pool_managerd.adapters.gpu_faults import NvmlFaultWatcher, SimFaultWatcher
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.sim_gpus import SIM_GPU_BUDGETS_ENV, SIM_GPU_DIR_ENV, SimGpuState

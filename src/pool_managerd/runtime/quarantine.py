@@ -21,7 +21,8 @@ from typing import Any
 import msgspec
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import EventPublisher, read_entries
+from pool_managerd.adapters.eventlog.publisher import EventPublisher
+from pool_managerd.adapters.eventlog.reading import read_entries
 from pool_managerd.core.log_integrity import LogEntry, explain_conflict, foreign_message, judge, quarantine_of
 from pool_managerd.messages import MAX_ACK_SEQUENCES, ForeignMessage, LogCorrupt
 from pool_managerd.subjects import STREAM_NAME, Subjects
