@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 
 __all__ = ["SpawnError", "SpawnRecordError", "TemplateError"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import nats.js.errors
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import Event, LogCorrupt
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import Event, LogCorrupt
 
 __all__ = ["BacklogFull", "EventLogError", "EventRejected", "PoolFenced", "PoolQuarantined", "PublisherClosed"]
 

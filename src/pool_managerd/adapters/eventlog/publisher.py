@@ -10,7 +10,7 @@ Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and `
   reading the pool's last message: if it carries this event's Msg-Id *and* its exact bytes, the
   event was stored and the publish succeeded; otherwise another writer appended and the pool is
   fenced.
-* nats-server 2.11.x (the oldest supported, see ``pool_managerd.nats_version``) dedupes first:
+* nats-server 2.11.x (the oldest supported, see ``pool_managerd.contract.nats_version``) dedupes first:
   the same resend is acked ``duplicate``. A duplicate ack is checked by bytes too, so either
   order ends the same way.
 
@@ -51,8 +51,8 @@ from pool_managerd.adapters.eventlog.jetstream import (
     HDR_TRACEPARENT,
 )
 from pool_managerd.adapters.eventlog.reading import last_msg, last_pool_sequence, node_msg_id
-from pool_managerd.messages import Event, LogCorrupt, encode
-from pool_managerd.subjects import STREAM_NAME, Subjects, msg_id, validate_id
+from pool_managerd.contract.messages import Event, LogCorrupt, encode
+from pool_managerd.contract.subjects import STREAM_NAME, Subjects, msg_id, validate_id
 
 __all__ = ["DEFAULT_MAX_BACKLOG", "DEFAULT_MAX_IN_FLIGHT", "ConflictInspector", "EventPublisher", "FencedCallback"]
 

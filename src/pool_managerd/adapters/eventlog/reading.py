@@ -12,10 +12,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
 from pool_managerd.adapters.eventlog.jetstream import ERR_NO_MESSAGE_FOUND, HDR_MSG_ID, as_jetstream
-from pool_managerd.core.errors import MalformedMessage
+from pool_managerd.contract.errors import MalformedMessage
+from pool_managerd.contract.messages import EVENT_DECODER, Event
+from pool_managerd.contract.subjects import STREAM_NAME, Subjects, validate_id
 from pool_managerd.core.log_integrity import LogEntry
-from pool_managerd.messages import EVENT_DECODER, Event
-from pool_managerd.subjects import STREAM_NAME, Subjects, validate_id
 
 __all__ = [
     "last_event",
@@ -90,7 +90,7 @@ async def read_events(
     The range is ``[from_seq, until_seq]`` in *stream* sequences, both inclusive, and never goes
     past the stream's last sequence at call time, so a live stream does not make it run forever.
     Reads through an ephemeral pull consumer (memory state, no acks) deleted when done.
-    Raises :class:`~pool_managerd.core.errors.MalformedMessage` on a message that is no Event.
+    Raises :class:`~pool_managerd.contract.errors.MalformedMessage` on a message that is no Event.
     """
     filter_subject = None if pool is None else subjects.pool_events(pool)
     async for seq, _subject, event in _read(

@@ -17,10 +17,10 @@ from nats.js.kv import KeyValue
 
 from pool_managerd.adapters.eventlog.jetstream import as_jetstream
 from pool_managerd.adapters.eventlog.stream import ensure_kv
-from pool_managerd.core.errors import MalformedMessage
-from pool_managerd.limits import MAX_SNAPSHOT_BYTES, json_problem
-from pool_managerd.messages import SNAPSHOT_DECODER, PoolSnapshot, encode
-from pool_managerd.subjects import KV_BUCKET, validate_id
+from pool_managerd.contract.errors import MalformedMessage
+from pool_managerd.contract.limits import MAX_SNAPSHOT_BYTES, json_problem
+from pool_managerd.contract.messages import SNAPSHOT_DECODER, PoolSnapshot, encode
+from pool_managerd.contract.subjects import KV_BUCKET, validate_id
 
 __all__ = ["WATCH_ATTEMPTS", "SnapshotCallback", "SnapshotStore"]
 

@@ -9,7 +9,7 @@ from nats.js.kv import KeyValue
 from pool_managerd.adapters.eventlog.errors import EventLogError
 from pool_managerd.adapters.eventlog.jetstream import ERR_STREAM_NAME_IN_USE
 from pool_managerd.adapters.replication import open_bucket, wait_for_leader
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 __all__ = ["DUPLICATE_WINDOW_S", "ensure_kv", "ensure_stream"]
 
