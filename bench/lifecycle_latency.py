@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pool_managerd.adapters.engines.procs import pid_alive
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.http_probe import probe
-from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import PoolConfig, RestartConfig
-from pool_managerd.messages import EngineExited, EngineSpawned, Event, PreloadCmd, StateChanged, StopCmd
+from pool_managerd.contract.messages import EngineExited, EngineSpawned, Event, PreloadCmd, StateChanged, StopCmd
 from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink
 
@@ -168,14 +168,14 @@ class Breakdown:
         self.group_scan: list[float] = []
 
     def install(self) -> None:
-        from pool_managerd.adapters import process
+        from pool_managerd.adapters.engines import procs, record
 
-        write, scan = process.SpawnRecord._write, process.group_members
+        write, scan = record.SpawnRecord._write, procs.group_members
 
-        def timed_write(record: process.SpawnRecord) -> None:
+        def timed_write(spawn_record: record.SpawnRecord) -> None:
             t = time.perf_counter()
             try:
-                write(record)
+                write(spawn_record)
             finally:
                 self.record_write.append(time.perf_counter() - t)
 
@@ -186,8 +186,8 @@ class Breakdown:
             finally:
                 self.group_scan.append(time.perf_counter() - t)
 
-        process.SpawnRecord._write = timed_write  # type: ignore[method-assign]
-        process.group_members = timed_scan
+        record.SpawnRecord._write = timed_write  # type: ignore[method-assign]
+        procs.group_members = timed_scan
 
     def report(self) -> str:
         lines = ["\nblocking calls on the event loop (ms):"]

@@ -41,9 +41,9 @@ from typing import Any
 
 import nats
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.client import PoolClient
-from pool_managerd.messages import REPLY_DECODER, PoolsReply, StatusReply
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.messages import REPLY_DECODER, PoolsReply, StatusReply
 
 ENGINE_C = r"""
 #include <arpa/inet.h>
@@ -182,8 +182,8 @@ def start_daemon(
 
 async def engine_start_s(engine: Path, samples: int = 20) -> float:
     """The tiny engine's own start: fork, exec, listen, first 200 (median of ``samples``)."""
+    from pool_managerd.adapters.engines.ports import allocate_port
     from pool_managerd.adapters.http_probe import probe
-    from pool_managerd.adapters.process import allocate_port
 
     times = []
     for _ in range(samples):

@@ -10,20 +10,13 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
-from pool_managerd.adapters.event_log import (
-    ERR_WRONG_LAST_SEQUENCE,
-    BacklogFull,
-    EventPublisher,
-    PoolFenced,
-    PublisherClosed,
-    SnapshotStore,
-    ensure_kv,
-    ensure_stream,
-    last_event,
-    last_pool_sequence,
-    read_events,
-)
-from pool_managerd.messages import (
+from pool_managerd.adapters.eventlog.errors import BacklogFull, PoolFenced, PublisherClosed
+from pool_managerd.adapters.eventlog.jetstream import ERR_WRONG_LAST_SEQUENCE
+from pool_managerd.adapters.eventlog.publisher import EventPublisher
+from pool_managerd.adapters.eventlog.reading import last_event, last_pool_sequence, read_events
+from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
+from pool_managerd.adapters.eventlog.stream import ensure_kv, ensure_stream
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     DaemonStarted,
     Event,
@@ -31,11 +24,11 @@ from pool_managerd.messages import (
     PoolSnapshot,
     encode,
 )
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 if TYPE_CHECKING:
     from conftest import JsNamespace, NatsConnect
-    from pool_managerd.testing.nats_server import NatsServer
+    from pool_managerd.adapters.embedded_nats import NatsServer
 
 WAIT = 10.0
 _ts = itertools.count(1)
@@ -605,7 +598,7 @@ async def test_read_events_by_pool_matches_one_read_per_pool(nc: NATS, js_ns: Js
             await pub.publish(ev(None, seq))  # node events are not any pool's
     finally:
         await pub.close()
-    from pool_managerd.adapters.event_log import read_events_by_pool
+    from pool_managerd.adapters.eventlog.reading import read_events_by_pool
 
     batched = await read_events_by_pool(nc, js_ns.subjects, ["a", "c", "none"], stream=js_ns.stream)
     for pool in ("a", "c", "none"):

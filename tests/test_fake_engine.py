@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from pool_managerd.adapters.engines.handles import EngineProcess
+from pool_managerd.adapters.engines.ports import allocate_port
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
-from pool_managerd.adapters.process import EngineProcess, allocate_port
 from pool_managerd.testing.fake_engine import parse_args
 from support.deadlines import ENGINE_S
 from support.procs import FakeEngines, read_log, wait_for_file, wait_ready

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pool_managerd.adapters.engines.ports import allocate_port
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult, http_get, probe
-from pool_managerd.adapters.process import allocate_port
 from support.deadlines import ENGINE_S
 from support.procs import FakeEngines, wait_ready
 

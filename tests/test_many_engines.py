@@ -14,16 +14,10 @@ import threading
 import time
 from pathlib import Path
 
-from pool_managerd.adapters.process import (
-    AdoptedProcess,
-    EngineHandle,
-    ExitInfo,
-    SpawnEntry,
-    SpawnRecord,
-    pid_alive,
-    proc_start_ticks,
-    spawn,
-)
+from pool_managerd.adapters.engines.handles import AdoptedProcess, EngineHandle, ExitInfo
+from pool_managerd.adapters.engines.procs import pid_alive, proc_start_ticks
+from pool_managerd.adapters.engines.record import SpawnEntry, SpawnRecord
+from pool_managerd.adapters.engines.spawn import spawn
 from support.procs import track_pid
 
 COUNT = 1100  # beyond 1,024: the descriptor numbers the watchers use pass FD_SETSIZE

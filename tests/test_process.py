@@ -14,25 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from pool_managerd.adapters.process import (
-    AdoptedProcess,
-    ExitInfo,
-    SpawnEntry,
-    SpawnError,
-    SpawnRecord,
-    SpawnRecordError,
-    TemplateError,
-    allocate_port,
-    kill_group,
-    pid_alive,
-    port_is_free,
-    proc_start_ticks,
-    render_argv,
-    rotate_log,
-    spawn,
-    stop_group,
-    wait_pid_exit,
-)
+from pool_managerd.adapters.engines.argv import render_argv
+from pool_managerd.adapters.engines.errors import SpawnError, SpawnRecordError, TemplateError
+from pool_managerd.adapters.engines.handles import AdoptedProcess, ExitInfo
+from pool_managerd.adapters.engines.logs import rotate_log
+from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.procs import kill_group, pid_alive, proc_start_ticks, stop_group, wait_pid_exit
+from pool_managerd.adapters.engines.record import SpawnEntry, SpawnRecord
+from pool_managerd.adapters.engines.spawn import spawn
+from pool_managerd.adapters.host_facts import port_is_free
 from support.deadlines import ENGINE_S
 from support.procs import FakeEngines, read_log, track_pid, wait_ready
 

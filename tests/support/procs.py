@@ -20,8 +20,11 @@ from typing import Any
 
 import pytest
 
+from pool_managerd.adapters.engines.handles import EngineProcess
+from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.procs import pid_alive
+from pool_managerd.adapters.engines.spawn import spawn
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
-from pool_managerd.adapters.process import EngineProcess, allocate_port, pid_alive, spawn
 from support.deadlines import ENGINE_S, LEAK_S
 
 FAKE = [sys.executable, "-m", "pool_managerd.testing.fake_engine"]

@@ -21,13 +21,13 @@ from typing import Any, TextIO
 import msgspec
 
 from pool_managerd.cli.connect import add_auth_arguments
-from pool_managerd.core.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.messages import Event, ForeignMessage, StateChanged, encode
+from pool_managerd.contract.subjects import DEFAULT_PREFIX, Subjects, validate_id
 from pool_managerd.core.fold import Fold
 from pool_managerd.core.log_integrity import StreamJudge
 from pool_managerd.core.state import PoolValue
 from pool_managerd.core.upcast import decode_event
-from pool_managerd.messages import Event, ForeignMessage, StateChanged, encode
-from pool_managerd.subjects import DEFAULT_PREFIX, Subjects, validate_id
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_FOREIGN = 0, 1, 2, 3
 
@@ -88,7 +88,7 @@ async def read_stream(
 ) -> AsyncIterator[tuple[int, Event | ForeignMessage]]:
     """Messages of stream ``POOLD_EVENTS`` as (stream sequence, event or foreign message), as
     ``args`` says to connect. A message that is not a legitimate event is named, not fatal."""
-    from pool_managerd.adapters.event_log import read_entries
+    from pool_managerd.adapters.eventlog.reading import read_entries
 
     subjects = Subjects(args.prefix)
     judge = judge or StreamJudge(subjects.prefix)
@@ -182,7 +182,7 @@ async def _collect(
 
 
 async def _live_differences(args: argparse.Namespace, fold: Fold) -> list[str]:
-    from pool_managerd.adapters.event_log import SnapshotStore
+    from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 
     diffs: list[str] = []
     nc = await _connect(args)

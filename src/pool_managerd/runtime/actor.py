@@ -18,19 +18,25 @@ from typing import Any, Protocol
 
 import msgspec
 
-from pool_managerd.adapters.event_log import PoolFenced, PoolQuarantined
+from pool_managerd.adapters.engines.argv import render_argv
+from pool_managerd.adapters.engines.errors import SpawnError, TemplateError
+from pool_managerd.adapters.engines.handles import EngineHandle, EngineProcess, ExitInfo
+from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.record import SpawnRecord
+from pool_managerd.adapters.engines.spawn import spawn
+from pool_managerd.adapters.eventlog.errors import PoolFenced, PoolQuarantined
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.http_probe import HealthProber, ProbeResult
-from pool_managerd.adapters.process import (
-    EngineHandle,
-    EngineProcess,
-    ExitInfo,
-    SpawnError,
-    SpawnRecord,
-    TemplateError,
-    allocate_port,
-    render_argv,
-    spawn,
+from pool_managerd.contract.errors import UnknownPool
+from pool_managerd.contract.messages import (
+    AckCorruptCmd,
+    EngineInfo,
+    Event,
+    HealthReport,
+    LogCorrupt,
+    Placement,
+    RejectCode,
+    Rejected,
 )
 from pool_managerd.core.definitions import Context
 from pool_managerd.core.effects import (
@@ -43,7 +49,6 @@ from pool_managerd.core.effects import (
     TimerName,
     VerifyGpus,
 )
-from pool_managerd.core.errors import UnknownPool
 from pool_managerd.core.inputs import (
     CommandInput,
     EngineExitedInput,
@@ -56,16 +61,6 @@ from pool_managerd.core.inputs import (
     label,
 )
 from pool_managerd.core.machine import Lifecycle, Outcome
-from pool_managerd.messages import (
-    AckCorruptCmd,
-    EngineInfo,
-    Event,
-    HealthReport,
-    LogCorrupt,
-    Placement,
-    RejectCode,
-    Rejected,
-)
 from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)
