@@ -109,6 +109,7 @@ from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.tasks import BackgroundTasks
 from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class Daemon:
         self._external_health = frozenset(pool.id for pool in config.pools if pool.external_health)
         self.node_events = NodeEvents(self.node)
         self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = BackgroundTasks()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()
         self._kv_dirty: dict[str, None] = {}
@@ -369,8 +370,8 @@ class Daemon:
         for pool in self.fenced:
             await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
-        self._spawn(self._kv_writer(), "kv-writer")
-        self._spawn(self._heartbeat(), "heartbeat")
+        self.tasks.start(self._kv_writer(), "kv-writer")
+        self.tasks.start(self._heartbeat(), "heartbeat")
         self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
@@ -595,7 +596,7 @@ class Daemon:
             claims[pool] = await self._above_logged_epochs(pool, claim, events.get(pool, []))
         report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node, claims=claims)
         for pool, state in report.taken_over.items():
-            self._spawn(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
+            self.tasks.start(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
         # Exactly once across restarts: the replies of the commands still in the cache window are
         # rebuilt from the log, so a client retrying across the restart gets its first answer.
         since = self.cache.clock() - self.cache.ttl_s
@@ -604,7 +605,7 @@ class Daemon:
                 self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         for pool in report.removed:
             self.removing.add(pool)
-            self._spawn(self._forget(pool), f"forget-{pool}")
+            self.tasks.start(self._forget(pool), f"forget-{pool}")
         self.recovery = report
         if report.violations:
             log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
@@ -696,7 +697,7 @@ class Daemon:
             return
         log.info("reconnected to NATS")
         if self.snapshots is not None:
-            self._spawn(self.snapshots.restart_watch(), "kv-rewatch")
+            self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
         # The server may have lost what was written (a restart without its store): write anew.
         self._kv_written.clear()
         for pool in list(self.runtime.actors if self.runtime else []):
@@ -718,7 +719,7 @@ class Daemon:
             self._stand_by(pool)
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
-        self._spawn(self._stand_down(pool, reason), f"fenced-{pool}")
+        self.tasks.start(self._stand_down(pool, reason), f"fenced-{pool}")
 
     async def _stand_down(self, pool: str, reason: str) -> None:
         """Another daemon writes this pool now: stop serving its commands and stop acting on it
@@ -766,7 +767,7 @@ class Daemon:
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
         self._stand_by(pool)
-        self._spawn(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
+        self.tasks.start(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
 
     async def _lose_pool(self, pool: str, reason: str) -> None:
         await self._stand_down(pool, reason)
@@ -906,7 +907,7 @@ class Daemon:
             except PoolManagerError:
                 pass
         self._inflight += 1
-        self._spawn(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
+        self.tasks.start(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
 
     async def _command(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
         try:
@@ -1060,7 +1061,7 @@ class Daemon:
         if last is not None and last[0] == key and now - last[1] < self.config.health_publish_s:
             return
         self._health_shown[report.pool] = (key, now)
-        self._spawn(
+        self.tasks.start(
             self.nc.publish(self.subjects.health(report.pool), encode(report), headers={ORIGIN_HEADER: self.node}),
             "health-pub",
         )
@@ -1209,16 +1210,6 @@ class Daemon:
 
     # --- running and stopping --------------------------------------------------------------------
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed: %s", task.get_name(), task.exception())
-
     def request_stop(self) -> None:
         self._stopping.set()
 
@@ -1315,14 +1306,7 @@ class Daemon:
         if self.audit is not None:
             await self.audit.close()
         step("background tasks")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=5.0)
-            if stuck:
-                log.error("shutdown: tasks still running after cancel: %s",
-                          ", ".join(sorted(t.get_name() for t in stuck)))  # fmt: skip
+        await self.tasks.cancel_all(5.0)
         if self.nc is not None and not self.nc.is_closed:
             step("closing the connection")
             with contextlib.suppress(Exception):
