@@ -42,6 +42,7 @@ from pool_managerd.adapters.event_log import (
     read_events,
 )
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
+from pool_managerd.adapters.nats_internals import count_endpoint_error, server_info
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.process import SpawnRecord
 from pool_managerd.adapters.replication import (
@@ -400,7 +401,7 @@ class Daemon:
         replicas = stream_replicas(self.config)
         assert self.nc is not None
         try:
-            check_clustered(self.nc._server_info, replicas, url=_safe_url(self.nc) or "the server")
+            check_clustered(server_info(self.nc), replicas, url=_safe_url(self.nc) or "the server")
             await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
             return await SnapshotStore.open(js, replicas=replicas)
         except ReplicasUnavailable as exc:
@@ -993,13 +994,8 @@ class Daemon:
         # nats-py counts an endpoint error only when the handler raises, and then replies with an
         # empty body; the typed rejection must stay the body, so the count is kept here, in the
         # endpoint's own statistics that $SRV.STATS reports (as nats-py would: "code:description").
-        if self.service is None:
-            return
-        for ep in self.service._endpoints:
-            if ep._name == endpoint:
-                ep._num_errors += 1
-                ep._last_error = f"{headers[ERROR_CODE_HEADER]}:{headers[ERROR_HEADER]}"
-                return
+        if self.service is not None:
+            count_endpoint_error(self.service, endpoint, f"{headers[ERROR_CODE_HEADER]}:{headers[ERROR_HEADER]}")
 
     async def _on_node_command(self, req: Request) -> None:
         try:
