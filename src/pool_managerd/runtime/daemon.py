@@ -16,8 +16,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -32,11 +30,8 @@ from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
 from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
 from pool_managerd.adapters.event_log import (
-    BacklogFull,
     EventLogError,
     EventPublisher,
-    PoolFenced,
-    PoolQuarantined,
     SnapshotStore,
     ensure_stream,
     read_events,
@@ -75,10 +70,8 @@ from pool_managerd.messages import (
     InventoryCmd,
     InventoryReply,
     LifecycleCmd,
-    LogCorrupt,
     NodeHeartbeat,
     PoolsCmd,
-    PoolSnapshot,
     PoolsReply,
     PreloadCmd,
     Rejected,
@@ -105,11 +98,14 @@ from pool_managerd.runtime.commands import (
     rejected_in,
     rejection,
 )
+from pool_managerd.runtime.connection import flush_through_cancel, reported_version, safe_url
 from pool_managerd.runtime.gpu_node import GpuNode
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.sink import ACK_BOUND_S, JetStreamSink, NodeEvents
+from pool_managerd.runtime.snapshots import KvWriter
 from pool_managerd.runtime.tasks import BackgroundTasks
 from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
@@ -120,85 +116,8 @@ MAX_INFLIGHT_COMMANDS = 1024
 SHUTDOWN_POOLS_S = 30.0
 """How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
 
-ACK_BOUND_S = 2.0
-"""How long a step waits for its events' PubAcks before running its effects anyway. Normally
-events are durable before effects run; while NATS is unreachable the pool keeps working and the
-events wait, in order, in the publisher's backlog."""
 ORIGIN_HEADER = "Poold-Node"
 """Header naming the node whose prober published a health report; the daemon skips its own."""
-
-
-class JetStreamSink:
-    """The runtime's event sink over :class:`EventPublisher`."""
-
-    def __init__(self, publisher: EventPublisher, metrics: Metrics, may_append: Any = None) -> None:
-        self.publisher = publisher
-        self.metrics = metrics
-        self.may_append = may_append
-        """``may_append(pool)``: False once this node may no longer write the pool (its lease ran out)."""
-        self._behind = 0
-        """Steps that went on without their acks in the current backlog episode (0: none)."""
-
-    async def append(self, pool: str, events: Sequence[Event]) -> None:
-        futures: list[asyncio.Future[int]] = []
-        if self.may_append is not None and not self.may_append(pool):
-            raise PoolFenced(pool, "this node does not hold the pool's ownership lease")
-        if self._behind and self.publisher.backlog == 0:
-            log.info("event log caught up: %d step(s) had gone on before their events were acknowledged",
-                     self._behind)  # fmt: skip
-            self._behind = 0
-        for event in events:
-            futures.append(await self._queue(event))
-        self.metrics.backlog.set(self.publisher.backlog)
-        if futures:
-            done, pending = await asyncio.wait(futures, timeout=ACK_BOUND_S)
-            if pending:
-                # Once per episode (until the backlog drains), not per step: a preload of a
-                # thousand pools behind a slow server would otherwise log a thousand warnings.
-                if not self._behind:
-                    log.warning("pool %s: %d event(s) not yet acknowledged after %.0f s; kept in order in the "
-                                "backlog (%d waiting); steps go on meanwhile", pool, len(pending), ACK_BOUND_S,
-                                self.publisher.backlog)  # fmt: skip
-                self._behind += 1
-            fenced: PoolFenced | PoolQuarantined | None = None
-            for fut in done:
-                exc = fut.exception()
-                if isinstance(exc, PoolFenced | PoolQuarantined):
-                    fenced = exc
-                elif exc is not None:
-                    log.error("pool %s: event refused: %s", pool, exc)
-            if fenced is not None:
-                raise fenced
-
-    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
-        return await quarantine.skip_acknowledged(self.publisher, pool, corrupt, next_seq)
-
-    async def _queue(self, event: Event) -> asyncio.Future[int]:
-        waited = 0.0
-        while True:
-            try:
-                return self.publisher.publish_nowait(event)
-            except BacklogFull:
-                # Wait for room, however long: events are the source of truth and a dropped one
-                # would leave a hole in the pool's sequence. The pool's steps wait meanwhile.
-                if waited % 10.0 < 0.2:
-                    log.error("event backlog full (NATS unreachable?): pool %s waits to append %s",
-                              event.pool, event.type)  # fmt: skip
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.publisher.flush(), 0.2)
-                waited += 0.2
-
-
-@dataclass(slots=True)
-class NodeEvents:
-    """Sequence and envelope for node events (``poold.node.<node>.evt.<type>``)."""
-
-    node: str
-    seq: int = 0
-
-    def make(self, body: EventBody) -> Event:
-        self.seq += 1
-        return Event(v=SCHEMA_VERSION, seq=self.seq, ts=time.time(), node=self.node, pool=None, body=body)
 
 
 class Daemon:
@@ -227,10 +146,7 @@ class Daemon:
         self.tasks = BackgroundTasks()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()
-        self._kv_dirty: dict[str, None] = {}
-        self._kv_wake = asyncio.Event()
-        self._kv_written: dict[str, _Written] = {}
-        self._kv_timers: dict[str, asyncio.TimerHandle] = {}
+        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self._server_supported)
         self._health_sub: Any = None
         self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
         self._served: set[str] = set()
@@ -275,7 +191,7 @@ class Daemon:
         self.url = urls[0]
         self.nc = await self._connect(urls)
         try:
-            self.server_version = check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+            self.server_version = check_server_version(reported_version(self.nc), url=safe_url(self.nc))
         except NatsServerTooOld as exc:
             # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
             # and closing on purpose is no lost connection to report.
@@ -371,14 +287,14 @@ class Daemon:
         for pool in self.fenced:
             await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
-        self.tasks.start(self._kv_writer(), "kv-writer")
+        self.tasks.start(self.kv.run(), "kv-writer")
         self.tasks.start(self._heartbeat(), "heartbeat")
         self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", host, port)
         for pool in owned:
-            self._mark_dirty(pool)
+            self.kv.mark_dirty(pool)
         # Every subscription is known to the server before start() returns: a client that sends
         # right after must meet the pool's endpoint, never only the catch-all. nats-py writes a
         # flush's PING straight to the socket while SUBs still wait in its pending buffer for the
@@ -401,7 +317,7 @@ class Daemon:
         replicas = stream_replicas(self.config)
         assert self.nc is not None
         try:
-            check_clustered(server_info(self.nc), replicas, url=_safe_url(self.nc) or "the server")
+            check_clustered(server_info(self.nc), replicas, url=safe_url(self.nc) or "the server")
             await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
             return await SnapshotStore.open(js, replicas=replicas)
         except ReplicasUnavailable as exc:
@@ -673,7 +589,7 @@ class Daemon:
         if key == self._supported_for:
             return True
         try:
-            check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+            check_server_version(reported_version(self.nc), url=safe_url(self.nc))
         except NatsServerTooOld as exc:
             self._incompatible_server(exc)
             return False
@@ -700,9 +616,9 @@ class Daemon:
         if self.snapshots is not None:
             self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
         # The server may have lost what was written (a restart without its store): write anew.
-        self._kv_written.clear()
+        self.kv.forget_written()
         for pool in list(self.runtime.actors if self.runtime else []):
-            self._mark_dirty(pool)
+            self.kv.mark_dirty(pool)
 
     async def _on_closed(self) -> None:
         if not self._stopping.is_set() and self.incompatible is None:
@@ -808,7 +724,7 @@ class Daemon:
         for old in rebuild_replies(events, since=since):
             self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         self._served.add(pool)
-        self._mark_dirty(pool)
+        self.kv.mark_dirty(pool)
         log.warning("pool %s taken over at epoch %d from %s (%s there)", pool, start.epoch,
                     start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
         if pool in report.taken_over:
@@ -1095,83 +1011,23 @@ class Daemon:
         if runtime is None:
             return
         self.metrics.observe(runtime.lifecycle.registry.get(pool), outcome)
-        if not outcome.events and pool in self._kv_timers:
+        if not outcome.events and self.kv.scheduled(pool):
             # A step without events (a healthy probe) changed at most the probe bookkeeping,
             # and a write that will carry it is already scheduled: no snapshot to build now.
             return
-        self._mark_dirty(pool)
+        self.kv.mark_dirty(pool)
 
     def _after_probe(self, pool: str, report: HealthReport) -> None:
         # What _after_step does for a step without events, without building an Entry.
         if report.latency_ms is not None:
             self.metrics.probe_observed(pool, report.latency_ms)
-        if pool not in self._kv_timers:
-            self._mark_dirty(pool)
+        if not self.kv.scheduled(pool):
+            self.kv.mark_dirty(pool)
 
     def _on_quarantine(self, pool: str) -> None:
         actor = self.runtime.actors.get(pool) if self.runtime is not None else None
         self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
-        self._mark_dirty(pool)
-
-    def _mark_dirty(self, pool: str) -> None:
-        self._kv_dirty[pool] = None
-        self._kv_wake.set()
-
-    async def _kv_writer(self) -> None:
-        """Write a pool's snapshot when something a reader shows has changed, coalesced.
-
-        Steps that only record probe bookkeeping (``last_heartbeat``, ``perf_hints``: every probe
-        of a loading engine is one) do not write by themselves; they ride along with the next
-        write, or are written :data:`KV_PROBE_REFRESH_S` after the last one. Any other change is
-        written at once, or :data:`KV_COALESCE_S` after the pool's previous write if that was
-        more recent, so a burst of steps is one put and a reader is never more than
-        ``KV_COALESCE_S`` plus one put behind while NATS is reachable."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._kv_wake.wait()
-            self._kv_wake.clear()
-            while self._kv_dirty:
-                pool = next(iter(self._kv_dirty))
-                del self._kv_dirty[pool]
-                if self.runtime is None or self.snapshots is None or pool not in self.runtime.actors:
-                    continue
-                if pool in self.fenced:
-                    continue  # the snapshot belongs to the pool's new writer now
-                if not self._server_supported():
-                    self._kv_dirty.clear()
-                    break
-                snapshot = self.runtime.snapshot(pool)
-                now = loop.time()
-                written = _Written.of(snapshot, now)
-                due = _kv_due(self._kv_written.get(pool), written)
-                if due is None:
-                    continue
-                if due > now:
-                    self._kv_later(pool, due - now)
-                    continue
-                try:
-                    await self.snapshots.put(snapshot)
-                except Exception as exc:
-                    log.warning("KV snapshot of %s not written (%s); retrying in 1 s", pool, exc)
-                    self._kv_dirty[pool] = None
-                    loop.call_later(1.0, self._kv_wake.set)
-                    break
-                self._kv_written[pool] = written
-
-    def _kv_later(self, pool: str, delay: float) -> None:
-        """Mark ``pool`` dirty after ``delay``, unless an earlier wake-up is already set."""
-        loop = asyncio.get_running_loop()
-        pending = self._kv_timers.get(pool)
-        if pending is not None:
-            if pending.when() <= loop.time() + delay:
-                return
-            pending.cancel()
-
-        def fire() -> None:
-            self._kv_timers.pop(pool, None)
-            self._mark_dirty(pool)
-
-        self._kv_timers[pool] = loop.call_later(delay, fire)
+        self.kv.mark_dirty(pool)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -1290,10 +1146,10 @@ class Daemon:
                 log.error("shutdown: actors not closed within %.0f s", SHUTDOWN_POOLS_S * 2)
             # The final snapshots say what the pools are now.
             for pool in self.runtime.actors:
-                self._mark_dirty(pool)
+                self.kv.mark_dirty(pool)
             if writable:
                 step("final snapshots")
-                await self._drain_kv()
+                await self.kv.drain(self.nc is not None and self.nc.is_connected)
         if self.publisher is not None:
             step("flushing events")
             if not writable and self.publisher.backlog:
@@ -1334,95 +1190,6 @@ class Daemon:
         for result in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
-
-    async def _drain_kv(self) -> None:
-        # Every pool is written now, whatever was waiting to coalesce.
-        for timer in self._kv_timers.values():
-            timer.cancel()
-        self._kv_timers.clear()
-        if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
-            return
-        runtime, snapshots = self.runtime, self.snapshots
-        # Side by side, not one put after another (a thousand pools waited 9 s here).
-        gate = asyncio.Semaphore(KV_FINAL_AT_ONCE)
-
-        async def put(pool: str) -> None:
-            async with gate:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(snapshots.put(runtime.snapshot(pool)), 2.0)
-
-        pools = [p for p in self._kv_dirty if p not in self.fenced and p in runtime.actors]
-        await asyncio.gather(*(put(pool) for pool in pools))
-        self._kv_dirty.clear()
-
-
-KV_FINAL_AT_ONCE = 32
-"""Final KV snapshot puts in flight at once during shutdown."""
-
-KV_COALESCE_S = 0.05
-"""Least time between two KV writes of one pool's snapshot (a reader's staleness bound, plus one put)."""
-
-KV_PROBE_REFRESH_S = 30.0
-"""How long probe bookkeeping alone (``last_heartbeat``, ``perf_hints``) may wait for a KV write.
-30 s, the observers' health refresh period: at 5 s the refresh alone cost N/5 puts a second
-(0.15 of a core at 1,000 pools) for fields no reader acts on."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Written:
-    """A snapshot as the KV writer compares it: whole, and without its probe bookkeeping."""
-
-    full: bytes
-    shown: bytes
-    at: float
-
-    @classmethod
-    def of(cls, snapshot: PoolSnapshot, at: float) -> _Written:
-        shown = msgspec.structs.replace(snapshot, last_heartbeat=None, perf_hints={})
-        return cls(full=encode(snapshot), shown=encode(shown), at=at)
-
-
-def _kv_due(last: _Written | None, now: _Written) -> float | None:
-    """When ``now`` should be written given the ``last`` write: None when nothing changed."""
-    if last is None:
-        return now.at
-    if last.full == now.full:
-        return None
-    wait = KV_COALESCE_S if last.shown != now.shown else KV_PROBE_REFRESH_S
-    return max(now.at, last.at + wait)
-
-
-def _reported_version(nc: NATS) -> ServerVersion | None:
-    """The version in the connected server's INFO, or None when it gives none we can read."""
-    reported = nc.connected_server_version
-    try:
-        version = ServerVersion(int(reported.major), int(reported.minor), int(reported.patch),
-                                str(reported.prerelease or ""))  # fmt: skip
-    except (ValueError, TypeError):
-        return None
-    # nats-py's stand-in for "no INFO version yet".
-    return None if version.release == (0, 0, 0) and version.prerelease == "unknown" else version
-
-
-def _safe_url(nc: NATS) -> str | None:
-    """The connected server as scheme://host:port: never the credentials a URL may carry."""
-    url = nc.connected_url
-    if url is None or url.hostname is None:
-        return None
-    return f"{url.scheme}://{url.hostname}:{url.port}" if url.port else f"{url.scheme}://{url.hostname}"
-
-
-async def flush_through_cancel(nc: NATS) -> None:
-    """``nc.flush()`` that a cancellation (a stop during start-up) cannot break.
-
-    Cancelled mid-flight, nats-py's flush leaves its cancelled PONG future queued; the PONG then
-    raises ``InvalidStateError`` inside the client's read loop, which stops reading, and every
-    later ack, reply and KV write on the connection times out. Shielded, the flush finishes on its
-    own (bounded by nats-py's flush timeout) while the caller is cancelled at once."""
-    flush = asyncio.ensure_future(nc.flush())
-    # Retrieved here, so a flush that fails after its caller left is not an unhandled error.
-    flush.add_done_callback(lambda done: done.cancelled() or done.exception())
-    await asyncio.shield(flush)
 
 
 _RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
