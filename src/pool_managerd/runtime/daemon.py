@@ -11,7 +11,6 @@ Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush ev
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import signal
@@ -21,14 +20,10 @@ from typing import Any
 import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import EndpointConfig, Service
 
 from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
-from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
+from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
 from pool_managerd.adapters.event_log import (
     EventLogError,
     EventPublisher,
@@ -37,7 +32,7 @@ from pool_managerd.adapters.event_log import (
     read_events,
 )
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
-from pool_managerd.adapters.nats_internals import count_endpoint_error, server_info
+from pool_managerd.adapters.nats_internals import server_info
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.process import SpawnRecord
 from pool_managerd.adapters.replication import (
@@ -52,31 +47,19 @@ from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.inputs import ClaimInput, ReleaseInput
 from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.core.machine import Outcome
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.replies import rebuild_replies
-from pool_managerd.limits import json_problem
 from pool_managerd.messages import (
-    HEALTH_DECODER,
-    SCHEMA_VERSION,
     DaemonStarted,
     DaemonStopping,
     Event,
     EventBody,
-    GpuClearCmd,
-    GpuClearReply,
     GpuSnapshot,
     HealthReport,
-    InventoryCmd,
-    InventoryReply,
-    LifecycleCmd,
-    NodeHeartbeat,
-    PoolsCmd,
-    PoolsReply,
     PreloadCmd,
     Rejected,
     StopCmd,
-    command_fingerprint,
     encode,
 )
 from pool_managerd.messages import PoolFenced as PoolFencedEvent
@@ -86,38 +69,28 @@ from pool_managerd.nats_version import (
     ServerVersion,
     check_server_version,
 )
-from pool_managerd.runtime import logs, quarantine
+from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.commands import (
-    ERROR_CODE_HEADER,
-    ERROR_HEADER,
     CommandCache,
-    CommandError,
-    decode_node_command,
-    decode_pool_command,
-    error_headers,
-    rejected_in,
-    rejection,
 )
 from pool_managerd.runtime.connection import flush_through_cancel, reported_version, safe_url
 from pool_managerd.runtime.gpu_node import GpuNode
+from pool_managerd.runtime.health import HealthRelay
+from pool_managerd.runtime.heartbeat import heartbeat
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.service import CommandService
 from pool_managerd.runtime.sink import ACK_BOUND_S, JetStreamSink, NodeEvents
 from pool_managerd.runtime.snapshots import KvWriter
 from pool_managerd.runtime.tasks import BackgroundTasks
-from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
+from pool_managerd.subjects import STREAM_NAME, Subjects
 
 log = logging.getLogger(__name__)
 
-MAX_INFLIGHT_COMMANDS = 1024
-"""Commands one daemon works on at once (all pools); past it a command is answered ``overloaded``."""
 SHUTDOWN_POOLS_S = 30.0
 """How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
-
-ORIGIN_HEADER = "Poold-Node"
-"""Header naming the node whose prober published a health report; the daemon skips its own."""
 
 
 class Daemon:
@@ -134,13 +107,12 @@ class Daemon:
         self.audit: AuditLog | None = None
         self.snapshots: SnapshotStore | None = None
         self.runtime: PoolRuntime | None = None
-        self.service: Service | None = None
+        self.commands: CommandService | None = None
         self.embedded: Any = None
         self.url: str | None = None
         self.ws_url: str | None = None
         """The embedded server's websocket listener, when there is one."""
         self.fenced: dict[str, str] = {}
-        self._external_health = frozenset(pool.id for pool in config.pools if pool.external_health)
         self.node_events = NodeEvents(self.node)
         self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
         self.tasks = BackgroundTasks()
@@ -148,7 +120,12 @@ class Daemon:
         self._closed = asyncio.Event()
         self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self._server_supported)
         self._health_sub: Any = None
-        self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
+        self.health = HealthRelay(
+            node=self.node, subjects=self.subjects, metrics=self.metrics, tasks=self.tasks,
+            publish_s=config.health_publish_s,
+            external=frozenset(pool.id for pool in config.pools if pool.external_health),
+            nc=lambda: self.nc, runtime=lambda: self.runtime,
+        )  # fmt: skip
         self._served: set[str] = set()
         """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
@@ -158,10 +135,7 @@ class Daemon:
         self.standing_by: dict[str, PoolDefinition] = {}
         """Configured pools another node holds: claimed when their lease is free or lapses."""
         self._released: set[str] = set()
-        self.known_pools: set[str] = set()
         self.removing: set[str] = set()
-        self._unclaimed_sub: Any = None
-        self._inflight = 0
         self.server_version: ServerVersion | None = None
         self.incompatible: PoolManagerError | None = None
         self._supported_for: tuple[object, ...] | None = None
@@ -223,7 +197,7 @@ class Daemon:
             JetStreamSink(self.publisher, self.metrics, self._may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
-            health_out=self._publish_health,
+            health_out=self.health.publish,
             gpu_reader=self.gpus.raw,
             engine_env=self.gpus.engine_env,
         )
@@ -243,52 +217,33 @@ class Daemon:
         await self._recover(claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
-        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
-        await self.snapshots.watch(self._on_snapshot)
+        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
+        self.commands = CommandService(
+            node=self.node, subjects=self.subjects, nc=self.nc, runtime=self.runtime, audit=self.audit,
+            metrics=self.metrics, cache=self.cache, tasks=self.tasks, gpus=self.gpus, node_events=self.node_events,
+            gpu_source=self.gpu_source, serves=self._serves, fenced=self.fenced, standing_by=self.standing_by,
+            removing=self.removing,
+        )  # fmt: skip
+        await self.snapshots.watch(self.commands.on_snapshot)
         # The catch-all answers "unknown pool" only for pools absent from the bucket: know them first.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.snapshots.wait_synced(), 5.0)
-        # Commands for pools nobody serves would otherwise meet only "no responders": answer them
-        # with a typed rejection. One daemon of the cluster answers (queue group), and only for
-        # ids that are invalid or that no daemon has ever published a snapshot for.
-        self._unclaimed_sub = await self.nc.subscribe(
-            f"{self.subjects.prefix}.cmd.*.*", queue="poold-unclaimed", cb=self._on_unclaimed
-        )
-        self.service = await add_service(
-            self.nc,
-            name=SERVICE_NAME,
-            version=__version__,
-            description="pool-managerd: GPU inference engine pools",
-            metadata={"node": self.node, "schema": str(SCHEMA_VERSION)},
-        )
-        # One endpoint (one subscription) for every pool of this node, the pool taken from the
-        # subject: $SRV.INFO and $SRV.STATS stay the same size whatever the pool count. Every node
-        # hears every pool command; the owner answers, the others (and the catch-all, for pools
-        # nobody serves) stay silent.
+        await self.commands.listen_unclaimed()
         self._served = set(owned)
-        await self.service.add_endpoint(
-            EndpointConfig(
-                name=f"pools-{self.node}",
-                subject=f"{self.subjects.prefix}.cmd.*.*",
-                handler=self._on_command,
-                queue_group=f"poold-pools-{self.node}",
-                metadata={"node": self.node},
-            )
-        )
-        await self.service.add_endpoint(
-            EndpointConfig(
-                name=f"node-{self.node}",
-                subject=f"{self.subjects.prefix}.node.{self.node}.cmd.*",
-                handler=self._on_node_command,
-                queue_group=f"poold-node-{self.node}",
-                metadata={"node": self.node},
-            )
-        )
+        await self.commands.serve()
         for pool in self.fenced:
             await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
         self.tasks.start(self.kv.run(), "kv-writer")
-        self.tasks.start(self._heartbeat(), "heartbeat")
+        heartbeat_loop = heartbeat(
+            period_s=cfg.heartbeat_s,
+            metrics=self.metrics,
+            publisher=self.publisher,
+            runtime=self.runtime,
+            gpu_source=self.gpu_source,
+            publish_node=self._publish_node,
+        )
+        self.tasks.start(heartbeat_loop, "heartbeat")
         self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
@@ -761,249 +716,6 @@ class Daemon:
         self._served.difference_update(held)
         await asyncio.gather(*(keeper.release(pool) for pool in held), return_exceptions=True)
 
-    # --- commands --------------------------------------------------------------------------------
-
-    async def _on_snapshot(self, pool: str, snapshot: object) -> None:
-        if snapshot is None:
-            self.known_pools.discard(pool)
-        else:
-            self.known_pools.add(pool)
-
-    async def _on_unclaimed(self, msg: Msg) -> None:
-        try:
-            pool, verb = self.subjects.parse_command(msg.subject)
-        except PoolManagerError as exc:
-            await self._reply_unclaimed(msg, rejection(exc.code, exc.message))
-            return
-        if pool in self.removing:
-            message = f"pool {pool!r} was removed from node {self.node}'s configuration and is being drained"
-            await self._reply_unclaimed(msg, rejection("unknown_pool", message, pool=pool, verb=verb))
-            return
-        if (self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools
-                or pool in self.standing_by):  # fmt: skip
-            return  # its owner answers
-        await self._reply_unclaimed(
-            msg, rejection("unknown_pool", f"no daemon serves pool {pool!r}", pool=pool, verb=verb)
-        )
-
-    async def _reply_unclaimed(self, msg: Msg, reply: Rejected) -> None:
-        # Not a micro endpoint, so nothing counts it in $SRV.STATS; the headers still say "error".
-        self._audit(reply)
-        if msg.reply and self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, encode(reply), headers=error_headers(reply))
-
-    async def _on_command(self, req: Request) -> None:
-        # Handlers of one subscription run one at a time: answer in a task so a slow command
-        # (a preload gathering host facts) never holds up the next status read.
-        msg_headers = req.headers or {}
-        subject = req.subject
-        data = req.data
-        traceparent = msg_headers.get("traceparent")
-        try:
-            pool, verb = self.subjects.parse_command(subject)
-        except PoolManagerError:
-            return  # the catch-all answers malformed subjects
-        if not self._serves(pool):
-            # Another node's pool, nobody's, or one whose lease this node can no longer vouch
-            # for (checked on the local clock, no round trip): its owner or the catch-all answers.
-            return
-        if self._inflight >= MAX_INFLIGHT_COMMANDS:
-            # Bounded work per daemon: past it a client is told to come back, at once.
-            busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
-                             pool=pool, verb=verb)  # fmt: skip
-            await self._respond(req, busy, verb, f"pools-{self.node}")
-            return
-        if verb == "status" and len(data) <= 2 and self.runtime is not None and pool not in self.fenced:
-            # Fast path for the commonest read: no task, no cache.
-            try:
-                reply = await self.runtime.command(pool, decode_pool_command(verb, data))
-                if self._serves(pool):
-                    await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-            except PoolManagerError:
-                pass
-        self._inflight += 1
-        self.tasks.start(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
-
-    async def _command(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
-        try:
-            await self._command_inner(req, pool, verb, data, traceparent)
-        finally:
-            self._inflight -= 1
-
-    async def _command_inner(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
-        token = logs.pool_var.set(pool)
-        logs.trace_var.set(logs.trace_id(traceparent))
-        try:
-            try:
-                cmd = decode_pool_command(verb, data)
-            except CommandError as exc:
-                reply = rejection(exc.code, exc.message, pool=pool, verb=verb)
-                await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-            logs.command_var.set(cmd.command_id)
-            runtime = self.runtime
-            assert runtime is not None
-            if pool in self.fenced or pool not in runtime.actors:
-                if pool in self.fenced:
-                    code, message = "fenced", f"pool {pool!r} is fenced on node {self.node}: {self.fenced[pool]}"
-                else:
-                    code, message = "unknown_pool", f"unknown pool {pool!r}"
-                reply = rejection(code, message, pool=pool, verb=verb, command_id=cmd.command_id)
-                await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-
-            async def apply() -> bytes:
-                return encode(await runtime.command(pool, cmd, traceparent))
-
-            try:
-                if verb == "status":
-                    body = await apply()
-                else:
-                    # The verb is part of what was asked: the same id with another verb is a conflict.
-                    # A retry is the same command when it decodes to the same values (key order,
-                    # whitespace and defaults spelled out do not matter); the verb is part of it.
-                    body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
-                    if body.startswith(b'{"type":"rejected"') and (
-                        b'"code":"overloaded"' in body or b'"code":"log_corrupt"' in body
-                    ):
-                        self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
-            except PoolManagerError as exc:
-                body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
-            except Exception:
-                log.exception("command %s on pool %s failed", verb, pool)
-                message = "internal error; see the daemon log"
-                body = encode(rejection("internal", message, pool=pool, verb=verb, command_id=cmd.command_id))
-            if not self._serves(pool):
-                return  # the lease ran out meanwhile: the new owner answers a retry (from the log)
-            await self._respond_raw(req, body, verb, f"pools-{self.node}")
-        finally:
-            logs.pool_var.reset(token)
-
-    async def _respond(self, req: Request, reply: msgspec.Struct, verb: str, endpoint: str | None) -> None:
-        await self._respond_raw(req, encode(reply), verb, endpoint)
-
-    async def _respond_raw(self, req: Request, body: bytes, verb: str, endpoint: str | None) -> None:
-        """Send a reply. A rejection keeps its typed body and follows the nats micro error
-        convention as well: error headers, and counted as an error of ``endpoint``."""
-        rejected = rejected_in(body)
-        self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", "rejected" if rejected else "ok").inc()
-        if rejected is not None:
-            self._audit(rejected)
-        headers = error_headers(rejected) if rejected is not None else None
-        if headers is not None and endpoint is not None:
-            self._count_error(endpoint, headers)
-        try:
-            await req.respond(body, headers=headers)
-        except Exception as exc:
-            log.warning("could not send reply: %s", exc)
-
-    def _audit(self, rejected: Rejected) -> None:
-        """A refused command goes to metrics, the audit stream and (summed up) the log; never
-        to the pool's history, since it changed nothing."""
-        self.metrics.refused.labels(rejected.code).inc()
-        if self.audit is not None:
-            self.audit.record(audit_record(self.node, rejected))
-
-    def _count_error(self, endpoint: str, headers: dict[str, str]) -> None:
-        # nats-py counts an endpoint error only when the handler raises, and then replies with an
-        # empty body; the typed rejection must stay the body, so the count is kept here, in the
-        # endpoint's own statistics that $SRV.STATS reports (as nats-py would: "code:description").
-        if self.service is not None:
-            count_endpoint_error(self.service, endpoint, f"{headers[ERROR_CODE_HEADER]}:{headers[ERROR_HEADER]}")
-
-    async def _on_node_command(self, req: Request) -> None:
-        try:
-            _node, verb = self.subjects.parse_node_command(req.subject)
-            cmd = decode_node_command(verb, req.data)
-            runtime = self.runtime
-            assert runtime is not None
-            reply: msgspec.Struct
-            if isinstance(cmd, InventoryCmd):
-                try:
-                    reply = InventoryReply(node=self.node, gpus=self.gpu_source())
-                except PoolManagerError as exc:
-                    reply = Rejected(verb=verb, code="unavailable", message=exc.message)
-            elif isinstance(cmd, LifecycleCmd):
-                reply = describe()
-            elif isinstance(cmd, GpuClearCmd):
-                cleared = await self.gpus.clear(cmd.uuid)
-                reply = GpuClearReply(node=self.node, uuid=cmd.uuid, cleared=cleared,
-                                      seq=self.node_events.seq if cleared else None)  # fmt: skip
-            else:
-                await self._respond_raw(req, self._pools_page(cmd), "node", f"node-{self.node}")
-                return
-        except PoolManagerError as exc:
-            reply = rejection(exc.code, exc.message)
-        except Exception:
-            # Never exception text on the wire (nats micro would send it as Nats-Service-Error).
-            log.exception("node command on %s failed", req.subject)
-            reply = rejection("internal", "internal error; see the daemon log")
-        await self._respond(req, reply, "node", f"node-{self.node}")
-
-    def _pools_page(self, cmd: PoolsCmd) -> bytes:
-        """One page of the ``pools`` reply, never over the server's max payload."""
-        runtime = self.runtime
-        assert runtime is not None
-        snaps = sorted(map(runtime.overlay, runtime.lifecycle.registry.snapshots()), key=lambda s: s.pool)
-        start = 0 if cmd.after is None else bisect.bisect_right([s.pool for s in snaps], cmd.after)
-        budget = (self.nc.max_payload if self.nc is not None and self.nc.max_payload else 1024 * 1024) - 4096
-        count = min(cmd.limit, len(snaps) - start)
-        while True:
-            page = snaps[start : start + count]
-            more = start + count < len(snaps)
-            body = encode(PoolsReply(node=self.node, pools=page, next=page[-1].pool if more and page else None,
-                                     total=len(snaps)))  # fmt: skip
-            if len(body) <= budget or count <= 1:
-                return body
-            count //= 2
-
-    # --- health ----------------------------------------------------------------------------------
-
-    def _publish_health(self, report: HealthReport) -> None:
-        """Show our prober's results to observers on ``poold.health.<pool>``: when the outcome
-        changes, else at most once per ``health_publish_s`` per pool. The pool already has the
-        result (the prober feeds it directly), so a healthy probe costs no NATS message."""
-        if self.nc is None or not self.nc.is_connected:
-            return
-        key = (report.ok, report.loading, report.status, report.error, report.engine_pid)
-        now = time.monotonic()
-        last = self._health_shown.get(report.pool)
-        if last is not None and last[0] == key and now - last[1] < self.config.health_publish_s:
-            return
-        self._health_shown[report.pool] = (key, now)
-        self.tasks.start(
-            self.nc.publish(self.subjects.health(report.pool), encode(report), headers={ORIGIN_HEADER: self.node}),
-            "health-pub",
-        )
-
-    async def _on_health(self, msg: Msg) -> None:
-        runtime = self.runtime
-        if runtime is None:
-            return
-        if msg.headers and msg.headers.get(ORIGIN_HEADER) == self.node:
-            return  # our own prober's, shown to observers: the pool had it first
-        try:
-            pool = self.subjects.parse_health(msg.subject)
-            problem = json_problem(msg.data)
-            if problem is not None:
-                raise msgspec.DecodeError(problem[1])
-            report = HEALTH_DECODER.decode(msg.data)
-            validate_id(report.pool, "pool")
-        except (PoolManagerError, msgspec.DecodeError, RecursionError) as exc:
-            log.warning("ignored malformed health report on %s: %s", msg.subject, exc)
-            self.metrics.health_ignored.inc()
-            return
-        # Readiness comes from our own prober only; an outside report may at most count as a failed
-        # probe, and only for a pool whose configuration asks for that.
-        if report.pool != pool or report.ok or pool not in self._external_health:
-            self.metrics.health_ignored.inc()
-            return
-        if not runtime.health_report(report):
-            self.metrics.health_ignored.inc()
-            self.metrics.health_outside_dropped.inc()
-
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 
     def _after_step(self, pool: str, outcome: Outcome) -> None:
@@ -1028,29 +740,6 @@ class Daemon:
         actor = self.runtime.actors.get(pool) if self.runtime is not None else None
         self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
         self.kv.mark_dirty(pool)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                self.metrics.backlog.set(self.publisher.backlog if self.publisher else 0)
-                snap = self.gpu_source()
-                states: dict[str, int] = {}
-                if self.runtime is not None:
-                    for e in self.runtime.lifecycle.registry:
-                        states[str(e.state)] = states.get(str(e.state), 0) + 1
-                await self._publish_node(
-                    NodeHeartbeat(
-                        gpus=len(snap.gpus),
-                        memory_total=sum(g.memory_total for g in snap.gpus),
-                        memory_free=sum(g.memory_free for g in snap.gpus),
-                        simulated=snap.simulated,
-                        states=states,
-                        period_s=self.config.heartbeat_s,
-                    )
-                )
-            except PoolManagerError as exc:
-                log.warning("heartbeat without GPU summary: %s", exc)
-            await asyncio.sleep(self.config.heartbeat_s)
 
     async def _publish_node(self, body: EventBody) -> None:
         if self.publisher is None:
@@ -1110,11 +799,10 @@ class Daemon:
             log.info("shutdown: %s done after %.3f s; next: %s", phase, time.monotonic() - t0, name)
             phase = name
 
-        if self.service is not None:
-            with contextlib.suppress(Exception):
-                await self.service.stop()
+        if self.commands is not None:
+            await self.commands.stop()
         await self.gpus.stop_watching()
-        for sub in (self._health_sub, self._unclaimed_sub):
+        for sub in (self._health_sub, self.commands.unclaimed_sub if self.commands is not None else None):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -1198,6 +886,3 @@ _RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
 
 def _last_writer(events: list[Event]) -> str | None:
     return events[-1].node if events else None
-
-
-_KNOWN_VERBS = frozenset({"preload", "drain", "reload", "stop", "reset", "lease", "release", "status", "node"})
