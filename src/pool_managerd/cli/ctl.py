@@ -47,8 +47,8 @@ from pool_managerd.cli.format import (
     table,
 )
 from pool_managerd.client import CommandReply, NodeReply, PermissionDenials, PoolClient, WaitResult
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import (
     NODE_COMMANDS,
     POOL_COMMANDS,
     Accepted,
@@ -64,8 +64,8 @@ from pool_managerd.messages import (
     StatusReply,
     encode,
 )
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.placement import format_bytes
-from pool_managerd.subjects import Subjects
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
 NODE_VERBS: tuple[str, ...] = tuple(v for v in NODE_COMMANDS if v != "gpu_clear")

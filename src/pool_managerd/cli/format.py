@@ -12,7 +12,7 @@ from typing import TextIO
 
 import msgspec
 
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     BackoffScheduled,
     CommandRejected,
     DaemonStarted,

@@ -7,7 +7,7 @@ import asyncio
 
 from nats.aio.client import Client as NATS
 
-from pool_managerd.nats_version import ServerVersion
+from pool_managerd.contract.nats_version import ServerVersion
 
 
 def reported_version(nc: NATS) -> ServerVersion | None:

@@ -14,13 +14,13 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.limits import json_problem
-from pool_managerd.messages import HEALTH_DECODER, HealthReport, encode
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.limits import json_problem
+from pool_managerd.contract.messages import HEALTH_DECODER, HealthReport, encode
+from pool_managerd.contract.subjects import Subjects, validate_id
 from pool_managerd.runtime.metrics import Metrics
 from pool_managerd.runtime.pools import PoolRuntime
 from pool_managerd.runtime.tasks import BackgroundTasks
-from pool_managerd.subjects import Subjects, validate_id
 
 log = logging.getLogger(__name__)
 

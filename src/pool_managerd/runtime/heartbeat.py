@@ -9,8 +9,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pool_managerd.adapters.event_log import EventPublisher
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import EventBody, GpuSnapshot, NodeHeartbeat
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import EventBody, GpuSnapshot, NodeHeartbeat
 from pool_managerd.runtime.metrics import Metrics
 from pool_managerd.runtime.pools import PoolRuntime
 

@@ -23,10 +23,8 @@ from nats.micro.service import EndpointConfig, Service
 from pool_managerd import __version__
 from pool_managerd.adapters.audit import AuditLog, audit_record
 from pool_managerd.adapters.nats_internals import count_endpoint_error
-from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.core.machine import describe
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     GpuClearCmd,
     GpuClearReply,
@@ -40,6 +38,9 @@ from pool_managerd.messages import (
     command_fingerprint,
     encode,
 )
+from pool_managerd.contract.subjects import SERVICE_NAME, Subjects
+from pool_managerd.core.definitions import PoolDefinition
+from pool_managerd.core.machine import describe
 from pool_managerd.runtime import logs
 from pool_managerd.runtime.commands import (
     ERROR_CODE_HEADER,
@@ -57,7 +58,6 @@ from pool_managerd.runtime.metrics import Metrics
 from pool_managerd.runtime.pools import PoolRuntime
 from pool_managerd.runtime.sink import NodeEvents
 from pool_managerd.runtime.tasks import BackgroundTasks
-from pool_managerd.subjects import SERVICE_NAME, Subjects
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pool_managerd.adapters.event_log import BacklogFull, EventPublisher, PoolFenced, PoolQuarantined
-from pool_managerd.messages import SCHEMA_VERSION, Event, EventBody, LogCorrupt
+from pool_managerd.contract.messages import SCHEMA_VERSION, Event, EventBody, LogCorrupt
 from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.metrics import Metrics
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import msgspec
 
 from pool_managerd.adapters.event_log import SnapshotStore
-from pool_managerd.messages import PoolSnapshot, encode
+from pool_managerd.contract.messages import PoolSnapshot, encode
 from pool_managerd.runtime.pools import PoolRuntime
 
 log = logging.getLogger(__name__)
