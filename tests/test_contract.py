@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from conftest import FAKE, StartDaemon
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.contract.messages import REJECT_STATUS
-from pool_managerd.runtime import daemon as daemon_module
+from pool_managerd.runtime import connection, snapshots
 from pool_managerd.runtime.daemon import Daemon
 from support.contract import README, Example, channel_of, matching_reply, message_schema, parse
 from support.deadlines import until
@@ -108,7 +108,7 @@ async def test_a_flush_cancelled_in_flight_leaves_the_connection_working(
 
     await nc.subscribe(subject, cb=echo)
     await nc.flush()
-    task = asyncio.ensure_future(daemon_module.flush_through_cancel(nc) if flush == "shielded" else nc.flush())
+    task = asyncio.ensure_future(connection.flush_through_cancel(nc) if flush == "shielded" else nc.flush())
     await asyncio.sleep(0)  # ok: one loop turn puts the PING on the wire, the PONG not yet read
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -281,15 +281,15 @@ def test_kv_due_coalesces_and_lets_probe_bookkeeping_wait() -> None:
     def snap(**kw: Any) -> PoolSnapshot:
         return PoolSnapshot(pool="p", **kw)
 
-    written = daemon_module._Written
-    due = daemon_module._kv_due
+    written = snapshots._Written
+    due = snapshots._kv_due
     first = written.of(snap(seq=1), 10.0)
     assert due(None, first) == 10.0
     assert due(first, written.of(snap(seq=1), 11.0)) is None  # nothing changed
-    assert due(first, written.of(snap(seq=2), 10.01)) == pytest.approx(10.0 + daemon_module.KV_COALESCE_S)
+    assert due(first, written.of(snap(seq=2), 10.01)) == pytest.approx(10.0 + snapshots.KV_COALESCE_S)
     assert due(first, written.of(snap(seq=2), 12.0)) == 12.0
     probe_only = written.of(snap(seq=1, last_heartbeat=11.0, perf_hints={"probe_latency_ms": 1.0}), 11.0)
-    assert due(first, probe_only) == pytest.approx(10.0 + daemon_module.KV_PROBE_REFRESH_S)
+    assert due(first, probe_only) == pytest.approx(10.0 + snapshots.KV_PROBE_REFRESH_S)
 
 
 async def test_a_loading_engine_probed_many_times_writes_few_kv_snapshots(

@@ -558,8 +558,8 @@ async def test_probe_results_reach_the_pool_directly_and_observers_see_changes_o
         # Until the ready snapshot is written (the put is acked, so it reached us before the
         # flush's PONG): from then on only healthy probes happen.
         while True:
-            written = daemon._kv_written.get("chat")
-            if written is not None and b'"health_ready":true' in written.full and "chat" not in daemon._kv_dirty:
+            written = daemon.kv.written.get("chat")
+            if written is not None and b'"health_ready":true' in written.full and "chat" not in daemon.kv.dirty:
                 break
             await asyncio.sleep(0.02)  # ok: the KV writer announces nothing
     await nc_fresh.flush()

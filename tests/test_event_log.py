@@ -557,16 +557,16 @@ async def test_may_write_holds_the_backlog_in_order_until_it_allows(nc: NATS, js
 async def test_a_backlog_episode_is_logged_once_not_per_step(
     nc: NATS, js_ns: JsNamespace, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pool_managerd.runtime import daemon as daemon_mod
+    from pool_managerd.runtime import sink as sink_mod
     from pool_managerd.runtime.metrics import Metrics
 
     await setup_stream(nc, js_ns)
     writable = False
     pub = publisher(nc, js_ns, may_write=lambda: writable, retry_initial_s=0.01, retry_max_s=0.02)
     await pub.start()
-    monkeypatch.setattr(daemon_mod, "ACK_BOUND_S", 0.05)
-    sink = daemon_mod.JetStreamSink(pub, Metrics())
-    caplog.set_level("INFO", logger=daemon_mod.__name__)
+    monkeypatch.setattr(sink_mod, "ACK_BOUND_S", 0.05)
+    sink = sink_mod.JetStreamSink(pub, Metrics())
+    caplog.set_level("INFO", logger=sink_mod.__name__)
     try:
         # The log is behind (writes held): twenty steps go on, one warning says so.
         for seq in range(1, 21):

@@ -206,7 +206,7 @@ async def test_deep_or_huge_health_reports_and_kv_values_leave_the_daemon_servin
     await kv.put("later", encode(PoolSnapshot(pool="later", node="node-z")))
 
     async def seen() -> bool:
-        return "later" in daemon.known_pools
+        return "later" in daemon.commands.known_pools
 
     await until(seen, "the KV watch to see a snapshot put after a deep one")
     assert (await status(client))["state"] == "unready"

@@ -11,33 +11,27 @@ Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush ev
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import logging
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.service import EndpointConfig, Service
 
 from pool_managerd import __version__
 from pool_managerd.accounts import Credentials, inbox_prefix
-from pool_managerd.adapters.audit import AuditLog, audit_record, ensure_audit_stream
+from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
 from pool_managerd.adapters.engines.record import SpawnRecord
-from pool_managerd.adapters.eventlog.errors import BacklogFull, EventLogError, PoolFenced, PoolQuarantined
+from pool_managerd.adapters.eventlog.errors import EventLogError
 from pool_managerd.adapters.eventlog.publisher import EventPublisher
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
+from pool_managerd.adapters.nats_internals import server_info
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.replication import (
     REPLICA_ERROR_CODES,
@@ -48,30 +42,16 @@ from pool_managerd.adapters.replication import (
 )
 from pool_managerd.config import DaemonConfig
 from pool_managerd.contract.errors import PoolManagerError
-from pool_managerd.contract.limits import json_problem
 from pool_managerd.contract.messages import (
-    HEALTH_DECODER,
-    SCHEMA_VERSION,
     DaemonStarted,
     DaemonStopping,
     Event,
     EventBody,
-    GpuClearCmd,
-    GpuClearReply,
     GpuSnapshot,
     HealthReport,
-    InventoryCmd,
-    InventoryReply,
-    LifecycleCmd,
-    LogCorrupt,
-    NodeHeartbeat,
-    PoolsCmd,
-    PoolSnapshot,
-    PoolsReply,
     PreloadCmd,
     Rejected,
     StopCmd,
-    command_fingerprint,
     encode,
 )
 from pool_managerd.contract.messages import PoolFenced as PoolFencedEvent
@@ -81,117 +61,34 @@ from pool_managerd.contract.nats_version import (
     ServerVersion,
     check_server_version,
 )
-from pool_managerd.contract.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
+from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.inputs import ClaimInput, ReleaseInput
 from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.machine import Outcome, describe
+from pool_managerd.core.machine import Outcome
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.replies import rebuild_replies
-from pool_managerd.runtime import logs, quarantine
+from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.commands import (
-    ERROR_CODE_HEADER,
-    ERROR_HEADER,
     CommandCache,
-    CommandError,
-    decode_node_command,
-    decode_pool_command,
-    error_headers,
-    rejected_in,
-    rejection,
 )
+from pool_managerd.runtime.connection import flush_through_cancel, reported_version, safe_url
 from pool_managerd.runtime.gpu_node import GpuNode
+from pool_managerd.runtime.health import HealthRelay
+from pool_managerd.runtime.heartbeat import heartbeat
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.service import CommandService
+from pool_managerd.runtime.sink import ACK_BOUND_S, JetStreamSink, NodeEvents
+from pool_managerd.runtime.snapshots import KvWriter
+from pool_managerd.runtime.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
 
-MAX_INFLIGHT_COMMANDS = 1024
-"""Commands one daemon works on at once (all pools); past it a command is answered ``overloaded``."""
 SHUTDOWN_POOLS_S = 30.0
 """How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
-
-ACK_BOUND_S = 2.0
-"""How long a step waits for its events' PubAcks before running its effects anyway. Normally
-events are durable before effects run; while NATS is unreachable the pool keeps working and the
-events wait, in order, in the publisher's backlog."""
-ORIGIN_HEADER = "Poold-Node"
-"""Header naming the node whose prober published a health report; the daemon skips its own."""
-
-
-class JetStreamSink:
-    """The runtime's event sink over :class:`EventPublisher`."""
-
-    def __init__(self, publisher: EventPublisher, metrics: Metrics, may_append: Any = None) -> None:
-        self.publisher = publisher
-        self.metrics = metrics
-        self.may_append = may_append
-        """``may_append(pool)``: False once this node may no longer write the pool (its lease ran out)."""
-        self._behind = 0
-        """Steps that went on without their acks in the current backlog episode (0: none)."""
-
-    async def append(self, pool: str, events: Sequence[Event]) -> None:
-        futures: list[asyncio.Future[int]] = []
-        if self.may_append is not None and not self.may_append(pool):
-            raise PoolFenced(pool, "this node does not hold the pool's ownership lease")
-        if self._behind and self.publisher.backlog == 0:
-            log.info("event log caught up: %d step(s) had gone on before their events were acknowledged",
-                     self._behind)  # fmt: skip
-            self._behind = 0
-        for event in events:
-            futures.append(await self._queue(event))
-        self.metrics.backlog.set(self.publisher.backlog)
-        if futures:
-            done, pending = await asyncio.wait(futures, timeout=ACK_BOUND_S)
-            if pending:
-                # Once per episode (until the backlog drains), not per step: a preload of a
-                # thousand pools behind a slow server would otherwise log a thousand warnings.
-                if not self._behind:
-                    log.warning("pool %s: %d event(s) not yet acknowledged after %.0f s; kept in order in the "
-                                "backlog (%d waiting); steps go on meanwhile", pool, len(pending), ACK_BOUND_S,
-                                self.publisher.backlog)  # fmt: skip
-                self._behind += 1
-            fenced: PoolFenced | PoolQuarantined | None = None
-            for fut in done:
-                exc = fut.exception()
-                if isinstance(exc, PoolFenced | PoolQuarantined):
-                    fenced = exc
-                elif exc is not None:
-                    log.error("pool %s: event refused: %s", pool, exc)
-            if fenced is not None:
-                raise fenced
-
-    async def acknowledge(self, pool: str, corrupt: LogCorrupt, next_seq: int) -> LogCorrupt | None:
-        return await quarantine.skip_acknowledged(self.publisher, pool, corrupt, next_seq)
-
-    async def _queue(self, event: Event) -> asyncio.Future[int]:
-        waited = 0.0
-        while True:
-            try:
-                return self.publisher.publish_nowait(event)
-            except BacklogFull:
-                # Wait for room, however long: events are the source of truth and a dropped one
-                # would leave a hole in the pool's sequence. The pool's steps wait meanwhile.
-                if waited % 10.0 < 0.2:
-                    log.error("event backlog full (NATS unreachable?): pool %s waits to append %s",
-                              event.pool, event.type)  # fmt: skip
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.publisher.flush(), 0.2)
-                waited += 0.2
-
-
-@dataclass(slots=True)
-class NodeEvents:
-    """Sequence and envelope for node events (``poold.node.<node>.evt.<type>``)."""
-
-    node: str
-    seq: int = 0
-
-    def make(self, body: EventBody) -> Event:
-        self.seq += 1
-        return Event(v=SCHEMA_VERSION, seq=self.seq, ts=time.time(), node=self.node, pool=None, body=body)
 
 
 class Daemon:
@@ -208,24 +105,25 @@ class Daemon:
         self.audit: AuditLog | None = None
         self.snapshots: SnapshotStore | None = None
         self.runtime: PoolRuntime | None = None
-        self.service: Service | None = None
+        self.commands: CommandService | None = None
         self.embedded: Any = None
         self.url: str | None = None
         self.ws_url: str | None = None
         """The embedded server's websocket listener, when there is one."""
         self.fenced: dict[str, str] = {}
-        self._external_health = frozenset(pool.id for pool in config.pools if pool.external_health)
         self.node_events = NodeEvents(self.node)
         self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = BackgroundTasks()
         self._stopping = asyncio.Event()
         self._closed = asyncio.Event()
-        self._kv_dirty: dict[str, None] = {}
-        self._kv_wake = asyncio.Event()
-        self._kv_written: dict[str, _Written] = {}
-        self._kv_timers: dict[str, asyncio.TimerHandle] = {}
+        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self._server_supported)
         self._health_sub: Any = None
-        self._health_shown: dict[str, tuple[tuple[object, ...], float]] = {}
+        self.health = HealthRelay(
+            node=self.node, subjects=self.subjects, metrics=self.metrics, tasks=self.tasks,
+            publish_s=config.health_publish_s,
+            external=frozenset(pool.id for pool in config.pools if pool.external_health),
+            nc=lambda: self.nc, runtime=lambda: self.runtime,
+        )  # fmt: skip
         self._served: set[str] = set()
         """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
@@ -235,10 +133,7 @@ class Daemon:
         self.standing_by: dict[str, PoolDefinition] = {}
         """Configured pools another node holds: claimed when their lease is free or lapses."""
         self._released: set[str] = set()
-        self.known_pools: set[str] = set()
         self.removing: set[str] = set()
-        self._unclaimed_sub: Any = None
-        self._inflight = 0
         self.server_version: ServerVersion | None = None
         self.incompatible: PoolManagerError | None = None
         self._supported_for: tuple[object, ...] | None = None
@@ -268,7 +163,7 @@ class Daemon:
         self.url = urls[0]
         self.nc = await self._connect(urls)
         try:
-            self.server_version = check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+            self.server_version = check_server_version(reported_version(self.nc), url=safe_url(self.nc))
         except NatsServerTooOld as exc:
             # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
             # and closing on purpose is no lost connection to report.
@@ -300,7 +195,7 @@ class Daemon:
             JetStreamSink(self.publisher, self.metrics, self._may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
-            health_out=self._publish_health,
+            health_out=self.health.publish,
             gpu_reader=self.gpus.raw,
             engine_env=self.gpus.engine_env,
         )
@@ -320,58 +215,39 @@ class Daemon:
         await self._recover(claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
-        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self._on_health)
-        await self.snapshots.watch(self._on_snapshot)
+        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
+        self.commands = CommandService(
+            node=self.node, subjects=self.subjects, nc=self.nc, runtime=self.runtime, audit=self.audit,
+            metrics=self.metrics, cache=self.cache, tasks=self.tasks, gpus=self.gpus, node_events=self.node_events,
+            gpu_source=self.gpu_source, serves=self._serves, fenced=self.fenced, standing_by=self.standing_by,
+            removing=self.removing,
+        )  # fmt: skip
+        await self.snapshots.watch(self.commands.on_snapshot)
         # The catch-all answers "unknown pool" only for pools absent from the bucket: know them first.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.snapshots.wait_synced(), 5.0)
-        # Commands for pools nobody serves would otherwise meet only "no responders": answer them
-        # with a typed rejection. One daemon of the cluster answers (queue group), and only for
-        # ids that are invalid or that no daemon has ever published a snapshot for.
-        self._unclaimed_sub = await self.nc.subscribe(
-            f"{self.subjects.prefix}.cmd.*.*", queue="poold-unclaimed", cb=self._on_unclaimed
-        )
-        self.service = await add_service(
-            self.nc,
-            name=SERVICE_NAME,
-            version=__version__,
-            description="pool-managerd: GPU inference engine pools",
-            metadata={"node": self.node, "schema": str(SCHEMA_VERSION)},
-        )
-        # One endpoint (one subscription) for every pool of this node, the pool taken from the
-        # subject: $SRV.INFO and $SRV.STATS stay the same size whatever the pool count. Every node
-        # hears every pool command; the owner answers, the others (and the catch-all, for pools
-        # nobody serves) stay silent.
+        await self.commands.listen_unclaimed()
         self._served = set(owned)
-        await self.service.add_endpoint(
-            EndpointConfig(
-                name=f"pools-{self.node}",
-                subject=f"{self.subjects.prefix}.cmd.*.*",
-                handler=self._on_command,
-                queue_group=f"poold-pools-{self.node}",
-                metadata={"node": self.node},
-            )
-        )
-        await self.service.add_endpoint(
-            EndpointConfig(
-                name=f"node-{self.node}",
-                subject=f"{self.subjects.prefix}.node.{self.node}.cmd.*",
-                handler=self._on_node_command,
-                queue_group=f"poold-node-{self.node}",
-                metadata={"node": self.node},
-            )
-        )
+        await self.commands.serve()
         for pool in self.fenced:
             await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
         await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
-        self._spawn(self._kv_writer(), "kv-writer")
-        self._spawn(self._heartbeat(), "heartbeat")
+        self.tasks.start(self.kv.run(), "kv-writer")
+        heartbeat_loop = heartbeat(
+            period_s=cfg.heartbeat_s,
+            metrics=self.metrics,
+            publisher=self.publisher,
+            runtime=self.runtime,
+            gpu_source=self.gpu_source,
+            publish_node=self._publish_node,
+        )
+        self.tasks.start(heartbeat_loop, "heartbeat")
         self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", host, port)
         for pool in owned:
-            self._mark_dirty(pool)
+            self.kv.mark_dirty(pool)
         # Every subscription is known to the server before start() returns: a client that sends
         # right after must meet the pool's endpoint, never only the catch-all. nats-py writes a
         # flush's PING straight to the socket while SUBs still wait in its pending buffer for the
@@ -394,7 +270,7 @@ class Daemon:
         replicas = stream_replicas(self.config)
         assert self.nc is not None
         try:
-            check_clustered(self.nc._server_info, replicas, url=_safe_url(self.nc) or "the server")
+            check_clustered(server_info(self.nc), replicas, url=safe_url(self.nc) or "the server")
             await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
             return await SnapshotStore.open(js, replicas=replicas)
         except ReplicasUnavailable as exc:
@@ -590,7 +466,7 @@ class Daemon:
             claims[pool] = await self._above_logged_epochs(pool, claim, events.get(pool, []))
         report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node, claims=claims)
         for pool, state in report.taken_over.items():
-            self._spawn(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
+            self.tasks.start(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
         # Exactly once across restarts: the replies of the commands still in the cache window are
         # rebuilt from the log, so a client retrying across the restart gets its first answer.
         since = self.cache.clock() - self.cache.ttl_s
@@ -599,7 +475,7 @@ class Daemon:
                 self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         for pool in report.removed:
             self.removing.add(pool)
-            self._spawn(self._forget(pool), f"forget-{pool}")
+            self.tasks.start(self._forget(pool), f"forget-{pool}")
         self.recovery = report
         if report.violations:
             log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
@@ -666,7 +542,7 @@ class Daemon:
         if key == self._supported_for:
             return True
         try:
-            check_server_version(_reported_version(self.nc), url=_safe_url(self.nc))
+            check_server_version(reported_version(self.nc), url=safe_url(self.nc))
         except NatsServerTooOld as exc:
             self._incompatible_server(exc)
             return False
@@ -691,11 +567,11 @@ class Daemon:
             return
         log.info("reconnected to NATS")
         if self.snapshots is not None:
-            self._spawn(self.snapshots.restart_watch(), "kv-rewatch")
+            self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
         # The server may have lost what was written (a restart without its store): write anew.
-        self._kv_written.clear()
+        self.kv.forget_written()
         for pool in list(self.runtime.actors if self.runtime else []):
-            self._mark_dirty(pool)
+            self.kv.mark_dirty(pool)
 
     async def _on_closed(self) -> None:
         if not self._stopping.is_set() and self.incompatible is None:
@@ -713,7 +589,7 @@ class Daemon:
             self._stand_by(pool)
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
-        self._spawn(self._stand_down(pool, reason), f"fenced-{pool}")
+        self.tasks.start(self._stand_down(pool, reason), f"fenced-{pool}")
 
     async def _stand_down(self, pool: str, reason: str) -> None:
         """Another daemon writes this pool now: stop serving its commands and stop acting on it
@@ -761,7 +637,7 @@ class Daemon:
         if self.runtime is not None and pool in self.runtime.actors:
             self.runtime.actors[pool].fenced = True
         self._stand_by(pool)
-        self._spawn(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
+        self.tasks.start(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
 
     async def _lose_pool(self, pool: str, reason: str) -> None:
         await self._stand_down(pool, reason)
@@ -801,7 +677,7 @@ class Daemon:
         for old in rebuild_replies(events, since=since):
             self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
         self._served.add(pool)
-        self._mark_dirty(pool)
+        self.kv.mark_dirty(pool)
         log.warning("pool %s taken over at epoch %d from %s (%s there)", pool, start.epoch,
                     start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
         if pool in report.taken_over:
@@ -838,254 +714,6 @@ class Daemon:
         self._served.difference_update(held)
         await asyncio.gather(*(keeper.release(pool) for pool in held), return_exceptions=True)
 
-    # --- commands --------------------------------------------------------------------------------
-
-    async def _on_snapshot(self, pool: str, snapshot: object) -> None:
-        if snapshot is None:
-            self.known_pools.discard(pool)
-        else:
-            self.known_pools.add(pool)
-
-    async def _on_unclaimed(self, msg: Msg) -> None:
-        try:
-            pool, verb = self.subjects.parse_command(msg.subject)
-        except PoolManagerError as exc:
-            await self._reply_unclaimed(msg, rejection(exc.code, exc.message))
-            return
-        if pool in self.removing:
-            message = f"pool {pool!r} was removed from node {self.node}'s configuration and is being drained"
-            await self._reply_unclaimed(msg, rejection("unknown_pool", message, pool=pool, verb=verb))
-            return
-        if (self.runtime is None or pool in self.runtime.actors or pool in self.fenced or pool in self.known_pools
-                or pool in self.standing_by):  # fmt: skip
-            return  # its owner answers
-        await self._reply_unclaimed(
-            msg, rejection("unknown_pool", f"no daemon serves pool {pool!r}", pool=pool, verb=verb)
-        )
-
-    async def _reply_unclaimed(self, msg: Msg, reply: Rejected) -> None:
-        # Not a micro endpoint, so nothing counts it in $SRV.STATS; the headers still say "error".
-        self._audit(reply)
-        if msg.reply and self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, encode(reply), headers=error_headers(reply))
-
-    async def _on_command(self, req: Request) -> None:
-        # Handlers of one subscription run one at a time: answer in a task so a slow command
-        # (a preload gathering host facts) never holds up the next status read.
-        msg_headers = req.headers or {}
-        subject = req.subject
-        data = req.data
-        traceparent = msg_headers.get("traceparent")
-        try:
-            pool, verb = self.subjects.parse_command(subject)
-        except PoolManagerError:
-            return  # the catch-all answers malformed subjects
-        if not self._serves(pool):
-            # Another node's pool, nobody's, or one whose lease this node can no longer vouch
-            # for (checked on the local clock, no round trip): its owner or the catch-all answers.
-            return
-        if self._inflight >= MAX_INFLIGHT_COMMANDS:
-            # Bounded work per daemon: past it a client is told to come back, at once.
-            busy = rejection("overloaded", f"node {self.node} has {self._inflight} commands in flight; retry later",
-                             pool=pool, verb=verb)  # fmt: skip
-            await self._respond(req, busy, verb, f"pools-{self.node}")
-            return
-        if verb == "status" and len(data) <= 2 and self.runtime is not None and pool not in self.fenced:
-            # Fast path for the commonest read: no task, no cache.
-            try:
-                reply = await self.runtime.command(pool, decode_pool_command(verb, data))
-                if self._serves(pool):
-                    await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-            except PoolManagerError:
-                pass
-        self._inflight += 1
-        self._spawn(self._command(req, pool, verb, data, traceparent), f"cmd-{pool}-{verb}")
-
-    async def _command(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
-        try:
-            await self._command_inner(req, pool, verb, data, traceparent)
-        finally:
-            self._inflight -= 1
-
-    async def _command_inner(self, req: Request, pool: str, verb: str, data: bytes, traceparent: str | None) -> None:
-        token = logs.pool_var.set(pool)
-        logs.trace_var.set(logs.trace_id(traceparent))
-        try:
-            try:
-                cmd = decode_pool_command(verb, data)
-            except CommandError as exc:
-                reply = rejection(exc.code, exc.message, pool=pool, verb=verb)
-                await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-            logs.command_var.set(cmd.command_id)
-            runtime = self.runtime
-            assert runtime is not None
-            if pool in self.fenced or pool not in runtime.actors:
-                if pool in self.fenced:
-                    code, message = "fenced", f"pool {pool!r} is fenced on node {self.node}: {self.fenced[pool]}"
-                else:
-                    code, message = "unknown_pool", f"unknown pool {pool!r}"
-                reply = rejection(code, message, pool=pool, verb=verb, command_id=cmd.command_id)
-                await self._respond(req, reply, verb, f"pools-{self.node}")
-                return
-
-            async def apply() -> bytes:
-                return encode(await runtime.command(pool, cmd, traceparent))
-
-            try:
-                if verb == "status":
-                    body = await apply()
-                else:
-                    # The verb is part of what was asked: the same id with another verb is a conflict.
-                    # A retry is the same command when it decodes to the same values (key order,
-                    # whitespace and defaults spelled out do not matter); the verb is part of it.
-                    body = await self.cache.run(pool, cmd.command_id, command_fingerprint(cmd), apply)
-                    if body.startswith(b'{"type":"rejected"') and (
-                        b'"code":"overloaded"' in body or b'"code":"log_corrupt"' in body
-                    ):
-                        self.cache.forget(pool, cmd.command_id)  # not applied: a retry may be
-            except PoolManagerError as exc:
-                body = encode(rejection(exc.code, exc.message, pool=pool, verb=verb, command_id=cmd.command_id))
-            except Exception:
-                log.exception("command %s on pool %s failed", verb, pool)
-                message = "internal error; see the daemon log"
-                body = encode(rejection("internal", message, pool=pool, verb=verb, command_id=cmd.command_id))
-            if not self._serves(pool):
-                return  # the lease ran out meanwhile: the new owner answers a retry (from the log)
-            await self._respond_raw(req, body, verb, f"pools-{self.node}")
-        finally:
-            logs.pool_var.reset(token)
-
-    async def _respond(self, req: Request, reply: msgspec.Struct, verb: str, endpoint: str | None) -> None:
-        await self._respond_raw(req, encode(reply), verb, endpoint)
-
-    async def _respond_raw(self, req: Request, body: bytes, verb: str, endpoint: str | None) -> None:
-        """Send a reply. A rejection keeps its typed body and follows the nats micro error
-        convention as well: error headers, and counted as an error of ``endpoint``."""
-        rejected = rejected_in(body)
-        self.metrics.commands.labels(verb if verb in _KNOWN_VERBS else "other", "rejected" if rejected else "ok").inc()
-        if rejected is not None:
-            self._audit(rejected)
-        headers = error_headers(rejected) if rejected is not None else None
-        if headers is not None and endpoint is not None:
-            self._count_error(endpoint, headers)
-        try:
-            await req.respond(body, headers=headers)
-        except Exception as exc:
-            log.warning("could not send reply: %s", exc)
-
-    def _audit(self, rejected: Rejected) -> None:
-        """A refused command goes to metrics, the audit stream and (summed up) the log; never
-        to the pool's history, since it changed nothing."""
-        self.metrics.refused.labels(rejected.code).inc()
-        if self.audit is not None:
-            self.audit.record(audit_record(self.node, rejected))
-
-    def _count_error(self, endpoint: str, headers: dict[str, str]) -> None:
-        # nats-py counts an endpoint error only when the handler raises, and then replies with an
-        # empty body; the typed rejection must stay the body, so the count is kept here, in the
-        # endpoint's own statistics that $SRV.STATS reports (as nats-py would: "code:description").
-        if self.service is None:
-            return
-        for ep in self.service._endpoints:
-            if ep._name == endpoint:
-                ep._num_errors += 1
-                ep._last_error = f"{headers[ERROR_CODE_HEADER]}:{headers[ERROR_HEADER]}"
-                return
-
-    async def _on_node_command(self, req: Request) -> None:
-        try:
-            _node, verb = self.subjects.parse_node_command(req.subject)
-            cmd = decode_node_command(verb, req.data)
-            runtime = self.runtime
-            assert runtime is not None
-            reply: msgspec.Struct
-            if isinstance(cmd, InventoryCmd):
-                try:
-                    reply = InventoryReply(node=self.node, gpus=self.gpu_source())
-                except PoolManagerError as exc:
-                    reply = Rejected(verb=verb, code="unavailable", message=exc.message)
-            elif isinstance(cmd, LifecycleCmd):
-                reply = describe()
-            elif isinstance(cmd, GpuClearCmd):
-                cleared = await self.gpus.clear(cmd.uuid)
-                reply = GpuClearReply(node=self.node, uuid=cmd.uuid, cleared=cleared,
-                                      seq=self.node_events.seq if cleared else None)  # fmt: skip
-            else:
-                await self._respond_raw(req, self._pools_page(cmd), "node", f"node-{self.node}")
-                return
-        except PoolManagerError as exc:
-            reply = rejection(exc.code, exc.message)
-        except Exception:
-            # Never exception text on the wire (nats micro would send it as Nats-Service-Error).
-            log.exception("node command on %s failed", req.subject)
-            reply = rejection("internal", "internal error; see the daemon log")
-        await self._respond(req, reply, "node", f"node-{self.node}")
-
-    def _pools_page(self, cmd: PoolsCmd) -> bytes:
-        """One page of the ``pools`` reply, never over the server's max payload."""
-        runtime = self.runtime
-        assert runtime is not None
-        snaps = sorted(map(runtime.overlay, runtime.lifecycle.registry.snapshots()), key=lambda s: s.pool)
-        start = 0 if cmd.after is None else bisect.bisect_right([s.pool for s in snaps], cmd.after)
-        budget = (self.nc.max_payload if self.nc is not None and self.nc.max_payload else 1024 * 1024) - 4096
-        count = min(cmd.limit, len(snaps) - start)
-        while True:
-            page = snaps[start : start + count]
-            more = start + count < len(snaps)
-            body = encode(PoolsReply(node=self.node, pools=page, next=page[-1].pool if more and page else None,
-                                     total=len(snaps)))  # fmt: skip
-            if len(body) <= budget or count <= 1:
-                return body
-            count //= 2
-
-    # --- health ----------------------------------------------------------------------------------
-
-    def _publish_health(self, report: HealthReport) -> None:
-        """Show our prober's results to observers on ``poold.health.<pool>``: when the outcome
-        changes, else at most once per ``health_publish_s`` per pool. The pool already has the
-        result (the prober feeds it directly), so a healthy probe costs no NATS message."""
-        if self.nc is None or not self.nc.is_connected:
-            return
-        key = (report.ok, report.loading, report.status, report.error, report.engine_pid)
-        now = time.monotonic()
-        last = self._health_shown.get(report.pool)
-        if last is not None and last[0] == key and now - last[1] < self.config.health_publish_s:
-            return
-        self._health_shown[report.pool] = (key, now)
-        self._spawn(
-            self.nc.publish(self.subjects.health(report.pool), encode(report), headers={ORIGIN_HEADER: self.node}),
-            "health-pub",
-        )
-
-    async def _on_health(self, msg: Msg) -> None:
-        runtime = self.runtime
-        if runtime is None:
-            return
-        if msg.headers and msg.headers.get(ORIGIN_HEADER) == self.node:
-            return  # our own prober's, shown to observers: the pool had it first
-        try:
-            pool = self.subjects.parse_health(msg.subject)
-            problem = json_problem(msg.data)
-            if problem is not None:
-                raise msgspec.DecodeError(problem[1])
-            report = HEALTH_DECODER.decode(msg.data)
-            validate_id(report.pool, "pool")
-        except (PoolManagerError, msgspec.DecodeError, RecursionError) as exc:
-            log.warning("ignored malformed health report on %s: %s", msg.subject, exc)
-            self.metrics.health_ignored.inc()
-            return
-        # Readiness comes from our own prober only; an outside report may at most count as a failed
-        # probe, and only for a pool whose configuration asks for that.
-        if report.pool != pool or report.ok or pool not in self._external_health:
-            self.metrics.health_ignored.inc()
-            return
-        if not runtime.health_report(report):
-            self.metrics.health_ignored.inc()
-            self.metrics.health_outside_dropped.inc()
-
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 
     def _after_step(self, pool: str, outcome: Outcome) -> None:
@@ -1093,106 +721,23 @@ class Daemon:
         if runtime is None:
             return
         self.metrics.observe(runtime.lifecycle.registry.get(pool), outcome)
-        if not outcome.events and pool in self._kv_timers:
+        if not outcome.events and self.kv.scheduled(pool):
             # A step without events (a healthy probe) changed at most the probe bookkeeping,
             # and a write that will carry it is already scheduled: no snapshot to build now.
             return
-        self._mark_dirty(pool)
+        self.kv.mark_dirty(pool)
 
     def _after_probe(self, pool: str, report: HealthReport) -> None:
         # What _after_step does for a step without events, without building an Entry.
         if report.latency_ms is not None:
             self.metrics.probe_observed(pool, report.latency_ms)
-        if pool not in self._kv_timers:
-            self._mark_dirty(pool)
+        if not self.kv.scheduled(pool):
+            self.kv.mark_dirty(pool)
 
     def _on_quarantine(self, pool: str) -> None:
         actor = self.runtime.actors.get(pool) if self.runtime is not None else None
         self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
-        self._mark_dirty(pool)
-
-    def _mark_dirty(self, pool: str) -> None:
-        self._kv_dirty[pool] = None
-        self._kv_wake.set()
-
-    async def _kv_writer(self) -> None:
-        """Write a pool's snapshot when something a reader shows has changed, coalesced.
-
-        Steps that only record probe bookkeeping (``last_heartbeat``, ``perf_hints``: every probe
-        of a loading engine is one) do not write by themselves; they ride along with the next
-        write, or are written :data:`KV_PROBE_REFRESH_S` after the last one. Any other change is
-        written at once, or :data:`KV_COALESCE_S` after the pool's previous write if that was
-        more recent, so a burst of steps is one put and a reader is never more than
-        ``KV_COALESCE_S`` plus one put behind while NATS is reachable."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._kv_wake.wait()
-            self._kv_wake.clear()
-            while self._kv_dirty:
-                pool = next(iter(self._kv_dirty))
-                del self._kv_dirty[pool]
-                if self.runtime is None or self.snapshots is None or pool not in self.runtime.actors:
-                    continue
-                if pool in self.fenced:
-                    continue  # the snapshot belongs to the pool's new writer now
-                if not self._server_supported():
-                    self._kv_dirty.clear()
-                    break
-                snapshot = self.runtime.snapshot(pool)
-                now = loop.time()
-                written = _Written.of(snapshot, now)
-                due = _kv_due(self._kv_written.get(pool), written)
-                if due is None:
-                    continue
-                if due > now:
-                    self._kv_later(pool, due - now)
-                    continue
-                try:
-                    await self.snapshots.put(snapshot)
-                except Exception as exc:
-                    log.warning("KV snapshot of %s not written (%s); retrying in 1 s", pool, exc)
-                    self._kv_dirty[pool] = None
-                    loop.call_later(1.0, self._kv_wake.set)
-                    break
-                self._kv_written[pool] = written
-
-    def _kv_later(self, pool: str, delay: float) -> None:
-        """Mark ``pool`` dirty after ``delay``, unless an earlier wake-up is already set."""
-        loop = asyncio.get_running_loop()
-        pending = self._kv_timers.get(pool)
-        if pending is not None:
-            if pending.when() <= loop.time() + delay:
-                return
-            pending.cancel()
-
-        def fire() -> None:
-            self._kv_timers.pop(pool, None)
-            self._mark_dirty(pool)
-
-        self._kv_timers[pool] = loop.call_later(delay, fire)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                self.metrics.backlog.set(self.publisher.backlog if self.publisher else 0)
-                snap = self.gpu_source()
-                states: dict[str, int] = {}
-                if self.runtime is not None:
-                    for e in self.runtime.lifecycle.registry:
-                        states[str(e.state)] = states.get(str(e.state), 0) + 1
-                await self._publish_node(
-                    NodeHeartbeat(
-                        gpus=len(snap.gpus),
-                        memory_total=sum(g.memory_total for g in snap.gpus),
-                        memory_free=sum(g.memory_free for g in snap.gpus),
-                        simulated=snap.simulated,
-                        states=states,
-                        period_s=self.config.heartbeat_s,
-                    )
-                )
-            except PoolManagerError as exc:
-                log.warning("heartbeat without GPU summary: %s", exc)
-            await asyncio.sleep(self.config.heartbeat_s)
+        self.kv.mark_dirty(pool)
 
     async def _publish_node(self, body: EventBody) -> None:
         if self.publisher is None:
@@ -1203,16 +748,6 @@ class Daemon:
             log.warning("node event %s not queued: %s", type(body).__name__, exc)
 
     # --- running and stopping --------------------------------------------------------------------
-
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed: %s", task.get_name(), task.exception())
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -1262,11 +797,10 @@ class Daemon:
             log.info("shutdown: %s done after %.3f s; next: %s", phase, time.monotonic() - t0, name)
             phase = name
 
-        if self.service is not None:
-            with contextlib.suppress(Exception):
-                await self.service.stop()
+        if self.commands is not None:
+            await self.commands.stop()
         await self.gpus.stop_watching()
-        for sub in (self._health_sub, self._unclaimed_sub):
+        for sub in (self._health_sub, self.commands.unclaimed_sub if self.commands is not None else None):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -1298,10 +832,10 @@ class Daemon:
                 log.error("shutdown: actors not closed within %.0f s", SHUTDOWN_POOLS_S * 2)
             # The final snapshots say what the pools are now.
             for pool in self.runtime.actors:
-                self._mark_dirty(pool)
+                self.kv.mark_dirty(pool)
             if writable:
                 step("final snapshots")
-                await self._drain_kv()
+                await self.kv.drain(self.nc is not None and self.nc.is_connected)
         if self.publisher is not None:
             step("flushing events")
             if not writable and self.publisher.backlog:
@@ -1310,14 +844,7 @@ class Daemon:
         if self.audit is not None:
             await self.audit.close()
         step("background tasks")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=5.0)
-            if stuck:
-                log.error("shutdown: tasks still running after cancel: %s",
-                          ", ".join(sorted(t.get_name() for t in stuck)))  # fmt: skip
+        await self.tasks.cancel_all(5.0)
         if self.nc is not None and not self.nc.is_closed:
             step("closing the connection")
             with contextlib.suppress(Exception):
@@ -1350,95 +877,6 @@ class Daemon:
             if isinstance(result, BaseException):
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
 
-    async def _drain_kv(self) -> None:
-        # Every pool is written now, whatever was waiting to coalesce.
-        for timer in self._kv_timers.values():
-            timer.cancel()
-        self._kv_timers.clear()
-        if self.runtime is None or self.snapshots is None or self.nc is None or not self.nc.is_connected:
-            return
-        runtime, snapshots = self.runtime, self.snapshots
-        # Side by side, not one put after another (a thousand pools waited 9 s here).
-        gate = asyncio.Semaphore(KV_FINAL_AT_ONCE)
-
-        async def put(pool: str) -> None:
-            async with gate:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(snapshots.put(runtime.snapshot(pool)), 2.0)
-
-        pools = [p for p in self._kv_dirty if p not in self.fenced and p in runtime.actors]
-        await asyncio.gather(*(put(pool) for pool in pools))
-        self._kv_dirty.clear()
-
-
-KV_FINAL_AT_ONCE = 32
-"""Final KV snapshot puts in flight at once during shutdown."""
-
-KV_COALESCE_S = 0.05
-"""Least time between two KV writes of one pool's snapshot (a reader's staleness bound, plus one put)."""
-
-KV_PROBE_REFRESH_S = 30.0
-"""How long probe bookkeeping alone (``last_heartbeat``, ``perf_hints``) may wait for a KV write.
-30 s, the observers' health refresh period: at 5 s the refresh alone cost N/5 puts a second
-(0.15 of a core at 1,000 pools) for fields no reader acts on."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Written:
-    """A snapshot as the KV writer compares it: whole, and without its probe bookkeeping."""
-
-    full: bytes
-    shown: bytes
-    at: float
-
-    @classmethod
-    def of(cls, snapshot: PoolSnapshot, at: float) -> _Written:
-        shown = msgspec.structs.replace(snapshot, last_heartbeat=None, perf_hints={})
-        return cls(full=encode(snapshot), shown=encode(shown), at=at)
-
-
-def _kv_due(last: _Written | None, now: _Written) -> float | None:
-    """When ``now`` should be written given the ``last`` write: None when nothing changed."""
-    if last is None:
-        return now.at
-    if last.full == now.full:
-        return None
-    wait = KV_COALESCE_S if last.shown != now.shown else KV_PROBE_REFRESH_S
-    return max(now.at, last.at + wait)
-
-
-def _reported_version(nc: NATS) -> ServerVersion | None:
-    """The version in the connected server's INFO, or None when it gives none we can read."""
-    reported = nc.connected_server_version
-    try:
-        version = ServerVersion(int(reported.major), int(reported.minor), int(reported.patch),
-                                str(reported.prerelease or ""))  # fmt: skip
-    except (ValueError, TypeError):
-        return None
-    # nats-py's stand-in for "no INFO version yet".
-    return None if version.release == (0, 0, 0) and version.prerelease == "unknown" else version
-
-
-def _safe_url(nc: NATS) -> str | None:
-    """The connected server as scheme://host:port: never the credentials a URL may carry."""
-    url = nc.connected_url
-    if url is None or url.hostname is None:
-        return None
-    return f"{url.scheme}://{url.hostname}:{url.port}" if url.port else f"{url.scheme}://{url.hostname}"
-
-
-async def flush_through_cancel(nc: NATS) -> None:
-    """``nc.flush()`` that a cancellation (a stop during start-up) cannot break.
-
-    Cancelled mid-flight, nats-py's flush leaves its cancelled PONG future queued; the PONG then
-    raises ``InvalidStateError`` inside the client's read loop, which stops reading, and every
-    later ack, reply and KV write on the connection times out. Shielded, the flush finishes on its
-    own (bounded by nats-py's flush timeout) while the caller is cancelled at once."""
-    flush = asyncio.ensure_future(nc.flush())
-    # Retrieved here, so a flush that fails after its caller left is not an unhandled error.
-    flush.add_done_callback(lambda done: done.cancelled() or done.exception())
-    await asyncio.shield(flush)
-
 
 _RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
 """States a pool taken over from another node is started again from (a drain was ending it)."""
@@ -1446,6 +884,3 @@ _RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
 
 def _last_writer(events: list[Event]) -> str | None:
     return events[-1].node if events else None
-
-
-_KNOWN_VERBS = frozenset({"preload", "drain", "reload", "stop", "reset", "lease", "release", "status", "node"})
