@@ -33,6 +33,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from conftest import FAKE
 from pool_managerd.adapters.event_log import ensure_stream, read_events
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import load_config
@@ -42,9 +43,9 @@ from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.subjects import STREAM_NAME, Subjects
 from pool_managerd.testing.nats_server import NatsServer
+from support.daemon_wire import Events, cid, follow, reached, ready_pool, req
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
-from test_daemon_e2e import FAKE, Events, cid, follow, reached, ready_pool, req
-from test_recovery import Rig, Wire, fake_pool, render_config
+from support.rig import Rig, Wire, fake_pool, render_config
 
 EXIT_S = 30.0
 """Deadline for a daemon process to exit on its own (Python start-up and imports included)."""
