@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.cli import ctl as ctl_cli
 from pool_managerd.cli.format import format_age, format_event, short_uuid
 from pool_managerd.client import CommandReply, PoolClient
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     Event,
     InventoryReply,
@@ -31,7 +32,6 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
-from pool_managerd.testing.nats_server import NatsServer
 from support.cli import DaemonEnv, rows_of, run_cli, running_daemon
 from support.deadlines import POOL_S
 

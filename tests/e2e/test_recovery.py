@@ -31,9 +31,10 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_events
 from pool_managerd.adapters.process import SpawnRecord, group_members, pid_alive, wait_pid_exit
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     REPLY_DECODER,
     Accepted,
     DaemonStopping,
@@ -49,8 +50,7 @@ from pool_managerd.messages import (
     Rejected,
     StateChanged,
 )
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.subjects import Subjects
 from support.procs import FakeEngines, track_pid, wait_for_file
 from support.rig import (
     EVENT_S,

@@ -19,11 +19,11 @@ from nats.aio.client import Client as NATS
 from pool_managerd.adapters.event_log import read_events
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import load_config
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EngineSpawned,
 )
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import Subjects
 from support.deadlines import CLI_S
 
 

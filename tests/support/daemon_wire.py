@@ -13,7 +13,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     REPLY_DECODER,
     Accepted,

@@ -22,8 +22,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.process import group_members
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     REPLY_DECODER,
     Accepted,
@@ -36,7 +37,6 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
-from pool_managerd.testing.nats_server import NatsServer
 from support.procs import track_pid
 
 NODE = "node-a"

@@ -24,45 +24,8 @@ from typing import Any, Literal, cast
 import msgspec
 from transitions import EventData, Machine
 
-from pool_managerd.core import gpu_verify
-from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
-from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import (
-    ArmTimer,
-    CancelTimer,
-    Effect,
-    ReleaseEngine,
-    SpawnEngine,
-    StopEngine,
-    TimerName,
-    VerifyGpus,
-)
-from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
-from pool_managerd.core.health import HealthState, assess
-from pool_managerd.core.inputs import (
-    ClaimInput,
-    CommandInput,
-    EngineAdoptedInput,
-    EngineExitedInput,
-    EngineStarted,
-    ExpireLeases,
-    GpuChecked,
-    HealthInput,
-    PoolInput,
-    ReleaseInput,
-    RemoveInput,
-    RestoreInput,
-    SpawnFailed,
-    TimerFired,
-    label,
-)
-from pool_managerd.core.registry import Entry, Registry
-from pool_managerd.core.state import PoolValue, check_acquire, check_release, evolve, expired, initial
-from pool_managerd.lifecycle import drain as drain_policy
-from pool_managerd.lifecycle import preload as preload_policy
-from pool_managerd.lifecycle import supervision
-from pool_managerd.lifecycle.supervision import Decision, SupervisionState
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     Accepted,
     AckCorruptCmd,
@@ -106,6 +69,43 @@ from pool_managerd.messages import (
     TransitionRow,
     command_fingerprint,
 )
+from pool_managerd.core import gpu_verify
+from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
+from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import (
+    ArmTimer,
+    CancelTimer,
+    Effect,
+    ReleaseEngine,
+    SpawnEngine,
+    StopEngine,
+    TimerName,
+    VerifyGpus,
+)
+from pool_managerd.core.health import HealthState, assess
+from pool_managerd.core.inputs import (
+    ClaimInput,
+    CommandInput,
+    EngineAdoptedInput,
+    EngineExitedInput,
+    EngineStarted,
+    ExpireLeases,
+    GpuChecked,
+    HealthInput,
+    PoolInput,
+    ReleaseInput,
+    RemoveInput,
+    RestoreInput,
+    SpawnFailed,
+    TimerFired,
+    label,
+)
+from pool_managerd.core.registry import Entry, Registry
+from pool_managerd.core.state import PoolValue, check_acquire, check_release, evolve, expired, initial
+from pool_managerd.lifecycle import drain as drain_policy
+from pool_managerd.lifecycle import preload as preload_policy
+from pool_managerd.lifecycle import supervision
+from pool_managerd.lifecycle.supervision import Decision, SupervisionState
 
 # ----------------------------------------------------------------------------------------------
 # The table

@@ -32,6 +32,17 @@ from pool_managerd.adapters.process import (
     render_argv,
     spawn,
 )
+from pool_managerd.contract.errors import UnknownPool
+from pool_managerd.contract.messages import (
+    AckCorruptCmd,
+    EngineInfo,
+    Event,
+    HealthReport,
+    LogCorrupt,
+    Placement,
+    RejectCode,
+    Rejected,
+)
 from pool_managerd.core.definitions import Context
 from pool_managerd.core.effects import (
     ArmTimer,
@@ -43,7 +54,6 @@ from pool_managerd.core.effects import (
     TimerName,
     VerifyGpus,
 )
-from pool_managerd.core.errors import UnknownPool
 from pool_managerd.core.inputs import (
     CommandInput,
     EngineExitedInput,
@@ -56,16 +66,6 @@ from pool_managerd.core.inputs import (
     label,
 )
 from pool_managerd.core.machine import Lifecycle, Outcome
-from pool_managerd.messages import (
-    AckCorruptCmd,
-    EngineInfo,
-    Event,
-    HealthReport,
-    LogCorrupt,
-    Placement,
-    RejectCode,
-    Rejected,
-)
 from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)
