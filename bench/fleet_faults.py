@@ -1,6 +1,6 @@
 """Cluster faults: a 3-node nats-server cluster, two daemons as real processes, kill -9 each server.
 
-``make fleet-faults`` (not part of ``make test``; ``tests/test_fleet_faults.py`` runs a shortened
+``make fleet-faults`` (not part of ``make test``; ``tests/e2e/test_fleet_faults.py`` runs a shortened
 version). The cluster runs on loopback with routes and JetStream; the event stream and the
 snapshot bucket keep 3 replicas (``nats.replicas = 3``); each daemon (``node-a``, ``node-b``, own
 run dir, own pool) is given all three URLs. Clients connected to all three send lease/release

@@ -28,7 +28,7 @@ from pool_managerd.config import load_config
 from pool_managerd.contract.subjects import Subjects
 from pool_managerd.runtime.daemon import Daemon
 from pool_managerd.testing.nats_cluster import NatsCluster
-from support.markers import classify, has_unit_tests
+from support.markers import FOLDERS, classify
 from support.procs import leak_guard
 
 # ---------------------------------------------------------------------------------------------
@@ -48,8 +48,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Test kinds (see support/markers.py): every test is marked unit, adapter or e2e from what it
-#    uses, and the Hypothesis properties slow; `make test-fast` runs `-m "unit and not slow"`.
+# 2. Test kinds (see support/markers.py): every test is marked unit, adapter or e2e by its folder,
+#    and the Hypothesis properties slow; `make test-fast` runs `-m "unit and not slow"`.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -62,10 +62,10 @@ _UNIT_ONLY = frozenset({"unit", "unit and not slow"})
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    # With -m unit, a module none of whose tests can be unit is not even imported: importing
-    # them all (nats, playwright, the daemon) would cost more than running the unit tests.
-    if config.getoption("markexpr") in _UNIT_ONLY and collection_path.name.startswith("test_"):
-        return True if not has_unit_tests(collection_path) else None
+    # With -m unit, tests/adapters and tests/e2e are not even imported: importing them (nats,
+    # playwright, the daemon) would cost more than running the unit tests.
+    if config.getoption("markexpr") in _UNIT_ONLY and collection_path.name in FOLDERS:
+        return True if FOLDERS[collection_path.name] != "unit" else None
     return None
 
 

@@ -7,7 +7,7 @@ with ``pip install --require-hashes``, then the project itself with ``--no-deps 
 
 Its header records a digest of the dependency tables of ``pyproject.toml`` it was resolved from, so
 a changed range, an added dependency or a new extra makes :func:`problems` (and
-``tests/test_lockfile.py``) fail until ``make lock`` runs again.
+``tests/unit/test_lockfile.py``) fail until ``make lock`` runs again.
 
 Usage::
 
@@ -218,7 +218,7 @@ def _header(pyproject: dict[str, Any], uv_version: str) -> str:
     return (
         "# requirements.lock: every runtime, extra, dev and build dependency of pool-managerd, pinned with\n"
         "# hashes, for every Python the project supports. Generated: edit pyproject.toml, then run `make lock`;\n"
-        "# tests/test_lockfile.py fails when the two disagree.\n"
+        "# tests/unit/test_lockfile.py fails when the two disagree.\n"
         f"# resolver: {uv_version}, `uv pip compile --universal --python-version {LOCK_PYTHON} --all-extras "
         "--generate-hashes`\n"
         f"{DIGEST_PREFIX}{digest(pyproject)}\n"

@@ -13,23 +13,23 @@ cd "$(dirname "$0")/.."
 PYTHONS=${PYTHONS:-"3.11.7 3.12.1 3.13.0"}
 MSGSPECS=${MSGSPECS:-"0.22.0 0.23.0"}
 PURE_TESTS=(
-    tests/test_schemas.py
-    tests/test_lockfile.py
-    tests/test_self_contained.py
-    tests/test_wire.py
-    tests/test_machine.py
-    tests/test_machine_properties.py
-    tests/test_registry.py
-    tests/test_health.py
-    tests/test_supervision.py
-    tests/test_devicemasks.py
-    tests/test_hetero_split.py
-    tests/test_preflight.py
-    tests/test_snapshot_for.py
-    tests/test_fold_restore.py
-    tests/test_gpu_profiles.py
-    tests/test_nvml_adapter.py
-    tests/test_public_api.py
+    tests/unit/test_schemas.py
+    tests/unit/test_lockfile.py
+    tests/unit/test_self_contained.py
+    tests/unit/test_wire.py
+    tests/unit/test_machine.py
+    tests/unit/test_machine_properties.py
+    tests/unit/test_registry.py
+    tests/unit/test_health.py
+    tests/unit/test_supervision.py
+    tests/unit/test_devicemasks.py
+    tests/unit/test_hetero_split.py
+    tests/unit/test_preflight.py
+    tests/adapters/test_snapshot_for.py
+    tests/unit/test_fold_restore.py
+    tests/unit/test_gpu_profiles.py
+    tests/unit/test_nvml_adapter.py
+    tests/unit/test_public_api.py
 )
 LOCKFILE=requirements.lock
 lock_sum=$(sha256sum "$LOCKFILE" | cut -d' ' -f1)
@@ -86,12 +86,12 @@ for v in $PYTHONS; do
     for m in $MSGSPECS; do
         dir="$base-msgspec$m"
         [[ $m == "$locked_msgspec" ]] && dir=$base # the lock's own release: the venv above is that one
-        echo "== Python $v, msgspec $m: tests/test_schemas.py"
+        echo "== Python $v, msgspec $m: tests/unit/test_schemas.py"
         [[ $dir == "$base" ]] || make_venv "$dir" "$python" "$m"
         got=$("$dir/bin/python" -c 'import msgspec; print(msgspec.__version__)')
         if [[ $got != "$m" ]]; then
             record "py$v msgspec $m schemas" "FAILED (venv has msgspec $got)"
-        elif "$dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_schemas.py; then
+        elif "$dir/bin/python" -m pytest -q -p no:cacheprovider tests/unit/test_schemas.py; then
             record "py$v msgspec $m schemas" ok
         else
             record "py$v msgspec $m schemas" FAILED

@@ -1,6 +1,6 @@
 """Writes the golden event logs: scripted pool histories through the pure lifecycle that cover
 every trigger of the table and every rejection. Run once per schema version; the committed
-files are then frozen and CI replays them (``tests/test_golden.py``).
+files are then frozen and CI replays them (``tests/unit/test_golden.py``).
 
     .venv/bin/python tests/golden/make_golden.py
 """

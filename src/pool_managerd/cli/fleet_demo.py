@@ -187,8 +187,8 @@ class FleetTour:
 
     async def fleet_table(self, title: str, *, show: bool = True) -> dict[str, str]:
         """Print the fleet (nodes, then pools) as ``ctl nodes`` and ``ctl pools`` do; node → liveness."""
+        from pool_managerd.cli.fleet import gather_nodes, liveness, render_nodes
         from pool_managerd.cli.format import render_table
-        from pool_managerd.fleet import gather_nodes, liveness, render_nodes
 
         views, snapshots = await gather_nodes(self.nc, self.client.subjects, timeout=5.0)
         now = time.time()

@@ -232,7 +232,7 @@ def render_table(
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
     ``ignored`` pools (KV snapshots the event stream does not back) are named under the table.
 
-    ``node_status`` (node → liveness, see ``pool_managerd.fleet``) marks the node column of
+    ``node_status`` (node → liveness, see ``pool_managerd.cli.fleet``) marks the node column of
     pools whose node is not ``live``: ``node-b (stale)``.
 
     ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer

@@ -306,7 +306,7 @@ def render() -> dict[str, str]:
 _README = """# schemas/
 
 Generated from the code by `make schemas` (`pool-managerd schemas`); do not edit. CI fails when
-these files drift from the code (`tests/test_schemas.py`, `pool-managerd schemas --check`).
+these files drift from the code (`tests/unit/test_schemas.py`, `pool-managerd schemas --check`).
 
 - `messages/<name>.json`: JSON Schema 2020-12 of every top-level wire message (`messages.py`);
 - `lifecycle.json`, `lifecycle.mmd`: the lifecycle table (`core/machine.py`), as data and as a

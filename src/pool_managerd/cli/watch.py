@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 from pool_managerd.adapters.eventlog.reading import last_event
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.cli.connect import TargetError, add_connection_arguments, connect, resolve_target
+from pool_managerd.cli.fleet import NodeView, liveness, read_heartbeats
 from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, format_age, render_table, silence
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import (
@@ -45,7 +46,6 @@ from pool_managerd.contract.messages import (
     PoolSnapshot,
 )
 from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects
-from pool_managerd.fleet import NodeView, liveness, read_heartbeats
 
 MIN_REDRAW_S = 0.1
 """Redraws are at least this far apart, however fast events arrive."""
@@ -130,7 +130,7 @@ class PoolWatch:
             self.on_event(event)
 
     def node_status(self, now: float) -> dict[str, str]:
-        """node → liveness from the heartbeats seen (``pool_managerd.fleet.liveness``); a node
+        """node → liveness from the heartbeats seen (``pool_managerd.cli.fleet.liveness``); a node
         counts as answering until its last word is ``daemon_stopping`` (watch sends no pings)."""
         status = {}
         for node in sorted(set(self.beats) | {s.node for s in self.snapshots.values() if s.node}):

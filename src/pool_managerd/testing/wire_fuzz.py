@@ -1,6 +1,6 @@
 """Invalid messages for every subject the daemon listens on, and the judge of its answers.
 
-Shared by the hypothesis fuzz of the suite (``tests/test_fuzz.py``, a few hundred messages)
+Shared by the hypothesis fuzz of the suite (``tests/e2e/test_fuzz.py``, a few hundred messages)
 and ``make fuzz`` (``bench/fuzz.py``, 100,000). Every message is invalid by construction: a
 valid command with at least one mutation no daemon may accept (a wrong type, an unknown field,
 an oversize string, a number out of range, nesting past the depth bound, a missing id), or

@@ -1,6 +1,6 @@
 """The fenced event publisher: one lane per pool, in order within a pool, retried from a bounded backlog.
 
-Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and ``docs/nats.md``):
+Facts verified against nats-server 2.15.1 (see ``tests/adapters/test_event_log.py`` and ``docs/nats.md``):
 
 * ``STREAM.MSG.GET`` with ``last_by_subj`` accepts a wildcard filter (``poold.evt.<pool>.>``)
   and returns the newest message over all matching subjects; 404 / err 10037 when none.

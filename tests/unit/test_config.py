@@ -117,6 +117,7 @@ def test_bad_metrics_addr_is_refused(tmp_path: Path, addr: str) -> None:
     assert "metrics_addr:" in message and "host:port" in message
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_run_exits_2_without_a_traceback(tmp_path: Path) -> None:
     path = tmp_path / "cfg.toml"
     path.write_text('[nats]\nprefix = "poold.*"\n[[pools]]\nid = "a"\nprobe_interval_s = inf\n')
@@ -134,6 +135,7 @@ def test_run_exits_2_without_a_traceback(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_metrics_addr_in_use_exits_2_before_connecting(tmp_path: Path) -> None:
     # The NATS URL leads nowhere: were the address checked only after connecting, the daemon would
     # wait out startup_timeout_s and report the connection instead.

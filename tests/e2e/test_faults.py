@@ -11,7 +11,7 @@ from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "faults.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
 
 
 def _load() -> ModuleType:

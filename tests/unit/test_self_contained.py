@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCANNED = ["src", "tests", "bench", "tools", ".ci", "Makefile", "pyproject.toml"]
 TEXT_SUFFIXES = {".py", ".json", ".jsonl", ".md", ".toml", ".txt", ".sh", ".yml", ".yaml", ".cfg", ".csv", ".mmd", ""}
 

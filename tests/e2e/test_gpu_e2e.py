@@ -34,7 +34,7 @@ from pool_managerd.contract.messages import (
     StateChanged,
     StatusReply,
 )
-from test_client_ctl import run_cli
+from support.cli import run_cli
 
 GPU0 = "GPU-4090c0de-0000-4000-8000-000000000024"
 GPU1 = "GPU-a6000ce1-0000-4000-8000-000000000048"

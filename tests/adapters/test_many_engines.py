@@ -18,10 +18,10 @@ from pool_managerd.adapters.engines.handles import AdoptedProcess, EngineHandle,
 from pool_managerd.adapters.engines.procs import pid_alive, proc_start_ticks
 from pool_managerd.adapters.engines.record import SpawnEntry, SpawnRecord
 from pool_managerd.adapters.engines.spawn import spawn
+from support.deadlines import MANY_ENGINES_S
 from support.procs import track_pid
 
 COUNT = 1100  # beyond 1,024: the descriptor numbers the watchers use pass FD_SETSIZE
-DEADLINE_S = 60.0
 
 
 def _highest_fd() -> int:
@@ -52,7 +52,7 @@ async def _start_detached(count: int) -> list[int]:
 
 async def _wait_leading(pids: list[int]) -> None:
     # setsid makes each sleep its group's leader as it starts; wait until all have.
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(MANY_ENGINES_S):
         for pid in pids:
             while os.getpgid(pid) != pid:
                 await asyncio.sleep(0.001)  # ok: setsid() in another process gives no event
@@ -92,13 +92,13 @@ async def test_adopting_more_than_1024_engines_sees_every_exit_and_stops_cleanly
     crashed = adopted[: COUNT // 2]
     for h in crashed:
         os.kill(h.pid, signal.SIGKILL)
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(MANY_ENGINES_S):
         await asyncio.gather(*(h.wait() for h in crashed))
     assert all(not exits[h.pid].expected for h in crashed)
 
     # The rest are stopped as a shutdown does, all at once.
     rest = adopted[COUNT // 2 :]
-    async with asyncio.timeout(DEADLINE_S):
+    async with asyncio.timeout(MANY_ENGINES_S):
         infos = await asyncio.gather(*(h.stop(5.0) for h in rest))
         await all_seen.wait()
     assert all(info.expected for info in infos)
@@ -126,11 +126,11 @@ async def test_spawning_more_than_1024_engines_costs_no_thread_each(tmp_path: Pa
         assert threading.active_count() - threads_before <= 40
         for engine in engines[:10]:
             os.kill(engine.pid, signal.SIGKILL)
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(MANY_ENGINES_S):
             crashed = await asyncio.gather(*(e.wait() for e in engines[:10]))
         assert all(info.signal == signal.SIGKILL and not info.expected for info in crashed)
     finally:
-        async with asyncio.timeout(DEADLINE_S):
+        async with asyncio.timeout(MANY_ENGINES_S):
             await asyncio.gather(*(e.stop(5.0) for e in engines))
     assert len(exits) == COUNT
     assert _pidfds() == 0

@@ -135,7 +135,7 @@ def test_every_invalid_message_gets_a_typed_rejection_and_changes_no_pool(rig: R
 
 def test_make_fuzz_runs_short_and_prints_its_figures() -> None:
     # The long run's own code, at 150 messages: a table, then one JSON line of zeros.
-    bench = Path(__file__).resolve().parents[1] / "bench" / "fuzz.py"
+    bench = Path(__file__).resolve().parents[2] / "bench" / "fuzz.py"
     done = subprocess.run([sys.executable, str(bench), "--messages", "150", "--seed", "3"], capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

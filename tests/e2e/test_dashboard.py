@@ -21,7 +21,7 @@ import pytest
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.dashboard import STATIC_DIR, DashboardError, DashboardServer, PageConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def get(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:

@@ -33,6 +33,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from conftest import FAKE
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.engines.procs import pid_alive
 from pool_managerd.adapters.eventlog.reading import read_events
@@ -43,9 +44,9 @@ from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_
 from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
+from support.daemon_wire import Events, cid, follow, reached, ready_pool, req
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
-from test_daemon_e2e import FAKE, Events, cid, follow, reached, ready_pool, req
-from test_recovery import Rig, Wire, fake_pool, render_config
+from support.rig import Rig, Wire, fake_pool, render_config
 
 EXIT_S = 30.0
 """Deadline for a daemon process to exit on its own (Python start-up and imports included)."""

@@ -10,15 +10,17 @@ import textwrap
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pool_managerd.cli import schemas as schemagen
 from pool_managerd.contract import messages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_committed_schemas_match_the_code(tmp_path: Path) -> None:
     out = tmp_path / "schemas"
     result = subprocess.run(

@@ -10,12 +10,12 @@ import nats
 import pytest
 
 from conftest import FAKE, StartDaemon
+from pool_managerd.cli.fleet import STALE_BEATS, NodeView, liveness, node_views, render_nodes
 from pool_managerd.cli.format import format_age
 from pool_managerd.client import NodeInfo
 from pool_managerd.contract.messages import SCHEMA_VERSION, DaemonStopping, Event, NodeHeartbeat, encode
-from pool_managerd.fleet import STALE_BEATS, NodeView, liveness, node_views, render_nodes
 from pool_managerd.testing.nats_cluster import NatsCluster
-from test_client_ctl import run_cli
+from support.cli import run_cli
 
 NOW = 1_800_000_000.0
 

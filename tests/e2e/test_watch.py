@@ -29,8 +29,8 @@ from pool_managerd.contract.messages import (
     StateChanged,
 )
 from pool_managerd.contract.subjects import KV_BUCKET
+from support.cli import DaemonEnv, cli_env, rows_of, run_cli, running_daemon
 from support.deadlines import POOL_S
-from test_client_ctl import DaemonEnv, cli_env, rows_of, run_cli, running_daemon
 
 NOW = 1_700_000_100.0
 GPU_A = "GPU-4090c0de-0000-4000-8000-000000000024"

@@ -17,7 +17,7 @@ from types import ModuleType
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_tool() -> ModuleType:
@@ -165,6 +165,7 @@ def _make_dry_run(*args: str) -> str:
     return result.stdout
 
 
+@pytest.mark.adapter  # runs a process: dearer than its folder
 def test_a_changed_lock_reinstalls_the_venv_from_it() -> None:
     # -W: as if requirements.lock had just changed, whatever the venv's stamp says.
     out = _make_dry_run("-W", "requirements.lock", ".venv/.installed")
@@ -173,6 +174,7 @@ def test_a_changed_lock_reinstalls_the_venv_from_it() -> None:
     assert "rm -rf .venv" in out
 
 
+@pytest.mark.adapter  # runs a process: dearer than its folder
 @pytest.mark.parametrize("target", ["test", "demo"])
 def test_test_and_demo_go_through_the_locked_venv(target: str) -> None:
     out = _make_dry_run("-W", "requirements.lock", target)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_flat_imports_of_the_seed_api() -> None:
     from pool_managerd import (
@@ -39,6 +41,7 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
         raise AssertionError("expected AttributeError")
 
 
+@pytest.mark.adapter  # runs a process: dearer than its folder
 def test_importing_the_package_loads_no_heavy_dependency() -> None:
     # The fake engine imports the package; it must not pull in nats, transitions or pydantic.
     code = (

@@ -6,8 +6,6 @@ import asyncio
 import json
 import sys
 import urllib.request
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,60 +37,7 @@ from pool_managerd.contract.messages import (
 from pool_managerd.contract.subjects import Subjects
 from pool_managerd.core.fold import fold
 from pool_managerd.runtime.daemon import Daemon
-
-
-class Events:
-    """Every pool event seen on the wire, with waiters."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[Event, dict[str, str]]] = []
-        self.cond = asyncio.Condition()
-
-    async def on_msg(self, msg: Msg) -> None:
-        async with self.cond:
-            self.items.append((EVENT_DECODER.decode(msg.data), dict(msg.headers or {})))
-            self.cond.notify_all()
-
-    async def wait(self, pred: Callable[[Event], bool], timeout: float = 15.0) -> Event:
-        async def find() -> Event:
-            async with self.cond:
-                while True:
-                    for event, _ in self.items:
-                        if pred(event):
-                            return event
-                    await self.cond.wait()
-
-        return await asyncio.wait_for(find(), timeout)
-
-    def state_changes(self, pool: str) -> list[StateChanged]:
-        return [e.body for e, _ in self.items if e.pool == pool and isinstance(e.body, StateChanged)]
-
-
-async def follow(nc: NATS) -> Events:
-    events = Events()
-    await nc.subscribe("poold.evt.>", cb=events.on_msg)
-    await nc.flush()
-    return events
-
-
-async def req(nc: NATS, subject: str, payload: dict[str, Any] | bytes | None = None, **kw: Any) -> Any:
-    data = payload if isinstance(payload, bytes) else (json.dumps(payload).encode() if payload is not None else b"")
-    msg = await nc.request(subject, data, timeout=10, **kw)
-    return REPLY_DECODER.decode(msg.data)
-
-
-def cid() -> str:
-    return uuid.uuid4().hex
-
-
-def reached(pool: str, state: str) -> Callable[[Event], bool]:
-    return lambda e: e.pool == pool and isinstance(e.body, StateChanged) and e.body.dst == state
-
-
-async def ready_pool(nc: NATS, events: Events, pool: str = "chat") -> None:
-    reply = await req(nc, f"poold.cmd.{pool}.preload", {"command_id": cid()})
-    assert isinstance(reply, Accepted), reply
-    await events.wait(lambda e: reached(pool, "ready")(e) and e.seq > reply.seq)
+from support.daemon_wire import cid, follow, reached, ready_pool, req
 
 
 async def test_preload_is_accepted_events_flow_and_the_pool_becomes_ready(

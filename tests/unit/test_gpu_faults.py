@@ -104,6 +104,7 @@ def test_the_sim_fault_watcher_reads_only_whole_lines_appended_after_it_started(
     assert [(f.uuid, f.xid) for f in seen] == [("GPU-new", 48), ("GPU-half", 74)]
 
 
+@pytest.mark.adapter  # runs a process: dearer than its folder
 def test_the_simulated_driver_lists_live_processes_and_drops_dead_ones(tmp_path: Path) -> None:
     state = SimGpuState(HETERO, tmp_path)
     assert json.loads((tmp_path / "gpus.json").read_text())["uuids"] == [GPU0, GPU1]

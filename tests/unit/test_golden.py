@@ -21,7 +21,7 @@ from pool_managerd.core.machine import ROWS
 from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.core.upcast import UPCASTERS, decode_event, upcast
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 LOGS = sorted(GOLDEN.glob("v*_all_triggers.jsonl"))
 
 
@@ -35,6 +35,7 @@ def test_there_is_a_golden_log_for_the_current_schema() -> None:
     assert GOLDEN / f"v{SCHEMA_VERSION}_all_triggers.jsonl" in LOGS
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 @pytest.mark.parametrize("log", LOGS, ids=lambda p: p.name)
 def test_golden_log_replays_to_the_committed_states(log: Path) -> None:
     expected = json.loads(log.with_name(log.name.replace(".jsonl", ".expected.json")).read_text())
@@ -52,10 +53,11 @@ def test_golden_log_replays_to_the_committed_states(log: Path) -> None:
 def test_golden_log_covers_every_row_of_the_table(log: Path) -> None:
     events = [decode_event(line) for line in log.read_bytes().splitlines() if line.strip()]
     taken = {(e.body.src, e.body.trigger, e.body.dst) for e in events if e.type == "state_changed"}  # type: ignore[union-attr]
-    # internal_error rows are taken only by a bug (tests/test_machine_properties.py injects one).
+    # internal_error rows are taken only by a bug (tests/unit/test_machine_properties.py injects one).
     assert {(r.source, r.trigger, r.dest) for r in ROWS if r.trigger != "internal_error"} <= taken
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_timeline_names_triggers_and_commands() -> None:
     result = replay("--file", str(LOGS[-1]))
     assert result.returncode == 0
@@ -81,6 +83,7 @@ def _first_state_change(line_index_from: int = 0) -> int:
     return next(i for i, line in enumerate(lines) if i >= line_index_from and '"state_changed"' in line)
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_illegal_transition_exits_non_zero_and_names_it(tmp_path: Path) -> None:
     idx = _first_state_change(5)
     edited = _rewrite(tmp_path, idx, {"dst": "failed"})
@@ -89,6 +92,7 @@ def test_illegal_transition_exits_non_zero_and_names_it(tmp_path: Path) -> None:
     assert "violation: illegal_transition" in result.stderr
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_sequence_gap_exits_non_zero_and_names_it(tmp_path: Path) -> None:
     lines = LOGS[-1].read_text().splitlines()
     del lines[3]
@@ -99,6 +103,7 @@ def test_sequence_gap_exits_non_zero_and_names_it(tmp_path: Path) -> None:
     assert "violation: seq_gap" in result.stderr
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_second_writer_exits_non_zero(tmp_path: Path) -> None:
     lines = LOGS[-1].read_text().splitlines()
     pool = json.loads(lines[0])["pool"]
@@ -114,6 +119,7 @@ def test_second_writer_exits_non_zero(tmp_path: Path) -> None:
     assert "violation: two_writers" in result.stderr
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_malformed_line_is_named_with_its_number(tmp_path: Path) -> None:
     lines = LOGS[-1].read_text().splitlines()
     lines[2] = '{"v": 1, "seq": "x"}'
@@ -124,6 +130,7 @@ def test_malformed_line_is_named_with_its_number(tmp_path: Path) -> None:
     assert "bad.jsonl:3" in result.stderr
 
 
+@pytest.mark.e2e  # runs a pool-managerd command: dearer than its folder
 def test_until_time_and_pool_filters() -> None:
     events = [decode_event(line) for line in LOGS[-1].read_bytes().splitlines()]
     cut = events[40].ts

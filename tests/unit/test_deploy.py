@@ -13,7 +13,7 @@ from pool_managerd.config import load_config
 from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_version
 from support.nats_versions import SUPPORTED_TESTED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_compose_has_nats_with_jetstream_and_the_daemon() -> None:
@@ -32,7 +32,7 @@ def test_compose_runs_an_exact_nats_release_at_or_above_the_floor_that_the_tests
     assert match, f"{image!r}: pin an exact nats release (e.g. nats:2.15.1-alpine), not a moving tag"
     version = parse_server_version(match["version"])
     assert version is not None and version.at_least(NATS_SERVER_FLOOR), f"{image} is below the supported floor"
-    assert match["version"] in SUPPORTED_TESTED, f"{image}: tests/test_nats_compat.py does not run that release"
+    assert match["version"] in SUPPORTED_TESTED, f"{image}: tests/e2e/test_nats_compat.py does not run that release"
 
 
 def test_every_file_the_compose_mounts_exists_and_the_config_loads() -> None:

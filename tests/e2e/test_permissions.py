@@ -55,12 +55,11 @@ from pool_managerd.config import load_config
 from pool_managerd.contract.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
 from pool_managerd.contract.subjects import AUDIT_STREAM, STREAM_NAME
 from pool_managerd.runtime.daemon import Daemon
-from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
+from support.deadlines import CLI_ACCOUNTS_S, EXIT_SLACK_S, STARTUP_TIMEOUT_S
+from support.rig import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "deploy" / "nats-server.conf"
-CLI_S = 60.0
-"""Deadline for one CLI subprocess (Python start-up on a loaded machine included)."""
 
 
 SIM_GPU = "GPU-4090c0de-0000-4000-8000-000000000024"
@@ -179,7 +178,7 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, 
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), CLI_S)
+    out, err = await asyncio.wait_for(proc.communicate(), CLI_ACCOUNTS_S)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -298,11 +297,11 @@ async def test_a_viewers_drain_is_refused_by_the_server_and_ctl_says_permission_
     assert watch.stdout is not None
     seen: list[str] = []
     try:
-        await _read_until(watch.stdout, " ready ", CLI_S, seen)
+        await _read_until(watch.stdout, " ready ", CLI_ACCOUNTS_S, seen)
         await r.accepted("chat", "stop")
-        await _read_until(watch.stdout, " unready ", CLI_S, seen)
+        await _read_until(watch.stdout, " unready ", CLI_ACCOUNTS_S, seen)
         watch.send_signal(signal.SIGTERM)
-        _, werr = await asyncio.wait_for(watch.communicate(), CLI_S)
+        _, werr = await asyncio.wait_for(watch.communicate(), CLI_ACCOUNTS_S)
         assert watch.returncode == 0 and b"permission denied" not in werr, werr.decode()
     finally:
         if watch.returncode is None:
@@ -533,11 +532,6 @@ async def test_the_embedded_server_of_run_uses_the_shipped_accounts_with_private
 
 # --- a bad first connection exits ----------------------------------------------------------------
 
-STARTUP_TIMEOUT_S = 3.0
-EXIT_SLACK_S = 15.0
-"""Python start-up and imports come before the connect: on a loaded 2-core machine they alone
-can take seconds. What matters is that the daemon exits at all (it used to retry forever)."""
-
 
 async def _exit_of(proc: asyncio.subprocess.Process, timeout: float) -> tuple[int, str]:
     _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -710,7 +704,7 @@ async def test_a_daemon_identitys_junk_quarantines_an_operator_acknowledges_and_
     # Refusals are in the audit stream, which an operator reads and a viewer may not.
     operator = await connect_as(secured, "operator")
     try:
-        async with asyncio.timeout(CLI_S):
+        async with asyncio.timeout(CLI_ACCOUNTS_S):
             while True:
                 codes = [json.loads(e.data)["code"] async for e in read_entries(operator, "poold.audit.>",
                                                                                 stream=AUDIT_STREAM)]  # fmt: skip
