@@ -16,8 +16,8 @@ import pytest
 from pool_managerd.core import upcast as upcast_mod
 from pool_managerd.core.errors import MalformedMessage
 from pool_managerd.core.fold import Fold, fold
-from pool_managerd.core.machine import ROWS
 from pool_managerd.core.state import PoolValue, initial
+from pool_managerd.core.table import ROWS
 from pool_managerd.core.upcast import UPCASTERS, decode_event, upcast
 from pool_managerd.messages import SCHEMA_VERSION, Event
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool_managerd.core.errors import InvalidId, InvalidSubject
-from pool_managerd.core.machine import describe
+from pool_managerd.core.table import describe
 from pool_managerd.messages import (
     ALL_MESSAGES,
     EVENT_DECODER,

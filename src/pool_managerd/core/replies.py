@@ -22,7 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pool_managerd.core.fold import Fold
-from pool_managerd.core.machine import client_verbs, internal_error_message
+from pool_managerd.core.machine import internal_error_message
+from pool_managerd.core.table import client_verbs
 from pool_managerd.messages import (
     Accepted,
     CommandRejected,

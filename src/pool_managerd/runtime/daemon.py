@@ -56,9 +56,10 @@ from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.inputs import ClaimInput, ReleaseInput
 from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.machine import Outcome, describe
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
+from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.replies import rebuild_replies
+from pool_managerd.core.table import describe
 from pool_managerd.limits import json_problem
 from pool_managerd.messages import (
     HEALTH_DECODER,
