@@ -25,7 +25,7 @@ from pool_managerd.core.errors import PoolManagerError, UnknownPool
 from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
 from pool_managerd.core.machine import PoolMachine
 from pool_managerd.core.pool_model import Outcome
-from pool_managerd.lifecycle.preload import model_path, plan
+from pool_managerd.lifecycle.preload import model_path, plan_preload
 from pool_managerd.messages import (
     Accepted,
     EngineSpec,
@@ -108,7 +108,7 @@ class PoolRuntime:
         self.node = self.options.node
         self.sink = sink
         self.gpu_source = gpu_source
-        self.lifecycle = PoolMachine(self.node, plan)
+        self.lifecycle = PoolMachine(self.node, plan_preload)
         self.actors: dict[str, PoolActor] = {}
         self.health_out = health_out
         self.listeners: list[Callable[[str, Outcome], None]] = []
