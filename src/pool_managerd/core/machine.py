@@ -4,31 +4,20 @@ the shell calls for each typed input.
 Each public method of :class:`PoolMachine` is one pure step: an input and a :class:`~pool_managerd.
 core.definitions.Context` in, an :class:`~pool_managerd.core.pool_model.Outcome` out. The rows it
 fires are the table's (:mod:`pool_managerd.core.table`); the callbacks they name are the pool
-model's (:mod:`pool_managerd.core.pool_model`).
-
-One job, one class: every kind of input a pool takes is a method here, next to the transaction
-(checkpoint, dispatch, ``internal_error``) that wraps them all, so it stays one module.
+model's (:mod:`pool_managerd.core.pool_model`); a command's step is
+:mod:`pool_managerd.core.command_step`'s.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
-from dataclasses import replace
-from typing import Any, cast
 
 import msgspec
 from transitions import Machine
 
 from pool_managerd.core import gpu_verify
-from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
+from pool_managerd.core.command_step import run_command
 from pool_managerd.core.definitions import Context, Planner, PoolDefinition
-from pool_managerd.core.effects import (
-    ReleaseEngine,
-    StopEngine,
-    TimerName,
-    VerifyGpus,
-)
-from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease, UnknownPool
+from pool_managerd.core.effects import ReleaseEngine, StopEngine, TimerName, VerifyGpus
+from pool_managerd.core.errors import UnknownPool
 from pool_managerd.core.health import assess
 from pool_managerd.core.inputs import (
     ClaimInput,
@@ -49,13 +38,11 @@ from pool_managerd.core.inputs import (
 )
 from pool_managerd.core.pool_model import Checkpoint, Outcome, PoolModel
 from pool_managerd.core.registry import Registry
-from pool_managerd.core.state import PoolValue, check_acquire, check_release, expired
-from pool_managerd.core.table import ALLOWED, INITIAL, ROWS, STATES, client_verbs
+from pool_managerd.core.state import PoolValue
+from pool_managerd.core.table import INITIAL, ROWS, STATES
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import preload as preload_policy
 from pool_managerd.messages import (
-    Accepted,
-    AckCorruptCmd,
     DrainCmd,
     EngineAdopted,
     EngineExited,
@@ -65,24 +52,12 @@ from pool_managerd.messages import (
     HealthChanged,
     HealthReport,
     InternalError,
-    LeaseCmd,
-    LeaseExpired,
-    LeaseGranted,
-    LeaseReleased,
-    LogCorruptAcknowledged,
     PoolClaimed,
     PoolCommand,
     PoolReleased,
     PoolState,
-    PreloadCmd,
-    Problem,
-    RejectCode,
     Rejected,
-    ReleaseCmd,
-    ReloadCmd,
-    StateChanged,
     StatusCmd,
-    StatusReply,
     StopCmd,
     command_fingerprint,
 )
@@ -155,16 +130,6 @@ class PoolMachine:
     def state(self, pool: str) -> PoolState:
         return self.pool(pool).state
 
-    # --- the one way a trigger is fired -------------------------------------------------------
-
-    def _begin(self, model: PoolModel, ctx: Context) -> None:
-        model.ctx = ctx
-        model.events = []
-        model.effects = []
-        model.fingerprint = None
-        model.step_cause = None
-        model.prior = model.value
-
     # --- the one entry point of the shell ------------------------------------------------------
 
     def step(self, pool: str, inp: PoolInput, ctx: Context) -> Outcome:
@@ -224,7 +189,7 @@ class PoolMachine:
     ) -> Outcome:
         name = label(inp)
         verb = name if isinstance(inp, CommandInput) else None
-        self._begin(model, ctx)
+        model.begin(ctx)
         command_id = None
         if isinstance(inp, CommandInput):
             command_id = ctx.command_id or inp.cmd.command_id
@@ -235,17 +200,17 @@ class PoolMachine:
         try:
             model.emit(InternalError(step=name, error=error))
             if model.state != "failed":
-                self._fire(model, "internal_error", reason=f"internal error in step {name} ({error}); pool stopped")
+                model.fire("internal_error", reason=f"internal error in step {name} ({error}); pool stopped")
         except Exception:
             # Even the way out failed: keep the pool exactly as it was and report the bare error.
             model.revert(saved)
-            self._begin(model, ctx)
+            model.begin(ctx)
             command_id = model.cause[0] if verb is not None else None
         reply: Rejected | None = None
         if verb is not None:
             reply = Rejected(command_id=command_id, pool=model.pool_id, verb=verb, code="internal",
                              message=internal_error_message(verb, model.pool_id), state=model.state)  # fmt: skip
-        return self._end(model, reply)
+        return model.outcome(reply)
 
     def remove(self, pool: str, drain_s: float, ctx: Context) -> Outcome:
         """Take a pool the configuration dropped towards ``unready``: drain it if it serves (lease
@@ -261,126 +226,11 @@ class PoolMachine:
             cmd = StopCmd(command_id=cid)  # preloading, restarting, failed, or a reload's drain
         return self.command(pool, cmd, ctx)
 
-    def _end(self, model: PoolModel, reply: Accepted | Rejected | StatusReply | None) -> Outcome:
-        return Outcome(reply, model.events, model.effects)
-
-    def _fire(self, model: PoolModel, trigger: str, **kwargs: Any) -> bool:
-        """Fire ``trigger`` if the table allows it from the current state. Returns whether the
-        state machine took a row; raises :class:`IllegalTransition` otherwise."""
-        if trigger not in ALLOWED[model.state]:
-            raise IllegalTransition(model.pool_id, trigger, model.state, ALLOWED[model.state])
-        before = len(model.events)
-        model.trigger(trigger, **kwargs)  # type: ignore[attr-defined]
-        # A row was taken iff it recorded its state_changed event (before_state_change).
-        return any(isinstance(e.body, StateChanged) for e in model.events[before:])
-
     # --- commands ------------------------------------------------------------------------------
 
     def command(self, pool: str, cmd: PoolCommand, ctx: Context) -> Outcome:
         """Apply one pool command. Never raises for bad requests: they become ``Rejected``."""
-        model = self.pool(pool)
-        if ctx.command_id is None:
-            ctx = replace(ctx, command_id=cmd.command_id)
-        self._begin(model, ctx)
-        verb = cmd.__struct_config__.tag
-        assert isinstance(verb, str)
-        if not isinstance(cmd, StatusCmd):
-            # Every event from here to the pool's next command is caused by this one.
-            model.step_cause = (ctx.command_id, ctx.traceparent)
-            model.fingerprint = command_fingerprint(cmd)
-        try:
-            reply = self._command(model, verb, cmd)
-        except IllegalTransition:
-            verbs = client_verbs(model.state)
-            message = (f"pool {model.pool_id!r}: {verb!r} is not allowed in state {model.state!r} "
-                       f"(allowed: {', '.join(verbs)})")  # fmt: skip
-            reply = self._reject(model, verb, "illegal_transition", message, verbs)
-        except LeaseRefused as exc:
-            reply = self._reject(model, verb, cast(RejectCode, exc.code), exc.message)
-        except UnknownLease as exc:
-            reply = self._reject(model, verb, "unknown_lease", exc.message)
-        except BadCommand as exc:
-            reply = self._reject(model, verb, "bad_request", str(exc))
-        return self._end(model, reply)
-
-    def _command(self, model: PoolModel, verb: str, cmd: PoolCommand) -> Accepted | Rejected | StatusReply:
-        if isinstance(cmd, StatusCmd):
-            return StatusReply(pool=self.registry.snapshot(model.pool_id))
-        if isinstance(cmd, PreloadCmd):
-            spec = model.spec
-            if cmd.model is not None and "preload" in ALLOWED[model.state]:
-                spec = requested_spec(model.definition, spec, cmd)
-            # The recorded row carries the spec, mask and policy asked for: evolve takes them.
-            taken = self._fire(model, "preload", spec=spec, mask=cmd.device_mask, policy=cmd.policy)
-            if not taken:
-                return self._plan_rejected(model, verb)
-        elif isinstance(cmd, DrainCmd):
-            self._fire(model, "drain", deadline_s=cmd.deadline_s)
-        elif isinstance(cmd, ReloadCmd):
-            # Only what the configuration declares: the argv is always its template.
-            new_spec = requested_spec(model.definition, model.spec, cmd)
-            mask_same = cmd.device_mask is None or cmd.device_mask == model.mask
-            policy_same = cmd.policy is None or cmd.policy == model.split_policy
-            if new_spec == model.spec and mask_same and policy_same and model.state == "ready":
-                # Reloading the very same spec is a no-op, not a needless restart.
-                return self._accept(model, verb, seq=model.value.seq)
-            taken = self._fire(
-                model, "reload", new_spec=new_spec, mask=cmd.device_mask, policy=cmd.policy, deadline_s=cmd.deadline_s
-            )
-            if not taken:
-                return self._plan_rejected(model, verb)
-        elif isinstance(cmd, StopCmd):
-            self._fire(model, "stop", grace_s=cmd.grace_s, reason="stop command")
-        elif verb == "reset":
-            self._fire(model, "reset", reason="reset command")
-        elif isinstance(cmd, LeaseCmd):
-            check_command(model.definition, cmd)
-            held = model.value.leases
-            if cmd.lease_id is not None:
-                # Renewal: only the id the grant returned names a lease; a client never picks one.
-                check_release(model.value, cmd.lease_id)
-                lease_id, holder = cmd.lease_id, held[cmd.lease_id].holder
-            else:
-                lease_id, holder = model.ctx.new_lease_id or cmd.command_id, cmd.holder
-                if lease_id in held:
-                    raise UnknownLease(f"pool {model.pool_id!r}: lease id {lease_id!r} is taken; retry")
-            check_acquire(model.value, lease_id)
-            expires_at = model.ctx.now + cmd.ttl_s
-            active = len(held) + (0 if lease_id in held else 1)
-            model.emit(LeaseGranted(lease_id=lease_id, expires_at=expires_at, active=active, holder=holder))
-            self._arm_lease_expiry(model)
-            first = model.events[0].seq
-            return self._accept(model, verb, seq=first, lease_id=lease_id, expires_at=expires_at)
-        elif isinstance(cmd, AckCorruptCmd):
-            # In any state: the shell checked the sequences against the quarantine it holds.
-            model.emit(LogCorruptAcknowledged(sequences=sorted(set(cmd.sequences))))
-        elif isinstance(cmd, ReleaseCmd):
-            check_release(model.value, cmd.lease_id)
-            model.emit(LeaseReleased(lease_id=cmd.lease_id, active=model.value.active_leases - 1))
-            self._after_lease_drop(model)
-        first_seq = model.events[0].seq if model.events else model.value.seq
-        return self._accept(model, verb, seq=first_seq)
-
-    def _accept(self, model: PoolModel, verb: str, *, seq: int, lease_id: str | None = None,
-                expires_at: float | None = None) -> Accepted:  # fmt: skip
-        return Accepted(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, seq=seq,
-                        last_seq=model.value.seq, state=model.state, lease_id=lease_id,
-                        expires_at=expires_at)  # fmt: skip
-
-    def _reject(self, model: PoolModel, verb: str, code: RejectCode, message: str,
-                allowed: Iterable[str] = (), problems: Iterable[Problem] = ()) -> Rejected:  # fmt: skip
-        # A refusal changes no state, so it is no event: the shell reports it (audit stream).
-        return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
-                        message=message, state=model.state, allowed=list(allowed), problems=list(problems))  # fmt: skip
-
-    def _plan_rejected(self, model: PoolModel, verb: str) -> Rejected:
-        # The prepare callback kept the planner's refusal on the model for exactly this reply.
-        rejected = model.last_plan_rejected
-        code: RejectCode = rejected.code if rejected else "placement_failed"
-        message = rejected.message if rejected else "placement failed"
-        problems: list[Problem] = list(rejected.problems) if rejected else []
-        return Rejected(command_id=model.ctx.command_id, pool=model.pool_id, verb=verb, code=code,
-                        message=message, state=model.state, problems=problems)  # fmt: skip
+        return run_command(self.pool(pool), cmd, ctx, self.registry)
 
     # --- facts ---------------------------------------------------------------------------------
 
@@ -389,7 +239,7 @@ class PoolMachine:
     ) -> Outcome:
         """The shell started the engine that ``SpawnEngine`` number ``attempt`` asked for."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         current = attempt is None or attempt == model.attempt
         if model.state == "preloading" and current:
             previous = model.value.engine
@@ -406,14 +256,14 @@ class PoolMachine:
             # The pool moved on (stopped, drained) while the spawn was in flight: stop the newcomer.
             model.stopping.add(info.pid)
             model.effects.append(StopEngine(info.pid, info.pgid, 0.0, f"spawned after the pool became {model.state}"))
-        return self._end(model, None)
+        return model.outcome(None)
 
     def engine_adopted(self, pool: str, info: EngineInfo, ctx: Context) -> Outcome:
         """After a daemon restart the engine the log names was found alive and taken over."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         model.emit(EngineAdopted(pid=info.pid, pgid=info.pgid, port=info.port))
-        return self._end(model, None)
+        return model.outcome(None)
 
     def spawn_failed(self, pool: str, error: str, ctx: Context, attempt: int | None = None) -> Outcome:
         """The shell could not start the engine of spawn ``attempt`` (missing binary, port taken...).
@@ -421,22 +271,22 @@ class PoolMachine:
         A report about an attempt the pool has moved past (stopped and preloaded again while the
         spawn was in flight) changes nothing."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         if model.state == "preloading" and (attempt is None or attempt == model.attempt):
-            self._fire(model, "preload_failed", cause=f"spawn failed: {error}")
-        return self._end(model, None)
+            model.fire("preload_failed", cause=f"spawn failed: {error}")
+        return model.outcome(None)
 
     def engine_exited(self, pool: str, pid: int, exit_code: int | None, signal: int | None, ctx: Context) -> Outcome:
         """An engine process ended (observed by waiting on it)."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         current = model.value.engine
         if current is None or current.pid != pid:
             expected = pid in model.stopping
             model.stopping.discard(pid)
             model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=expected,
                                     during=model.state))  # fmt: skip
-            return self._end(model, None)
+            return model.outcome(None)
         state = model.state
         model.emit(EngineExited(pid=pid, exit_code=exit_code, signal=signal, expected=False, during=state))
         if exit_code is not None:
@@ -446,22 +296,22 @@ class PoolMachine:
         else:
             how = "status unknown: it ended while no daemon was watching it"
         if state == "preloading":
-            self._fire(model, "preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code,
+            model.fire("preload_failed", cause=f"engine exited during load ({how})", exit_code=exit_code,
                        crashed=True)  # fmt: skip
         elif state == "ready":
-            self._fire(model, "engine_exited", cause=f"engine exited ({how})", exit_code=exit_code, crashed=True)
+            model.fire("engine_exited", cause=f"engine exited ({how})", exit_code=exit_code, crashed=True)
         elif state == "draining":
-            self._fire(model, "drained", reason=f"engine exited while draining ({how})",
+            model.fire("drained", reason=f"engine exited while draining ({how})",
                        leases_left=model.value.active_leases)  # fmt: skip
-        return self._end(model, None)
+        return model.outcome(None)
 
     def health(self, pool: str, report: HealthReport, ctx: Context) -> Outcome:
         """Fold one health report; may make the pool ready or declare health lost."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         engine = model.value.engine
         if engine is None or (report.engine_pid is not None and report.engine_pid != engine.pid):
-            return self._end(model, None)  # a report about an engine this pool no longer runs
+            return model.outcome(None)  # a report about an engine this pool no longer runs
         model.last_heartbeat = report.ts
         threshold = model.spec.probe_failure_threshold
         # "Loading" is expected while preloading; an engine that was ready and answers 503 again
@@ -480,8 +330,8 @@ class PoolMachine:
             self._healthy_while_loading(model, engine.pid, engine.pgid)
         elif model.state == "ready" and verdict.lost:
             failures = verdict.state.consecutive_failures
-            self._fire(model, "health_lost", cause=f"{failures} consecutive failed health probes")
-        return self._end(model, None)
+            model.fire("health_lost", cause=f"{failures} consecutive failed health probes")
+        return model.outcome(None)
 
     def absorb_probe(self, pool: str, report: HealthReport) -> bool:
         """Fold a report that can change nothing but the probe bookkeeping, without a step.
@@ -513,7 +363,7 @@ class PoolMachine:
         check = model.definition.gpu_check
         placement = model.value.placement
         if check is None or placement is None or not placement.uuids:
-            self._fire(model, "engine_ready", reason="first healthy probe")
+            model.fire("engine_ready", reason="first healthy probe")
         elif model.verifying != pid:
             model.verifying = pid
             model.effects.append(VerifyGpus(pid, pgid, placement, check))
@@ -522,18 +372,18 @@ class PoolMachine:
         """The shell's final sample of the engine's GPU memory: ready, or a failed preload with the
         typed reason (``cpu_fallback``, ``wrong_devices``, ``under_budget``) recorded."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         engine = model.value.engine
         check = model.definition.gpu_check
         placement = model.value.placement
         if (model.state != "preloading" or engine is None or engine.pid != inp.pid or model.verifying != inp.pid
                 or check is None or placement is None):  # fmt: skip
-            return self._end(model, None)  # about an engine or a load this pool has moved past
+            return model.outcome(None)  # about an engine or a load this pool has moved past
         verdict = gpu_verify.judge(placement, inp.sample, check)
         if verdict.status == "pending":
             # Not final after all: the next healthy probe asks for another check.
             model.verifying = None
-            return self._end(model, None)
+            return model.outcome(None)
         ok = verdict.status == "ok"
         model.emit(GpuVerified(ok=ok, reason=verdict.reason, message=verdict.message, pid=inp.pid,
                                pids=list(inp.sample.pids), held=dict(verdict.held), elapsed_s=inp.sample.elapsed_s,
@@ -541,29 +391,29 @@ class PoolMachine:
                                source=inp.source))  # fmt: skip
         model.verifying = None
         if ok:
-            self._fire(model, "engine_ready", reason=f"first healthy probe; GPUs verified: {verdict.message}")
+            model.fire("engine_ready", reason=f"first healthy probe; GPUs verified: {verdict.message}")
         else:
-            self._fire(model, "preload_failed", cause=f"{verdict.reason}: {verdict.message}")
-        return self._end(model, None)
+            model.fire("preload_failed", cause=f"{verdict.reason}: {verdict.message}")
+        return model.outcome(None)
 
     def timer_fired(self, pool: str, name: TimerName, token: int, ctx: Context) -> Outcome:
         """A timer armed by ``ArmTimer`` fired; stale tokens are ignored."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         if model.timers.get(name) != token:
-            return self._end(model, None)
+            return model.outcome(None)
         del model.timers[name]
         if name == "load_timeout" and model.state == "preloading":
-            self._fire(model, "preload_failed", cause=preload_policy.timeout_reason(model.spec))
+            model.fire("preload_failed", cause=preload_policy.timeout_reason(model.spec))
         elif name == "backoff" and model.state == "restarting":
-            self._fire(model, "backoff_elapsed")
+            model.fire("backoff_elapsed")
         elif name == "drain_deadline" and model.state == "draining":
             outcome = drain_policy.at_deadline(reload=model.reloading, active_leases=model.value.active_leases,
                                                deadline_s=model.drain_deadline_s)  # fmt: skip
-            self._fire(model, "drain_deadline", reason=outcome.reason, leases_left=outcome.leases_left)
+            model.fire("drain_deadline", reason=outcome.reason, leases_left=outcome.leases_left)
         elif name == "lease_expiry":
-            self._expire(model)
-        return self._end(model, None)
+            model.drop_expired_leases()
+        return model.outcome(None)
 
     def restore(self, pool: str, value: PoolValue, ctx: Context) -> Outcome:
         """Put a registered pool back where its event log left it (daemon recovery).
@@ -574,7 +424,7 @@ class PoolMachine:
         lease expiries. Reconciling with the engine processes found on the host is the shell's
         part (adopt, or report an exit)."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         if value.pool != pool:
             raise ValueError(f"the state of pool {value.pool!r} cannot restore pool {pool!r}")
         if value.spec is None:
@@ -592,15 +442,15 @@ class PoolMachine:
         elif value.state == "restarting":
             model.arm("backoff", remaining)
         if value.leases:
-            self._arm_lease_expiry(model)
-        return self._end(model, None)
+            model.arm_lease_expiry()
+        return model.outcome(None)
 
     def claim(self, pool: str, inp: ClaimInput, ctx: Context) -> Outcome:
         """This node holds the pool's ownership lease at ``inp.epoch``: record the claim. Taken
         from another node, the pool starts here with nothing running (see :class:`PoolClaimed`),
         and whatever that node's timers were waiting for is no concern of this one."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         previous = inp.previous_node
         if previous is not None and previous != self.node:
             model.cancel("load_timeout", "backoff", "drain_deadline", "lease_expiry")
@@ -611,42 +461,22 @@ class PoolMachine:
             model.pending_claim = claim  # nothing to hand over: recorded with the first event
         else:
             model.emit(claim)
-        return self._end(model, None)
+        return model.outcome(None)
 
     def release_ownership(self, pool: str, ctx: Context) -> Outcome:
         """This node gives the pool's lease up (a graceful stop): the last event of its epoch."""
         model = self.pool(pool)
-        self._begin(model, ctx)
+        model.begin(ctx)
         if model.value.epoch:
             model.emit(PoolReleased(node=self.node, epoch=model.value.epoch))
-        return self._end(model, None)
+        return model.outcome(None)
 
     def expire_leases(self, pool: str, ctx: Context) -> Outcome:
         """Drop expired leases now (also done by the ``lease_expiry`` timer)."""
         model = self.pool(pool)
-        self._begin(model, ctx)
-        self._expire(model)
-        return self._end(model, None)
-
-    def _expire(self, model: PoolModel) -> None:
-        for lease_id in expired(model.value, model.ctx.now):
-            model.emit(LeaseExpired(lease_id=lease_id, active=model.value.active_leases - 1))
-        self._after_lease_drop(model)
-
-    # --- helpers -------------------------------------------------------------------------------
-
-    def _arm_lease_expiry(self, model: PoolModel) -> None:
-        nxt = model.value.next_expiry()
-        if nxt is None:
-            model.cancel("lease_expiry")
-        else:
-            model.arm("lease_expiry", nxt - model.ctx.now)
-
-    def _after_lease_drop(self, model: PoolModel) -> None:
-        if model.state == "draining" and drain_policy.complete_now(model.value.active_leases):
-            self._fire(model, "drained", reason="leases reached 0", leases_left=0)
-        else:
-            self._arm_lease_expiry(model)
+        model.begin(ctx)
+        model.drop_expired_leases()
+        return model.outcome(None)
 
 
 def internal_error_message(verb: str, pool: str) -> str:

@@ -22,9 +22,11 @@ from transitions import EventData
 
 from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.errors import IllegalTransition
 from pool_managerd.core.health import HealthState
 from pool_managerd.core.registry import Entry
-from pool_managerd.core.state import PoolValue, evolve, initial
+from pool_managerd.core.state import PoolValue, evolve, expired, initial
+from pool_managerd.core.table import ALLOWED
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import supervision
 from pool_managerd.lifecycle.supervision import Decision, SupervisionState
@@ -36,6 +38,7 @@ from pool_managerd.messages import (
     EngineSpec,
     Event,
     EventBody,
+    LeaseExpired,
     Placement,
     PoolClaimed,
     PoolState,
@@ -250,6 +253,54 @@ class PoolModel:
         spec = self.prior.spec or self.spec
         grace = spec.stop_grace_s if grace_s is None else grace_s
         self.effects.append(StopEngine(engine.pid, engine.pgid, grace, reason))
+
+    # --- one step: begin, fire rows, collect the outcome ----------------------------------------
+
+    def begin(self, ctx: Context) -> None:
+        """Start a step at ``ctx``: an empty outbox, no command cause yet."""
+        self.ctx = ctx
+        self.events = []
+        self.effects = []
+        self.fingerprint = None
+        self.step_cause = None
+        self.prior = self.value
+
+    def outcome(self, reply: Accepted | Rejected | StatusReply | None) -> Outcome:
+        """The step's result: ``reply`` and what the outbox collected."""
+        return Outcome(reply, self.events, self.effects)
+
+    def fire(self, trigger: str, **kwargs: Any) -> bool:
+        """Fire ``trigger`` if the table allows it from the current state. Returns whether the
+        state machine took a row; raises :class:`IllegalTransition` otherwise."""
+        if trigger not in ALLOWED[self.state]:
+            raise IllegalTransition(self.pool_id, trigger, self.state, ALLOWED[self.state])
+        before = len(self.events)
+        self.trigger(trigger, **kwargs)  # type: ignore[attr-defined]
+        # A row was taken iff it recorded its state_changed event (before_state_change).
+        return any(isinstance(e.body, StateChanged) for e in self.events[before:])
+
+    # --- leases: what every step that drops one does ---------------------------------------------
+
+    def drop_expired_leases(self) -> None:
+        """Drop the leases expired by now (``lease_expired`` each), then what any drop does."""
+        for lease_id in expired(self.value, self.ctx.now):
+            self.emit(LeaseExpired(lease_id=lease_id, active=self.value.active_leases - 1))
+        self.after_lease_drop()
+
+    def arm_lease_expiry(self) -> None:
+        """Arm the ``lease_expiry`` timer for the next lease to expire, or cancel it if none."""
+        nxt = self.value.next_expiry()
+        if nxt is None:
+            self.cancel("lease_expiry")
+        else:
+            self.arm("lease_expiry", nxt - self.ctx.now)
+
+    def after_lease_drop(self) -> None:
+        """A lease went: a drain with none left completes, otherwise the expiry timer moves."""
+        if self.state == "draining" and drain_policy.complete_now(self.value.active_leases):
+            self.fire("drained", reason="leases reached 0", leases_left=0)
+        else:
+            self.arm_lease_expiry()
 
     # --- prepare callbacks: compute decisions unless replay supplied them --------------------
 
