@@ -25,8 +25,8 @@ from pathlib import Path
 
 import nats
 
-from pool_managerd.messages import REPLY_DECODER, Accepted, StatusReply
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.adapters.embedded_nats import NatsServer
+from pool_managerd.contract.messages import REPLY_DECODER, Accepted, StatusReply
 
 ECHO = textwrap.dedent(
     """

@@ -28,11 +28,11 @@ from typing import Any
 import nats
 from playwright.async_api import async_playwright
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import ensure_kv, ensure_stream
+from pool_managerd.contract.messages import PoolSnapshot, encode
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.dashboard import DashboardServer, PageConfig
-from pool_managerd.messages import PoolSnapshot, encode
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
 
 CHROMIUM = os.environ.get("POOL_MANAGERD_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

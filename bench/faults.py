@@ -40,8 +40,9 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_events
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     REPLY_DECODER,
     Accepted,
@@ -56,8 +57,7 @@ from pool_managerd.messages import (
     RestartLimitReached,
     StatusReply,
 )
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.subjects import Subjects
 
 NODE = "faults"
 START_S = 30.0

@@ -46,8 +46,16 @@ from nats.aio.client import Client as NATS
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from faults import Wire, _toml, log_checks  # a sibling bench script, not a package
 from pool_managerd.adapters.event_log import KV_BUCKET, read_events
-from pool_managerd.messages import REPLY_DECODER, Accepted, DaemonStarted, Event, PoolClaimed, Rejected, StatusReply
-from pool_managerd.subjects import OWNERS_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.contract.messages import (
+    REPLY_DECODER,
+    Accepted,
+    DaemonStarted,
+    Event,
+    PoolClaimed,
+    Rejected,
+    StatusReply,
+)
+from pool_managerd.contract.subjects import OWNERS_BUCKET, STREAM_NAME, Subjects
 from pool_managerd.testing.nats_cluster import NatsCluster
 
 NODES = ("node-a", "node-b")

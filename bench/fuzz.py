@@ -36,7 +36,7 @@ import nats
 import yaml
 from nats.aio.client import Client as NATS
 
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.testing.wire_fuzz import judge, probe, state_of
 
 NODE = "node-fz"

@@ -31,8 +31,8 @@ from pathlib import Path
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.sim_gpus import SIM_GPU_BUDGETS_ENV, SIM_GPU_DIR_ENV, SimGpuState, proc_path
 from pool_managerd.config import PoolConfig, RestartConfig
+from pool_managerd.contract.messages import GpuVerified, Placement, PreloadCmd, StateChanged, StopCmd
 from pool_managerd.core.gpu_verify import GpuCheckPolicy, judge
-from pool_managerd.messages import GpuVerified, Placement, PreloadCmd, StateChanged, StopCmd
 from pool_managerd.runtime.gpu_check import sample_of
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink

@@ -40,7 +40,7 @@ from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.http_probe import probe
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import PoolConfig, RestartConfig
-from pool_managerd.messages import EngineExited, EngineSpawned, Event, PreloadCmd, StateChanged, StopCmd
+from pool_managerd.contract.messages import EngineExited, EngineSpawned, Event, PreloadCmd, StateChanged, StopCmd
 from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import nats
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import EventPublisher, ensure_stream
 from pool_managerd.config import load_config
-from pool_managerd.messages import REPLY_DECODER, SCHEMA_VERSION, CommandRejected, Event, Rejected
+from pool_managerd.contract.messages import REPLY_DECODER, SCHEMA_VERSION, CommandRejected, Event, Rejected
+from pool_managerd.contract.subjects import AUDIT_STREAM, STREAM_NAME, Subjects
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import AUDIT_STREAM, STREAM_NAME, Subjects
-from pool_managerd.testing.nats_server import NatsServer
 
 MESSAGE = "pool 'chat': 'drain' is not allowed in state 'unready' (allowed: preload, status)"
 

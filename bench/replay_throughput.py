@@ -15,9 +15,7 @@ import gc
 import json
 import time
 
-from pool_managerd.core.fold import Fold
-from pool_managerd.core.upcast import decode_event
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     BackoffScheduled,
     EngineExited,
@@ -31,6 +29,8 @@ from pool_managerd.messages import (
     StateChanged,
     encode,
 )
+from pool_managerd.core.fold import Fold
+from pool_managerd.core.upcast import decode_event
 
 GPU = "GPU-a6000ce1-0000-4000-8000-000000000048"
 PLACEMENT = Placement(mask=[GPU], uuids=[GPU], cuda_visible_devices=GPU, budgets=[8 << 30], ratios=[1.0],

@@ -41,9 +41,9 @@ from typing import Any
 
 import nats
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.client import PoolClient
-from pool_managerd.messages import REPLY_DECODER, PoolsReply, StatusReply
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.messages import REPLY_DECODER, PoolsReply, StatusReply
 
 ENGINE_C = r"""
 #include <arpa/inet.h>

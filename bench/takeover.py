@@ -26,10 +26,10 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.config import load_config
-from pool_managerd.messages import EVENT_DECODER, PoolClaimed, PoolReleased, StateChanged
+from pool_managerd.contract.messages import EVENT_DECODER, PoolClaimed, PoolReleased, StateChanged
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.testing.nats_server import NatsServer
 
 POOL = {"id": "chat", "engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000,
         "stop_grace_s": 0.5}  # fmt: skip
@@ -92,7 +92,7 @@ async def trial(url: str, tmp: Path, lapse: bool, ttl: float, margin: float) -> 
 
 
 def _preload() -> Any:
-    from pool_managerd.messages import PreloadCmd
+    from pool_managerd.contract.messages import PreloadCmd
 
     return PreloadCmd(command_id=f"bench-{time.monotonic_ns()}")
 

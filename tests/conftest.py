@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.config import load_config
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import Subjects
 from pool_managerd.testing.nats_cluster import NatsCluster
-from pool_managerd.testing.nats_server import NatsServer
 from support.markers import classify, has_unit_tests
 from support.procs import leak_guard
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.host_facts import sha256_file
 from pool_managerd.config import PoolConfig
-from pool_managerd.messages import HealthReport, Rejected, StopCmd
+from pool_managerd.contract.messages import HealthReport, Rejected, StopCmd
 from pool_managerd.runtime.actor import MAX_QUEUED_COMMANDS, MAX_QUEUED_HEALTH
 from pool_managerd.runtime.commands import CommandCache
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions

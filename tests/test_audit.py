@@ -12,10 +12,10 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE, NatsConnect, StartDaemon
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_entries
-from pool_managerd.messages import REPLY_DECODER, AuditRecord, Rejected
-from pool_managerd.subjects import AUDIT_STREAM, STREAM_NAME
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.messages import REPLY_DECODER, AuditRecord, Rejected
+from pool_managerd.contract.subjects import AUDIT_STREAM, STREAM_NAME
 
 AUDIT = msgspec.json.Decoder(AuditRecord)
 

@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_events
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.cli import ctl as ctl_cli
 from pool_managerd.cli.format import format_age, format_event, short_uuid
 from pool_managerd.client import CommandReply, PoolClient
 from pool_managerd.config import load_config
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     EngineSpawned,
     Event,
@@ -39,9 +40,8 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
 from support.deadlines import CLI_S, POOL_S
 
 

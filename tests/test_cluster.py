@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from conftest import FAKE, JsNamespace, NatsConnect, StartDaemon
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import ensure_kv, ensure_stream
 from pool_managerd.adapters.replication import ReplicasUnavailable
 from pool_managerd.client import PoolClient
 from pool_managerd.config import ConfigError, load_config
-from pool_managerd.messages import StatusReply
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME
+from pool_managerd.contract.messages import StatusReply
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME
 from pool_managerd.testing.nats_cluster import NatsCluster
-from pool_managerd.testing.nats_server import NatsServer
 
 
 def test_the_cluster_agrees_on_a_meta_leader_and_routes_every_node(nats_cluster: NatsCluster) -> None:

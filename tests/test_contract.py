@@ -20,10 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from conftest import FAKE, StartDaemon
-from pool_managerd.messages import REJECT_STATUS
+from pool_managerd.adapters.embedded_nats import NatsServer
+from pool_managerd.contract.messages import REJECT_STATUS
 from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.testing.nats_server import NatsServer
 from support.contract import README, Example, channel_of, matching_reply, message_schema, parse
 from support.deadlines import until
 
@@ -276,7 +276,7 @@ async def test_rejections_carry_micro_error_headers_and_count_in_srv_stats(
 
 
 def test_kv_due_coalesces_and_lets_probe_bookkeeping_wait() -> None:
-    from pool_managerd.messages import PoolSnapshot
+    from pool_managerd.contract.messages import PoolSnapshot
 
     def snap(**kw: Any) -> PoolSnapshot:
         return PoolSnapshot(pool="p", **kw)

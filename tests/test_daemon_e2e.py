@@ -17,9 +17,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from conftest import FAKE, StartDaemon
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_events
-from pool_managerd.core.fold import fold
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     MAX_PAYLOAD_BYTES,
     REPLY_DECODER,
@@ -36,9 +36,9 @@ from pool_managerd.messages import (
     StatusReply,
     encode,
 )
+from pool_managerd.contract.subjects import Subjects
+from pool_managerd.core.fold import fold
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
 
 
 class Events:
@@ -320,19 +320,19 @@ async def test_the_server_refuses_a_stale_writer(fresh_nats_server: NatsServer, 
 
 
 def _preload() -> type:
-    from pool_managerd.messages import PreloadCmd
+    from pool_managerd.contract.messages import PreloadCmd
 
     return PreloadCmd
 
 
 def _drain() -> type:
-    from pool_managerd.messages import DrainCmd
+    from pool_managerd.contract.messages import DrainCmd
 
     return DrainCmd
 
 
 def _stop() -> type:
-    from pool_managerd.messages import StopCmd
+    from pool_managerd.contract.messages import StopCmd
 
     return StopCmd
 
@@ -584,7 +584,7 @@ async def test_a_node_with_many_pools_pages_its_pools_and_keeps_discovery_small(
     fresh_nats_server: NatsServer, start_daemon: StartDaemon, nc_fresh: NATS
 ) -> None:
     from pool_managerd.client import PoolClient
-    from pool_managerd.messages import POOLS_PAGE_MAX
+    from pool_managerd.contract.messages import POOLS_PAGE_MAX
 
     count = POOLS_PAGE_MAX * 2 + 50
     names = [f"p{i:04d}" for i in range(count)]

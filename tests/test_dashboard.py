@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.dashboard import STATIC_DIR, DashboardError, DashboardServer, PageConfig
-from pool_managerd.testing.nats_server import NatsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

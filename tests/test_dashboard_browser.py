@@ -21,13 +21,13 @@ from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
 from pool_managerd import accounts
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import SnapshotStore, ensure_stream
 from pool_managerd.config import load_config
+from pool_managerd.contract.messages import REPLY_DECODER, Accepted, PoolSnapshot, StatusReply, encode
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.dashboard import DashboardServer, PageConfig
-from pool_managerd.messages import REPLY_DECODER, Accepted, PoolSnapshot, StatusReply, encode
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
 
 CHROMIUM = os.environ.get("POOL_MANAGERD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -10,7 +10,7 @@ import yaml
 
 from pool_managerd.accounts import ROLES, password_env
 from pool_managerd.config import load_config
-from pool_managerd.nats_version import NATS_SERVER_FLOOR, parse_server_version
+from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_version
 from support.nats_versions import SUPPORTED_TESTED
 
 REPO = Path(__file__).resolve().parents[1]

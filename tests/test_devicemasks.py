@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
-from pool_managerd.messages import Gpu, GpuSnapshot
+from pool_managerd.contract.messages import Gpu, GpuSnapshot
 from pool_managerd.placement import (
     MASK_ERROR_CODES,
     Device,

@@ -23,7 +23,7 @@ from pool_managerd.adapters.event_log import (
     last_pool_sequence,
     read_events,
 )
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     DaemonStarted,
     Event,
@@ -31,11 +31,11 @@ from pool_managerd.messages import (
     PoolSnapshot,
     encode,
 )
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 if TYPE_CHECKING:
     from conftest import JsNamespace, NatsConnect
-    from pool_managerd.testing.nats_server import NatsServer
+    from pool_managerd.adapters.embedded_nats import NatsServer
 
 WAIT = 10.0
 _ts = itertools.count(1)

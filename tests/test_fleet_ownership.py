@@ -19,9 +19,9 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.process import pid_alive
-from pool_managerd.messages import Accepted, EngineExited, EngineSpawned, PoolClaimed
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.messages import Accepted, EngineExited, EngineSpawned, PoolClaimed
 from test_recovery import MATCH, Rig, Wire, body, body_of, changed, fake_pool, replay_check_live
 
 OWNERSHIP = {"lease_ttl_s": 3.0, "lease_margin_s": 0.6}

@@ -10,10 +10,10 @@ import nats
 import pytest
 
 from conftest import FAKE, StartDaemon
+from pool_managerd.cli.fleet import STALE_BEATS, NodeView, liveness, node_views, render_nodes
 from pool_managerd.cli.format import format_age
 from pool_managerd.client import NodeInfo
-from pool_managerd.fleet import STALE_BEATS, NodeView, liveness, node_views, render_nodes
-from pool_managerd.messages import SCHEMA_VERSION, DaemonStopping, Event, NodeHeartbeat, encode
+from pool_managerd.contract.messages import SCHEMA_VERSION, DaemonStopping, Event, NodeHeartbeat, encode
 from pool_managerd.testing.nats_cluster import NatsCluster
 from test_client_ctl import run_cli
 
@@ -48,7 +48,7 @@ def test_liveness_is_judged_by_each_nodes_own_period() -> None:
 
 
 def test_node_views_join_discovery_beats_and_pools() -> None:
-    from pool_managerd.messages import PoolSnapshot
+    from pool_managerd.contract.messages import PoolSnapshot
 
     snaps = {
         p: PoolSnapshot(pool=p, node=n, state=st)

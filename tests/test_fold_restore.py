@@ -3,13 +3,7 @@ very value the live pool holds (state, spec, mask, policy, reload staging, rollb
 
 from __future__ import annotations
 
-from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import SpawnEngine
-from pool_managerd.core.fold import Fold, fold
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.core.pool_model import PoolModel
-from pool_managerd.core.state import initial
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EngineInfo,
     EngineSpec,
     Event,
@@ -19,6 +13,12 @@ from pool_managerd.messages import (
     ReloadCmd,
     ReloadRolledBack,
 )
+from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import SpawnEngine
+from pool_managerd.core.fold import Fold, fold
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import PoolModel
+from pool_managerd.core.state import initial
 
 SPEC = EngineSpec(argv=["llama-server", "--model", "{model}"], model="m1")
 asked: list[PlanRequest] = []

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.config import load_config
-from pool_managerd.messages import NODE_COMMANDS, POOL_COMMANDS
+from pool_managerd.contract.messages import NODE_COMMANDS, POOL_COMMANDS
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.testing.nats_server import NatsServer
 from pool_managerd.testing.wire_fuzz import Probe, judge, probe, state_of
 
 NODE = "node-f"

@@ -13,13 +13,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from pool_managerd.contract.errors import MalformedMessage
+from pool_managerd.contract.messages import SCHEMA_VERSION, Event
 from pool_managerd.core import upcast as upcast_mod
-from pool_managerd.core.errors import MalformedMessage
 from pool_managerd.core.fold import Fold, fold
 from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.core.table import ROWS
 from pool_managerd.core.upcast import UPCASTERS, decode_event, upcast
-from pool_managerd.messages import SCHEMA_VERSION, Event
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 LOGS = sorted(GOLDEN.glob("v*_all_triggers.jsonl"))

@@ -18,8 +18,9 @@ from nats.aio.msg import Msg
 from prometheus_client import generate_latest
 
 from conftest import FAKE, StartDaemon
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.client import PoolClient
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     REPLY_DECODER,
     Accepted,
@@ -33,7 +34,6 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
-from pool_managerd.testing.nats_server import NatsServer
 from test_client_ctl import run_cli
 
 GPU0 = "GPU-4090c0de-0000-4000-8000-000000000024"

@@ -10,7 +10,7 @@ import pytest
 
 from pool_managerd.adapters.gpu_profiles import GpuSourceError, list_profiles, load_gpu_source
 from pool_managerd.adapters.nvml import read_nvml_snapshot
-from pool_managerd.messages import encode
+from pool_managerd.contract.messages import encode
 from support.gpu import FakePynvml
 
 GiB = 1024**3

@@ -11,13 +11,7 @@ import msgspec
 import pytest
 
 from pool_managerd.adapters.nvml import read_nvml_snapshot
-from pool_managerd.core.definitions import Context, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import SpawnEngine, VerifyGpus
-from pool_managerd.core.fold import fold
-from pool_managerd.core.gpu_verify import GpuCheckPolicy, GpuSample, engine_held, judge
-from pool_managerd.core.inputs import GpuChecked, HealthInput
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EngineInfo,
     EngineSpec,
     GpuVerified,
@@ -26,6 +20,12 @@ from pool_managerd.messages import (
     PreloadCmd,
     StateChanged,
 )
+from pool_managerd.core.definitions import Context, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import SpawnEngine, VerifyGpus
+from pool_managerd.core.fold import fold
+from pool_managerd.core.gpu_verify import GpuCheckPolicy, GpuSample, engine_held, judge
+from pool_managerd.core.inputs import GpuChecked, HealthInput
+from pool_managerd.core.machine import PoolMachine
 from pool_managerd.runtime.gpu_check import sample_of
 from support.gpu import FakePynvml, load_json
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
-from pool_managerd.messages import GpuSnapshot
+from pool_managerd.contract.messages import GpuSnapshot
 from pool_managerd.placement import (
     PLAN_ERROR_CODES,
     MaskError,

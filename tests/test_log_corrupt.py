@@ -19,12 +19,19 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE, NatsConnect, StartDaemon
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import SnapshotStore, read_entries
 from pool_managerd.adapters.process import pid_alive, wait_pid_exit
-from pool_managerd.messages import MAX_ACK_SEQUENCES, REPLY_DECODER, Accepted, PoolSnapshot, Rejected, StatusReply
+from pool_managerd.contract.messages import (
+    MAX_ACK_SEQUENCES,
+    REPLY_DECODER,
+    Accepted,
+    PoolSnapshot,
+    Rejected,
+    StatusReply,
+)
+from pool_managerd.contract.subjects import STREAM_NAME
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import STREAM_NAME
-from pool_managerd.testing.nats_server import NatsServer
 from support.procs import track_pid
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from pool_managerd.contract.messages import SCHEMA_VERSION, Event, HealthChanged, LogCorruptAcknowledged, encode
 from pool_managerd.core.log_integrity import LogEntry, StreamJudge, explain_conflict, preview, scan_pool
-from pool_managerd.messages import SCHEMA_VERSION, Event, HealthChanged, LogCorruptAcknowledged, encode
 
 P = "poold"
 

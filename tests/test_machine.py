@@ -14,28 +14,8 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 
-from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.errors import DuplicatePool, InvalidId, UnknownPool
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.core.pool_model import Outcome
-from pool_managerd.core.state import evolve
-from pool_managerd.core.table import (
-    ALLOWED,
-    COMMAND_TRIGGERS,
-    DESTINATIONS,
-    INITIAL,
-    ROWS,
-    STATES,
-    TRIGGERS,
-    client_verbs,
-    describe,
-    is_legal,
-    mermaid,
-)
-from pool_managerd.lifecycle import supervision
-from pool_managerd.lifecycle.supervision import RestartPolicy
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import DuplicatePool, InvalidId, UnknownPool
+from pool_managerd.contract.messages import (
     Accepted,
     BackoffScheduled,
     DrainCmd,
@@ -70,6 +50,26 @@ from pool_managerd.messages import (
     StopCmd,
     encode,
 )
+from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.core.state import evolve
+from pool_managerd.core.table import (
+    ALLOWED,
+    COMMAND_TRIGGERS,
+    DESTINATIONS,
+    INITIAL,
+    ROWS,
+    STATES,
+    TRIGGERS,
+    client_verbs,
+    describe,
+    is_legal,
+    mermaid,
+)
+from pool_managerd.lifecycle import supervision
+from pool_managerd.lifecycle.supervision import RestartPolicy
 
 NODE = "node-1"
 POOL = "chat-8b"

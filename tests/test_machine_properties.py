@@ -22,16 +22,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.fold import Fold
-from pool_managerd.core.inputs import CommandInput, TimerFired
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.core.pool_model import Outcome
-from pool_managerd.core.state import PoolValue, initial
-from pool_managerd.core.table import ALLOWED, COMMAND_TRIGGERS, ROWS, STATES, client_verbs, is_legal
-from pool_managerd.lifecycle.supervision import RestartPolicy
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     DrainCmd,
     EngineExited,
@@ -55,6 +46,15 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
 )
+from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.fold import Fold
+from pool_managerd.core.inputs import CommandInput, TimerFired
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.core.state import PoolValue, initial
+from pool_managerd.core.table import ALLOWED, COMMAND_TRIGGERS, ROWS, STATES, client_verbs, is_legal
+from pool_managerd.lifecycle.supervision import RestartPolicy
 
 NODE = "node-1"
 POOL = "p"

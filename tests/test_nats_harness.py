@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from pool_managerd.testing.nats_server import NatsServer, NatsServerError, find_nats_server
+from pool_managerd.adapters.embedded_nats import NatsServer, NatsServerError, find_nats_server
 
 if TYPE_CHECKING:
     from conftest import JsNamespace, NatsConnect
@@ -130,7 +130,7 @@ def test_server_dies_with_its_owner(tmp_path: Path) -> None:
     """A SIGKILLed owner (no finalizers run) still takes its server down (PDEATHSIG)."""
     script = (
         "import sys, time\n"
-        "from pool_managerd.testing.nats_server import NatsServer\n"
+        "from pool_managerd.adapters.embedded_nats import NatsServer\n"
         f"s = NatsServer(store_dir={str(tmp_path / 's')!r}).start()\n"
         "print(s.pid, flush=True)\n"
         "time.sleep(60)\n"  # ok: the owner process only waits to be SIGKILLed by the test

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pool_managerd.nats_version import (
+from pool_managerd.contract.nats_version import (
     NATS_SERVER_FLOOR,
     NATS_SERVER_FLOOR_TEXT,
     NatsServerTooOld,

@@ -15,7 +15,7 @@ from pool_managerd.adapters.nvml import (
     normalize_pci_bus_id,
     read_nvml_snapshot,
 )
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 from support.gpu import (
     NVML_ERROR_DRIVER_NOT_LOADED,
     NVML_ERROR_GPU_IS_LOST,

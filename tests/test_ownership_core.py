@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from pool_managerd.contract.messages import SCHEMA_VERSION, Event, EventBody, HealthChanged, OwnerRecord, PoolClaimed
 from pool_managerd.core.fold import fold
 from pool_managerd.core.ownership import LeaseTiming, may_claim, may_take_over, serving
-from pool_managerd.messages import SCHEMA_VERSION, Event, EventBody, HealthChanged, OwnerRecord, PoolClaimed
 
 T = LeaseTiming(ttl_s=2.0, margin_s=0.5)  # exact in binary: the bounds compare exactly
 

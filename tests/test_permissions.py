@@ -47,14 +47,14 @@ from pool_managerd.accounts import (
     password_env,
     server_config,
 )
+from pool_managerd.adapters.embedded_nats import NatsServer, free_port
 from pool_managerd.adapters.event_log import read_entries
 from pool_managerd.adapters.nats_connect import ConnectFailed, first_connect
 from pool_managerd.client import PermissionDenials, PoolClient
 from pool_managerd.config import load_config
-from pool_managerd.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
+from pool_managerd.contract.messages import EngineAdopted, HealthChanged, Rejected, StateChanged, StatusReply
+from pool_managerd.contract.subjects import AUDIT_STREAM, STREAM_NAME
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.subjects import AUDIT_STREAM, STREAM_NAME
-from pool_managerd.testing.nats_server import NatsServer, free_port
 from test_recovery import MATCH, Rig, Wire, body_of, changed, fake_pool, render_config
 
 REPO = Path(__file__).resolve().parents[1]

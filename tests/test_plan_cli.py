@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
-from pool_managerd.messages import encode
+from pool_managerd.contract.messages import encode
 from pool_managerd.placement import SizeError, format_bytes, parse_bytes, place
 
 GiB = 1024**3

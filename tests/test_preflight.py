@@ -20,7 +20,7 @@ from pool_managerd.adapters.host_facts import (
     port_is_free,
     sha256_file,
 )
-from pool_managerd.messages import GpuSnapshot, Problem
+from pool_managerd.contract.messages import GpuSnapshot, Problem
 from pool_managerd.placement import place
 from pool_managerd.validation.preflight import (
     GPU_ONLY_PREFIX,

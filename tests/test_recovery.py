@@ -35,9 +35,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import read_events
 from pool_managerd.adapters.process import SpawnRecord, group_members, pid_alive, wait_pid_exit
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     REPLY_DECODER,
     Accepted,
@@ -58,8 +59,7 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
-from pool_managerd.subjects import Subjects
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.subjects import Subjects
 from support.procs import FakeEngines, track_pid, wait_for_file
 
 NODE = "node-a"

@@ -10,11 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool_managerd.core.errors import DuplicatePool, InvalidId, LeaseRefused, UnknownLease, UnknownPool
-from pool_managerd.core.health import HealthState
-from pool_managerd.core.registry import Entry, Registry, to_snapshot
-from pool_managerd.core.state import PoolValue, check_acquire, check_release, evolve, expired, initial
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import DuplicatePool, InvalidId, LeaseRefused, UnknownLease, UnknownPool
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     EngineInfo,
     EngineSpec,
@@ -27,6 +24,9 @@ from pool_managerd.messages import (
     PoolState,
     encode,
 )
+from pool_managerd.core.health import HealthState
+from pool_managerd.core.registry import Entry, Registry, to_snapshot
+from pool_managerd.core.state import PoolValue, check_acquire, check_release, evolve, expired, initial
 
 
 def value_with(slots: int = 2, state: PoolState = "ready", pool: str = "p") -> PoolValue:

@@ -23,8 +23,7 @@ from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.http_probe import http_get
 from pool_managerd.adapters.process import allocate_port, pid_alive, wait_pid_exit
 from pool_managerd.config import PoolConfig, RestartConfig
-from pool_managerd.lifecycle.supervision import backoff_delay
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     BackoffScheduled,
     DrainCmd,
@@ -48,6 +47,7 @@ from pool_managerd.messages import (
     StatusReply,
     StopCmd,
 )
+from pool_managerd.lifecycle.supervision import backoff_delay
 from pool_managerd.runtime.pools import PROBE_OPTIONS, PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink
 from support.deadlines import POOL_S
@@ -625,8 +625,8 @@ async def test_close_stops_engines_with_their_spec_grace(h: Harness) -> None:
 async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails_the_pool(h: Harness) -> None:
     # A bug inside a step: the planner hands back something that is not a Placement, so the
     # preload row's after-callback raises once the machine has already moved to "preloading".
+    from pool_managerd.contract.messages import InternalError
     from pool_managerd.lifecycle.preload import plan_preload
-    from pool_managerd.messages import InternalError
 
     broken = object()
     h.rt.lifecycle.planner = lambda _request: broken  # type: ignore[assignment,return-value]

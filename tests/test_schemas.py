@@ -13,8 +13,8 @@ import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pool_managerd import messages
 from pool_managerd.cli import schemas as schemagen
+from pool_managerd.contract import messages
 
 REPO = Path(__file__).resolve().parents[1]
 

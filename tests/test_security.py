@@ -23,11 +23,11 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from conftest import FAKE, StartDaemon
-from pool_managerd import limits
-from pool_managerd.messages import LeaseInfo, PoolSnapshot, StatusReply, encode
+from pool_managerd.adapters.embedded_nats import NatsServer
+from pool_managerd.contract import limits
+from pool_managerd.contract.messages import LeaseInfo, PoolSnapshot, StatusReply, encode
 from pool_managerd.runtime.commands import ERROR_HEADER
 from pool_managerd.runtime.daemon import Daemon
-from pool_managerd.testing.nats_server import NatsServer
 from pool_managerd.testing.wire_fuzz import UP
 
 

@@ -11,8 +11,8 @@ import msgspec
 
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.config import PoolConfig
+from pool_managerd.contract.messages import EngineInfo, GpuProcess, Placement
 from pool_managerd.core.definitions import Context
-from pool_managerd.messages import EngineInfo, GpuProcess, Placement
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.testing.memory_sink import MemoryEventSink
 

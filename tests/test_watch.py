@@ -13,11 +13,12 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.event_log import SnapshotStore
 from pool_managerd.cli import watch as watch_cli
 from pool_managerd.cli.format import format_clock, render_table
 from pool_managerd.client import PoolClient
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     EngineInfo,
     EngineSpawned,
@@ -27,8 +28,7 @@ from pool_managerd.messages import (
     PoolSnapshot,
     StateChanged,
 )
-from pool_managerd.subjects import KV_BUCKET
-from pool_managerd.testing.nats_server import NatsServer
+from pool_managerd.contract.subjects import KV_BUCKET
 from support.deadlines import POOL_S
 from test_client_ctl import DaemonEnv, cli_env, rows_of, run_cli, running_daemon
 

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pool_managerd.core.errors import InvalidId, InvalidSubject
-from pool_managerd.core.table import describe
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import InvalidId, InvalidSubject
+from pool_managerd.contract.messages import (
     ALL_MESSAGES,
     EVENT_DECODER,
     GPU_SNAPSHOT_DECODER,
@@ -84,7 +83,8 @@ from pool_managerd.messages import (
     StopCmd,
     encode,
 )
-from pool_managerd.subjects import ID_RE, Subjects, msg_id, validate_id
+from pool_managerd.contract.subjects import ID_RE, Subjects, msg_id, validate_id
+from pool_managerd.core.table import describe
 
 # --- examples -----------------------------------------------------------------------------------
 
@@ -664,7 +664,7 @@ def test_validate_id_agrees_with_the_wire_pattern(value: str) -> None:
 
 
 def test_every_reject_code_has_a_micro_error_status() -> None:
-    from pool_managerd.messages import REJECT_STATUS, RejectCode
+    from pool_managerd.contract.messages import REJECT_STATUS, RejectCode
 
     assert set(REJECT_STATUS) == set(typing.get_args(RejectCode))
     assert all(status.isdigit() and len(status) == 3 for status in REJECT_STATUS.values())

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, OWNERS_BUCKET, SERVICE_NAME, STREAM_NAME
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.subjects import (
+    AUDIT_STREAM,
+    DEFAULT_PREFIX,
+    KV_BUCKET,
+    OWNERS_BUCKET,
+    SERVICE_NAME,
+    STREAM_NAME,
+)
 
 __all__ = [
     "AUTH_DIR",

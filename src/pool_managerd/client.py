@@ -44,8 +44,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import (
     EVENT_DECODER,
     NODE_COMMANDS,
     POOL_COMMANDS,
@@ -66,7 +66,7 @@ from pool_managerd.messages import (
     StatusReply,
     encode,
 )
-from pool_managerd.subjects import DEFAULT_PREFIX, SERVICE_NAME, Subjects, validate_id
+from pool_managerd.contract.subjects import DEFAULT_PREFIX, SERVICE_NAME, Subjects, validate_id
 
 __all__ = [
     "RESTING_STATES",
@@ -547,7 +547,7 @@ class PoolClient:
     def events(self, pool: str | None = None, *, node_events: bool = False) -> EventStream:
         """Live events of ``pool`` (``<prefix>.evt.<pool>.>``) or of every pool (``<prefix>.evt.>``);
         with ``node_events`` also ``<prefix>.node.*.evt.>``. Use as ``async with``; raises
-        :class:`~pool_managerd.core.errors.InvalidId` for an invalid pool id."""
+        :class:`~pool_managerd.contract.errors.InvalidId` for an invalid pool id."""
         subjects = [self.subjects.pool_events(pool) if pool is not None else self.subjects.all_pool_events]
         if node_events:
             subjects.append(self.subjects.all_node_events)

@@ -19,13 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pool_managerd.adapters.gpu_profiles import SIM_PREFIX, list_profiles
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.limits import MAX_MODEL, MAX_OVERRIDE_TEXT, MAX_OVERRIDES, MAX_SLOTS, MAX_TTL_S
+from pool_managerd.contract.messages import EngineSpec
+from pool_managerd.contract.subjects import ID_RE
 from pool_managerd.core.definitions import DEFAULT_MAX_LEASE_TTL_S, OverrideDecl, PoolDefinition
-from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.gpu_verify import DEFAULT_MIN_FRACTION, GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
-from pool_managerd.limits import MAX_MODEL, MAX_OVERRIDE_TEXT, MAX_OVERRIDES, MAX_SLOTS, MAX_TTL_S
-from pool_managerd.messages import EngineSpec
-from pool_managerd.subjects import ID_RE
 
 EngineKind = Literal["llamacpp", "vllm", "tgi", "sglang", "custom", "fake"]
 

@@ -12,11 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.fold import fold
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.lifecycle.supervision import RestartPolicy
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     DrainCmd,
     EngineInfo,
@@ -33,6 +29,10 @@ from pool_managerd.messages import (
     StopCmd,
     encode,
 )
+from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.fold import fold
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.lifecycle.supervision import RestartPolicy
 
 HERE = Path(__file__).resolve().parent
 GPU = "GPU-a6000ce1-0000-4000-8000-000000000048"

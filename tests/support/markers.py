@@ -45,7 +45,7 @@ ADAPTER_ORIGINS = (
     "pool_managerd.adapters.nats_connect",
     "pool_managerd.adapters.replication",
     "pool_managerd.runtime",
-    "pool_managerd.testing.nats_server",
+    "pool_managerd.adapters.embedded_nats",
     "pool_managerd.testing.nats_cluster",
     "pool_managerd.client",
     "pool_managerd.cli.ctl",

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pool_managerd.nats_version import NATS_SERVER_FLOOR_TEXT
+from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR_TEXT
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "nats-server"

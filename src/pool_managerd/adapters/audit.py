@@ -22,8 +22,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
-from pool_managerd.messages import AuditRecord, Rejected, encode
-from pool_managerd.subjects import AUDIT_STREAM, Subjects
+from pool_managerd.contract.messages import AuditRecord, Rejected, encode
+from pool_managerd.contract.subjects import AUDIT_STREAM, Subjects
 
 log = logging.getLogger(__name__)
 

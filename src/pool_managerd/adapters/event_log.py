@@ -2,14 +2,14 @@
 
 * :func:`ensure_stream` / :func:`ensure_kv` create or update stream ``POOLD_EVENTS`` (file
   storage) and KV bucket ``poold_pools`` idempotently; every daemon calls them at start.
-* :class:`EventPublisher` appends :class:`~pool_managerd.messages.Event` objects in order per
+* :class:`EventPublisher` appends :class:`~pool_managerd.contract.messages.Event` objects in order per
   pool: one at a time within a pool, many pools in flight at once. Pool events carry ``Nats-Msg-Id: <pool>:<seq>`` and
   ``Nats-Expected-Last-Subject-Sequence`` over ``poold.evt.<pool>.>``, so a second daemon
   writing the same pool is refused by the server (error 10071) and this publisher *fences* the
   pool. Transport failures are retried in order from a bounded backlog.
 * :func:`read_events` replays a range of the stream (one pool or all) up to the sequence that
   was last when it was called.
-* :class:`SnapshotStore` keeps the derived :class:`~pool_managerd.messages.PoolSnapshot` per pool
+* :class:`SnapshotStore` keeps the derived :class:`~pool_managerd.contract.messages.PoolSnapshot` per pool
   in the KV bucket and watches it.
 
 Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and ``docs/nats.md``):
@@ -22,7 +22,7 @@ Facts verified against nats-server 2.15.1 (see ``tests/test_event_log.py`` and `
   reading the pool's last message: if it carries this event's Msg-Id *and* its exact bytes, the
   event was stored and the publish succeeded; otherwise another writer appended and the pool is
   fenced.
-* nats-server 2.11.x (the oldest supported, see ``pool_managerd.nats_version``) dedupes first:
+* nats-server 2.11.x (the oldest supported, see ``pool_managerd.contract.nats_version``) dedupes first:
   the same resend is acked ``duplicate``. A duplicate ack is checked by bytes too, so either
   order ends the same way.
 """
@@ -47,11 +47,11 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from pool_managerd.adapters.replication import open_bucket, wait_for_leader
-from pool_managerd.core.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.limits import MAX_SNAPSHOT_BYTES, json_problem
+from pool_managerd.contract.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, LogCorrupt, PoolSnapshot, encode
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, validate_id
 from pool_managerd.core.log_integrity import LogEntry
-from pool_managerd.limits import MAX_SNAPSHOT_BYTES, json_problem
-from pool_managerd.messages import EVENT_DECODER, SNAPSHOT_DECODER, Event, LogCorrupt, PoolSnapshot, encode
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects, msg_id, validate_id
 
 __all__ = [
     "DEFAULT_MAX_BACKLOG",
@@ -327,7 +327,7 @@ async def read_events(
     The range is ``[from_seq, until_seq]`` in *stream* sequences, both inclusive, and never goes
     past the stream's last sequence at call time, so a live stream does not make it run forever.
     Reads through an ephemeral pull consumer (memory state, no acks) deleted when done.
-    Raises :class:`~pool_managerd.core.errors.MalformedMessage` on a message that is no Event.
+    Raises :class:`~pool_managerd.contract.errors.MalformedMessage` on a message that is no Event.
     """
     filter_subject = None if pool is None else subjects.pool_events(pool)
     async for seq, _subject, event in _read(

@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import GPU_SNAPSHOT_DECODER, GpuSnapshot
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import GPU_SNAPSHOT_DECODER, GpuSnapshot
 
 SIM_PREFIX = "sim:"
 _PROFILE_PACKAGE = "pool_managerd.testing"

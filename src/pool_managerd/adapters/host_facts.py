@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from pool_managerd.messages import Problem
+from pool_managerd.contract.messages import Problem
 from pool_managerd.validation.preflight import ExecutableFact, FileFact, HostFacts
 
 DEFAULT_HASH_CAP = 8 * 1024**3

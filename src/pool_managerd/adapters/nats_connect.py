@@ -21,7 +21,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 
 __all__ = ["ConnectFailed", "first_connect", "is_permission_violation"]
 

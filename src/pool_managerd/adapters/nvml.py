@@ -24,8 +24,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import Gpu, GpuProcess, GpuSnapshot, MigInstance, Problem
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import Gpu, GpuProcess, GpuSnapshot, MigInstance, Problem
 
 NVML_PROBLEM_CODES: tuple[str, ...] = (
     "nvml_module_missing",

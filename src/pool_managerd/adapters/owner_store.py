@@ -22,9 +22,9 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from pool_managerd.adapters.replication import open_bucket
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import OWNER_DECODER, OwnerRecord, encode
-from pool_managerd.subjects import OWNERS_BUCKET, Subjects
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import OWNER_DECODER, OwnerRecord, encode
+from pool_managerd.contract.subjects import OWNERS_BUCKET, Subjects
 
 __all__ = ["LeaseLost", "OwnerStore", "ReadLease"]
 

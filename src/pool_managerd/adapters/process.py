@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from pool_managerd.adapters.faults import fault_point
 from pool_managerd.adapters.host_facts import port_is_free
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.js import api
 from nats.js.kv import KeyValue
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 
 __all__ = [
     "REPLICA_ERROR_CODES",

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgspec
 
-from pool_managerd.messages import GpuProcess, GpuSnapshot
+from pool_managerd.contract.messages import GpuProcess, GpuSnapshot
 
 SIM_GPU_DIR_ENV = "POOL_MANAGERD_SIM_GPU_DIR"
 """Given to engines on a simulated inventory: where to record their (simulated) allocations."""

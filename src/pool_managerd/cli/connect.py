@@ -27,7 +27,7 @@ from nats.aio.client import Client as NATS
 
 from pool_managerd.accounts import ROLES, CredentialError, inbox_prefix, load_credentials
 from pool_managerd.adapters.nats_connect import ConnectFailed, first_connect
-from pool_managerd.subjects import DEFAULT_PREFIX
+from pool_managerd.contract.subjects import DEFAULT_PREFIX
 
 __all__ = [
     "CREDS_DIR_ENV",

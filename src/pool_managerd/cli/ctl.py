@@ -47,8 +47,8 @@ from pool_managerd.cli.format import (
     table,
 )
 from pool_managerd.client import CommandReply, NodeReply, PermissionDenials, PoolClient, WaitResult
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import (
     NODE_COMMANDS,
     POOL_COMMANDS,
     Accepted,
@@ -64,15 +64,15 @@ from pool_managerd.messages import (
     StatusReply,
     encode,
 )
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.placement import format_bytes
-from pool_managerd.subjects import Subjects
 
 POOL_VERBS: tuple[str, ...] = tuple(POOL_COMMANDS)
 NODE_VERBS: tuple[str, ...] = tuple(v for v in NODE_COMMANDS if v != "gpu_clear")
 GPU_CLEAR = "gpu-clear"
 """``ctl gpu-clear <uuid> --node N``: the node command ``gpu_clear`` (operator)."""
 FLEET_VERBS: tuple[str, ...] = ("nodes",)
-"""Answered from discovery, the KV bucket and the stream (``pool_managerd.fleet``), not by a daemon."""
+"""Answered from discovery, the KV bucket and the stream (``pool_managerd.cli.fleet``), not by a daemon."""
 STATES: tuple[str, ...] = get_args(PoolState)
 
 DEFAULT_WAIT: dict[str, PoolState] = {
@@ -429,7 +429,7 @@ async def _node_command(client: PoolClient, args: argparse.Namespace) -> int:
 
 async def _fleet_pools(client: PoolClient) -> int:
     """``ctl pools`` without a node: every pool of every node, from the bucket, with node liveness."""
-    from pool_managerd.fleet import gather_nodes, liveness
+    from pool_managerd.cli.fleet import gather_nodes, liveness
 
     views, snapshots = await gather_nodes(client.nc, client.subjects, timeout=client.timeout)
     if not views and not snapshots:
@@ -444,7 +444,7 @@ async def _fleet_pools(client: PoolClient) -> int:
 
 async def _fleet_nodes(client: PoolClient, as_json: bool) -> int:
     """``ctl nodes``: every node, from discovery, the bucket and the stream's heartbeats."""
-    from pool_managerd.fleet import gather_nodes, node_record, render_nodes
+    from pool_managerd.cli.fleet import gather_nodes, node_record, render_nodes
 
     views, _ = await gather_nodes(client.nc, client.subjects, timeout=client.timeout)
     now = time.time()

@@ -13,9 +13,9 @@ import sys
 import threading
 from pathlib import Path
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.dashboard import DashboardError, DashboardServer, PageConfig
-from pool_managerd.subjects import Subjects
 
 DEFAULT_WS = "ws://127.0.0.1:8080"
 DEFAULT_PORT = 8900

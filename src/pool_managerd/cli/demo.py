@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from pool_managerd.client import EventStream, PoolClient
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     Event,
     InventoryReply,
@@ -34,7 +34,7 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
-from pool_managerd.subjects import DEFAULT_PREFIX
+from pool_managerd.contract.subjects import DEFAULT_PREFIX
 
 GIB = 1 << 30
 

@@ -36,7 +36,15 @@ from typing import Any
 
 import msgspec
 
-from pool_managerd.messages import EVENT_DECODER, Accepted, DaemonStarted, Event, NodeHeartbeat, Rejected, StateChanged
+from pool_managerd.contract.messages import (
+    EVENT_DECODER,
+    Accepted,
+    DaemonStarted,
+    Event,
+    NodeHeartbeat,
+    Rejected,
+    StateChanged,
+)
 
 NODES = ("node-a", "node-b")
 OWNER, STANDBY = NODES
@@ -179,8 +187,8 @@ class FleetTour:
 
     async def fleet_table(self, title: str, *, show: bool = True) -> dict[str, str]:
         """Print the fleet (nodes, then pools) as ``ctl nodes`` and ``ctl pools`` do; node → liveness."""
+        from pool_managerd.cli.fleet import gather_nodes, liveness, render_nodes
         from pool_managerd.cli.format import render_table
-        from pool_managerd.fleet import gather_nodes, liveness, render_nodes
 
         views, snapshots = await gather_nodes(self.nc, self.client.subjects, timeout=5.0)
         now = time.time()
@@ -196,7 +204,7 @@ class FleetTour:
         return status
 
     async def serving_node(self, pool: str) -> tuple[str | None, str | None]:
-        from pool_managerd.messages import StatusReply
+        from pool_managerd.contract.messages import StatusReply
 
         reply = await self.client.status(pool, timeout=2.0)
         if isinstance(reply, StatusReply):
@@ -284,7 +292,7 @@ class FleetTour:
         await self.pause()
 
         self.say(f"4. {OWNER} dies: its daemon and its engine are SIGKILLed")
-        from pool_managerd.messages import StatusReply
+        from pool_managerd.contract.messages import StatusReply
 
         status = await self.client.status("chat")
         engines = [status.pool.engine.pid] if isinstance(status, StatusReply) and status.pool.engine else []

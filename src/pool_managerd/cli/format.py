@@ -12,7 +12,7 @@ from typing import TextIO
 
 import msgspec
 
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     BackoffScheduled,
     CommandRejected,
     DaemonStarted,
@@ -232,7 +232,7 @@ def render_table(
     """The pools as a text table, one row per pool sorted by id. Pure: ``now`` gives the ages.
     ``ignored`` pools (KV snapshots the event stream does not back) are named under the table.
 
-    ``node_status`` (node → liveness, see ``pool_managerd.fleet``) marks the node column of
+    ``node_status`` (node → liveness, see ``pool_managerd.cli.fleet``) marks the node column of
     pools whose node is not ``live``: ``node-b (stale)``.
 
     ``last_events`` (pool → newest event seen) fills "last event"; a snapshot that knows a newer

@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from pool_managerd.accounts import server_config
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.subjects import DEFAULT_PREFIX, Subjects
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.subjects import DEFAULT_PREFIX, Subjects
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,8 @@ import msgspec
 from pool_managerd.adapters.gpu_profiles import GpuSourceError, list_profiles, load_gpu_source
 from pool_managerd.adapters.nvml import GpuUnavailable
 from pool_managerd.cli.format import table
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import GpuSnapshot, Placement
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import GpuSnapshot, Placement
 from pool_managerd.placement import (
     POLICY_NAMES,
     format_bytes,

@@ -21,13 +21,13 @@ from typing import Any, TextIO
 import msgspec
 
 from pool_managerd.cli.connect import add_auth_arguments
-from pool_managerd.core.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.errors import MalformedMessage, PoolManagerError
+from pool_managerd.contract.messages import Event, ForeignMessage, StateChanged, encode
+from pool_managerd.contract.subjects import DEFAULT_PREFIX, Subjects, validate_id
 from pool_managerd.core.fold import Fold
 from pool_managerd.core.log_integrity import StreamJudge
 from pool_managerd.core.state import PoolValue
 from pool_managerd.core.upcast import decode_event
-from pool_managerd.messages import Event, ForeignMessage, StateChanged, encode
-from pool_managerd.subjects import DEFAULT_PREFIX, Subjects, validate_id
 
 EXIT_OK, EXIT_VIOLATION, EXIT_USAGE, EXIT_FOREIGN = 0, 1, 2, 3
 

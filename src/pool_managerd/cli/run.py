@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from pool_managerd.config import ConfigError, load_config
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.nats_version import NatsServerTooOld
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.nats_version import NatsServerTooOld
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +27,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pool-managerd: invalid configuration:\n{exc.message}", file=sys.stderr)
         return 2
+    from pool_managerd.adapters.embedded_nats import NatsServerError
     from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.adapters.replication import ReplicasUnavailable
     from pool_managerd.runtime import logs, profiling
     from pool_managerd.runtime.daemon import Daemon
     from pool_managerd.runtime.metrics import MetricsAddressUnusable
-    from pool_managerd.testing.nats_server import NatsServerError
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
     profiling.install_from_env()

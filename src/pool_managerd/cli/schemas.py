@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from pool_managerd import messages
+from pool_managerd.contract import messages
+from pool_managerd.contract.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
 from pool_managerd.core import table
-from pool_managerd.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 

@@ -33,11 +33,18 @@ from nats.aio.msg import Msg
 
 from pool_managerd.adapters.event_log import SnapshotStore, last_event
 from pool_managerd.cli.connect import TargetError, add_connection_arguments, connect, resolve_target
+from pool_managerd.cli.fleet import NodeView, liveness, read_heartbeats
 from pool_managerd.cli.format import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, format_age, render_table, silence
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.fleet import NodeView, liveness, read_heartbeats
-from pool_managerd.messages import EVENT_DECODER, DaemonStarted, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
-from pool_managerd.subjects import KV_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import (
+    EVENT_DECODER,
+    DaemonStarted,
+    DaemonStopping,
+    Event,
+    NodeHeartbeat,
+    PoolSnapshot,
+)
+from pool_managerd.contract.subjects import KV_BUCKET, STREAM_NAME, Subjects
 
 MIN_REDRAW_S = 0.1
 """Redraws are at least this far apart, however fast events arrive."""
@@ -122,7 +129,7 @@ class PoolWatch:
             self.on_event(event)
 
     def node_status(self, now: float) -> dict[str, str]:
-        """node → liveness from the heartbeats seen (``pool_managerd.fleet.liveness``); a node
+        """node → liveness from the heartbeats seen (``pool_managerd.cli.fleet.liveness``); a node
         counts as answering until its last word is ``daemon_stopping`` (watch sends no pings)."""
         status = {}
         for node in sorted(set(self.beats) | {s.node for s in self.snapshots.values() if s.node}):

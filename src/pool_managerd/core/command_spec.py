@@ -14,8 +14,8 @@ import math
 
 import msgspec
 
+from pool_managerd.contract.messages import EngineSpec, LeaseCmd, OverrideValue, PoolCommand, PreloadCmd, ReloadCmd
 from pool_managerd.core.definitions import OverrideDecl, PoolDefinition
-from pool_managerd.messages import EngineSpec, LeaseCmd, OverrideValue, PoolCommand, PreloadCmd, ReloadCmd
 
 
 class BadCommand(ValueError):

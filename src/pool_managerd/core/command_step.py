@@ -13,14 +13,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import cast
 
-from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
-from pool_managerd.core.definitions import Context
-from pool_managerd.core.errors import IllegalTransition, LeaseRefused, UnknownLease
-from pool_managerd.core.pool_model import Outcome, PoolModel
-from pool_managerd.core.registry import Registry
-from pool_managerd.core.state import check_acquire, check_release
-from pool_managerd.core.table import ALLOWED, client_verbs
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import IllegalTransition, LeaseRefused, UnknownLease
+from pool_managerd.contract.messages import (
     Accepted,
     AckCorruptCmd,
     DrainCmd,
@@ -40,6 +34,12 @@ from pool_managerd.messages import (
     StopCmd,
     command_fingerprint,
 )
+from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
+from pool_managerd.core.definitions import Context
+from pool_managerd.core.pool_model import Outcome, PoolModel
+from pool_managerd.core.registry import Registry
+from pool_managerd.core.state import check_acquire, check_release
+from pool_managerd.core.table import ALLOWED, client_verbs
 
 
 def run_command(model: PoolModel, cmd: PoolCommand, ctx: Context, registry: Registry) -> Outcome:

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pool_managerd.contract.messages import EngineSpec, GpuSnapshot, Placement, Problem, RejectCode
 from pool_managerd.core.gpu_verify import GpuCheckPolicy
 from pool_managerd.lifecycle.supervision import RestartPolicy
-from pool_managerd.messages import EngineSpec, GpuSnapshot, Placement, Problem, RejectCode
 
 
 @dataclass(frozen=True, slots=True)

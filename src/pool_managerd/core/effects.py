@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pool_managerd.contract.messages import EngineSpec, Placement
 from pool_managerd.core.gpu_verify import GpuCheckPolicy
-from pool_managerd.messages import EngineSpec, Placement
 
 TimerName = Literal["load_timeout", "backoff", "drain_deadline", "lease_expiry"]
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pool_managerd.contract.messages import Event, PoolClaimed, StateChanged
 from pool_managerd.core.state import PoolValue, evolve, initial
 from pool_managerd.core.table import DESTINATIONS
-from pool_managerd.messages import Event, PoolClaimed, StateChanged
 
 _DESTINATIONS = DESTINATIONS
 _NONE: frozenset[str] = frozenset()

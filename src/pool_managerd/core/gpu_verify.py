@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pool_managerd.messages import Placement
+from pool_managerd.contract.messages import Placement
 from pool_managerd.placement.units import format_bytes
 
 VerifyFailure = Literal["cpu_fallback", "wrong_devices", "under_budget"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pool_managerd.contract.messages import EngineInfo, HealthReport, PoolCommand
 from pool_managerd.core.effects import TimerName
 from pool_managerd.core.gpu_verify import GpuSample
-from pool_managerd.messages import EngineInfo, HealthReport, PoolCommand
 
 if TYPE_CHECKING:
     from pool_managerd.core.state import PoolValue

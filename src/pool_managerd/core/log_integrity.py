@@ -4,7 +4,7 @@ Only the daemon's identity may publish on event subjects, but a message that lan
 (a misconfigured server, a leaked credential, a tool run as the daemon) must not kill the pool.
 Each stored message is either one of the pool's events or *foreign*:
 
-* it does not decode as an :class:`~pool_managerd.messages.Event`;
+* it does not decode as an :class:`~pool_managerd.contract.messages.Event`;
 * it names another pool (or none) than its subject, or another type than its subject's last token;
 * its ``Nats-Msg-Id`` is not ``<pool>:<seq>``;
 * its per-pool ``seq`` is not the next one (a replayed old event, a forged future one).
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pool_managerd.core.errors import MalformedMessage
+from pool_managerd.contract.errors import MalformedMessage
+from pool_managerd.contract.messages import MAX_ACK_SEQUENCES, Event, ForeignMessage, LogCorrupt, LogCorruptAcknowledged
 from pool_managerd.core.upcast import decode_event
-from pool_managerd.messages import MAX_ACK_SEQUENCES, Event, ForeignMessage, LogCorrupt, LogCorruptAcknowledged
 
 PREVIEW_CHARS = 64
 """How much of a foreign payload is shown, escaped."""

@@ -13,11 +13,35 @@ from __future__ import annotations
 import msgspec
 from transitions import Machine
 
+from pool_managerd.contract.errors import UnknownPool
+from pool_managerd.contract.messages import (
+    DrainCmd,
+    EngineAdopted,
+    EngineExited,
+    EngineInfo,
+    EngineSpawned,
+    GpuVerified,
+    HealthChanged,
+    HealthReport,
+    InternalError,
+    PoolClaimed,
+    PoolCommand,
+    PoolReleased,
+    PoolState,
+    Rejected,
+    StatusCmd,
+    StopCmd,
+    command_fingerprint,
+)
 from pool_managerd.core import gpu_verify
 from pool_managerd.core.command_step import run_command
 from pool_managerd.core.definitions import Context, Planner, PoolDefinition
-from pool_managerd.core.effects import ReleaseEngine, StopEngine, TimerName, VerifyGpus
-from pool_managerd.core.errors import UnknownPool
+from pool_managerd.core.effects import (
+    ReleaseEngine,
+    StopEngine,
+    TimerName,
+    VerifyGpus,
+)
 from pool_managerd.core.health import assess
 from pool_managerd.core.inputs import (
     ClaimInput,
@@ -42,25 +66,6 @@ from pool_managerd.core.state import PoolValue
 from pool_managerd.core.table import INITIAL, ROWS, STATES
 from pool_managerd.lifecycle import drain as drain_policy
 from pool_managerd.lifecycle import preload as preload_policy
-from pool_managerd.messages import (
-    DrainCmd,
-    EngineAdopted,
-    EngineExited,
-    EngineInfo,
-    EngineSpawned,
-    GpuVerified,
-    HealthChanged,
-    HealthReport,
-    InternalError,
-    PoolClaimed,
-    PoolCommand,
-    PoolReleased,
-    PoolState,
-    Rejected,
-    StatusCmd,
-    StopCmd,
-    command_fingerprint,
-)
 
 # ----------------------------------------------------------------------------------------------
 # The lifecycle: the shared machine and the pure step functions the shell calls

@@ -1,6 +1,6 @@
 """Who may serve a pool, when its owner must stop, and when another node may claim it. Pure.
 
-A pool's ownership is a lease: an :class:`~pool_managerd.messages.OwnerRecord` (node, epoch) in
+A pool's ownership is a lease: an :class:`~pool_managerd.contract.messages.OwnerRecord` (node, epoch) in
 a KV key, changed only by compare-and-set on the key's revision. The shell does the KV reads and
 writes and keeps the clocks; these functions decide, from (record, revision, now, timing).
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pool_managerd.messages import OwnerRecord
+from pool_managerd.contract.messages import OwnerRecord
 
 
 @dataclass(frozen=True, slots=True)

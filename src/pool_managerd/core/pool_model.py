@@ -20,17 +20,8 @@ from typing import Any, cast
 
 from transitions import EventData
 
-from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.errors import IllegalTransition
-from pool_managerd.core.health import HealthState
-from pool_managerd.core.registry import Entry
-from pool_managerd.core.state import PoolValue, evolve, expired, initial
-from pool_managerd.core.table import ALLOWED
-from pool_managerd.lifecycle import drain as drain_policy
-from pool_managerd.lifecycle import supervision
-from pool_managerd.lifecycle.supervision import Decision, SupervisionState
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import IllegalTransition
+from pool_managerd.contract.messages import (
     SCHEMA_VERSION,
     Accepted,
     BackoffScheduled,
@@ -48,6 +39,15 @@ from pool_managerd.messages import (
     StateChanged,
     StatusReply,
 )
+from pool_managerd.core.definitions import Context, Planner, PlanRejected, PlanRequest, PoolDefinition
+from pool_managerd.core.effects import ArmTimer, CancelTimer, Effect, SpawnEngine, StopEngine, TimerName
+from pool_managerd.core.health import HealthState
+from pool_managerd.core.registry import Entry
+from pool_managerd.core.state import PoolValue, evolve, expired, initial
+from pool_managerd.core.table import ALLOWED
+from pool_managerd.lifecycle import drain as drain_policy
+from pool_managerd.lifecycle import supervision
+from pool_managerd.lifecycle.supervision import Decision, SupervisionState
 
 # ----------------------------------------------------------------------------------------------
 # Inputs and outputs of one step

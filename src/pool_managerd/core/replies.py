@@ -2,7 +2,7 @@
 the answer it got the first time and is not applied again. Pure.
 
 A command's own step writes events that carry its ``command_id`` and ``fingerprint``
-(``<verb>:<hash>``, see :func:`~pool_managerd.messages.command_fingerprint`); the events the pool
+(``<verb>:<hash>``, see :func:`~pool_managerd.contract.messages.command_fingerprint`); the events the pool
 writes later because of it carry the id but no fingerprint. From a step's events and the pool's
 state after them (the replay fold), the reply is what the machine answered then:
 
@@ -21,10 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pool_managerd.core.fold import Fold
-from pool_managerd.core.machine import internal_error_message
-from pool_managerd.core.table import client_verbs
-from pool_managerd.messages import (
+from pool_managerd.contract.messages import (
     Accepted,
     CommandRejected,
     Event,
@@ -34,6 +31,9 @@ from pool_managerd.messages import (
     PreloadRejected,
     Rejected,
 )
+from pool_managerd.core.fold import Fold
+from pool_managerd.core.machine import internal_error_message
+from pool_managerd.core.table import client_verbs
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,8 @@ from typing import Any, get_args
 
 import msgspec
 
-from pool_managerd.core.errors import LeaseRefused, UnknownLease
-from pool_managerd.lifecycle.supervision import SupervisionState
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import LeaseRefused, UnknownLease
+from pool_managerd.contract.messages import (
     EngineAdopted,
     EngineExited,
     EngineInfo,
@@ -40,6 +39,7 @@ from pool_managerd.messages import (
     PoolState,
     StateChanged,
 )
+from pool_managerd.lifecycle.supervision import SupervisionState
 
 
 @dataclass(frozen=True, slots=True)

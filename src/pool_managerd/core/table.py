@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from pool_managerd.messages import LifecycleReply, PoolState, TransitionRow
+from pool_managerd.contract.messages import LifecycleReply, PoolState, TransitionRow
 
 STATES: tuple[PoolState, ...] = ("unready", "preloading", "ready", "draining", "restarting", "failed")
 INITIAL: PoolState = "unready"

@@ -2,7 +2,7 @@
 
 ``UPCASTERS[v]`` turns a version-``v`` event (as plain JSON data) into a version ``v + 1`` one.
 Version 1 is the first released shape, so the table is empty today; the first change of an
-event's shape bumps :data:`pool_managerd.messages.SCHEMA_VERSION` and adds the step here. The
+event's shape bumps :data:`pool_managerd.contract.messages.SCHEMA_VERSION` and adds the step here. The
 golden logs under ``tests/golden/`` are replayed in CI, so a shape change without an upcaster
 fails there.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import msgspec
 
-from pool_managerd.core.errors import MalformedMessage
-from pool_managerd.messages import EVENT_DECODER, SCHEMA_VERSION, Event
+from pool_managerd.contract.errors import MalformedMessage
+from pool_managerd.contract.messages import EVENT_DECODER, SCHEMA_VERSION, Event
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -6,8 +6,8 @@ is not ready within the spec's load timeout has failed its preload.
 
 from __future__ import annotations
 
+from pool_managerd.contract.messages import EngineSpec, Placement, RejectCode
 from pool_managerd.core.definitions import PlanRejected, PlanRequest
-from pool_managerd.messages import EngineSpec, Placement, RejectCode
 from pool_managerd.placement.devicemasks import MASK_ERROR_CODES, MaskError
 from pool_managerd.placement.hetero_split import PLAN_ERROR_CODES, PlanError
 from pool_managerd.placement.place import place

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import GpuSnapshot, Placement, Problem
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import GpuSnapshot, Placement, Problem
 
 MASK_ERROR_CODES: tuple[str, ...] = (
     "empty_mask",

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import Placement, Problem
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import Placement, Problem
 from pool_managerd.placement.units import format_bytes
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ RATIO_SUM_TOLERANCE = 1e-6
 class PlanError(PoolManagerError):
     """A split that cannot be made. ``code`` is one of :data:`PLAN_ERROR_CODES`.
 
-    ``problems`` lists one :class:`~pool_managerd.messages.Problem` per offending device for
+    ``problems`` lists one :class:`~pool_managerd.contract.messages.Problem` per offending device for
     ``insufficient_vram`` (and one for the whole plan otherwise).
     """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pool_managerd.messages import GpuSnapshot, Placement
+from pool_managerd.contract.messages import GpuSnapshot, Placement
 from pool_managerd.placement.devicemasks import Device, DeviceMask, resolve_mask, snapshot_devices
 from pool_managerd.placement.hetero_split import PlanError, Policy, parse_policy, plan_split, to_placement
 from pool_managerd.placement.units import format_bytes

@@ -32,6 +32,17 @@ from pool_managerd.adapters.process import (
     render_argv,
     spawn,
 )
+from pool_managerd.contract.errors import UnknownPool
+from pool_managerd.contract.messages import (
+    AckCorruptCmd,
+    EngineInfo,
+    Event,
+    HealthReport,
+    LogCorrupt,
+    Placement,
+    RejectCode,
+    Rejected,
+)
 from pool_managerd.core.definitions import Context
 from pool_managerd.core.effects import (
     ArmTimer,
@@ -43,7 +54,6 @@ from pool_managerd.core.effects import (
     TimerName,
     VerifyGpus,
 )
-from pool_managerd.core.errors import UnknownPool
 from pool_managerd.core.inputs import (
     CommandInput,
     EngineExitedInput,
@@ -57,16 +67,6 @@ from pool_managerd.core.inputs import (
 )
 from pool_managerd.core.machine import PoolMachine
 from pool_managerd.core.pool_model import Outcome
-from pool_managerd.messages import (
-    AckCorruptCmd,
-    EngineInfo,
-    Event,
-    HealthReport,
-    LogCorrupt,
-    Placement,
-    RejectCode,
-    Rejected,
-)
 from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)

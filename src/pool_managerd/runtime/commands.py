@@ -12,9 +12,9 @@ from typing import Any, cast, get_args
 
 import msgspec
 
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.limits import clip, json_problem
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.limits import clip, json_problem
+from pool_managerd.contract.messages import (
     MAX_PAYLOAD_BYTES,
     NODE_COMMANDS,
     POOL_COMMANDS,
@@ -136,7 +136,7 @@ class CommandCache:
     """Remembers replies by (pool, command_id) so a retried command is applied once.
 
     A retry with the same id and the same decoded command (same fingerprint, see
-    :func:`~pool_managerd.messages.command_fingerprint`) gets the first reply, waiting for it if
+    :func:`~pool_managerd.contract.messages.command_fingerprint`) gets the first reply, waiting for it if
     the first is still in flight; the same id with another verb or other field values is a
     ``command_id_conflict``. Bounded by count and by age (``ttl_s``, wall clock, so that replies
     rebuilt from the log after a restart age from when they were first given); an entry still in

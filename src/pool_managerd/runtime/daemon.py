@@ -1,7 +1,7 @@
 """The daemon: NATS wiring around the pool runtime.
 
 Start-up: connect (or start an embedded nats-server), check the server is at least
-:data:`~pool_managerd.nats_version.NATS_SERVER_FLOOR` (below it: :class:`NatsServerTooOld`
+:data:`~pool_managerd.contract.nats_version.NATS_SERVER_FLOOR` (below it: :class:`NatsServerTooOld`
 before anything is created or spawned), ensure the event stream and KV bucket,
 claim the configured pools (a pool another live node writes is fenced here), recover each pool
 from its events, then serve commands through ``nats.micro`` and consume health reports.
@@ -52,16 +52,9 @@ from pool_managerd.adapters.replication import (
     stream_replicas,
 )
 from pool_managerd.config import DaemonConfig
-from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.core.inputs import ClaimInput, ReleaseInput
-from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
-from pool_managerd.core.pool_model import Outcome
-from pool_managerd.core.replies import rebuild_replies
-from pool_managerd.core.table import describe
-from pool_managerd.limits import json_problem
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.limits import json_problem
+from pool_managerd.contract.messages import (
     HEALTH_DECODER,
     SCHEMA_VERSION,
     DaemonStarted,
@@ -86,13 +79,21 @@ from pool_managerd.messages import (
     command_fingerprint,
     encode,
 )
-from pool_managerd.messages import PoolFenced as PoolFencedEvent
-from pool_managerd.nats_version import (
+from pool_managerd.contract.messages import PoolFenced as PoolFencedEvent
+from pool_managerd.contract.nats_version import (
     NATS_SERVER_FLOOR_TEXT,
     NatsServerTooOld,
     ServerVersion,
     check_server_version,
 )
+from pool_managerd.contract.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
+from pool_managerd.core.definitions import PoolDefinition
+from pool_managerd.core.inputs import ClaimInput, ReleaseInput
+from pool_managerd.core.log_integrity import scan_pool
+from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.core.replies import rebuild_replies
+from pool_managerd.core.table import describe
 from pool_managerd.runtime import logs, quarantine
 from pool_managerd.runtime.commands import (
     ERROR_CODE_HEADER,
@@ -110,7 +111,6 @@ from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
-from pool_managerd.subjects import SERVICE_NAME, STREAM_NAME, Subjects, validate_id
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class Daemon:
         ``watch`` and ``demo`` read them with ``--creds-dir <run_dir>``.
         """
         from pool_managerd import accounts
-        from pool_managerd.testing.nats_server import NatsServer
+        from pool_managerd.adapters.embedded_nats import NatsServer
 
         store = self.config.run_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)

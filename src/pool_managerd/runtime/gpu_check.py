@@ -15,11 +15,11 @@ import os
 import time
 from collections.abc import Callable
 
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import GpuSnapshot
 from pool_managerd.core.effects import VerifyGpus
-from pool_managerd.core.errors import PoolManagerError
 from pool_managerd.core.gpu_verify import MAX_SAMPLE_PIDS, GpuSample, engine_held, judge
 from pool_managerd.core.inputs import GpuChecked
-from pool_managerd.messages import GpuSnapshot
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from pool_managerd.adapters.event_log import read_subject_events
 from pool_managerd.adapters.gpu_faults import NvmlFaultWatcher, SimFaultWatcher
 from pool_managerd.adapters.gpu_profiles import load_gpu_source
 from pool_managerd.adapters.sim_gpus import SIM_GPU_BUDGETS_ENV, SIM_GPU_DIR_ENV, SimGpuState
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import GpuSnapshot, Placement
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import GpuSnapshot, Placement
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.runtime.gpu_watch import GpuHealth, GpuWatch, Publish
 from pool_managerd.runtime.pools import PoolRuntime, mark_unhealthy
-from pool_managerd.subjects import Subjects
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from pool_managerd.adapters.gpu_faults import GpuFaultFact
+from pool_managerd.contract.messages import DrainCmd, EventBody, GpuCleared, GpuFault, PoolCommand, StopCmd
 from pool_managerd.core.gpu_faults import DEFAULT_DRAIN_DEADLINE_S, affected, classify
-from pool_managerd.messages import DrainCmd, EventBody, GpuCleared, GpuFault, PoolCommand, StopCmd
 from pool_managerd.runtime.pools import PoolRuntime
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import StateChanged
 from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.registry import Entry
 from pool_managerd.core.table import STATES
-from pool_managerd.messages import StateChanged
 
 
 class MetricsAddressUnusable(PoolManagerError):

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pool_managerd.adapters.owner_store import LeaseLost, OwnerStore, ReadLease
+from pool_managerd.contract.messages import OwnerRecord
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_claim, serving, serving_until
-from pool_managerd.messages import OwnerRecord
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,8 @@ import msgspec
 
 from pool_managerd.adapters.host_facts import gather_host_facts
 from pool_managerd.adapters.process import SpawnRecord, group_members
-from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
-from pool_managerd.core.definitions import Context, PoolDefinition
-from pool_managerd.core.effects import VerifyGpus
-from pool_managerd.core.errors import PoolManagerError, UnknownPool
-from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
-from pool_managerd.core.machine import PoolMachine
-from pool_managerd.core.pool_model import Outcome
-from pool_managerd.lifecycle.preload import model_path, plan_preload
-from pool_managerd.messages import (
+from pool_managerd.contract.errors import PoolManagerError, UnknownPool
+from pool_managerd.contract.messages import (
     Accepted,
     EngineSpec,
     Event,
@@ -42,6 +35,13 @@ from pool_managerd.messages import (
     StatusCmd,
     StatusReply,
 )
+from pool_managerd.core.command_spec import BadCommand, check_command, requested_spec
+from pool_managerd.core.definitions import Context, PoolDefinition
+from pool_managerd.core.effects import VerifyGpus
+from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.lifecycle.preload import model_path, plan_preload
 from pool_managerd.runtime.actor import Overloaded, PoolActor
 from pool_managerd.runtime.gpu_check import check_engine
 

@@ -22,9 +22,9 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from pool_managerd.adapters.event_log import EventPublisher, read_entries
+from pool_managerd.contract.messages import MAX_ACK_SEQUENCES, ForeignMessage, LogCorrupt
+from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.core.log_integrity import LogEntry, explain_conflict, foreign_message, judge, quarantine_of
-from pool_managerd.messages import MAX_ACK_SEQUENCES, ForeignMessage, LogCorrupt
-from pool_managerd.subjects import STREAM_NAME, Subjects
 
 MAX_PARKED_HEALTH = 64
 """Health reports kept while quarantined; older ones are dropped (newer probes replace them)."""

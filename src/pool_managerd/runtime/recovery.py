@@ -20,6 +20,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from pool_managerd.adapters.process import AdoptedProcess, SpawnEntry, SpawnRecord, kill_leftovers, stop_group
+from pool_managerd.contract.messages import (
+    EngineInfo,
+    EngineSpec,
+    Event,
+    EventBody,
+    OrphanReaped,
+)
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.fold import Fold
 from pool_managerd.core.inputs import (
@@ -31,13 +38,6 @@ from pool_managerd.core.inputs import (
     SpawnFailed,
 )
 from pool_managerd.core.state import PoolValue, initial
-from pool_managerd.messages import (
-    EngineInfo,
-    EngineSpec,
-    Event,
-    EventBody,
-    OrphanReaped,
-)
 from pool_managerd.runtime.actor import PoolActor
 from pool_managerd.runtime.pools import PoolRuntime
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from pool_managerd.messages import Event, LogCorrupt
+from pool_managerd.contract.messages import Event, LogCorrupt
 
 
 class MemoryEventSink:

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pool_managerd.testing.nats_server import NatsServer, NatsServerError, free_port
+from pool_managerd.adapters.embedded_nats import NatsServer, NatsServerError, free_port
 
 __all__ = ["NatsCluster"]
 

@@ -20,8 +20,8 @@ from typing import Any, Literal, get_args
 
 import msgspec
 
-from pool_managerd import limits
-from pool_managerd.messages import (
+from pool_managerd.contract import limits
+from pool_managerd.contract.messages import (
     NODE_COMMANDS,
     POOL_COMMANDS,
     REPLY_DECODER,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pool_managerd.messages import GpuSnapshot, Placement, Problem
+from pool_managerd.contract.messages import GpuSnapshot, Placement, Problem
 from pool_managerd.placement.devicemasks import Device, MaskError, snapshot_devices
 from pool_managerd.placement.hetero_split import PlanError, Policy
 from pool_managerd.placement.place import place

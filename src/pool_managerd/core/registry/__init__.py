@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from pool_managerd.core.errors import DuplicatePool, UnknownPool
+from pool_managerd.contract.errors import DuplicatePool, UnknownPool
+from pool_managerd.contract.messages import PoolSnapshot
+from pool_managerd.contract.subjects import validate_id
 from pool_managerd.core.registry.entry import Entry
 from pool_managerd.core.registry.snapshot import to_snapshot
 from pool_managerd.core.registry.types import Lease, LeaseRefusalCode
-from pool_managerd.messages import PoolSnapshot
-from pool_managerd.subjects import validate_id
 
 __all__ = ["Entry", "Lease", "LeaseRefusalCode", "Registry", "to_snapshot"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from pool_managerd.contract.messages import EngineInfo, Placement, PoolState
 from pool_managerd.core.health import HealthState
 from pool_managerd.core.state import Lease, PoolValue
-from pool_managerd.messages import EngineInfo, Placement, PoolState
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from pool_managerd.contract.messages import LeaseInfo, PoolSnapshot
 from pool_managerd.core.registry.entry import Entry
-from pool_managerd.messages import LeaseInfo, PoolSnapshot
 
 
 def to_snapshot(entry: Entry) -> PoolSnapshot:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pool_managerd.core.errors import InvalidId, InvalidSubject
+from pool_managerd.contract.errors import InvalidId, InvalidSubject
 
 DEFAULT_PREFIX = "poold"
 STREAM_NAME = "POOLD_EVENTS"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pool_managerd.core.errors import PoolManagerError
+from pool_managerd.contract.errors import PoolManagerError
 
 __all__ = [
     "NATS_SERVER_FLOOR",

@@ -22,14 +22,14 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from pool_managerd import limits
+from pool_managerd.contract import limits
 
 SCHEMA_VERSION = 1
 """Current schema version of every top-level message."""
 
 MAX_PAYLOAD_BYTES = limits.MAX_PAYLOAD_BYTES
 """Largest command payload accepted; bigger ones are rejected with ``payload_too_large``
-(every bound is in :mod:`pool_managerd.limits`)."""
+(every bound is in :mod:`pool_managerd.contract.limits`)."""
 
 # msgspec matches patterns with re.search, where "$" also matches before a final newline.
 Id = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}(?![\s\S])", max_length=63)]

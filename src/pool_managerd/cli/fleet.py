@@ -30,10 +30,10 @@ from nats.aio.client import Client as NATS
 from pool_managerd.adapters.event_log import SnapshotStore
 from pool_managerd.cli.format import format_age, format_clock, table
 from pool_managerd.client import NodeInfo, PoolClient
-from pool_managerd.core.errors import PoolManagerError
-from pool_managerd.messages import EVENT_DECODER, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
+from pool_managerd.contract.errors import PoolManagerError
+from pool_managerd.contract.messages import EVENT_DECODER, DaemonStopping, Event, NodeHeartbeat, PoolSnapshot
+from pool_managerd.contract.subjects import ID_RE, KV_BUCKET, STREAM_NAME, Subjects
 from pool_managerd.placement import format_bytes
-from pool_managerd.subjects import ID_RE, KV_BUCKET, STREAM_NAME, Subjects
 
 __all__ = [
     "STALE_BEATS",
