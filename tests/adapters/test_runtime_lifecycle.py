@@ -627,7 +627,7 @@ async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails
     # A bug inside a step: the planner hands back something that is not a Placement, so the
     # preload row's after-callback raises once the machine has already moved to "preloading".
     from pool_managerd.contract.messages import InternalError
-    from pool_managerd.lifecycle.preload import plan
+    from pool_managerd.lifecycle.preload import plan_preload
 
     broken = object()
     h.rt.lifecycle.planner = lambda _request: broken  # type: ignore[assignment,return-value]
@@ -646,7 +646,7 @@ async def test_a_step_that_raises_leaves_no_gap_records_internal_error_and_fails
     assert h.bodies(EngineSpawned) == [], "the broken step's effects ran"
 
     # The pool is consistent: an operator resets it, and a sound planner preloads it.
-    h.rt.lifecycle.pool("p").planner = plan
+    h.rt.lifecycle.pool("p").planner = plan_preload
     await h.send(ResetCmd(command_id="reset"))
     await h.ready()
     events = h.sink.of("p")

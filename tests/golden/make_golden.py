@@ -31,7 +31,7 @@ from pool_managerd.contract.messages import (
 )
 from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.fold import fold
-from pool_managerd.core.machine import Lifecycle
+from pool_managerd.core.machine import PoolMachine
 from pool_managerd.lifecycle.supervision import RestartPolicy
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ class Script:
         self.now = 1_790_000_000.0
         self.refuse = False
         self.preflight_fails = False
-        self.lc = Lifecycle("node-golden", self.plan)
+        self.lc = PoolMachine("node-golden", self.plan)
         self.events: list[Event] = []
         self.pid = 4000
         self.timers: dict[tuple[str, str], int] = {}
@@ -67,7 +67,7 @@ class Script:
 
     def take(self, pool: str, outcome: object) -> None:
         from pool_managerd.core.effects import ArmTimer
-        from pool_managerd.core.machine import Outcome
+        from pool_managerd.core.pool_model import Outcome
 
         assert isinstance(outcome, Outcome)
         self.events += outcome.events

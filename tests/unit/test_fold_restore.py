@@ -16,7 +16,8 @@ from pool_managerd.contract.messages import (
 from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import SpawnEngine
 from pool_managerd.core.fold import Fold, fold
-from pool_managerd.core.machine import Lifecycle, PoolModel
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import PoolModel
 from pool_managerd.core.state import initial
 
 SPEC = EngineSpec(argv=["llama-server", "--model", "{model}"], model="m1")
@@ -31,7 +32,7 @@ def planner(req: PlanRequest) -> Placement | PlanRejected:
 
 class Node:
     def __init__(self) -> None:
-        self.lc = Lifecycle("n1", planner)
+        self.lc = PoolMachine("n1", planner)
         self.lc.register(PoolDefinition(pool="p", spec=SPEC, device_mask="1", split_policy="free"))
         self.events: list[Event] = []
         self.now = 100.0

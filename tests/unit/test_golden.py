@@ -17,8 +17,8 @@ from pool_managerd.contract.errors import MalformedMessage
 from pool_managerd.contract.messages import SCHEMA_VERSION, Event
 from pool_managerd.core import upcast as upcast_mod
 from pool_managerd.core.fold import Fold, fold
-from pool_managerd.core.machine import ROWS
 from pool_managerd.core.state import PoolValue, initial
+from pool_managerd.core.table import ROWS
 from pool_managerd.core.upcast import UPCASTERS, decode_event, upcast
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"

@@ -25,7 +25,7 @@ from pool_managerd.core.effects import SpawnEngine, VerifyGpus
 from pool_managerd.core.fold import fold
 from pool_managerd.core.gpu_verify import GpuCheckPolicy, GpuSample, engine_held, judge
 from pool_managerd.core.inputs import GpuChecked, HealthInput
-from pool_managerd.core.machine import Lifecycle
+from pool_managerd.core.machine import PoolMachine
 from pool_managerd.runtime.gpu_check import sample_of
 from support.gpu import FakePynvml, load_json
 
@@ -104,13 +104,13 @@ def _planner(request: PlanRequest) -> Placement:
     return TWO
 
 
-def _lifecycle(check: GpuCheckPolicy | None = POLICY) -> Lifecycle:
-    lc = Lifecycle("node-1", _planner)
+def _lifecycle(check: GpuCheckPolicy | None = POLICY) -> PoolMachine:
+    lc = PoolMachine("node-1", _planner)
     lc.register(PoolDefinition("chat", SPEC, gpu_check=check))
     return lc
 
 
-def _to_healthy(lc: Lifecycle) -> tuple[list[object], list[object]]:
+def _to_healthy(lc: PoolMachine) -> tuple[list[object], list[object]]:
     events: list[object] = []
     effects: list[object] = []
     for inp, now in (

@@ -18,7 +18,7 @@ from pool_managerd.placement import (
     Policy,
     parse_policy,
     place,
-    plan,
+    plan_split,
     resolve_mask,
     to_placement,
 )
@@ -43,7 +43,7 @@ class Dev:
 
 def test_free_policy_is_proportional_to_free_minus_headroom() -> None:
     headroom = 1 * GiB
-    p = plan(40 * GiB, 4 * GiB, [SMALL, BIG], "free", headroom)
+    p = plan_split(40 * GiB, 4 * GiB, [SMALL, BIG], "free", headroom)
     u_small, u_big = SMALL.memory_free - headroom, BIG.memory_free - headroom
     assert p.ratios == pytest.approx((u_small / (u_small + u_big), u_big / (u_small + u_big)), abs=1e-12)
     need = 44 * GiB
@@ -59,13 +59,13 @@ def test_free_policy_is_proportional_to_free_minus_headroom() -> None:
 
 
 def test_total_policy() -> None:
-    p = plan(30 * GiB, 0, [SMALL, BIG], "total")
+    p = plan_split(30 * GiB, 0, [SMALL, BIG], "total")
     t = SMALL.memory_total + BIG.memory_total
     assert p.ratios == pytest.approx((SMALL.memory_total / t, BIG.memory_total / t), abs=1e-12)
 
 
 def test_equal_policy_gives_vllm_tp_size() -> None:
-    p = plan(30 * GiB, 2 * GiB, [SMALL, BIG], "equal")
+    p = plan_split(30 * GiB, 2 * GiB, [SMALL, BIG], "equal")
     assert p.ratios == (0.5, 0.5)
     assert p.budgets == (16 * GiB, 16 * GiB)
     assert p.tp_size == 2
@@ -74,8 +74,8 @@ def test_equal_policy_gives_vllm_tp_size() -> None:
 
 
 def test_explicit_ratios_string_and_list_agree() -> None:
-    a = plan(20 * GiB, 0, [SMALL, BIG], "ratios:0.25,0.75")
-    b = plan(20 * GiB, 0, [SMALL, BIG], [0.25, 0.75])
+    a = plan_split(20 * GiB, 0, [SMALL, BIG], "ratios:0.25,0.75")
+    b = plan_split(20 * GiB, 0, [SMALL, BIG], [0.25, 0.75])
     assert a == b
     assert a.ratios == (0.25, 0.75) and a.budgets == (5 * GiB, 15 * GiB)
     assert a.policy == "ratios:0.25,0.75"
@@ -83,31 +83,31 @@ def test_explicit_ratios_string_and_list_agree() -> None:
 
 
 def test_ratios_within_tolerance_are_normalised() -> None:
-    p = plan(10 * GiB, 0, [SMALL, BIG], "ratios:0.3333333,0.6666666")
+    p = plan_split(10 * GiB, 0, [SMALL, BIG], "ratios:0.3333333,0.6666666")
     assert abs(sum(p.ratios) - 1) <= 1e-12
 
 
 def test_mask_order_is_split_order() -> None:
-    p = plan(30 * GiB, 0, [BIG, SMALL], "free")
-    q = plan(30 * GiB, 0, [SMALL, BIG], "free")
+    p = plan_split(30 * GiB, 0, [BIG, SMALL], "free")
+    q = plan_split(30 * GiB, 0, [SMALL, BIG], "free")
     assert p.tensor_split == ",".join(reversed(q.tensor_split.split(",")))  # type: ignore[union-attr]
 
 
 def test_single_device_means_no_split() -> None:
-    p = plan(10 * GiB, 1 * GiB, [BIG], "free")
+    p = plan_split(10 * GiB, 1 * GiB, [BIG], "free")
     assert p.ratios == (1.0,) and p.budgets == (11 * GiB,) and p.tensor_split is None and p.tp_size is None
-    assert plan(10 * GiB, 0, [BIG], "equal").tp_size == 1
-    assert plan(10 * GiB, 0, [BIG], "ratios:1").tensor_split is None
+    assert plan_split(10 * GiB, 0, [BIG], "equal").tp_size == 1
+    assert plan_split(10 * GiB, 0, [BIG], "ratios:1").tensor_split is None
 
 
 def test_plan_is_deterministic() -> None:
-    assert plan(33 * GiB, 3 * GiB, [SMALL, BIG], "free", 512 * MiB) == plan(
+    assert plan_split(33 * GiB, 3 * GiB, [SMALL, BIG], "free", 512 * MiB) == plan_split(
         33 * GiB, 3 * GiB, [SMALL, BIG], "free", 512 * MiB
     )
 
 
 def test_to_dict_is_json_ready() -> None:
-    d = plan(10 * GiB, 0, [SMALL, BIG]).to_dict()
+    d = plan_split(10 * GiB, 0, [SMALL, BIG]).to_dict()
     assert d["devices"][1]["uuid"] == BIG.uuid and d["need_bytes"] == 10 * GiB
 
 
@@ -116,7 +116,7 @@ def test_to_dict_is_json_ready() -> None:
 
 def test_insufficient_vram_names_device_and_numbers() -> None:
     with pytest.raises(PlanError) as info:
-        plan(46 * GiB, 0, [SMALL, BIG], "equal", 1 * GiB)
+        plan_split(46 * GiB, 0, [SMALL, BIG], "equal", 1 * GiB)
     e = info.value
     assert e.code == "insufficient_vram"
     assert e.device == SMALL.uuid
@@ -127,13 +127,13 @@ def test_insufficient_vram_names_device_and_numbers() -> None:
 
 def test_insufficient_vram_lists_every_short_device() -> None:
     with pytest.raises(PlanError) as info:
-        plan(80 * GiB, 0, [SMALL, BIG], "free")
+        plan_split(80 * GiB, 0, [SMALL, BIG], "free")
     assert [p.device for p in info.value.problems] == [SMALL.uuid, BIG.uuid]
 
 
 def test_headroom_alone_can_refuse() -> None:
     with pytest.raises(PlanError) as info:
-        plan(0, 0, [SMALL], "free", SMALL.memory_free + 1)
+        plan_split(0, 0, [SMALL], "free", SMALL.memory_free + 1)
     assert info.value.code == "insufficient_vram"
 
 
@@ -156,14 +156,14 @@ def test_headroom_alone_can_refuse() -> None:
 )
 def test_bad_ratios(policy: str | list[float]) -> None:
     with pytest.raises(PlanError) as info:
-        plan(1 * GiB, 0, [SMALL, BIG], policy)
+        plan_split(1 * GiB, 0, [SMALL, BIG], policy)
     assert info.value.code == "bad_ratios"
 
 
 @pytest.mark.parametrize("policy", ["fastest", "", "FREE", "ratio:0.5,0.5"])
 def test_bad_policy(policy: str) -> None:
     with pytest.raises(PlanError) as info:
-        plan(1 * GiB, 0, [SMALL, BIG], policy)
+        plan_split(1 * GiB, 0, [SMALL, BIG], policy)
     assert info.value.code == "bad_policy"
     assert "free" in info.value.message
 
@@ -173,7 +173,7 @@ def test_bad_policy(policy: str) -> None:
 )
 def test_bad_size(model: int, context: int, headroom: int) -> None:
     with pytest.raises(PlanError) as info:
-        plan(model, context, [SMALL], "free", headroom)
+        plan_split(model, context, [SMALL], "free", headroom)
     assert info.value.code == "bad_size"
     with pytest.raises(PlanError) as info:
         place("0", HETERO, model, context, "free", headroom)
@@ -182,7 +182,7 @@ def test_bad_size(model: int, context: int, headroom: int) -> None:
 
 def test_no_devices() -> None:
     with pytest.raises(PlanError) as info:
-        plan(1, 0, [], "free")
+        plan_split(1, 0, [], "free")
     assert info.value.code == "no_devices"
 
 
@@ -192,11 +192,11 @@ def test_every_plan_code_is_tested() -> None:
 
 def test_all_zero_weights_fall_back_to_equal() -> None:
     full = [Dev("GPU-a", 10, 0), Dev("GPU-b", 10, 0)]
-    p = plan(0, 0, full, "free")
+    p = plan_split(0, 0, full, "free")
     assert p.ratios == (0.5, 0.5)
     assert any("falling back to equal" in line for line in p.explanation)
     with pytest.raises(PlanError):
-        plan(1, 0, full, "free")
+        plan_split(1, 0, full, "free")
 
 
 # -- place(): the lifecycle's one call -------------------------------------------------------
@@ -257,7 +257,7 @@ def test_place_raises_mask_errors() -> None:
 
 
 def test_to_placement_checks_the_mask_matches() -> None:
-    p = plan(1 * GiB, 0, [SMALL, BIG])
+    p = plan_split(1 * GiB, 0, [SMALL, BIG])
     with pytest.raises(ValueError, match="different devices"):
         to_placement(p, resolve_mask("1,0", HETERO))
     assert to_placement(p).mask == [SMALL.uuid, BIG.uuid]
@@ -303,7 +303,7 @@ def cases(draw: st.DrawFn) -> tuple[list[Dev], str | list[float], int, int, int]
 
 def _try(devs: list[Dev], policy: str | list[float], model: int, context: int, headroom: int):  # type: ignore[no-untyped-def]
     try:
-        return plan(model, context, devs, policy, headroom)
+        return plan_split(model, context, devs, policy, headroom)
     except PlanError as e:
         assert e.code == "insufficient_vram"
         return e.code
@@ -360,8 +360,8 @@ def test_more_free_memory_never_lowers_a_share(devs: list[Dev], data: st.DataObj
     k = data.draw(st.integers(0, len(devs) - 1))
     grown = list(devs)
     grown[k] = Dev(devs[k].uuid, devs[k].memory_total + delta, devs[k].memory_free + delta)
-    before = plan(need, 0, devs, "free", headroom)
-    after = plan(need, 0, grown, "free", headroom)  # more memory never turns a fit into a refusal
+    before = plan_split(need, 0, devs, "free", headroom)
+    after = plan_split(need, 0, grown, "free", headroom)  # more memory never turns a fit into a refusal
     assert after.ratios[k] >= before.ratios[k]
     assert after.budgets[k] >= before.budgets[k]
 

@@ -52,7 +52,10 @@ from pool_managerd.contract.messages import (
 )
 from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PlanRequest, PoolDefinition
 from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.machine import (
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.core.state import evolve
+from pool_managerd.core.table import (
     ALLOWED,
     COMMAND_TRIGGERS,
     DESTINATIONS,
@@ -60,14 +63,11 @@ from pool_managerd.core.machine import (
     ROWS,
     STATES,
     TRIGGERS,
-    Lifecycle,
-    Outcome,
     client_verbs,
     describe,
     is_legal,
     mermaid,
 )
-from pool_managerd.core.state import evolve
 from pool_managerd.lifecycle import supervision
 from pool_managerd.lifecycle.supervision import RestartPolicy
 
@@ -98,7 +98,7 @@ T = TypeVar("T")
 
 
 class Harness:
-    """One Lifecycle plus the shell's bookkeeping: armed timers, the last spawn, the clock."""
+    """One PoolMachine plus the shell's bookkeeping: armed timers, the last spawn, the clock."""
 
     def __init__(
         self,
@@ -110,7 +110,7 @@ class Harness:
     ) -> None:
         self.plan: Placement | PlanRejected = PLACEMENT
         self.requests: list[PlanRequest] = []
-        self.lc = Lifecycle(NODE, self.planner)
+        self.lc = PoolMachine(NODE, self.planner)
         for pool in pools:
             base = definition or PoolDefinition(pool, spec)
             self.lc.register(dataclasses.replace(base, pool=pool, restart=restart or base.restart))

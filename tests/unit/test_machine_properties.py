@@ -50,17 +50,10 @@ from pool_managerd.core.definitions import Context, PlanRejected, PlanRequest, P
 from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
 from pool_managerd.core.fold import Fold
 from pool_managerd.core.inputs import CommandInput, TimerFired
-from pool_managerd.core.machine import (
-    ALLOWED,
-    COMMAND_TRIGGERS,
-    ROWS,
-    STATES,
-    Lifecycle,
-    Outcome,
-    client_verbs,
-    is_legal,
-)
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.state import PoolValue, initial
+from pool_managerd.core.table import ALLOWED, COMMAND_TRIGGERS, ROWS, STATES, client_verbs, is_legal
 from pool_managerd.lifecycle.supervision import RestartPolicy
 
 NODE = "node-1"
@@ -99,7 +92,7 @@ class LifecycleMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.plan_ok = True
-        self.lc = Lifecycle(NODE, self.planner)
+        self.lc = PoolMachine(NODE, self.planner)
         self.lc.register(PoolDefinition(POOL, SPEC, restart=POLICY))
         self.now = 0.0
         self.seq = 0
@@ -594,7 +587,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             )
         assert view == live
         # A daemon restarted from the log takes the folded value as it is (recovery).
-        other = Lifecycle(NODE, self.planner)
+        other = PoolMachine(NODE, self.planner)
         other.register(PoolDefinition(POOL, SPEC, restart=POLICY))
         other.restore(POOL, view, self.ctx())
         assert other.pool(POOL).value == live
@@ -676,7 +669,7 @@ class Driver:
 
     def __init__(self, policy: RestartPolicy = POLICY) -> None:
         self.plan_ok = True
-        self.lc = Lifecycle(NODE, lambda _req: PLACEMENT if self.plan_ok else REFUSAL)
+        self.lc = PoolMachine(NODE, lambda _req: PLACEMENT if self.plan_ok else REFUSAL)
         self.lc.register(PoolDefinition(POOL, SPEC, restart=policy))
         self.now = 0.0
         self.pid = 0

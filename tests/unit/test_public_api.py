@@ -22,11 +22,11 @@ def test_flat_imports_of_the_seed_api() -> None:
 
     assert callable(health.assess)
     assert callable(registry.Registry)
-    assert callable(preload.plan) and callable(preload.ready_gate)
+    assert callable(preload.plan_preload) and callable(preload.ready_gate)
     assert callable(drain.at_deadline)
     assert callable(supervision.on_failure)
     assert callable(devicemasks.resolve_mask)
-    assert callable(hetero_split.plan)
+    assert callable(hetero_split.plan_split)
     assert callable(preflight.preflight)
 
 

@@ -84,7 +84,7 @@ from pool_managerd.contract.messages import (
     encode,
 )
 from pool_managerd.contract.subjects import ID_RE, Subjects, msg_id, validate_id
-from pool_managerd.core.machine import describe
+from pool_managerd.core.table import describe
 
 # --- examples -----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import msgspec
 
 from pool_managerd.contract import messages
 from pool_managerd.contract.subjects import AUDIT_STREAM, DEFAULT_PREFIX, KV_BUCKET, SERVICE_NAME, STREAM_NAME
-from pool_managerd.core import machine
+from pool_managerd.core import table
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -296,8 +296,8 @@ def _dump(obj: object) -> str:
 def render() -> dict[str, str]:
     """Every generated file: relative path → content."""
     files = {f"messages/{name}.json": _dump(message_schema(name, cls)) for name, cls in messages.ALL_MESSAGES.items()}
-    files["lifecycle.json"] = _dump(msgspec.to_builtins(machine.describe()))
-    files["lifecycle.mmd"] = machine.mermaid()
+    files["lifecycle.json"] = _dump(msgspec.to_builtins(table.describe()))
+    files["lifecycle.mmd"] = table.mermaid()
     files["asyncapi.json"] = _dump(asyncapi())
     files["README.md"] = _README
     return files
@@ -309,7 +309,7 @@ Generated from the code by `make schemas` (`pool-managerd schemas`); do not edit
 these files drift from the code (`tests/unit/test_schemas.py`, `pool-managerd schemas --check`).
 
 - `messages/<name>.json`: JSON Schema 2020-12 of every top-level wire message (`messages.py`);
-- `lifecycle.json`, `lifecycle.mmd`: the lifecycle table (`core/machine.py`), as data and as a
+- `lifecycle.json`, `lifecycle.mmd`: the lifecycle table (`core/table.py`), as data and as a
   Mermaid diagram (the dashboard draws the former);
 - `asyncapi.json`: an AsyncAPI 3.0 document of every subject the daemon serves or publishes
   (`make asyncapi` runs the official parser on it).

@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from pool_managerd.contract.messages import Event, PoolClaimed, StateChanged
-from pool_managerd.core.machine import DESTINATIONS
 from pool_managerd.core.state import PoolValue, evolve, initial
+from pool_managerd.core.table import DESTINATIONS
 
 _DESTINATIONS = DESTINATIONS
 _NONE: frozenset[str] = frozenset()

@@ -1,4 +1,4 @@
-"""What reaches a pool: one typed value per kind of input, applied by :meth:`Lifecycle.step`.
+"""What reaches a pool: one typed value per kind of input, applied by :meth:`PoolMachine.step`.
 
 The shell never hands the core a closure: every command, probe result, timer, engine fact and
 recovery step is one of these values, so what a pool was asked to do can be logged, queued with

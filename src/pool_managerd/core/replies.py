@@ -32,7 +32,8 @@ from pool_managerd.contract.messages import (
     Rejected,
 )
 from pool_managerd.core.fold import Fold
-from pool_managerd.core.machine import client_verbs, internal_error_message
+from pool_managerd.core.machine import internal_error_message
+from pool_managerd.core.table import client_verbs
 
 
 @dataclass(frozen=True, slots=True)

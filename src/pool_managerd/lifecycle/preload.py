@@ -38,7 +38,7 @@ def model_path(spec: EngineSpec) -> str | None:
     return m if m.startswith(("/", "./", "../", "~")) else None
 
 
-def plan(request: PlanRequest) -> Placement | PlanRejected:
+def plan_preload(request: PlanRequest) -> Placement | PlanRejected:
     """The planner the lifecycle machine calls at preload, reload and every restart: preflight
     (GPU-only, engine binary, model file, digest, port, compute capability, MIG, VRAM), then
     placement. Pure: the snapshot and host facts come in the request."""

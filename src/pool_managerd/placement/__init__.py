@@ -23,7 +23,7 @@ from pool_managerd.placement.hetero_split import (
     Policy,
     SplitPlan,
     parse_policy,
-    plan,
+    plan_split,
     to_placement,
 )
 from pool_managerd.placement.place import AUTO, auto_mask, place
@@ -50,7 +50,7 @@ __all__ = [
     "parse_mask",
     "parse_policy",
     "place",
-    "plan",
+    "plan_split",
     "resolve_mask",
     "snapshot_devices",
     "to_placement",

@@ -202,7 +202,7 @@ def parse_policy(policy: str | Sequence[float] | Policy) -> Policy:
 
     Raises :class:`PlanError` ``bad_policy`` for an unknown name and ``bad_ratios`` for ratios
     that are not numbers, not > 0 or do not sum to 1 within 1e-6. The count is checked by
-    :func:`plan`, which knows the devices.
+    :func:`plan_split`, which knows the devices.
     """
     if isinstance(policy, Policy):
         return policy
@@ -245,7 +245,7 @@ def _fmt_ratio(r: float) -> str:
     return f"{r:.6g}"
 
 
-def plan(
+def plan_split(
     model_bytes: int,
     context_bytes: int,
     devices: Sequence[MemoryDevice],

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from pool_managerd.contract.messages import GpuSnapshot, Placement
 from pool_managerd.placement.devicemasks import Device, DeviceMask, resolve_mask, snapshot_devices
-from pool_managerd.placement.hetero_split import PlanError, Policy, parse_policy, plan, to_placement
+from pool_managerd.placement.hetero_split import PlanError, Policy, parse_policy, plan_split, to_placement
 from pool_managerd.placement.units import format_bytes
 
 AUTO = "auto"
@@ -82,5 +82,5 @@ def place(
         dm, prefix = auto_mask(snapshot, model_bytes + context_bytes, headroom, pol)
     else:
         dm = resolve_mask(mask, snapshot)
-    split = plan(model_bytes, context_bytes, dm.devices, pol, headroom)
+    split = plan_split(model_bytes, context_bytes, dm.devices, pol, headroom)
     return to_placement(split, dm, simulated=snapshot.simulated, explanation_prefix=prefix)

@@ -60,7 +60,8 @@ from pool_managerd.core.inputs import (
     TimerFired,
     label,
 )
-from pool_managerd.core.machine import Lifecycle, Outcome
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
 from pool_managerd.runtime import quarantine
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ MAX_QUEUED_COMMANDS = 64
 class ActorHost(Protocol):
     """What a pool actor needs from the runtime around it, and nothing more."""
 
-    lifecycle: Lifecycle
+    lifecycle: PoolMachine
     spawn_record: SpawnRecord
     probe_options: dict[str, Any]
 
@@ -236,7 +237,7 @@ class PoolActor:
 
     def absorb_probe(self, report: HealthReport) -> bool:
         """Take our prober's healthy report of a healthy ready engine without a step: it changes
-        only the probe bookkeeping (:meth:`Lifecycle.absorb_probe`), so it costs no queue turn,
+        only the probe bookkeeping (:meth:`PoolMachine.absorb_probe`), so it costs no queue turn,
         no checkpoint and no outcome. Only while the inbox is empty and no step runs, so it is
         exactly the step it replaces; otherwise (or for any other report) returns False and the
         caller queues the report."""

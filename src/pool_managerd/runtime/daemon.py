@@ -65,8 +65,8 @@ from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.core.definitions import PoolDefinition
 from pool_managerd.core.inputs import ClaimInput, ReleaseInput
 from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.machine import Outcome
 from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
+from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.commands import (

@@ -11,8 +11,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import StateChanged
-from pool_managerd.core.machine import STATES, Outcome
+from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.registry import Entry
+from pool_managerd.core.table import STATES
 
 
 class MetricsAddressUnusable(PoolManagerError):

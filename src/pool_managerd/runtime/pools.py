@@ -40,8 +40,9 @@ from pool_managerd.core.command_spec import BadCommand, check_command, requested
 from pool_managerd.core.definitions import Context, PoolDefinition
 from pool_managerd.core.effects import VerifyGpus
 from pool_managerd.core.inputs import CommandInput, GpuChecked, PoolInput
-from pool_managerd.core.machine import Lifecycle, Outcome
-from pool_managerd.lifecycle.preload import model_path, plan
+from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.pool_model import Outcome
+from pool_managerd.lifecycle.preload import model_path, plan_preload
 from pool_managerd.runtime.actor import Overloaded, PoolActor
 from pool_managerd.runtime.gpu_check import check_engine
 
@@ -108,7 +109,7 @@ class PoolRuntime:
         self.node = self.options.node
         self.sink = sink
         self.gpu_source = gpu_source
-        self.lifecycle = Lifecycle(self.node, plan)
+        self.lifecycle = PoolMachine(self.node, plan_preload)
         self.actors: dict[str, PoolActor] = {}
         self.health_out = health_out
         self.listeners: list[Callable[[str, Outcome], None]] = []

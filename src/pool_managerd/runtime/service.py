@@ -40,7 +40,7 @@ from pool_managerd.contract.messages import (
 )
 from pool_managerd.contract.subjects import SERVICE_NAME, Subjects
 from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.machine import describe
+from pool_managerd.core.table import describe
 from pool_managerd.runtime import logs
 from pool_managerd.runtime.commands import (
     ERROR_CODE_HEADER,
