@@ -474,7 +474,7 @@ async def test_sigkill_mid_preload_resumes_loading_under_the_original_deadline(r
 async def test_sigkill_mid_drain_resumes_the_drain_with_its_remaining_deadline(rig: Rig) -> None:
     # "held" keeps its lease: the drain ends at its deadline (drain_forced). "freed" has its lease
     # released after the restart: the drain completes then, long before its deadline.
-    held_deadline_s = 3.0
+    held_deadline_s = 6.0  # room for a kill and a restart on a loaded machine, so some deadline is left
     rig.configure([fake_pool("held"), fake_pool("freed")])
     await rig.start()
     pids = await rig.preload_ready("held", "freed")
