@@ -433,7 +433,7 @@ async def test_a_connect_the_daemon_was_too_busy_to_see_in_time_is_not_a_timeout
         prober = HealthProber("127.0.0.1", port, on_result=on_result, steady_interval_s=3600, mode="steady",
                               connect_timeout_s=0.1)  # fmt: skip
         prober.start()
-        await asyncio.sleep(0)  # the prober's first step: its connect is in flight
+        await asyncio.sleep(0)  # ok: one loop turn, so the prober's first step (its connect) is in flight
         time.sleep(0.3)  # ok: holds the loop on purpose, the stall under test
         try:
             await asyncio.wait_for(done.wait(), ENGINE_S)
