@@ -58,6 +58,7 @@ from pool_managerd.contract.messages import (
     StatusReply,
 )
 from pool_managerd.contract.subjects import Subjects
+from pool_managerd.testing.toml_config import toml_value
 
 NODE = "faults"
 START_S = 30.0
@@ -66,20 +67,6 @@ KILL_POINTS = ("spawn:after_fork", "spawn:after_record", "spawn:after_release", 
 
 
 # --- the daemon as a process -------------------------------------------------------------------
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
 
 
 class Wire:
@@ -126,10 +113,10 @@ class Rig:
 
     async def __aenter__(self) -> Rig:
         await self.server.astart()
-        lines = [f'node = "{NODE}"', f"run_dir = {_toml(str(self.run_dir))}", 'gpus = "sim:hetero-24g-48g"',
-                 "heartbeat_s = 30.0", "", "[nats]", f"urls = {_toml([self.server.url])}"]  # fmt: skip
+        lines = [f'node = "{NODE}"', f"run_dir = {toml_value(str(self.run_dir))}", 'gpus = "sim:hetero-24g-48g"',
+                 "heartbeat_s = 30.0", "", "[nats]", f"urls = {toml_value([self.server.url])}"]  # fmt: skip
         for pool in self.pools:
-            lines += ["", "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]
+            lines += ["", "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]
         self.config.write_text("\n".join(lines) + "\n")
         self.nc = await nats.connect(self.server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.05,
                                      allow_reconnect=True, error_cb=_quiet)  # fmt: skip

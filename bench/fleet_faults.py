@@ -44,7 +44,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import Wire, _toml, log_checks  # a sibling bench script, not a package
+from faults import Wire, log_checks  # a sibling bench script, not a package
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.contract.messages import (
     REPLY_DECODER,
@@ -57,6 +57,7 @@ from pool_managerd.contract.messages import (
 )
 from pool_managerd.contract.subjects import KV_BUCKET, OWNERS_BUCKET, STREAM_NAME, Subjects
 from pool_managerd.testing.nats_cluster import NatsCluster
+from pool_managerd.testing.toml_config import toml_value
 
 NODES = ("node-a", "node-b")
 START_S = 60.0
@@ -112,11 +113,11 @@ class FleetRig:
     def _config(self, node: str) -> Path:
         pool = {"id": _pool(node), "engine": "fake", "extra_args": ["--load-time", "0.05"], "slots": 4,
                 "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}  # fmt: skip
-        lines = [f'node = "{node}"', f"run_dir = {_toml(str(self.root / node))}", 'gpus = "sim:hetero-24g-48g"',
-                 "heartbeat_s = 5.0", "", "[nats]", f"urls = {_toml(self.cluster.urls)}",
+        lines = [f'node = "{node}"', f"run_dir = {toml_value(str(self.root / node))}", 'gpus = "sim:hetero-24g-48g"',
+                 "heartbeat_s = 5.0", "", "[nats]", f"urls = {toml_value(self.cluster.urls)}",
                  f"replicas = {self.replicas}", "reconnect_wait_s = 0.2", "",
                  "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}", "",
-                 "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]  # fmt: skip
+                 "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]  # fmt: skip
         path = self.root / f"{node}.toml"
         path.write_text("\n".join(lines) + "\n")
         return path

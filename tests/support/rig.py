@@ -37,6 +37,7 @@ from pool_managerd.contract.messages import (
     StateChanged,
     StatusReply,
 )
+from pool_managerd.testing.toml_config import toml_value
 from support.procs import track_pid
 
 NODE = "node-a"
@@ -68,26 +69,12 @@ def fake_pool(pool: str, *, load_time: float | str = 0.1, **extra: Any) -> dict[
     }
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no TOML for {value!r}")
-
-
 def render_config(url: str, run_dir: Path, pools: list[dict[str, Any]], **top: Any) -> str:
     settings = {"node": NODE, "run_dir": str(run_dir), "gpus": "sim:hetero-24g-48g", "heartbeat_s": 30.0, **top}
-    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
-    lines += ["", "[nats]", f"urls = {_toml([url])}"]
+    lines = [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+    lines += ["", "[nats]", f"urls = {toml_value([url])}"]
     for pool in pools:
-        lines += ["", "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]
+        lines += ["", "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]
     return "\n".join(lines) + "\n"
 
 

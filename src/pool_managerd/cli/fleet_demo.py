@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from pool_managerd.contract.messages import (
     Rejected,
     StateChanged,
 )
+from pool_managerd.testing.toml_config import toml_value
 
 NODES = ("node-a", "node-b")
 OWNER, STANDBY = NODES
@@ -69,30 +69,16 @@ def takeover_supported() -> bool:
     return "standby" in PoolConfig.model_fields
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
 def daemon_config(node: str, run_dir: Path, urls: list[str], password: str, pools: list[dict[str, Any]]) -> str:
     """The TOML a host's daemon runs with: every cluster URL, the daemon user, 3 replicas."""
-    lines = [f"node = {_toml(node)}", f"run_dir = {_toml(str(run_dir))}", 'gpus = "sim:hetero-24g-48g"',
-             f"heartbeat_s = {HEARTBEAT_S}", "", "[nats]", f"urls = {_toml(urls)}", "replicas = 3",
-             'user = "daemon"', f"password = {_toml(password)}", "reconnect_wait_s = 0.2"]  # fmt: skip
+    lines = [f"node = {toml_value(node)}", f"run_dir = {toml_value(str(run_dir))}", 'gpus = "sim:hetero-24g-48g"',
+             f"heartbeat_s = {HEARTBEAT_S}", "", "[nats]", f"urls = {toml_value(urls)}", "replicas = 3",
+             'user = "daemon"', f"password = {toml_value(password)}", "reconnect_wait_s = 0.2"]  # fmt: skip
     if takeover_supported():
         # Short leases so the takeover happens while you watch (the default lasts 15 s).
         lines += ["", "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}"]
     for pool in pools:
-        lines += ["", "[[pools]]", *(f"{k} = {_toml(v)}" for k, v in pool.items())]
+        lines += ["", "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]
     return "\n".join(lines) + "\n"
 
 
