@@ -4,23 +4,18 @@ nats-server, the daemon as a process and real fake engines, with every invariant
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from support.scripts import load_script
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "faults.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("poold_faults", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "poold_faults")
 
 
 @pytest.mark.timeout(300)

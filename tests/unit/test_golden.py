@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pool_managerd.core.fold import Fold, fold
 from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.core.table import ROWS
 from pool_managerd.core.upcast import UPCASTERS, decode_event, upcast
+from support.scripts import load_script
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 LOGS = sorted(GOLDEN.glob("v*_all_triggers.jsonl"))
@@ -182,11 +182,7 @@ def test_fold_of_golden_log_has_no_violations() -> None:
 
 
 def _golden_script() -> Any:
-    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GOLDEN / "make_golden.py", "make_golden")
 
 
 def test_the_live_machine_driven_by_the_golden_script_writes_the_golden_log() -> None:

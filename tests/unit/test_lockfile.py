@@ -6,27 +6,22 @@ kind of disagreement is shown to be caught, not only the happy case.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from support.scripts import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lockfile", REPO / "tools" / "lockfile.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("lockfile", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "tools" / "lockfile.py", "lockfile")
 
 
 lockfile = _load_tool()
