@@ -656,6 +656,7 @@ class Daemon:
         try:
             if pool in runtime.actors:
                 await runtime.remove_pool(pool)  # what the lost lease left: abandoned, engine stopped
+            await self._settle_backlog(pool)
             pairs = [pair async for pair in read_events(nc, self.subjects, pool=pool)]
         except Exception as exc:
             log.error("pool %s: claimed but its events cannot be read (%s); letting the lease lapse", pool, exc)
@@ -682,6 +683,24 @@ class Daemon:
                     start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
         if pool in report.taken_over:
             await self._resume(pool, start.epoch, report.taken_over[pool])
+
+    async def _settle_backlog(self, pool: str) -> None:
+        """Before reading a pool's history on a claim: let this node's own events of the pool
+        that still wait in the backlog (accepted before a lease it lost) be stored first, or the
+        new epoch's first event would take their sequence numbers and they would be lost."""
+        publisher = self.publisher
+        if publisher is None or not publisher.pending(pool):
+            return
+        bound = self.config.ownership.lease_ttl_s
+        log.warning("pool %s: %d event(s) of an earlier lease still wait to be stored; waiting up to %.0f s",
+                    pool, publisher.pending(pool), bound)  # fmt: skip
+        try:
+            async with asyncio.timeout(bound):
+                await publisher.settle(pool)
+        except TimeoutError:
+            raise EventLogError(
+                f"pool {pool}: {publisher.pending(pool)} event(s) of an earlier lease not stored"
+            ) from None
 
     async def _resume(self, pool: str, epoch: int, state: str) -> None:
         """A pool taken over while it served (or was starting) elsewhere starts its engine here,

@@ -1,9 +1,11 @@
 """The shell around the ownership leases: claims, renewals, the serving deadline, standby polls.
 
 The decisions are :mod:`pool_managerd.core.ownership`'s; this module does the KV I/O and keeps
-the timers. Per pool this node configures, the keeper either *holds* the lease (renews it every
-:attr:`~pool_managerd.core.ownership.LeaseTiming.renew_every_s`, and calls ``on_lost`` the moment
-it may no longer serve: a renewal refused, or the serving deadline passed without one) or
+the timers. Per pool this node configures, the keeper either *holds* the lease (a task of the
+pool's own renews it every :attr:`~pool_managerd.core.ownership.LeaseTiming.renew_every_s` and,
+when a renewal fails for want of an answer, tries again within a second or two until the serving
+deadline; it calls ``on_lost`` the moment the node may no longer serve: a renewal refused by
+another node's record, or the serving deadline passed without one) or
 *watches* it (reads the record every renewal period, notes when its revision last changed, and
 claims it once :func:`~pool_managerd.core.ownership.may_claim` allows, then calls
 ``on_claimed``). A watch that may not take over from a live node (see
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 AT_ONCE = 64
 """KV reads and writes the keeper has in flight at once."""
 
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 2.0
+"""Back-off between renewal tries that got no answer: a JetStream leader election of the bucket
+(seconds) must be outlasted by retrying through it, not by waiting a whole renewal period."""
+
+MIN_WRITE_WAIT_S = 0.5
+
 LostCallback = Callable[[str, str], None]
 ClaimedCallback = Callable[[str, Claim], Coroutine[Any, Any, None]]
 
@@ -40,6 +49,14 @@ class _Held:
     sent_at: float
     """Local monotonic time the last successful write was sent."""
     timer: asyncio.TimerHandle | None = None
+    renewer: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        """Cancel the deadline timer and the renewal task (unless the caller is that task)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.renewer is not None and self.renewer is not asyncio.current_task():
+            self.renewer.cancel()
 
 
 @dataclass(slots=True)
@@ -133,8 +150,8 @@ class OwnershipKeeper:
         """Stop holding ``pool`` (fenced by the log, or lost): no more renewals, and (``watch``)
         watch it again as a possible claimant."""
         held = self.held.pop(pool, None)
-        if held is not None and held.timer is not None:
-            held.timer.cancel()
+        if held is not None:
+            held.stop()
         if watch and pool not in self.watched:
             self.watched[pool] = _Watched(ReadLease(None, -1), None, self._take_over.get(pool, True))
 
@@ -143,8 +160,7 @@ class OwnershipKeeper:
         held = self.held.pop(pool, None)
         if held is None:
             return
-        if held.timer is not None:
-            held.timer.cancel()
+        held.stop()
         record = OwnerRecord(node=self.node, epoch=held.epoch, ttl_s=self.timing.ttl_s, renewed_at=time.time(),
                              released=True)  # fmt: skip
         try:
@@ -163,55 +179,80 @@ class OwnershipKeeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         for held in self.held.values():
-            if held.timer is not None:
-                held.timer.cancel()
+            held.stop()
 
     # --- the loop --------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         period = self.timing.renew_every_s
         while True:
-            now = self.clock()
-            due = [p for p, h in self.held.items() if now - h.sent_at >= period * 0.9]
-            jobs = [self._renew(p) for p in due] + [self._poll(p) for p in list(self.watched)]
+            jobs = [self._poll(p) for p in list(self.watched)]
             if jobs:
                 await asyncio.gather(*jobs, return_exceptions=True)
-            # A periodic tick: renewals are due on a period, and a record's staleness is only
-            # seen by reading it again.
-            await asyncio.sleep(period / 2)  # ok: the renewal/poll period itself
+            # A record's staleness is only seen by reading it again, once a period.
+            await asyncio.sleep(period / 2)  # ok: the poll period itself
 
-    async def _renew(self, pool: str) -> None:
-        held = self.held.get(pool)
-        if held is None:
-            return
-        try:
-            await self._write(pool, held, held.epoch)
-            self.renewals += 1
-        except LeaseLost:
-            await self._after_refused_renewal(pool, held)
-        except Exception as exc:
-            # Unknown outcome (timeout, disconnected): the deadline timer decides, not this.
-            self.renew_failures += 1
-            log.warning("pool %s: lease renewal failed (%s: %s); serving until the deadline", pool,
-                        type(exc).__name__, exc)  # fmt: skip
+    def _hold(self, pool: str, held: _Held) -> None:
+        """Start renewing a lease just written (claimed)."""
+        loop = asyncio.get_running_loop()
+        held.renewer = loop.create_task(self._renew_loop(pool, held), name=f"renew-{pool}")
 
-    async def _after_refused_renewal(self, pool: str, held: _Held) -> None:
-        # A renewal whose ack was lost may have been stored: then the record is ours still.
-        with contextlib.suppress(Exception):
-            async with self._gate:
-                lease = await self.store.read(pool)
-            record = lease.record
-            if record is not None and record.node == self.node and record.epoch == held.epoch and not record.released:
-                held.revision = lease.revision  # ours; the deadline still runs from the older send
+    async def _renew_loop(self, pool: str, held: _Held) -> None:
+        period = self.timing.renew_every_s
+        while self.held.get(pool) is held:
+            await asyncio.sleep(max(0.0, held.sent_at + period - self.clock()))  # ok: the renewal period
+            await self._renew(pool, held)
+
+    async def _renew(self, pool: str, held: _Held) -> None:
+        """Renew until it is written, refused, or the lease is no longer held (the deadline timer
+        ends it then)."""
+        delay = RETRY_FIRST_S
+        while self.held.get(pool) is held:
+            try:
+                await self._write(pool, held, held.epoch)
+                self.renewals += 1
                 return
-        if self.held.get(pool) is held:
-            self._lose(pool, "another node wrote its owner record")
+            except LeaseLost:
+                if not await self._still_ours(pool, held):
+                    if self.held.get(pool) is held:
+                        self._lose(pool, "another node wrote its owner record")
+                    return
+                continue  # our earlier write was stored after all: renew on top of it at once
+            except Exception as exc:
+                # Unknown outcome (timeout, no responders, disconnected): try again soon; the
+                # deadline timer, not this, decides when the node must stop serving.
+                self.renew_failures += 1
+                log.warning("pool %s: lease renewal failed (%s: %s); retrying, serving until the deadline", pool,
+                            type(exc).__name__, exc)  # fmt: skip
+            await asyncio.sleep(delay)  # ok: back-off between tries that got no answer
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _still_ours(self, pool: str, held: _Held) -> bool:
+        """After a refused renewal: whether the record is ours still (a renewal whose ack was lost
+        was stored). A read that gets no answer counts as ours: the deadline decides then."""
+        try:
+            async with self._gate:
+                lease = await asyncio.wait_for(self.store.read(pool), self._write_wait(held))
+        except LeaseLost:
+            return False
+        except Exception:
+            return True
+        record = lease.record
+        if record is not None and record.node == self.node and record.epoch == held.epoch and not record.released:
+            held.revision = lease.revision  # ours; the deadline still runs from the older send
+            return True
+        return False
+
+    def _write_wait(self, held: _Held) -> float:
+        """How long one write or read may wait: the margin, and never past the serving deadline."""
+        left = serving_until(held.sent_at, self.timing) - self.clock()
+        return max(MIN_WRITE_WAIT_S, min(self.timing.margin_s, left))
 
     async def _write(self, pool: str, held: _Held, epoch: int) -> None:
         record = OwnerRecord(node=self.node, epoch=epoch, ttl_s=self.timing.ttl_s, renewed_at=time.time())
         sent = self.clock()
         async with self._gate:
-            revision = await asyncio.wait_for(self.store.write(pool, record, held.revision), self.timing.margin_s)
+            revision = await asyncio.wait_for(self.store.write(pool, record, held.revision), self._write_wait(held))
         if self.held.get(pool) is not held:
             return  # lost meanwhile: the deadline passed while the write was in flight
         held.epoch, held.revision, held.sent_at = epoch, revision, sent
@@ -287,5 +328,6 @@ class OwnershipKeeper:
             return None
         self.watched.pop(pool, None)
         self.claims += 1
+        self._hold(pool, held)
         log.info("pool %s: claimed at epoch %d (from %s)", pool, claim.epoch, claim.previous_node or "nobody")
         return claim

@@ -242,6 +242,16 @@ class EventPublisher:
         """Wait until every accepted event is stored or failed (bound it with ``asyncio.timeout``)."""
         await self._idle.wait()
 
+    def pending(self, pool: str) -> int:
+        """How many of ``pool``'s events wait to be stored."""
+        return len(self._lanes.get(pool) or ())
+
+    async def settle(self, pool: str) -> None:
+        """Wait until every event of ``pool`` queued so far is stored or failed (bound it with
+        ``asyncio.timeout``)."""
+        while lane := self._lanes.get(pool):
+            await asyncio.wait([lane[-1].future])
+
     async def close(self, grace_s: float | None = 5.0) -> None:
         """Refuse new events, give the backlog ``grace_s`` seconds to drain, then stop.
 
