@@ -511,6 +511,17 @@ async def test_reload_of_a_pool_on_a_fixed_port_reuses_its_own_port(h: Harness) 
     assert second.pid != first.pid and second.port == first.port == port
 
 
+async def test_an_allocated_port_is_held_while_its_engine_lives_and_given_back_when_it_exits(h: Harness) -> None:
+    # Until the engine binds it, the kernel would offer the same port to the next spawn.
+    h.add(knobs=["--load-time", "0.05"])
+    spawned = await h.ready()
+    assert h.rt.ports.held == 1
+    mark = h.mark()
+    await h.send(StopCmd(command_id="s1"))
+    await h.body(EngineExited, mark, lambda b: b.pid == spawned.pid)
+    assert h.rt.ports.held == 0
+
+
 FAKE_OVERRIDES: dict[str, Any] = {
     "load_time": {"type": "float", "min": 0, "max": 60, "flag": "--load-time"},
     "crash_after": {"type": "float", "min": 0, "max": 60, "flag": "--crash-after"},

@@ -21,7 +21,7 @@ import msgspec
 from pool_managerd.adapters.engines.argv import render_argv
 from pool_managerd.adapters.engines.errors import SpawnError, TemplateError
 from pool_managerd.adapters.engines.handles import EngineHandle, EngineProcess, ExitInfo
-from pool_managerd.adapters.engines.ports import allocate_port
+from pool_managerd.adapters.engines.ports import PortAllocator
 from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.engines.spawn import spawn
 from pool_managerd.adapters.eventlog.errors import PoolFenced, PoolQuarantined
@@ -83,6 +83,7 @@ class ActorHost(Protocol):
 
     lifecycle: PoolMachine
     spawn_record: SpawnRecord
+    ports: PortAllocator
     probe_options: dict[str, Any]
 
     async def context(
@@ -150,6 +151,8 @@ class _Engine:
     stopping: asyncio.Task[ExitInfo] | None = None
     health_path: str = "/health"
     probe_interval_s: float = 2.0
+    allocated_port: bool = False
+    """The port came from the runtime's allocator, which gets it back when the engine is gone."""
 
 
 @dataclass(slots=True)
@@ -433,8 +436,9 @@ class PoolActor:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             spec = effect.spec
+            allocated: int | None = None
             try:
-                port = spec.port if spec.port is not None else allocate_port(spec.host)
+                port = spec.port if spec.port is not None else (allocated := rt.ports.allocate(spec.host))
                 argv = render_argv(spec.argv, _placeholders(spec.model, port, spec.host, effect.placement))
                 env = {**spec.env, **rt.engine_env(effect.placement),
                        "CUDA_VISIBLE_DEVICES": effect.placement.cuda_visible_devices}  # fmt: skip
@@ -450,6 +454,8 @@ class PoolActor:
                     gated=True,
                 )
             except (SpawnError, TemplateError, OSError) as exc:
+                if allocated is not None:
+                    rt.ports.release(spec.host, allocated)
                 self.stats.spawn_failures += 1
                 message = getattr(exc, "message", None) or str(exc)
                 self.submit(SpawnFailed(message, effect.attempt))
@@ -464,7 +470,8 @@ class PoolActor:
                 log_path=str(handle.log_path) if handle.log_path else None,
             )
             self.engines[handle.pid] = _Engine(handle, health_path=spec.health_path,
-                                               probe_interval_s=spec.probe_interval_s)  # fmt: skip
+                                               probe_interval_s=spec.probe_interval_s,
+                                               allocated_port=allocated is not None)  # fmt: skip
             # Held at its gate until the machine has logged engine_spawned (ReleaseEngine).
             self.submit(EngineStarted(info, effect.placement.cuda_visible_devices, effect.attempt))
 
@@ -527,6 +534,8 @@ class PoolActor:
         engine = self.engines.get(handle.pid)
         if engine is not None:
             self._stop_probing(engine)
+            if engine.allocated_port:
+                self.runtime.ports.release(handle.host, handle.port)
         if engine is not None and engine.stopping is None:
             self.engines.pop(handle.pid, None)
         self.submit(EngineExitedInput(handle.pid, info.exit_code, info.signal))

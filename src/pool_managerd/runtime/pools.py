@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from pool_managerd.adapters.engines.ports import PortAllocator
 from pool_managerd.adapters.engines.procs import group_members
 from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.host_facts import gather_host_facts
@@ -118,6 +119,8 @@ class PoolRuntime:
         self.run_dir = self.options.run_dir
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self.spawn_record = SpawnRecord(self.run_dir / "engines.json")
+        self.ports = PortAllocator()
+        """Ports of the engines started without one of their own, held until each is gone."""
         self.probe_options = dict(self.options.probe_options)
         self._state_waiters: list[tuple[str, frozenset[str], asyncio.Future[str]]] = []
         self.on_quarantine: Callable[[str], None] | None = None
