@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,15 @@ from pool_managerd.adapters.engines.errors import SpawnError, SpawnRecordError, 
 from pool_managerd.adapters.engines.handles import AdoptedProcess, ExitInfo
 from pool_managerd.adapters.engines.logs import rotate_log
 from pool_managerd.adapters.engines.ports import PortAllocator, allocate_port
-from pool_managerd.adapters.engines.procs import kill_group, pid_alive, proc_start_ticks, stop_group, wait_pid_exit
+from pool_managerd.adapters.engines.procs import (
+    GroupScans,
+    kill_group,
+    pid_alive,
+    proc_start_ticks,
+    stop_group,
+    wait_group_gone,
+    wait_pid_exit,
+)
 from pool_managerd.adapters.engines.record import SpawnEntry, SpawnRecord
 from pool_managerd.adapters.engines.spawn import spawn
 from pool_managerd.adapters.host_facts import port_is_free
@@ -280,6 +290,34 @@ async def test_stop_group_for_a_process_we_did_not_wait_on(fakes: FakeEngines, t
     assert not pid_alive(grandchild) and not pid_alive(engine.pid)
     assert (await asyncio.wait_for(engine.wait(), ENGINE_S)).signal == signal.SIGKILL
     assert await stop_group(engine.pgid, 0.3)  # an empty group: nothing to do
+
+
+async def test_waits_on_many_groups_share_their_scans_of_proc() -> None:
+    # Zombie leaders nobody reaped yet (as adopted engines' are until another parent reaps
+    # them): each group still exists, so only a scan of /proc tells it has no live member.
+    zombies = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(40)]
+    # A group whose leader exited while its child lives on.
+    holder = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout is not None
+        track_pid(int(holder.stdout.readline()))
+        for proc in zombies:
+            proc.kill()
+        for proc in [*zombies, holder]:
+            assert await wait_pid_exit(proc.pid, ENGINE_S)
+        scans = GroupScans()
+        gone = await asyncio.gather(
+            *(wait_group_gone(proc.pid, ENGINE_S, scans=scans) for proc in zombies),
+            wait_group_gone(holder.pid, 0.2, scans=scans),
+        )
+        assert gone == [True] * len(zombies) + [False]
+        assert 1 <= scans.scans <= 3  # one scan for every waiter that asked before it began
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)
+        for proc in [*zombies, holder]:
+            proc.kill()
+            proc.wait()
 
 
 def test_kill_group_refuses_dangerous_groups() -> None:

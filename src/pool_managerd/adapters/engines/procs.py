@@ -13,10 +13,12 @@ import select
 import signal
 import subprocess
 import time
+import weakref
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "GroupScans",
     "group_members",
     "kill_group",
     "pid_alive",
@@ -72,18 +74,79 @@ def proc_start_ticks(pid: int) -> int | None:
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) pids whose process group is ``pgid``; scans /proc (a few ms)."""
-    members: list[int] = []
+    return _live_groups().get(pgid, [])
+
+
+def _live_groups() -> dict[int, list[int]]:
+    """Live (non-zombie) pids of every process group, from one scan of /proc."""
+    groups: dict[int, list[int]] = {}
     try:
         names = os.listdir("/proc")
     except OSError:
-        return members
+        return groups
     for name in names:
         if not name.isdigit():
             continue
         fields = _proc_stat(int(name))
-        if fields is not None and len(fields) > 3 and fields[3] == str(pgid) and fields[0] not in "ZX":
-            members.append(int(name))
-    return members
+        if fields is not None and len(fields) > 3 and fields[0] not in "ZX":
+            groups.setdefault(int(fields[3]), []).append(int(name))
+    return groups
+
+
+class GroupScans:
+    """Scans of /proc for the members of process groups, one at a time, each shared by every
+    caller that asked since the previous one began.
+
+    A scan reads every process's stat file: milliseconds with a thousand engines, and a stop of
+    a thousand adopted engines (not our children: their zombies wait for another parent to reap
+    them, so their groups still exist) asked for a thousand of them at once, one after another
+    in worker threads, for seconds. A caller always gets a scan that began after it asked, so
+    it sees every process that existed when it asked. Loop-confined.
+    """
+
+    def __init__(self) -> None:
+        self.scans = 0
+        """Scans made so far."""
+        self._next: asyncio.Future[dict[int, list[int]]] | None = None
+        self._runner: asyncio.Task[None] | None = None
+
+    async def members(self, pgid: int) -> list[int]:
+        """Live pids of group ``pgid`` now (zombies excluded)."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        if self._runner is None:
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="proc-group-scans")
+        groups = await asyncio.shield(fut)
+        return groups.get(pgid, [])
+
+    async def _run(self) -> None:
+        try:
+            while self._next is not None:
+                fut, self._next = self._next, None
+                try:
+                    groups = await asyncio.to_thread(_live_groups)
+                except asyncio.CancelledError:
+                    fut.cancel()
+                    raise
+                except Exception as exc:
+                    fut.set_exception(exc)
+                else:
+                    self.scans += 1
+                    fut.set_result(groups)
+        finally:
+            self._runner = None
+
+
+_SCANS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupScans] = weakref.WeakKeyDictionary()
+
+
+def _loop_scans() -> GroupScans:
+    loop = asyncio.get_running_loop()
+    scans = _SCANS.get(loop)
+    if scans is None:
+        scans = _SCANS[loop] = GroupScans()
+    return scans
 
 
 def _group_exists(pgid: int) -> bool:
@@ -209,16 +272,20 @@ async def wait_child(proc: subprocess.Popen[bytes]) -> int:
         os.close(fd)
 
 
-async def wait_group_gone(pgid: int, within_s: float) -> bool:
-    """Wait until ``pgid`` has no live member, re-scanning as members exit (they may fork)."""
+async def wait_group_gone(pgid: int, within_s: float, *, scans: GroupScans | None = None) -> bool:
+    """Wait until ``pgid`` has no live member, re-scanning as members exit (they may fork).
+
+    The scans of /proc are shared with the loop's other waiters (``scans``: whose; by default
+    one :class:`GroupScans` per event loop)."""
     deadline = time.monotonic() + within_s
+    shared = scans if scans is not None else _loop_scans()
     while True:
         # The common case first: the leader was reaped and left nothing behind, so the group
         # is gone and the kernel says so without a scan of /proc (milliseconds per engine).
         if not _group_exists(pgid):
             return True
-        # A /proc scan takes milliseconds on a busy host: keep it off the event loop.
-        members = await asyncio.to_thread(group_members, pgid)
+        # A /proc scan takes milliseconds on a busy host: off the event loop, shared.
+        members = await shared.members(pgid)
         if not members:
             return True
         remaining = deadline - time.monotonic()
