@@ -10,10 +10,14 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pool_managerd.config import ConfigError, load_config
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.nats_version import NatsServerTooOld
+
+if TYPE_CHECKING:
+    from pool_managerd.runtime.daemon import Daemon
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,15 +34,16 @@ def run(args: argparse.Namespace) -> int:
     from pool_managerd.adapters.embedded_nats import NatsServerError
     from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.adapters.replication import ReplicasUnavailable
-    from pool_managerd.runtime import logs, profiling
+    from pool_managerd.runtime import heap, logs, profiling
     from pool_managerd.runtime.daemon import Daemon
     from pool_managerd.runtime.metrics import MetricsAddressUnusable
 
     logs.setup(config.log_level, json_logs=args.log_format == "json")
     profiling.install_from_env()
+    heap.tune()
     daemon = Daemon(config)
     try:
-        return asyncio.run(daemon.run_until_stopped())
+        return asyncio.run(_serve(daemon))
     except (NatsServerTooOld, ConnectFailed, MetricsAddressUnusable, ReplicasUnavailable) as exc:
         # A server below the floor, wrong credentials, refused TLS, no server within
         # startup_timeout_s, a metrics address in use, replicas the server cannot hold: setup
@@ -52,3 +57,19 @@ def run(args: argparse.Namespace) -> int:
     except PoolManagerError as exc:
         print(f"pool-managerd: {exc.message}", file=sys.stderr)
         return 1
+
+
+async def _serve(daemon: Daemon) -> int:
+    """Run ``daemon`` until it stops; once it serves, the heap its start-up built is settled
+    (collected and frozen, see ``runtime/heap.py``)."""
+    from pool_managerd.runtime.heap import Heap
+
+    tuner = Heap(asyncio.get_running_loop())
+    tuner.install()
+    serving = asyncio.ensure_future(daemon.ready.wait())
+    serving.add_done_callback(lambda task: None if task.cancelled() else tuner.settle())
+    try:
+        return await daemon.run_until_stopped()
+    finally:
+        serving.cancel()
+        tuner.uninstall()
