@@ -16,6 +16,9 @@ alive, and costs a few hundred KiB), probes every 1 s, simulated GPUs. Measured,
   adopted;
 - graceful shutdown: SIGTERM until the daemon exits (every engine stopped), and its exit status.
 
+``--profile DIR`` writes a cProfile of each daemon's preload and idle window, and of the second
+daemon's start-up (until every pool is ready) and shutdown, under ``DIR/n<N>/``.
+
 RSS per pool is the daemon's RSS with N ready pools minus that of the same daemon before any
 pool was preloaded, over N (what a running pool adds: actor, prober, engine handle). The last
 line is one JSON object.
@@ -136,14 +139,14 @@ def status_field(pid: int, name: str) -> int:
     return 0
 
 
-def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int) -> list[str]:
+def write_config(path: Path, run_dir: Path, url: str, engine: Path, n: int, log_level: str = "warning") -> list[str]:
     pools = [f"p{i:04d}" for i in range(n)]
     lines = [
         'node = "bench"',
         f'run_dir = "{run_dir}"',
         'gpus = "sim:hetero-24g-48g"',
         "heartbeat_s = 10",
-        'log_level = "warning"',
+        f'log_level = "{log_level}"',
         "[nats]",
         f'urls = ["{url}"]',
     ]
@@ -233,7 +236,7 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
     server = NatsServer(store_dir=work / "nats").start()
     echo = subprocess.Popen([sys.executable, "-c", ECHO, server.url], stdout=subprocess.PIPE, start_new_session=True)
     cfg = work / "bench.toml"
-    pools = write_config(cfg, work / "run", server.url, engine, n)
+    pools = write_config(cfg, work / "run", server.url, engine, n, args.log_level)
     profile = args.profile / f"n{n}" if args.profile else None
     daemon = start_daemon(cfg, work / "daemon.log", profile)
     out: dict[str, Any] = {"pools": n}
@@ -366,6 +369,11 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
 
         # -- graceful shutdown -----------------------------------------------------------------
         pids = [pid for pid in after.values() if pid]
+        if profile is not None:
+            # Apart: signals that arrive together are handled once.
+            await asyncio.sleep(1.0)  # ok: the daemon has handled the last SIGUSR1 (and written its profile)
+            daemon.send_signal(signal.SIGUSR1)  # recovery/profile-2: the shutdown, written at exit
+            await asyncio.sleep(0.5)  # ok: and this one before SIGTERM
         t0 = time.perf_counter()
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -455,6 +463,7 @@ def main() -> None:
     ap.add_argument("--idle-s", type=float, default=30.0)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, daemon logs)")
+    ap.add_argument("--log-level", default="warning", help="the daemons' log level (info: the phases)")
     ap.add_argument(
         "--profile", type=Path, default=None, help="cProfile each daemon's preload and idle windows into this directory"
     )

@@ -6,11 +6,14 @@ too, to see where an idle daemon's CPU goes). Each start/stop pair writes ``prof
 (for ``pstats``/snakeviz) and ``profile-<n>.txt`` (the top functions by own and cumulative
 time) there. Profiling a window rather than the whole run keeps start-up and preload out of an
 idle-state profile, and costs nothing while it is off. With ``POOL_MANAGERD_PROFILE_FROM_START=1``
-the first window opens at start-up (a restart's recovery), and the first SIGUSR1 closes it.
+the first window opens at start-up (a restart's recovery), and the first SIGUSR1 closes it. A
+window still open when the process exits is written then (SIGUSR1 before SIGTERM profiles the
+shutdown).
 """
 
 from __future__ import annotations
 
+import atexit
 import cProfile
 import io
 import logging
@@ -37,6 +40,12 @@ class _Toggle:
             self.profile = cProfile.Profile()
             self.profile.enable()
             return
+        self.close()
+
+    def close(self) -> None:
+        """End the open window, if any, and write it."""
+        if self.profile is None:
+            return
         profile, self.profile = self.profile, None
         profile.disable()
         self.count += 1
@@ -60,5 +69,6 @@ def install_from_env() -> bool:
     if os.environ.get(FROM_START_ENV) == "1":
         toggle(signal.SIGUSR1, None)
     signal.signal(signal.SIGUSR1, toggle)
+    atexit.register(toggle.close)
     log.warning("profiling on SIGUSR1 into %s", out)
     return True
