@@ -406,6 +406,32 @@ def test_spawn_record_updates_cost_one_line(tmp_path: Path) -> None:
     assert path.read_bytes().count(b"\n") <= 2 * 600 + 2
 
 
+async def test_spawn_record_updates_asked_for_together_are_written_together(tmp_path: Path) -> None:
+    path = tmp_path / "engines.json"
+    record = SpawnRecord(path)
+    record.add(_entry(1))  # the journal exists: the updates below append to it
+    writes = record.writes
+    await asyncio.gather(*(record.add_async(_entry(pid)) for pid in range(100, 300)))
+    assert sorted(e.pid for e in SpawnRecord.load(path)) == [1, *range(100, 300)]
+    await asyncio.gather(*(record.remove_async(pid) for pid in range(100, 300)), record.remove_async(999))
+    assert SpawnRecord.load(path) == [_entry(1)] == record.entries
+    assert record.writes - writes <= 4  # 400 durable updates, a handful of fsynced writes
+
+
+async def test_a_spawn_record_batch_that_cannot_be_written_fails_each_caller_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "engines.json"
+    record = SpawnRecord(path)
+    record.add(_entry(1))
+    path.unlink()
+    path.mkdir()  # the journal cannot be opened for appending now
+    updates = (record.add_async(_entry(2)), record.add_async(_entry(3)), record.remove_async(1))
+    results = await asyncio.gather(*updates, return_exceptions=True)
+    assert [type(r) for r in results] == [IsADirectoryError] * 3
+    assert record.entries == [_entry(1)]
+
+
 def test_spawn_record_ignores_an_append_torn_by_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "engines.json"
     record = SpawnRecord(path)

@@ -167,7 +167,7 @@ class EngineHandle:
         await asyncio.sleep(0)
         try:
             if self._record is not None:
-                await asyncio.to_thread(self._record.remove, self.pid)
+                await self._record.remove_async(self.pid)
         except OSError:
             log.exception("cannot update spawn record %s", self._record.path if self._record else "?")
         finally:

@@ -194,8 +194,8 @@ async def spawn(
     )
     if record is not None:
         try:
-            # Two fsyncs: off the event loop.
-            await asyncio.to_thread(record.add, engine.entry())
+            # Off the event loop, in one write with the other spawns' and exits' entries.
+            await record.add_async(engine.entry())
         except OSError as exc:
             if not gated:
                 log.exception("cannot write spawn record %s", record.path)
