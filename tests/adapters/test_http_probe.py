@@ -230,6 +230,22 @@ async def test_prober_preload_then_steady_after_first_ok() -> None:
     assert not prober.running
 
 
+async def test_a_prober_started_later_waits_for_its_first_probe_unless_one_is_asked_for() -> None:
+    rec = Recorder()
+    async with server(answering(b"HTTP/1.1 200 OK")) as port:
+        prober = HealthProber("127.0.0.1", port, on_result=rec, steady_interval_s=3600, mode="steady")
+        prober.start(first_after_s=3600)
+        try:
+            # An hour away; one round trip to the server shows no probe was made meanwhile.
+            await http_get("127.0.0.1", port, "/health")
+            assert rec.results == [] and prober.probes == 0
+            prober.probe_now()
+            await rec.wait_for(lambda rs: len(rs) == 1)
+            assert rec.results[0].ok
+        finally:
+            await prober.stop()
+
+
 def test_prober_preload_gaps_back_off_gently_to_the_cap() -> None:
     async def noop(r: ProbeResult) -> None:
         pass

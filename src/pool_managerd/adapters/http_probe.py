@@ -395,11 +395,12 @@ class HealthProber:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self) -> None:
-        """Start probing now (the first probe runs at once). No-op if already running."""
+    def start(self, first_after_s: float = 0.0) -> None:
+        """Start probing: the first probe runs after ``first_after_s`` (at once by default; sooner
+        on :meth:`probe_now` or a switch to ``preload``). No-op if already running."""
         if self.running:
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"probe-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._run(first_after_s), name=f"probe-{self.name}")
 
     async def stop(self) -> None:
         """Stop probing and wait for the task to end. Idempotent; safe from ``on_result``."""
@@ -446,8 +447,10 @@ class HealthProber:
             self._next_preload_gap = min(self.preload_max_s, self._gap * self.preload_factor)
         return self._gap
 
-    async def _run(self) -> None:
+    async def _run(self, first_after_s: float) -> None:
         loop = asyncio.get_running_loop()
+        if first_after_s > 0:
+            await self._wait_until(loop, loop.time() + first_after_s)
         while True:
             t_start = loop.time()
             self._probe_now = False
@@ -505,6 +508,17 @@ class HealthProber:
             # Woken by set_mode/probe_now: a switch to steady stretches the current gap.
             if self._mode == "steady":
                 gap = self.steady_interval_s
+
+    async def _wait_until(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Wait until ``deadline``, or less if a probe is asked for meanwhile."""
+        while not self._probe_now and loop.time() < deadline:
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_at(deadline, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
 
 
 def _resolve(waiter: asyncio.Future[bool]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ OUTSIDE = "outside"
 """``source`` every report from the health subject is given, whatever it claimed."""
 MAX_QUEUED_COMMANDS = 64
 """Commands waiting in one pool's inbox at most; past it a command is answered ``overloaded``."""
+
+_PHASES = random.Random()
+"""Where in its first interval an adopted engine's probing starts (no decision of the lifecycle)."""
 
 
 class ActorHost(Protocol):
@@ -486,15 +490,22 @@ class PoolActor:
         self._start_probing(handle, engine.health_path, engine.probe_interval_s)
 
     def track(self, handle: EngineHandle, health_path: str, probe_interval_s: float, *, steady: bool) -> None:
-        """Hold and probe an engine this actor did not spawn (adopted after a daemon restart)."""
+        """Hold and probe an engine this actor did not spawn (adopted after a daemon restart).
+
+        A steady engine's first probe comes at a random point of its first interval: the pools
+        a restart adopts all at once would otherwise be probed together every interval (a
+        thousand probes, then their health refreshes, in one burst of the loop)."""
         self.engines[handle.pid] = _Engine(handle, health_path=health_path, probe_interval_s=probe_interval_s)
-        self._start_probing(handle, health_path, probe_interval_s, steady=steady)
+        first = probe_interval_s * _PHASES.random() if steady else 0.0
+        self._start_probing(handle, health_path, probe_interval_s, steady=steady, first_after_s=first)
 
     def on_engine_exit(self, handle: EngineHandle, info: ExitInfo) -> None:
         """The exit callback to give engine handles: reports the exit as an input."""
         self._on_exit(handle, info)
 
-    def _start_probing(self, handle: EngineHandle, path: str, interval_s: float, *, steady: bool = False) -> None:
+    def _start_probing(
+        self, handle: EngineHandle, path: str, interval_s: float, *, steady: bool = False, first_after_s: float = 0.0
+    ) -> None:
         pid = handle.pid
 
         async def on_result(result: ProbeResult) -> None:
@@ -521,7 +532,7 @@ class PoolActor:
             **self.runtime.probe_options,
         )
         self.engines[pid].prober = prober
-        prober.start()
+        prober.start(first_after_s)
 
     def _stop_probing(self, engine: _Engine) -> None:
         prober, engine.prober = engine.prober, None
