@@ -112,3 +112,21 @@ async def test_a_renewal_refused_by_another_nodes_record_gives_the_lease_up() ->
 async def _until(check: object) -> None:
     while not check():  # type: ignore[operator]
         await asyncio.sleep(0.02)  # ok: polls a flag the keeper's own task sets
+
+
+async def test_leases_claimed_together_are_first_renewed_apart_within_their_period() -> None:
+    # A thousand leases claimed at start-up would otherwise be renewed in one burst each period.
+    stores = [ScriptedStore() for _ in range(20)]
+    keepers = [await _holding(store) for store in stores]
+    claimed = asyncio.get_running_loop().time()
+    renewed: list[float] = []
+    try:
+        for store in stores:
+            await asyncio.wait_for(store.stored.wait(), POOL_S)
+            renewed.append(asyncio.get_running_loop().time() - claimed)
+        period = TIMING.renew_every_s
+        assert all(r >= period / 2 - 0.05 for r in renewed)  # never at once after the claim
+        assert max(renewed) - min(renewed) > period / 20  # not all together
+    finally:
+        for keeper, _ in keepers:
+            await keeper.close()

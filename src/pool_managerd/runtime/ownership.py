@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 2.0
 """Back-off between renewal tries that got no answer: a JetStream leader election of the bucket
 (seconds) must be outlasted by retrying through it, not by waiting a whole renewal period."""
+
+_PHASES = random.Random()
+"""Where in its first period a lease's renewals start."""
 
 MIN_WRITE_WAIT_S = 0.5
 
@@ -199,9 +203,14 @@ class OwnershipKeeper:
 
     async def _renew_loop(self, pool: str, held: _Held) -> None:
         period = self.timing.renew_every_s
+        # The first renewal at a random point of the period (early is always safe): leases
+        # claimed together, a thousand at start-up, would otherwise be renewed together every
+        # period, a burst of writes that stalls everything else on the loop meanwhile.
+        wait = period * (0.5 + _PHASES.random() / 2)
         while self.held.get(pool) is held:
-            await asyncio.sleep(max(0.0, held.sent_at + period - self.clock()))  # ok: the renewal period
+            await asyncio.sleep(max(0.0, held.sent_at + wait - self.clock()))  # ok: the renewal period
             await self._renew(pool, held)
+            wait = period
 
     async def _renew(self, pool: str, held: _Held) -> None:
         """Renew until it is written, refused, or the lease is no longer held (the deadline timer
