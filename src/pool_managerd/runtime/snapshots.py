@@ -103,7 +103,13 @@ class KvWriter:
         more recent, so a burst of steps is one put and a reader is never more than
         ``KV_COALESCE_S`` plus one put behind while NATS is reachable."""
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                # A cancel that an await inside the put swallowed (Python 3.11's wait_for does,
+                # when the reply lands as the cancel comes): stop anyway, or shutdown waits for
+                # this task until it gives up.
+                raise asyncio.CancelledError
             await self._wake.wait()
             self._wake.clear()
             while self.dirty:
@@ -134,6 +140,8 @@ class KvWriter:
                     loop.call_later(1.0, self._wake.set)
                     break
                 self.written[pool] = written
+                if me is not None and me.cancelling():
+                    raise asyncio.CancelledError
 
     def _later(self, pool: str, delay: float) -> None:
         """Mark ``pool`` dirty after ``delay``, unless an earlier wake-up is already set."""
