@@ -19,22 +19,13 @@ class _Node:
         self.me = self
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def heap() -> Iterator[tuple[Heap, _Clock]]:
+def heap() -> Iterator[Heap]:
     loop = asyncio.new_event_loop()
-    clock = _Clock()
-    h = Heap(loop, clock=clock)
+    h = Heap(loop)
     before = gc.get_threshold()
     try:
-        yield h, clock
+        yield h
     finally:
         h.uninstall()
         gc.set_threshold(*before)
@@ -51,10 +42,10 @@ def test_tune_raises_the_thresholds() -> None:
         gc.set_threshold(*before)
 
 
-def test_settle_freezes_what_is_alive_and_a_later_settle_frees_what_died_frozen(heap: tuple[Heap, _Clock]) -> None:
-    h, _ = heap
+def test_freeze_freezes_what_is_alive_and_a_settle_frees_what_died_frozen(heap: Heap) -> None:
+    h = heap
     alive = _Node()
-    h.settle()
+    h.freeze()
     assert gc.get_freeze_count() > 0 and h.freezes == 1
     dead = weakref.ref(alive)
     del alive
@@ -64,17 +55,25 @@ def test_settle_freezes_what_is_alive_and_a_later_settle_frees_what_died_frozen(
     assert dead() is None  # the next settle unfreezes first: nothing frozen is kept for good
 
 
-def test_a_slow_full_collection_freezes_its_survivors_and_a_late_one_settles_again(heap: tuple[Heap, _Clock]) -> None:
-    h, clock = heap
-    h.after_full(SLOW_FULL_S / 2)
-    assert h.freezes == 0 and gc.get_freeze_count() == 0  # a fast one changes nothing
+def test_a_slow_full_collection_freezes_its_survivors_until_the_next_settle(heap: Heap) -> None:
+    heap.after_full(SLOW_FULL_S / 2)
+    assert heap.freezes == 0 and gc.get_freeze_count() == 0  # a fast one changes nothing
     survivor = _Node()
-    h.after_full(SLOW_FULL_S * 2)
-    assert h.freezes == 1 and gc.get_freeze_count() > 0
+    heap.after_full(SLOW_FULL_S * 2)
+    assert heap.freezes == 1 and gc.get_freeze_count() > 0
     kept = weakref.ref(survivor)
     del survivor
     gc.collect()
     assert kept() is not None
-    clock.now += RESETTLE_S
-    h.after_full(SLOW_FULL_S * 2)
-    assert h.freezes == 2 and kept() is None  # what the freeze kept lived at most RESETTLE_S
+    heap.settle()  # what install() does every RESETTLE_S
+    assert kept() is None
+
+
+def test_install_schedules_the_periodic_settle_and_uninstall_undoes_everything(heap: Heap) -> None:
+    heap.install()
+    assert heap._on_gc in gc.callbacks
+    assert heap._resettle is not None
+    assert heap._resettle.when() - heap._loop.time() == pytest.approx(RESETTLE_S, abs=5)
+    heap.freeze()
+    heap.uninstall()
+    assert heap._on_gc not in gc.callbacks and heap._resettle is None and gc.get_freeze_count() == 0

@@ -60,14 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(daemon: Daemon) -> int:
-    """Run ``daemon`` until it stops; once it serves, the heap its start-up built is settled
-    (collected and frozen, see ``runtime/heap.py``)."""
+    """Run ``daemon`` until it stops; once it serves, the heap its start-up built is frozen
+    (see ``runtime/heap.py``)."""
     from pool_managerd.runtime.heap import Heap
 
     tuner = Heap(asyncio.get_running_loop())
     tuner.install()
     serving = asyncio.ensure_future(daemon.ready.wait())
-    serving.add_done_callback(lambda task: None if task.cancelled() else tuner.settle())
+    serving.add_done_callback(lambda task: None if task.cancelled() else tuner.freeze())
     try:
         return await daemon.run_until_stopped()
     finally:

@@ -13,18 +13,20 @@ Three things, none of which can hold garbage for long:
 - :func:`tune` raises the thresholds: a young collection every 20,000 allocations leaves the
   short-lived objects time to die by reference count before one, and fewer of them reach the
   oldest generation.
-- :meth:`Heap.settle` (after start-up) collects everything, then freezes the survivors
-  (``gc.freeze``): the collector no longer traverses them, so a full collection costs what was
-  allocated since, not the whole heap.
+- :meth:`Heap.freeze` (once start-up is done) freezes what is alive (``gc.freeze``): the
+  collector no longer traverses it, so a full collection costs what was allocated since, not
+  the whole heap. It collects only the young generations first (milliseconds): a full
+  collection of a heap this size right as the daemon starts serving would stall its first
+  replies for as long as the ones it saves.
 - :meth:`Heap.after_full` notices a full collection that was slow anyway (the pools' objects
   made after start-up, by a bulk preload) and freezes its survivors too.
 
 Freezing is what can leak: a frozen object that later becomes part of unreachable cycle is
-never collected. So survivors are only ever frozen right after a collection has freed the
-garbage there was, and once ``RESETTLE_S`` has passed since the last time, the frozen objects
-are unfrozen and collected with the rest before being frozen again: garbage that a freeze kept
-lives about that long at most, whatever the daemon does. Loop-confined apart from the collector's callback, which
-only schedules work on the loop.
+never collected. So every ``RESETTLE_S`` :meth:`Heap.settle` unfreezes everything, collects
+it all (one full pass, once an hour) and freezes what survives again. Garbage a freeze kept
+(start-up's own cycles, measured at about a thousand objects, or objects frozen alive that died
+since) is freed then: it lives at most that long, whatever the daemon does. Loop-confined apart from
+the collector's callback, which only schedules work on the loop.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Any, Final
+from typing import Final
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ quarter of the oldest generation is new)."""
 SLOW_FULL_S: Final = 0.05
 """A full collection longer than this freezes its survivors (see :meth:`Heap.after_full`)."""
 RESETTLE_S: Final = 3600.0
-"""At least this long between two complete collections of the frozen objects: what garbage a
-freeze can keep, it keeps at most this long."""
+"""How often the frozen objects are collected with the rest: what garbage a freeze can keep,
+it keeps at most this long."""
 
 
 def tune() -> None:
@@ -58,46 +60,52 @@ def tune() -> None:
 class Heap:
     """Freezes the long-lived heap after start-up and after slow full collections."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, clock: Any = time.monotonic) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._clock = clock
         self._started = 0.0
-        self._last_settle = clock()
         self._scheduled = False
+        self._resettle: asyncio.TimerHandle | None = None
         self.freezes = 0
         """Freezes made (start-up's included)."""
 
     def install(self) -> None:
-        """Watch the collector's full collections (until :meth:`uninstall`)."""
+        """Watch the collector's full collections, and settle every ``RESETTLE_S`` (until
+        :meth:`uninstall`)."""
         gc.callbacks.append(self._on_gc)
+        self._resettle = self._loop.call_later(RESETTLE_S, self._periodic)
 
     def uninstall(self) -> None:
         if self._on_gc in gc.callbacks:
             gc.callbacks.remove(self._on_gc)
+        if self._resettle is not None:
+            self._resettle.cancel()
+            self._resettle = None
         gc.unfreeze()
+
+    def _periodic(self) -> None:
+        self.settle()
+        self._resettle = self._loop.call_later(RESETTLE_S, self._periodic)
+
+    def freeze(self) -> None:
+        """Collect the young generations, then freeze everything alive."""
+        gc.collect(1)
+        gc.freeze()
+        self.freezes += 1
+        log.info("heap frozen: %d objects", gc.get_freeze_count())
 
     def settle(self) -> None:
         """Collect everything, the frozen objects included, then freeze what survives."""
         gc.unfreeze()
         gc.collect()
         gc.freeze()
-        self._last_settle = self._clock()
         self.freezes += 1
         log.info("heap settled: %d objects frozen", gc.get_freeze_count())
 
     def after_full(self, duration_s: float) -> None:
-        """A full collection took ``duration_s``: when slow, freeze its survivors (or, once
-        ``RESETTLE_S`` has passed since the last, settle the whole heap again)."""
-        if duration_s < SLOW_FULL_S:
-            return
-        if self._clock() - self._last_settle >= RESETTLE_S:
-            self.settle()
-            return
-        # The full collection that ended a moment ago freed every unfrozen cycle; what was made
-        # since goes through a young collection (milliseconds) first.
-        gc.collect(1)
-        gc.freeze()
-        self.freezes += 1
+        """A full collection took ``duration_s``: when slow, freeze its survivors (the
+        collection that ended a moment ago freed every unfrozen cycle)."""
+        if duration_s >= SLOW_FULL_S:
+            self.freeze()
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         # Called by the collector, in whichever thread allocated: measure, and leave the rest
