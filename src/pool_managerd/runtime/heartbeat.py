@@ -32,8 +32,11 @@ async def heartbeat(
             metrics.backlog.set(publisher.backlog)
             snap = gpu_source()
             states: dict[str, int] = {}
-            for e in runtime.lifecycle.registry:
-                states[str(e.state)] = states.get(str(e.state), 0) + 1
+            # Straight from the state values: iterating the registry builds and sorts an Entry
+            # per pool (tens of milliseconds of the loop at 1,000 pools, every beat).
+            for model in runtime.lifecycle.pools.values():
+                state = str(model.value.state)
+                states[state] = states.get(state, 0) + 1
             await publish_node(
                 NodeHeartbeat(
                     gpus=len(snap.gpus),
