@@ -449,9 +449,14 @@ class HealthProber:
 
     async def _run(self, first_after_s: float) -> None:
         loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
         if first_after_s > 0:
             await self._wait_until(loop, loop.time() + first_after_s)
         while True:
+            if self._task is not me:
+                # Stopped from on_result while the pause was already over (a probe slower than
+                # the interval): the cancel would only land inside the next probe's connect.
+                return
             t_start = loop.time()
             self._probe_now = False
             result = await self._probe()
