@@ -96,12 +96,15 @@ class NatsCluster:
     # ----------------------------------------------------------------------------- lifecycle
 
     def start(self, ready_timeout: float = 30.0) -> Self:
-        """Start every node and wait for a JetStream meta leader known to all of them."""
+        """Start every node and wait for a JetStream meta leader known to all of them, with every
+        node a current peer of it."""
         deadline = time.monotonic() + ready_timeout
         for server in self.servers:
             # Nodes start one after another; routes to peers not up yet are retried by the server.
             server.start(max(1.0, deadline - time.monotonic()))
-        self.wait_meta_leader(max(1.0, deadline - time.monotonic()))
+        # A leader agreed on is not enough: until it counts every node a current peer, a stream
+        # with as many replicas as nodes is refused "no suitable peers for placement".
+        self.wait_meta_leader(max(1.0, deadline - time.monotonic()), require=range(len(self.servers)))
         return self
 
     def kill(self, index: int) -> None:
