@@ -43,11 +43,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import Wire, log_checks  # a sibling bench script, not a package
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.contract.messages import (
-    REPLY_DECODER,
     Accepted,
     DaemonStarted,
     Event,
@@ -56,7 +53,10 @@ from pool_managerd.contract.messages import (
     StatusReply,
 )
 from pool_managerd.contract.subjects import KV_BUCKET, OWNERS_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.testing.event_wire import EventWire
 from pool_managerd.testing.nats_cluster import NatsCluster
+from pool_managerd.testing.recovery_checks import log_checks
+from pool_managerd.testing.retrying_client import request_until_answered
 from pool_managerd.testing.toml_config import toml_value
 
 NODES = ("node-a", "node-b")
@@ -81,13 +81,16 @@ def _owner(pool: str | None) -> str:
 class FleetRig:
     """A 3-node cluster, one client connected to all of it, and one daemon process per node id."""
 
-    def __init__(self, root: Path, *, replicas: int = 3) -> None:
+    def __init__(
+        self, root: Path, *, replicas: int = 3, lease_ttl_s: float = LEASE_TTL_S, lease_margin_s: float = LEASE_MARGIN_S
+    ) -> None:
         self.root = root
+        self.lease = (lease_ttl_s, lease_margin_s)
         self.cluster = NatsCluster(3, store_root=root / "nats", log_dir=root)
         self.replicas = replicas
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.nc: NATS | None = None
-        self.wire = Wire()
+        self.wire = EventWire()
         self.retries = 0
 
     async def __aenter__(self) -> FleetRig:
@@ -116,7 +119,7 @@ class FleetRig:
         lines = [f'node = "{node}"', f"run_dir = {toml_value(str(self.root / node))}", 'gpus = "sim:hetero-24g-48g"',
                  "heartbeat_s = 5.0", "", "[nats]", f"urls = {toml_value(self.cluster.urls)}",
                  f"replicas = {self.replicas}", "reconnect_wait_s = 0.2", "",
-                 "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}", "",
+                 "[ownership]", f"lease_ttl_s = {self.lease[0]}", f"lease_margin_s = {self.lease[1]}", "",
                  "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]  # fmt: skip
         path = self.root / f"{node}.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -143,27 +146,14 @@ class FleetRig:
 
     async def request(self, pool: str, verb: str, payload: dict[str, Any], *, within_s: float = 60.0,
                       attempt_s: float = 1.0) -> Accepted | Rejected | StatusReply:  # fmt: skip
-        """Send until answered, the same bytes every time (a client retrying with its command id)."""
+        """Send until answered, the same bytes every time (a client retrying with its command id);
+        every attempt after the first counts in ``retries``."""
         assert self.nc is not None
-        data = json.dumps(payload).encode()
-        deadline = time.monotonic() + within_s
-        first = True
-        while True:
-            if not first:
-                self.retries += 1
-            first = False
-            try:
-                msg = await self.nc.request(f"poold.cmd.{pool}.{verb}", data, timeout=attempt_s)
-                reply = REPLY_DECODER.decode(msg.data)
-                assert isinstance(reply, Accepted | Rejected | StatusReply), reply
-                if not (isinstance(reply, Rejected) and reply.code in ("unavailable", "overloaded")):
-                    return reply
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{verb} {payload} unanswered after {within_s} s")
-            await asyncio.sleep(0.05)  # ok: a client's retry interval
+        return await request_until_answered(self.nc, pool, verb, payload, within_s=within_s, attempt_s=attempt_s,
+                                            on_retry=self._retried)  # fmt: skip
+
+    def _retried(self) -> None:
+        self.retries += 1
 
     async def until_ready(self, pool: str) -> None:
         deadline = time.monotonic() + READY_S
@@ -211,9 +201,16 @@ async def _quiet(exc: Exception) -> None:
     pass
 
 
-async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -> dict[str, Any]:
+async def fleet_kills(
+    root: Path,
+    *,
+    load_s: float,
+    clients_per_pool: int = 2,
+    lease_ttl_s: float = LEASE_TTL_S,
+    lease_margin_s: float = LEASE_MARGIN_S,
+) -> dict[str, Any]:
     """Kill each of the three servers once under load; the figures and the invariant counts."""
-    async with FleetRig(root) as rig:
+    async with FleetRig(root, lease_ttl_s=lease_ttl_s, lease_margin_s=lease_margin_s) as rig:
         for node in NODES:
             await rig.start(node)
         pools = [_pool(node) for node in NODES]
@@ -353,9 +350,13 @@ def report(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--load-s", type=float, default=5.0, help="seconds of load before each kill (default 5)")
+    parser.add_argument("--lease-ttl", type=float, default=LEASE_TTL_S, help=f"lease_ttl_s (default {LEASE_TTL_S})")
+    parser.add_argument("--lease-margin", type=float, default=LEASE_MARGIN_S,
+                        help=f"lease_margin_s (default {LEASE_MARGIN_S})")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="poold-fleet-faults-") as tmp:
-        result = asyncio.run(fleet_kills(Path(tmp), load_s=args.load_s))
+        result = asyncio.run(fleet_kills(Path(tmp), load_s=args.load_s, lease_ttl_s=args.lease_ttl,
+                                         lease_margin_s=args.lease_margin))  # fmt: skip
     print(report(result))
     bad = problems(result)
     print(json.dumps({"bench": "fleet_faults", **result, "problems": bad}))

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,14 @@ from nats.aio.client import Client as NATS
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
+from conftest import FAKE, StartDaemon
 from pool_managerd import accounts
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.adapters.eventlog.stream import ensure_stream
+from pool_managerd.client import PoolClient
 from pool_managerd.config import load_config
-from pool_managerd.contract.messages import REPLY_DECODER, Accepted, PoolSnapshot, StatusReply, encode
+from pool_managerd.contract.messages import REPLY_DECODER, Accepted, GpuClearReply, PoolSnapshot, StatusReply, encode
 from pool_managerd.contract.subjects import Subjects
 from pool_managerd.dashboard import DashboardServer, PageConfig
 from pool_managerd.runtime.daemon import Daemon
@@ -43,7 +45,9 @@ CHROMIUM_ARGS = [
 PASSWORDS = {"daemon": "daemonpw1", "admin": "adminpw1", "operator": "operatorpw1", "viewer": "viewerpw1"}
 """The shipped users and permissions (``accounts.server_config``) with these passwords."""
 WAIT_MS = 15_000
-FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
+DAEMON_NATS = {"user": "daemon", "password": PASSWORDS["daemon"], "inbox_prefix": accounts.inbox_prefix("daemon"),
+               "reconnect_wait_s": 0.1}  # fmt: skip
+"""How the daemon connects to the secured server: as the shipped daemon user."""
 
 
 @pytest.fixture
@@ -62,45 +66,15 @@ async def browser() -> AsyncIterator[Any]:
 @pytest.fixture
 def secured_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of this test's own with a websocket listener and the shipped users."""
-    server = NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=accounts.server_config(PASSWORDS))
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=accounts.server_config(PASSWORDS)) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server with a websocket listener and no authentication (like the demo's)."""
-    server = NatsServer(store_dir=tmp_path / "nats-open", websocket_port=0)
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path / "nats-open", websocket_port=0) as server:
         yield server
-    finally:
-        server.close()
-
-
-StartDaemon = Callable[..., Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    daemons: list[Daemon] = []
-
-    async def start(url: str, pools: list[dict[str, Any]], **nats: Any) -> Daemon:
-        nats_cfg = {"urls": [url], "user": "daemon", "password": PASSWORDS["daemon"],
-                    "inbox_prefix": accounts.inbox_prefix("daemon"), "reconnect_wait_s": 0.1, **nats}  # fmt: skip
-        config = load_config(None, node="node-a", run_dir=tmp_path / "node-a", gpus="sim:hetero-24g-48g",
-                             heartbeat_s=5.0, nats=nats_cfg, pools=pools)  # fmt: skip
-        daemon = Daemon(config)
-        daemons.append(daemon)
-        await daemon.start()
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        await daemon.stop()
 
 
 @pytest.fixture
@@ -189,7 +163,7 @@ async def test_the_table_follows_a_preload_a_crash_and_a_drain_with_a_lease_held
         {"id": "chat", **FAKE, "slots": 2, "restart": {"initial_s": 1.0}},
         {"id": "embed", **FAKE, "model": "bge-large"},
     ]
-    daemon = await start_daemon(secured_server.url, pools)
+    daemon = await start_daemon(secured_server.url, pools=pools, nats_options=DAEMON_NATS)
     page = await open_page(browser, dashboard_for(secured_server), user="operator")
     for pool in ("chat", "embed"):
         await page.wait_for_selector(row(pool, "unready"), timeout=WAIT_MS)
@@ -254,7 +228,7 @@ async def test_the_table_follows_a_preload_a_crash_and_a_drain_with_a_lease_held
 async def test_a_viewers_drain_is_refused_visibly_and_changes_nothing(
     browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any
 ) -> None:
-    await start_daemon(secured_server.url, [{"id": "chat", **FAKE}])
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE}], nats_options=DAEMON_NATS)
     nc = await operator_client(nats_connect, secured_server)
     reply = await request(nc, "poold.cmd.chat.preload", {"command_id": uuid.uuid4().hex})
     assert isinstance(reply, Accepted)
@@ -280,7 +254,7 @@ async def test_a_viewers_drain_is_refused_visibly_and_changes_nothing(
 async def test_the_page_recovers_after_the_nats_server_restarts(
     browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any
 ) -> None:
-    await start_daemon(secured_server.url, [{"id": "chat", **FAKE}])
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE}], nats_options=DAEMON_NATS)
     page = await open_page(browser, dashboard_for(secured_server), user="operator")
     await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
 
@@ -382,3 +356,42 @@ async def test_the_page_served_with_run_dir_credentials_connects_to_the_embedded
         if dashboard is not None:
             dashboard.stop()
         await daemon.stop()
+
+
+async def test_a_gpu_fault_shows_on_its_gpu_and_in_the_tail_until_it_is_cleared(
+    browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gpu1 = "GPU-a6000ce1-0000-4000-8000-000000000048"  # the 48 GB device of sim:hetero-24g-48g
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE, "device_mask": "1"}], nats_options=DAEMON_NATS)
+    page = await open_page(browser, dashboard_for(secured_server), user="operator")
+    await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
+    gpu = f'#gpus .gpu[data-uuid="{gpu1}"]'
+    await page.wait_for_selector(f'{gpu}[data-healthy="true"][data-held="0"]', timeout=WAIT_MS)
+
+    # Ready and verified: what its engine holds on the device shows beside the budget.
+    await page.click(row("chat"))
+    await send_from_page(page, "preload")
+    await page.wait_for_selector(row("chat", "ready"), timeout=WAIT_MS)
+    await page.wait_for_function(f"Number(document.querySelector('{gpu}').dataset.held) > 0", timeout=WAIT_MS)
+    assert "held" in await page.inner_text(gpu)
+    assert "gpu_verified" in await page.inner_text("#pool-events")
+
+    # An Xid 79 on that device (the simulated driver's fault file): the GPU is marked, the tail says
+    # what happened and to which pool, and the pool on it stops.
+    with (tmp_path / "node-a" / "sim-gpu" / "faults.jsonl").open("a") as f:
+        f.write(json.dumps({"uuid": gpu1, "xid": 79}) + "\n")
+    await page.wait_for_selector(f'{gpu}[data-healthy="false"]', timeout=WAIT_MS)
+    assert "UNHEALTHY: Xid 79" in await page.inner_text(gpu)
+    await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
+    fault_row = '#tail tbody tr[data-type="gpu_fault"]'
+    await page.wait_for_selector(fault_row, timeout=WAIT_MS)
+    assert "Xid 79: stop, stop (chat)" in await page.inner_text(fault_row)
+
+    # Cleared by an operator: healthy again, and the tail says so.
+    nc = await operator_client(nats_connect, secured_server)
+    cleared = await PoolClient(nc).gpu_clear("node-a", gpu1)
+    assert isinstance(cleared, GpuClearReply) and cleared.cleared
+    await page.wait_for_selector(f'{gpu}[data-healthy="true"]', timeout=WAIT_MS)
+    await page.wait_for_selector('#tail tbody tr[data-type="gpu_cleared"]', timeout=WAIT_MS)
+    assert page.errors == []

@@ -568,6 +568,8 @@ class Daemon:
         log.info("reconnected to NATS")
         if self.snapshots is not None:
             self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
+        if self.ownership is not None:
+            self.ownership.rewatch()
         # The server may have lost what was written (a restart without its store): write anew.
         self.kv.forget_written()
         for pool in list(self.runtime.actors if self.runtime else []):
