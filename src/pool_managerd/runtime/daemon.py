@@ -22,7 +22,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from pool_managerd import __version__
-from pool_managerd.accounts import Credentials, inbox_prefix
+from pool_managerd.accounts import Credentials
 from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
 from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.eventlog.errors import EventLogError
@@ -30,7 +30,6 @@ from pool_managerd.adapters.eventlog.publisher import EventPublisher
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.adapters.eventlog.stream import ensure_stream
-from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
 from pool_managerd.adapters.nats_internals import server_info
 from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.replication import (
@@ -59,7 +58,6 @@ from pool_managerd.contract.nats_version import (
     NATS_SERVER_FLOOR_TEXT,
     NatsServerTooOld,
     ServerVersion,
-    check_server_version,
 )
 from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.core.definitions import PoolDefinition
@@ -72,7 +70,15 @@ from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.commands import (
     CommandCache,
 )
-from pool_managerd.runtime.connection import flush_through_cancel, reported_version, safe_url
+from pool_managerd.runtime.connection import (
+    ConnectionWatch,
+    checked_version,
+    connect,
+    embedded_server,
+    flush_through_cancel,
+    safe_url,
+    start_embedded,
+)
 from pool_managerd.runtime.gpu_node import GpuNode
 from pool_managerd.runtime.health import HealthRelay
 from pool_managerd.runtime.heartbeat import heartbeat
@@ -114,9 +120,12 @@ class Daemon:
         self.node_events = NodeEvents(self.node)
         self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
         self.tasks = BackgroundTasks()
-        self._stopping = asyncio.Event()
-        self._closed = asyncio.Event()
-        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self._server_supported)
+        self.stopping = asyncio.Event()
+        """Set once the daemon is to stop (a signal, :meth:`request_stop`, a lost connection)."""
+        self.closed = asyncio.Event()
+        """Set once it has stopped (or refused to start): nothing more is left to shut down."""
+        self.connection = ConnectionWatch(self)
+        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self.connection.server_supported)
         self._health_sub: Any = None
         self.health = HealthRelay(
             node=self.node, subjects=self.subjects, metrics=self.metrics, tasks=self.tasks,
@@ -136,8 +145,6 @@ class Daemon:
         self.removing: set[str] = set()
         self.server_version: ServerVersion | None = None
         self.incompatible: PoolManagerError | None = None
-        self._supported_for: tuple[object, ...] | None = None
-        """The server (version, URL) last found supported."""
         self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -163,7 +170,7 @@ class Daemon:
         self.url = urls[0]
         self.nc = await self._connect(urls)
         try:
-            self.server_version = check_server_version(reported_version(self.nc), url=safe_url(self.nc))
+            self.server_version = checked_version(self.nc)
         except NatsServerTooOld as exc:
             # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
             # and closing on purpose is no lost connection to report.
@@ -172,7 +179,7 @@ class Daemon:
                 await self.nc.close()
             if self.embedded is not None:
                 self.embedded.stop()
-            self._closed.set()
+            self.closed.set()
             raise
         js = self.nc.jetstream()
         self.snapshots = await self._ensure_storage(js)
@@ -184,7 +191,7 @@ class Daemon:
             self.subjects,
             max_backlog=cfg.nats.publish_backlog,
             on_fenced=self._on_fenced,
-            may_write=self._server_supported,
+            may_write=self.connection.server_supported,
             inspect_conflict=quarantine.inspector(self.nc, self.subjects),
         )
         await self.publisher.start()
@@ -290,7 +297,7 @@ class Daemon:
                 await self.nc.close()
         if self.embedded is not None:
             self.embedded.stop()
-        self._closed.set()
+        self.closed.set()
 
     def _simulated(self) -> bool:
         try:
@@ -299,79 +306,16 @@ class Daemon:
             return False
 
     async def _start_embedded(self) -> str:
-        """Start the embedded nats-server with the shipped accounts and connect as ``daemon``.
-
-        Credentials live in ``<run_dir>/auth`` (0700; one 0600 JSON file per user); ``ctl``,
-        ``watch`` and ``demo`` read them with ``--creds-dir <run_dir>``.
-        """
-        from pool_managerd import accounts
-        from pool_managerd.adapters.embedded_nats import NatsServer
-
-        store = self.config.run_dir / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        creds = accounts.ensure_credentials(self.config.run_dir)
-        config = accounts.server_config({role: c.password for role, c in creds.items()}, self.config.nats.prefix)
-        nats_cfg = self.config.nats
-        ws_port = nats_cfg.embedded_websocket_port if nats_cfg.embedded_websocket else None
-        self.embedded = NatsServer(
-            store_dir=store, log_file=self.config.run_dir / "nats.log", config=config, websocket_port=ws_port
-        )
-        # Started off the event loop's thread of control: SIGTERM is acted on while it starts.
-        await self.embedded.astart()
-        # A websocket listener (for browser dashboards), where the server has one.
-        self.ws_url = self.embedded.ws_url
-        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, self.ws_url)
+        """Start the embedded nats-server (see :func:`embedded_server`); the daemon connects as ``daemon``."""
+        server, creds = embedded_server(self.config)
+        self.embedded = server  # held before it runs: a stop during start-up stops it too
+        await start_embedded(self.config, server, creds)
+        self.ws_url = server.ws_url
         self._embedded_auth = creds["daemon"]
-        auth_dir = self.config.run_dir / accounts.AUTH_DIR
-        log.info("embedded nats-server (JetStream in %s) at %s, websocket %s; credentials in %s",
-                 store, self.embedded.url, self.ws_url, auth_dir)  # fmt: skip
-        print(f"embedded NATS at {self.embedded.url}; credentials (admin, operator, viewer) in {auth_dir}:"
-              f" pool-managerd ctl --creds-dir {self.config.run_dir} ...", flush=True)  # fmt: skip
-        if self.ws_url:
-            hint = f"pool-managerd dashboard --creds-dir {self.config.run_dir}"
-            print(f"embedded NATS websocket at {self.ws_url}: {hint}", flush=True)
-        return str(self.embedded.url)
+        return str(server.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
-        cfg = self.config.nats
-        opts: dict[str, Any] = {
-            "servers": urls,
-            "name": cfg.name or f"pool-managerd-{self.node}",
-            "connect_timeout": cfg.connect_timeout_s,
-            "max_reconnect_attempts": -1,  # never give up on the cluster
-            "reconnect_time_wait": cfg.reconnect_wait_s,
-            "ping_interval": cfg.ping_interval_s,
-            "max_outstanding_pings": cfg.max_outstanding_pings,
-            "allow_reconnect": True,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
-        }
-        if cfg.credentials_file:
-            opts["user_credentials"] = str(cfg.credentials_file)
-        if cfg.nkey_seed_file:
-            opts["nkeys_seed"] = str(cfg.nkey_seed_file)
-        if cfg.user:
-            opts["user"], opts["password"] = cfg.user, cfg.password
-        if cfg.token:
-            opts["token"] = cfg.token
-        if self._embedded_auth is not None:
-            opts["user"], opts["password"] = self._embedded_auth.user, self._embedded_auth.password
-        inbox = cfg.inbox_prefix or (inbox_prefix(opts["user"]) if opts.get("user") else None)
-        if inbox:
-            opts["inbox_prefix"] = inbox
-        if cfg.tls_ca_file or cfg.tls_cert_file:
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None)
-            if cfg.tls_cert_file and cfg.tls_key_file:
-                ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
-            opts["tls"] = ctx
-        who = ", ".join(urls) + (f" as user {opts['user']!r}" if opts.get("user") else "")
-        # The first connect has startup_timeout_s and ends at once on refused credentials or TLS;
-        # reconnects after it never stop.
-        return await first_connect(opts, timeout=cfg.startup_timeout_s, who=who)
+        return await connect(self.config.nats, self.node, urls, auth=self._embedded_auth, watch=self.connection)
 
     async def _claim_pools(self, definitions: list[PoolDefinition]) -> dict[str, ClaimInput]:
         """Claim every configured pool whose lease is free or this node's own; the others are
@@ -512,72 +456,7 @@ class Daemon:
                 pools.add(self.subjects.parse_pool_event(subject)[0])
         return sorted(pools)
 
-    # --- NATS callbacks --------------------------------------------------------------------------
-
-    async def _on_error(self, exc: Exception) -> None:
-        if is_permission_violation(exc):
-            # The server refused something this daemon needs: the deployment's permissions are short.
-            log.error("NATS refused an operation (check the daemon user's permissions): %s", exc)
-            return
-        log.warning("NATS error: %s", exc)
-
-    async def _on_disconnected(self) -> None:
-        if not self._stopping.is_set() and self.incompatible is None:
-            log.warning("disconnected from NATS; events wait in the backlog")
-
-    def _server_supported(self) -> bool:
-        """Whether the server this client is connected to now may be written to.
-
-        Checked before every event write as well as on reconnect: nats-py reports the reconnect
-        only after a round trip, and the publisher may already be writing by then."""
-        if self.incompatible is not None:
-            return False
-        if self.nc is None or not self.nc.is_connected:
-            # No verdict mid-reconnect (the new server's INFO may not be in yet); writes wait for
-            # the connection anyway and are asked again once it is up.
-            return True
-        # Asked before every write: the verdict is kept for as long as the server and the version
-        # it reports stay the same (parsing them each time cost a tenth of a preload's loop).
-        key = (repr(self.nc.connected_server_version), self.nc.connected_url)
-        if key == self._supported_for:
-            return True
-        try:
-            check_server_version(reported_version(self.nc), url=safe_url(self.nc))
-        except NatsServerTooOld as exc:
-            self._incompatible_server(exc)
-            return False
-        self._supported_for = key
-        return True
-
-    def _incompatible_server(self, exc: NatsServerTooOld) -> None:
-        """A reconnect reached a server below the floor: stand down loudly, exit 2.
-
-        Its writes cannot be fenced, so nothing more is written (events, node events, KV
-        snapshots); commands stop being answered; engines are left running, exactly as with
-        ``on_shutdown = "leave"``, for a daemon connected to a supported server to adopt."""
-        if self.incompatible is not None:
-            return
-        self.incompatible = exc
-        log.error("standing down: %s", exc.message)
-        self.exit_code = 2
-        self._stopping.set()
-
-    async def _on_reconnected(self) -> None:
-        if not self._server_supported():
-            return
-        log.info("reconnected to NATS")
-        if self.snapshots is not None:
-            self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
-        # The server may have lost what was written (a restart without its store): write anew.
-        self.kv.forget_written()
-        for pool in list(self.runtime.actors if self.runtime else []):
-            self.kv.mark_dirty(pool)
-
-    async def _on_closed(self) -> None:
-        if not self._stopping.is_set() and self.incompatible is None:
-            log.error("NATS connection closed for good; exiting")
-            self.exit_code = 1
-            self._stopping.set()
+    # --- the log's fence -------------------------------------------------------------------------
 
     def _on_fenced(self, pool: str, reason: str) -> None:
         log.error("pool %s fenced: %s", pool, reason)
@@ -651,7 +530,7 @@ class Daemon:
         await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
         runtime, publisher, nc = self.runtime, self.publisher, self.nc
         definition = self.standing_by.pop(pool, None)
-        if runtime is None or publisher is None or nc is None or definition is None or self._stopping.is_set():
+        if runtime is None or publisher is None or nc is None or definition is None or self.stopping.is_set():
             return
         try:
             if pool in runtime.actors:
@@ -769,7 +648,7 @@ class Daemon:
     # --- running and stopping --------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self._stopping.set()
+        self.stopping.set()
 
     async def run_until_stopped(self, *, install_signals: bool = True) -> int:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
@@ -778,7 +657,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         starting = asyncio.ensure_future(self.start())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping = asyncio.ensure_future(self.stopping.wait())
         try:
             # A signal during start-up (a first connect still retrying, a long recovery) ends it.
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -789,7 +668,7 @@ class Daemon:
                     await starting
             else:
                 starting.result()
-                await self._stopping.wait()
+                await self.stopping.wait()
         finally:
             for task in (starting, stopping):
                 task.cancel()
@@ -801,9 +680,9 @@ class Daemon:
 
     async def stop(self, *, stop_engines: bool | None = None) -> None:
         """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events."""
-        if self._closed.is_set():
+        if self.closed.is_set():
             return
-        self._stopping.set()
+        self.stopping.set()
         stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
         # Standing down from a server below the floor: write nothing more, leave the engines.
         writable = self.incompatible is None
@@ -876,7 +755,7 @@ class Daemon:
         self.gpus.close()
         if self.embedded is not None:
             self.embedded.stop()
-        self._closed.set()
+        self.closed.set()
 
     async def _stop_pools(self) -> None:
         """Stop every running pool through the lifecycle, so the log and the snapshots say what
