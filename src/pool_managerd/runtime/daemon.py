@@ -24,14 +24,11 @@ from nats.aio.client import Client as NATS
 from pool_managerd import __version__
 from pool_managerd.accounts import Credentials
 from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
-from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.eventlog.errors import EventLogError
 from pool_managerd.adapters.eventlog.publisher import EventPublisher
-from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.adapters.nats_internals import server_info
-from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.replication import (
     REPLICA_ERROR_CODES,
     ReplicasUnavailable,
@@ -48,8 +45,6 @@ from pool_managerd.contract.messages import (
     EventBody,
     GpuSnapshot,
     HealthReport,
-    PreloadCmd,
-    Rejected,
     StopCmd,
     encode,
 )
@@ -61,12 +56,12 @@ from pool_managerd.contract.nats_version import (
 )
 from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.inputs import ClaimInput, ReleaseInput
+from pool_managerd.core.inputs import ClaimInput
 from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.runtime import quarantine
+from pool_managerd.runtime.claims import Claims
 from pool_managerd.runtime.commands import (
     CommandCache,
 )
@@ -85,9 +80,9 @@ from pool_managerd.runtime.heartbeat import heartbeat
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
-from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.recovery import RecoveryReport, recover
 from pool_managerd.runtime.service import CommandService
-from pool_managerd.runtime.sink import ACK_BOUND_S, JetStreamSink, NodeEvents
+from pool_managerd.runtime.sink import JetStreamSink, NodeEvents
 from pool_managerd.runtime.snapshots import KvWriter
 from pool_managerd.runtime.tasks import BackgroundTasks
 
@@ -133,15 +128,13 @@ class Daemon:
             external=frozenset(pool.id for pool in config.pools if pool.external_health),
             nc=lambda: self.nc, runtime=lambda: self.runtime,
         )  # fmt: skip
-        self._served: set[str] = set()
-        """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
         self.ownership: OwnershipKeeper | None = None
         self.standing_by: dict[str, PoolDefinition] = {}
         """Configured pools another node holds: claimed when their lease is free or lapses."""
-        self._released: set[str] = set()
+        self.claims = Claims(self)
         self.removing: set[str] = set()
         self.server_version: ServerVersion | None = None
         self.incompatible: PoolManagerError | None = None
@@ -190,16 +183,16 @@ class Daemon:
             self.nc,
             self.subjects,
             max_backlog=cfg.nats.publish_backlog,
-            on_fenced=self._on_fenced,
+            on_fenced=self.claims.on_fenced,
             may_write=self.connection.server_supported,
             inspect_conflict=quarantine.inspector(self.nc, self.subjects),
         )
         await self.publisher.start()
         await self._continue_node_sequence(js)
         await self.gpus.recover(js, self.subjects, self.node)
-        simulated = self._simulated()
+        simulated = self.simulated()
         self.runtime = PoolRuntime(
-            JetStreamSink(self.publisher, self.metrics, self._may_append),
+            JetStreamSink(self.publisher, self.metrics, self.claims.may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
             health_out=self.health.publish,
@@ -211,7 +204,7 @@ class Daemon:
         self.runtime.on_quarantine = self._on_quarantine
         owned = []
         definitions = list(cfg.definitions())
-        claims = await self._claim_pools(definitions)
+        claims = await self.claims.claim_pools(definitions)
         for definition in definitions:
             if definition.pool not in claims:
                 self.standing_by[definition.pool] = definition
@@ -226,7 +219,7 @@ class Daemon:
         self.commands = CommandService(
             node=self.node, subjects=self.subjects, nc=self.nc, runtime=self.runtime, audit=self.audit,
             metrics=self.metrics, cache=self.cache, tasks=self.tasks, gpus=self.gpus, node_events=self.node_events,
-            gpu_source=self.gpu_source, serves=self._serves, fenced=self.fenced, standing_by=self.standing_by,
+            gpu_source=self.gpu_source, serves=self.claims.serves, fenced=self.fenced, standing_by=self.standing_by,
             removing=self.removing,
         )  # fmt: skip
         await self.snapshots.watch(self.commands.on_snapshot)
@@ -234,11 +227,11 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.snapshots.wait_synced(), 5.0)
         await self.commands.listen_unclaimed()
-        self._served = set(owned)
+        self.claims.served = set(owned)
         await self.commands.serve()
         for pool in self.fenced:
-            await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
-        await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
+            await self.publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
+        await self.publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
         self.tasks.start(self.kv.run(), "kv-writer")
         heartbeat_loop = heartbeat(
             period_s=cfg.heartbeat_s,
@@ -246,10 +239,10 @@ class Daemon:
             publisher=self.publisher,
             runtime=self.runtime,
             gpu_source=self.gpu_source,
-            publish_node=self._publish_node,
+            publish_node=self.publish_node,
         )
         self.tasks.start(heartbeat_loop, "heartbeat")
-        self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
+        self.gpus.start(self.runtime, self.publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", host, port)
@@ -299,7 +292,8 @@ class Daemon:
             self.embedded.stop()
         self.closed.set()
 
-    def _simulated(self) -> bool:
+    def simulated(self) -> bool:
+        """Whether the GPUs are the simulated inventory (False when none can be read)."""
         try:
             return self.gpu_source().simulated
         except PoolManagerError:
@@ -316,32 +310,6 @@ class Daemon:
 
     async def _connect(self, urls: list[str]) -> NATS:
         return await connect(self.config.nats, self.node, urls, auth=self._embedded_auth, watch=self.connection)
-
-    async def _claim_pools(self, definitions: list[PoolDefinition]) -> dict[str, ClaimInput]:
-        """Claim every configured pool whose lease is free or this node's own; the others are
-        watched (a lease nobody renews is claimed once it lapses). Starts the lease keeper."""
-        assert self.nc is not None
-        cfg = self.config
-        owners = await OwnerStore.open(self.nc.jetstream(), self.subjects, replicas=stream_replicas(cfg))
-        timing = LeaseTiming(cfg.ownership.lease_ttl_s, cfg.ownership.lease_margin_s)
-        keeper = OwnershipKeeper(owners, self.node, timing, on_lost=self._on_lease_lost, on_claimed=self._on_claimed)
-        self.ownership = keeper
-        standby = {pool.id: tuple(pool.standby) for pool in cfg.pools}
-
-        async def claim(pool: str) -> Claim | None:
-            return await keeper.try_claim(pool, take_over=may_take_over(self.node, standby.get(pool, ())))
-
-        found = await asyncio.gather(*(claim(d.pool) for d in definitions))
-        keeper.start()
-        claims: dict[str, ClaimInput] = {}
-        for definition, won in zip(definitions, found, strict=True):
-            if won is None:
-                owner = keeper.owner_of(definition.pool) or "another node"
-                self.fenced[definition.pool] = f"its ownership lease is held by {owner}"
-                log.info("pool %s is held by %s; not serving it here", definition.pool, owner)
-                continue
-            claims[definition.pool] = ClaimInput(won.epoch, won.previous_node, won.previous_epoch)
-        return claims
 
     async def _continue_node_sequence(self, js: Any) -> None:
         """Node events continue their sequence across restarts: their Msg-Id must stay unique.
@@ -407,10 +375,10 @@ class Daemon:
             p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
         ]
         for pool, claim in list(claims.items()):
-            claims[pool] = await self._above_logged_epochs(pool, claim, events.get(pool, []))
-        report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node, claims=claims)
+            claims[pool] = await self.claims.above_logged_epochs(pool, claim, events.get(pool, []))
+        report = await recover(runtime, read, known_pools=removed, publish_node=self.publish_node, claims=claims)
         for pool, state in report.taken_over.items():
-            self.tasks.start(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
+            self.tasks.start(self.claims.resume(pool, claims[pool].epoch, state), f"resume-{pool}")
         # Exactly once across restarts: the replies of the commands still in the cache window are
         # rebuilt from the log, so a client retrying across the restart gets its first answer.
         since = self.cache.clock() - self.cache.ttl_s
@@ -456,162 +424,6 @@ class Daemon:
                 pools.add(self.subjects.parse_pool_event(subject)[0])
         return sorted(pools)
 
-    # --- the log's fence -------------------------------------------------------------------------
-
-    def _on_fenced(self, pool: str, reason: str) -> None:
-        log.error("pool %s fenced: %s", pool, reason)
-        self.fenced[pool] = reason
-        if self.ownership is not None and self.ownership.tracks(pool):
-            # The log's own fence: another node wrote the pool, so whatever the lease says this
-            # node stops renewing it and watches it again.
-            self.ownership.drop(pool, watch=True)
-            self._stand_by(pool)
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-        self.tasks.start(self._stand_down(pool, reason), f"fenced-{pool}")
-
-    async def _stand_down(self, pool: str, reason: str) -> None:
-        """Another daemon writes this pool now: stop serving its commands and stop acting on it
-        (its engine, probes and timers go; nothing more is written for it)."""
-        self._served.discard(pool)  # its commands are the new owner's to answer
-        if self.runtime is not None and pool in self.runtime.actors:
-            await self.runtime.actors[pool].abandon()
-        await self._publish_node(PoolFencedEvent(reason=reason, pool=pool))
-
-    # --- ownership ---------------------------------------------------------------------------------
-
-    def _serves(self, pool: str) -> bool:
-        """Whether this node answers and acts for ``pool`` now: it serves the pool and, the pool
-        being leased, its lease is fresh by the local clock."""
-        if pool not in self._served:
-            return False
-        keeper = self.ownership
-        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
-
-    def _may_append(self, pool: str) -> bool:
-        if pool in self._released:
-            return False
-        keeper = self.ownership
-        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
-
-    def _stand_by(self, pool: str) -> None:
-        for definition in self.config.definitions():
-            if definition.pool == pool:
-                self.standing_by[pool] = definition
-
-    async def _above_logged_epochs(self, pool: str, claim: ClaimInput, events: list[Event]) -> ClaimInput:
-        """An epoch above every one the pool's events name (the record may have been lost)."""
-        logged = max((e.epoch or 0 for e in events), default=0)
-        if claim.epoch > logged or self.ownership is None:
-            return claim
-        epoch = await self.ownership.raise_epoch(pool, logged + 1)
-        return ClaimInput(epoch, claim.previous_node, claim.previous_epoch)
-
-    def _on_lease_lost(self, pool: str, reason: str) -> None:
-        """This node may no longer act on ``pool``: stop answering for it and stop its engine now,
-        before the lease can lapse for anyone else; then stand by for it."""
-        log.error("pool %s: %s; no longer serving it here", pool, reason)
-        self._served.discard(pool)
-        self.fenced[pool] = f"ownership lease lost: {reason}"
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-        self._stand_by(pool)
-        self.tasks.start(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
-
-    async def _lose_pool(self, pool: str, reason: str) -> None:
-        await self._stand_down(pool, reason)
-        runtime = self.runtime
-        if runtime is not None and pool in runtime.actors and pool not in self._served:
-            # Nothing of the pool is this node's now: it leaves ``pools`` and the KV writer.
-            await runtime.remove_pool(pool)
-
-    async def _on_claimed(self, pool: str, claim: Claim) -> None:
-        """This node won a lease it was watching: recover the pool from its log and serve it."""
-        await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
-        runtime, publisher, nc = self.runtime, self.publisher, self.nc
-        definition = self.standing_by.pop(pool, None)
-        if runtime is None or publisher is None or nc is None or definition is None or self.stopping.is_set():
-            return
-        try:
-            if pool in runtime.actors:
-                await runtime.remove_pool(pool)  # what the lost lease left: abandoned, engine stopped
-            await self._settle_backlog(pool)
-            pairs = [pair async for pair in read_events(nc, self.subjects, pool=pool)]
-        except Exception as exc:
-            log.error("pool %s: claimed but its events cannot be read (%s); letting the lease lapse", pool, exc)
-            if self.ownership is not None:
-                self.ownership.drop(pool, watch=True)
-            self.standing_by[pool] = definition
-            return
-        events = [event for _, event in pairs]
-        self.fenced.pop(pool, None)
-        publisher.unfence(pool)
-        publisher.assume(pool, pairs[-1][0] if pairs else 0)
-        start = ClaimInput(claim.epoch, claim.previous_node, claim.previous_epoch)
-        start = await self._above_logged_epochs(pool, start, events)
-        actor = runtime.add_pool(definition, simulated=self._simulated())
-        report = RecoveryReport()
-        by_pid = {e.pid: e for e in SpawnRecord.load(runtime.spawn_record.path) if e.pool == pool}
-        restore_pool(runtime, actor, events, start, by_pid, report)
-        since = self.cache.clock() - self.cache.ttl_s
-        for old in rebuild_replies(events, since=since):
-            self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
-        self._served.add(pool)
-        self.kv.mark_dirty(pool)
-        log.warning("pool %s taken over at epoch %d from %s (%s there)", pool, start.epoch,
-                    start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
-        if pool in report.taken_over:
-            await self._resume(pool, start.epoch, report.taken_over[pool])
-
-    async def _settle_backlog(self, pool: str) -> None:
-        """Before reading a pool's history on a claim: let this node's own events of the pool
-        that still wait in the backlog (accepted before a lease it lost) be stored first, or the
-        new epoch's first event would take their sequence numbers and they would be lost."""
-        publisher = self.publisher
-        if publisher is None or not publisher.pending(pool):
-            return
-        bound = self.config.ownership.lease_ttl_s
-        log.warning("pool %s: %d event(s) of an earlier lease still wait to be stored; waiting up to %.0f s",
-                    pool, publisher.pending(pool), bound)  # fmt: skip
-        try:
-            async with asyncio.timeout(bound):
-                await publisher.settle(pool)
-        except TimeoutError:
-            raise EventLogError(
-                f"pool {pool}: {publisher.pending(pool)} event(s) of an earlier lease not stored"
-            ) from None
-
-    async def _resume(self, pool: str, epoch: int, state: str) -> None:
-        """A pool taken over while it served (or was starting) elsewhere starts its engine here,
-        through normal placement on this node's GPUs."""
-        if state not in _RESUMED_STATES or self.runtime is None:
-            return
-        try:
-            reply = await self.runtime.command(pool, PreloadCmd(command_id=f"takeover-{self.node}-{epoch}"))
-        except PoolManagerError as exc:
-            log.error("pool %s: not restarted after the takeover: %s", pool, exc.message)
-            return
-        if isinstance(reply, Rejected):
-            log.error("pool %s: not restarted after the takeover: %s %s", pool, reply.code, reply.message)
-
-    async def _release_pools(self) -> None:
-        """A graceful stop with the engines stopped: give every held lease up, its last event
-        first (``pool_released``), so another node may claim at once."""
-        runtime, keeper = self.runtime, self.ownership
-        if runtime is None or keeper is None:
-            return
-        held = [pool for pool in list(keeper.held) if pool in runtime.actors and not runtime.actors[pool].fenced]
-        waits = []
-        for pool in held:
-            fut = runtime.actors[pool].submit(ReleaseInput(), want_reply=True)
-            if fut is not None:
-                waits.append(fut)
-        if waits:
-            await asyncio.wait(waits, timeout=ACK_BOUND_S * 2)
-        self._released.update(held)
-        self._served.difference_update(held)
-        await asyncio.gather(*(keeper.release(pool) for pool in held), return_exceptions=True)
-
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 
     def _after_step(self, pool: str, outcome: Outcome) -> None:
@@ -637,7 +449,8 @@ class Daemon:
         self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
         self.kv.mark_dirty(pool)
 
-    async def _publish_node(self, body: EventBody) -> None:
+    async def publish_node(self, body: EventBody) -> None:
+        """Queue a node event (``poold.node.<node>.evt.<type>``); one that cannot be queued is logged."""
         if self.publisher is None:
             return
         try:
@@ -715,12 +528,12 @@ class Daemon:
                 log.error("shutdown: pools not stopped within %.0f s; closing the actors anyway",
                           grace + SHUTDOWN_POOLS_S)  # fmt: skip
             step("releasing leases")
-            await self._release_pools()
+            await self.claims.release_pools()
         if self.ownership is not None:
             # No more renewals: a lease not released (engines left running) lapses after its ttl.
             await self.ownership.close()
         if writable:
-            await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
+            await self.publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
         if self.runtime is not None:
             step("closing actors")
             try:
@@ -774,10 +587,6 @@ class Daemon:
         for result in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
-
-
-_RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
-"""States a pool taken over from another node is started again from (a drain was ending it)."""
 
 
 def _last_writer(events: list[Event]) -> str | None:
