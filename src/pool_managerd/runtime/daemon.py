@@ -17,8 +17,6 @@ import signal
 import time
 from typing import Any
 
-import msgspec
-import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from pool_managerd import __version__
@@ -27,13 +25,7 @@ from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
 from pool_managerd.adapters.eventlog.errors import EventLogError
 from pool_managerd.adapters.eventlog.publisher import EventPublisher
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
-from pool_managerd.adapters.eventlog.stream import ensure_stream
-from pool_managerd.adapters.nats_internals import server_info
 from pool_managerd.adapters.replication import (
-    REPLICA_ERROR_CODES,
-    ReplicasUnavailable,
-    check_clustered,
-    replicas_refused,
     stream_replicas,
 )
 from pool_managerd.config import DaemonConfig
@@ -41,12 +33,10 @@ from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import (
     DaemonStarted,
     DaemonStopping,
-    Event,
     EventBody,
     GpuSnapshot,
     HealthReport,
     StopCmd,
-    encode,
 )
 from pool_managerd.contract.messages import PoolFenced as PoolFencedEvent
 from pool_managerd.contract.nats_version import (
@@ -54,12 +44,9 @@ from pool_managerd.contract.nats_version import (
     NatsServerTooOld,
     ServerVersion,
 )
-from pool_managerd.contract.subjects import STREAM_NAME, Subjects
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.inputs import ClaimInput
-from pool_managerd.core.log_integrity import scan_pool
 from pool_managerd.core.pool_model import Outcome
-from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.runtime import quarantine
 from pool_managerd.runtime.claims import Claims
 from pool_managerd.runtime.commands import (
@@ -71,7 +58,6 @@ from pool_managerd.runtime.connection import (
     connect,
     embedded_server,
     flush_through_cancel,
-    safe_url,
     start_embedded,
 )
 from pool_managerd.runtime.gpu_node import GpuNode
@@ -80,10 +66,11 @@ from pool_managerd.runtime.heartbeat import heartbeat
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
-from pool_managerd.runtime.recovery import RecoveryReport, recover
+from pool_managerd.runtime.recovery import RecoveryReport
 from pool_managerd.runtime.service import CommandService
 from pool_managerd.runtime.sink import JetStreamSink, NodeEvents
 from pool_managerd.runtime.snapshots import KvWriter
+from pool_managerd.runtime.startup import close_before_serving, continue_node_sequence, ensure_storage, recover_pools
 from pool_managerd.runtime.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
@@ -168,14 +155,10 @@ class Daemon:
             # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
             # and closing on purpose is no lost connection to report.
             self.incompatible = exc
-            with contextlib.suppress(Exception):
-                await self.nc.close()
-            if self.embedded is not None:
-                self.embedded.stop()
-            self.closed.set()
+            await close_before_serving(self)
             raise
         js = self.nc.jetstream()
-        self.snapshots = await self._ensure_storage(js)
+        self.snapshots = await ensure_storage(self, js)
         await ensure_audit_stream(js, self.subjects, max_bytes=cfg.nats.audit_max_bytes,
                                   max_age_s=cfg.nats.event_max_age_s, replicas=stream_replicas(cfg))  # fmt: skip
         self.audit = AuditLog(self.nc, self.subjects, clock=time.monotonic, on_drop=self.metrics.audit_dropped.inc)
@@ -188,7 +171,7 @@ class Daemon:
             inspect_conflict=quarantine.inspector(self.nc, self.subjects),
         )
         await self.publisher.start()
-        await self._continue_node_sequence(js)
+        await continue_node_sequence(js, self.subjects, self.node_events)
         await self.gpus.recover(js, self.subjects, self.node)
         simulated = self.simulated()
         self.runtime = PoolRuntime(
@@ -212,7 +195,7 @@ class Daemon:
             self.runtime.add_pool(definition, simulated=simulated)
             owned.append(definition.pool)
         checked = time.monotonic()
-        await self._recover(claims)
+        await recover_pools(self, claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
         self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
@@ -262,36 +245,6 @@ class Daemon:
                  self.url, self.server_version, NATS_SERVER_FLOOR_TEXT, time.monotonic() - began, checked - began,
                  recovered - checked)  # fmt: skip
 
-    async def _ensure_storage(self, js: nats.js.JetStreamContext) -> SnapshotStore:
-        """The event stream and the snapshot bucket, each with ``nats.replicas`` copies.
-
-        A count the server cannot hold is a setup error (exit 2), found before any pool exists.
-        """
-        replicas = stream_replicas(self.config)
-        assert self.nc is not None
-        try:
-            check_clustered(server_info(self.nc), replicas, url=safe_url(self.nc) or "the server")
-            await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
-            return await SnapshotStore.open(js, replicas=replicas)
-        except ReplicasUnavailable as exc:
-            self.incompatible = exc
-            await self._close_before_serving()
-            raise
-        except nats.js.errors.APIError as exc:
-            if exc.err_code not in REPLICA_ERROR_CODES:
-                raise
-            self.incompatible = replicas_refused(replicas, "the event stream and bucket", exc.description or str(exc))
-            await self._close_before_serving()
-            raise self.incompatible from None
-
-    async def _close_before_serving(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.nc is not None:
-                await self.nc.close()
-        if self.embedded is not None:
-            self.embedded.stop()
-        self.closed.set()
-
     def simulated(self) -> bool:
         """Whether the GPUs are the simulated inventory (False when none can be read)."""
         try:
@@ -310,119 +263,6 @@ class Daemon:
 
     async def _connect(self, urls: list[str]) -> NATS:
         return await connect(self.config.nats, self.node, urls, auth=self._embedded_auth, watch=self.connection)
-
-    async def _continue_node_sequence(self, js: Any) -> None:
-        """Node events continue their sequence across restarts: their Msg-Id must stay unique.
-
-        Starting again at 1 would have the server drop the heartbeats as duplicates within its
-        dedupe window (and other nodes judge this one dead), so a sequence that cannot be read
-        stops the start-up with the reason instead; a foreign last message is skipped over."""
-        subject = self.subjects.node_events(self.node)
-        for attempt in range(3):
-            try:
-                raw = await js.get_last_msg(STREAM_NAME, subject)
-                break
-            except nats.js.errors.NotFoundError:
-                return  # this node never wrote an event: its sequence starts at 1
-            except Exception as exc:
-                if attempt == 2:
-                    raise PoolManagerError(
-                        f"cannot read the last sequence of {subject} ({type(exc).__name__}: {exc}); "
-                        "refusing to restart node events at 1"
-                    ) from None
-                await asyncio.sleep(0.5)  # ok: a short retry of a read right after connecting
-        try:
-            self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            # A foreign message there must not keep the daemon from starting. Every node event
-            # is one stream message, so the stream's last sequence is past any this node wrote:
-            # continuing from it keeps every Msg-Id unique (the node's sequence shows a gap).
-            info = await js.stream_info(STREAM_NAME)
-            self.node_events.seq = max(info.state.last_seq, raw.seq or 0)
-            log.warning("the last message on %s (stream sequence %s) is not an event (%s); node events continue "
-                        "from %d", subject, raw.seq, exc, self.node_events.seq)  # fmt: skip
-
-    async def _recover(self, claims: dict[str, ClaimInput]) -> None:
-        """Rebuild every pool from its events and reconcile with the engines on this host."""
-        assert self.nc is not None and self.runtime is not None and self.publisher is not None
-        runtime, publisher = self.runtime, self.publisher
-        logged = await self._pools_in_log()
-        candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced
-                                             and p not in self.standing_by]  # fmt: skip
-        events: dict[str, list[Event]] = {}
-        # One pass over the pool events for every pool, not a consumer per pool (~9 ms each, one
-        # after another: 9 s for a thousand pools). Messages are judged one by one: a foreign one
-        # quarantines its own pool and keeps nothing else from starting.
-        entries = await quarantine.read_pool_entries(self.nc, self.subjects, candidates)
-        for pool in candidates:
-            scan = scan_pool(pool, entries[pool], self.subjects.prefix)
-            events[pool] = [event for _, event in scan.events]
-            corrupt = scan.quarantine()
-            if corrupt is not None:
-                log.error("pool %s: quarantined (log_corrupt): %s", pool, corrupt.reason)
-                if pool in runtime.actors:
-                    runtime.quarantine(pool, corrupt)
-            if pool in runtime.actors:
-                # Writes continue from exactly what was recovered (foreign messages included: the
-                # server's fence counts them): if another daemon appended since, the first write
-                # here is refused and this daemon stops acting on the pool.
-                publisher.assume(pool, scan.last_stream_seq)
-
-        async def read(pool: str) -> list[Event]:
-            return events.get(pool, [])
-
-        removed = [
-            p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
-        ]
-        for pool, claim in list(claims.items()):
-            claims[pool] = await self.claims.above_logged_epochs(pool, claim, events.get(pool, []))
-        report = await recover(runtime, read, known_pools=removed, publish_node=self.publish_node, claims=claims)
-        for pool, state in report.taken_over.items():
-            self.tasks.start(self.claims.resume(pool, claims[pool].epoch, state), f"resume-{pool}")
-        # Exactly once across restarts: the replies of the commands still in the cache window are
-        # rebuilt from the log, so a client retrying across the restart gets its first answer.
-        since = self.cache.clock() - self.cache.ttl_s
-        for pool in runtime.actors:
-            for old in rebuild_replies(events.get(pool, []), since=since):
-                self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
-        for pool in report.removed:
-            self.removing.add(pool)
-            self.tasks.start(self._forget(pool), f"forget-{pool}")
-        self.recovery = report
-        if report.violations:
-            log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
-        log.info(
-            "recovered %d pool(s); adopted %s; exited %s; orphans reaped %s; removed %s",
-            len(report.restored), report.adopted, report.exited, report.orphans, report.removed,
-        )  # fmt: skip
-
-    def _fence_at_start(self, pool: str, reason: str) -> None:
-        self.fenced[pool] = reason
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-
-    async def _forget(self, pool: str) -> None:
-        """A pool removed from the configuration: once recovery's drain or stop has made it
-        unready, stop serving it entirely (its snapshot goes, commands get unknown_pool)."""
-        runtime = self.runtime
-        assert runtime is not None
-        await runtime.wait_state(pool, frozenset({"unready"}))
-        await runtime.remove_pool(pool)
-        if self.snapshots is not None:
-            with contextlib.suppress(Exception):
-                await self.snapshots.delete(pool)
-        self.removing.discard(pool)
-        log.info("pool %s removed from the configuration: drained, stopped and forgotten", pool)
-
-    async def _pools_in_log(self) -> list[str]:
-        assert self.nc is not None
-        js = self.nc.jetstream()
-        info = await js.stream_info(STREAM_NAME, subjects_filter=self.subjects.all_pool_events)
-        pools: set[str] = set()
-        for subject in info.state.subjects or {}:
-            with contextlib.suppress(PoolManagerError):
-                pools.add(self.subjects.parse_pool_event(subject)[0])
-        return sorted(pools)
 
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 
@@ -587,7 +427,3 @@ class Daemon:
         for result in await asyncio.gather(*waits, return_exceptions=True):
             if isinstance(result, BaseException):
                 log.warning("pool not stopped cleanly at shutdown: %s", result)
-
-
-def _last_writer(events: list[Event]) -> str | None:
-    return events[-1].node if events else None
