@@ -32,11 +32,9 @@ from pool_managerd.config import DaemonConfig
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import (
     DaemonStarted,
-    DaemonStopping,
     EventBody,
     GpuSnapshot,
     HealthReport,
-    StopCmd,
 )
 from pool_managerd.contract.messages import PoolFenced as PoolFencedEvent
 from pool_managerd.contract.nats_version import (
@@ -68,15 +66,13 @@ from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
 from pool_managerd.runtime.recovery import RecoveryReport
 from pool_managerd.runtime.service import CommandService
+from pool_managerd.runtime.shutdown import shut_down
 from pool_managerd.runtime.sink import JetStreamSink, NodeEvents
 from pool_managerd.runtime.snapshots import KvWriter
 from pool_managerd.runtime.startup import close_before_serving, continue_node_sequence, ensure_storage, recover_pools
 from pool_managerd.runtime.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN_POOLS_S = 30.0
-"""How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
 
 
 class Daemon:
@@ -108,7 +104,8 @@ class Daemon:
         """Set once it has stopped (or refused to start): nothing more is left to shut down."""
         self.connection = ConnectionWatch(self)
         self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self.connection.server_supported)
-        self._health_sub: Any = None
+        self.health_sub: Any = None
+        """The subscription to the health subjects (observers' view and outside reports)."""
         self.health = HealthRelay(
             node=self.node, subjects=self.subjects, metrics=self.metrics, tasks=self.tasks,
             publish_s=config.health_publish_s,
@@ -198,7 +195,7 @@ class Daemon:
         await recover_pools(self, claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
-        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
+        self.health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
         self.commands = CommandService(
             node=self.node, subjects=self.subjects, nc=self.nc, runtime=self.runtime, audit=self.audit,
             metrics=self.metrics, cache=self.cache, tasks=self.tasks, gpus=self.gpus, node_events=self.node_events,
@@ -332,98 +329,7 @@ class Daemon:
         return self.exit_code
 
     async def stop(self, *, stop_engines: bool | None = None) -> None:
-        """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events."""
-        if self.closed.is_set():
-            return
-        self.stopping.set()
-        stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
-        # Standing down from a server below the floor: write nothing more, leave the engines.
-        writable = self.incompatible is None
-        stop = stop and writable
-        phase = "commands"
-        t0 = time.monotonic()
+        """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events.
 
-        def step(name: str) -> None:
-            nonlocal phase
-            log.info("shutdown: %s done after %.3f s; next: %s", phase, time.monotonic() - t0, name)
-            phase = name
-
-        if self.commands is not None:
-            await self.commands.stop()
-        await self.gpus.stop_watching()
-        for sub in (self._health_sub, self.commands.unclaimed_sub if self.commands is not None else None):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if self.snapshots is not None:
-            step("kv watch")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.snapshots.stop_watch(), 5.0)
-        if stop:
-            step("stopping pools")
-            grace = max((d.spec.stop_grace_s for d in self.config.definitions()), default=0.0)
-            try:
-                await asyncio.wait_for(self._stop_pools(), grace + SHUTDOWN_POOLS_S)
-            except TimeoutError:
-                log.error("shutdown: pools not stopped within %.0f s; closing the actors anyway",
-                          grace + SHUTDOWN_POOLS_S)  # fmt: skip
-            step("releasing leases")
-            await self.claims.release_pools()
-        if self.ownership is not None:
-            # No more renewals: a lease not released (engines left running) lapses after its ttl.
-            await self.ownership.close()
-        if writable:
-            await self.publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
-        if self.runtime is not None:
-            step("closing actors")
-            try:
-                # Each engine stop is bounded by its grace and settle time; the whole phase too.
-                await asyncio.wait_for(self.runtime.close(stop_engines=stop), SHUTDOWN_POOLS_S * 2)
-            except TimeoutError:
-                log.error("shutdown: actors not closed within %.0f s", SHUTDOWN_POOLS_S * 2)
-            # The final snapshots say what the pools are now.
-            for pool in self.runtime.actors:
-                self.kv.mark_dirty(pool)
-            if writable:
-                step("final snapshots")
-                await self.kv.drain(self.nc is not None and self.nc.is_connected)
-        if self.publisher is not None:
-            step("flushing events")
-            if not writable and self.publisher.backlog:
-                log.error("%d event(s) not written: the server cannot fence them", self.publisher.backlog)
-            await self.publisher.close(grace_s=5.0 if writable else 0.0)
-        if self.audit is not None:
-            await self.audit.close()
-        step("background tasks")
-        await self.tasks.cancel_all(5.0)
-        if self.nc is not None and not self.nc.is_closed:
-            step("closing the connection")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), 5.0)
-            if not self.nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await self.nc.close()
-        step("done")
-        self.metrics.close()
-        self.gpus.close()
-        if self.embedded is not None:
-            self.embedded.stop()
-        self.closed.set()
-
-    async def _stop_pools(self) -> None:
-        """Stop every running pool through the lifecycle, so the log and the snapshots say what
-        is true once the daemon is gone: unready, no engine. Failed pools stay failed (an operator
-        still has to acknowledge them). Commands queued before the signal are applied first."""
-        runtime = self.runtime
-        if runtime is None:
-            return
-        stamp = f"{time.time():.6f}"
-        waits = []
-        for pool, actor in runtime.actors.items():
-            if actor.fenced or runtime.lifecycle.state(pool) in ("unready", "failed"):
-                continue
-            cmd = StopCmd(command_id=f"shutdown-{self.node}-{stamp}")
-            waits.append(runtime.command(pool, cmd))
-        for result in await asyncio.gather(*waits, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("pool not stopped cleanly at shutdown: %s", result)
+        ``stop_engines`` None follows ``on_shutdown``; see :func:`~pool_managerd.runtime.shutdown.shut_down`."""
+        await shut_down(self, stop_engines=stop_engines)
