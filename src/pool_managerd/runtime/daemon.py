@@ -6,6 +6,12 @@ before anything is created or spawned), ensure the event stream and KV bucket,
 claim the configured pools (a pool another live node writes is fenced here), recover each pool
 from its events, then serve commands through ``nats.micro`` and consume health reports.
 Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush events, exit 0.
+
+This module holds what the daemon is made of and the order :meth:`Daemon.start` wires it in;
+the steps live beside it: :mod:`~pool_managerd.runtime.connection` (the embedded server, the
+connect, the connection's callbacks), :mod:`~pool_managerd.runtime.startup` (storage, the node
+event sequence, recovery), :mod:`~pool_managerd.runtime.claims` (ownership hand-overs) and
+:mod:`~pool_managerd.runtime.shutdown` (the graceful stop).
 """
 
 from __future__ import annotations
@@ -132,6 +138,13 @@ class Daemon:
         its processes hold; devices marked unhealthy by a fault are flagged (see ``GpuNode``)."""
         return self.gpus.snapshot()
 
+    def simulated(self) -> bool:
+        """Whether the GPUs are the simulated inventory (False when none can be read)."""
+        try:
+            return self.gpu_source().simulated
+        except PoolManagerError:
+            return False
+
     # --- start-up ------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -242,12 +255,7 @@ class Daemon:
                  self.url, self.server_version, NATS_SERVER_FLOOR_TEXT, time.monotonic() - began, checked - began,
                  recovered - checked)  # fmt: skip
 
-    def simulated(self) -> bool:
-        """Whether the GPUs are the simulated inventory (False when none can be read)."""
-        try:
-            return self.gpu_source().simulated
-        except PoolManagerError:
-            return False
+    # --- connecting ------------------------------------------------------------------------------
 
     async def _start_embedded(self) -> str:
         """Start the embedded nats-server (see :func:`embedded_server`); the daemon connects as ``daemon``."""
@@ -259,6 +267,7 @@ class Daemon:
         return str(server.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
+        # A method of its own: the one place a test may wrap to see the daemon's wire bytes.
         return await connect(self.config.nats, self.node, urls, auth=self._embedded_auth, watch=self.connection)
 
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
@@ -298,6 +307,7 @@ class Daemon:
     # --- running and stopping --------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        """Ask the daemon to stop: :meth:`run_until_stopped` then shuts it down."""
         self.stopping.set()
 
     async def run_until_stopped(self, *, install_signals: bool = True) -> int:
