@@ -81,8 +81,11 @@ def _owner(pool: str | None) -> str:
 class FleetRig:
     """A 3-node cluster, one client connected to all of it, and one daemon process per node id."""
 
-    def __init__(self, root: Path, *, replicas: int = 3) -> None:
+    def __init__(
+        self, root: Path, *, replicas: int = 3, lease_ttl_s: float = LEASE_TTL_S, lease_margin_s: float = LEASE_MARGIN_S
+    ) -> None:
         self.root = root
+        self.lease = (lease_ttl_s, lease_margin_s)
         self.cluster = NatsCluster(3, store_root=root / "nats", log_dir=root)
         self.replicas = replicas
         self.procs: dict[str, asyncio.subprocess.Process] = {}
@@ -116,7 +119,7 @@ class FleetRig:
         lines = [f'node = "{node}"', f"run_dir = {toml_value(str(self.root / node))}", 'gpus = "sim:hetero-24g-48g"',
                  "heartbeat_s = 5.0", "", "[nats]", f"urls = {toml_value(self.cluster.urls)}",
                  f"replicas = {self.replicas}", "reconnect_wait_s = 0.2", "",
-                 "[ownership]", f"lease_ttl_s = {LEASE_TTL_S}", f"lease_margin_s = {LEASE_MARGIN_S}", "",
+                 "[ownership]", f"lease_ttl_s = {self.lease[0]}", f"lease_margin_s = {self.lease[1]}", "",
                  "[[pools]]", *(f"{k} = {toml_value(v)}" for k, v in pool.items())]  # fmt: skip
         path = self.root / f"{node}.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -211,9 +214,16 @@ async def _quiet(exc: Exception) -> None:
     pass
 
 
-async def fleet_kills(root: Path, *, load_s: float, clients_per_pool: int = 2) -> dict[str, Any]:
+async def fleet_kills(
+    root: Path,
+    *,
+    load_s: float,
+    clients_per_pool: int = 2,
+    lease_ttl_s: float = LEASE_TTL_S,
+    lease_margin_s: float = LEASE_MARGIN_S,
+) -> dict[str, Any]:
     """Kill each of the three servers once under load; the figures and the invariant counts."""
-    async with FleetRig(root) as rig:
+    async with FleetRig(root, lease_ttl_s=lease_ttl_s, lease_margin_s=lease_margin_s) as rig:
         for node in NODES:
             await rig.start(node)
         pools = [_pool(node) for node in NODES]
@@ -353,9 +363,13 @@ def report(result: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--load-s", type=float, default=5.0, help="seconds of load before each kill (default 5)")
+    parser.add_argument("--lease-ttl", type=float, default=LEASE_TTL_S, help=f"lease_ttl_s (default {LEASE_TTL_S})")
+    parser.add_argument("--lease-margin", type=float, default=LEASE_MARGIN_S,
+                        help=f"lease_margin_s (default {LEASE_MARGIN_S})")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="poold-fleet-faults-") as tmp:
-        result = asyncio.run(fleet_kills(Path(tmp), load_s=args.load_s))
+        result = asyncio.run(fleet_kills(Path(tmp), load_s=args.load_s, lease_ttl_s=args.lease_ttl,
+                                         lease_margin_s=args.lease_margin))  # fmt: skip
     print(report(result))
     bad = problems(result)
     print(json.dumps({"bench": "fleet_faults", **result, "problems": bad}))

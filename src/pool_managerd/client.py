@@ -22,6 +22,10 @@ Every call returns a typed reply and never raises for a refusal: an invalid id, 
 invalid fields are answered locally (``Rejected`` with ``invalid_id``, ``unknown_verb`` or
 ``bad_request``) without sending anything; no daemon serving the pool is ``unknown_pool``; a
 timeout or a closed connection is ``unavailable``.
+
+One job, a long module: one typed method per command of the contract, and the request, event-follow
+and error-mapping plumbing they share; splitting the methods from the plumbing would leave each half
+meaningless alone.
 """
 
 from __future__ import annotations

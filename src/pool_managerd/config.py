@@ -4,6 +4,9 @@
 
 Every error names the file, the key and the problem; the daemon exits non-zero before touching
 anything. Engine presets fill in argv templates and supervision defaults per engine kind.
+
+One job, a long module: the pydantic models of one configuration file, its presets and their
+cross-field checks; every key of the README's config reference is defined here.
 """
 
 from __future__ import annotations

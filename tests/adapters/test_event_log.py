@@ -606,3 +606,22 @@ async def test_read_events_by_pool_matches_one_read_per_pool(nc: NATS, js_ns: Js
         assert batched[pool] == one
     assert [e.seq for _, e in batched["a"]] == [1, 2, 3] and batched["none"] == []
     assert set(batched) == {"a", "c", "none"}
+
+
+async def test_settle_waits_for_one_pools_backlog_to_be_stored(nc: NATS, js_ns: JsNamespace) -> None:
+    """What a claim waits on before it reads a pool's history: that pool's queued events stored
+    (or failed), however long the log is unwritable, and no other pool's."""
+    await setup_stream(nc, js_ns)
+    allowed = False
+    async with publisher(nc, js_ns, may_write=lambda: allowed, retry_max_s=0.01) as pub:
+        futs = [pub.publish_nowait(ev("p1", n)) for n in (1, 2, 3)]
+        pub.publish_nowait(ev("p2", 1))
+        assert pub.pending("p1") == 3 and pub.pending("p2") == 1 and pub.pending("p3") == 0
+        settling = asyncio.ensure_future(pub.settle("p1"))
+        done, _ = await asyncio.wait([settling], timeout=0.3)
+        assert not done and pub.pending("p1") == 3  # the gate holds everything back
+        allowed = True
+        await asyncio.wait_for(settling, WAIT)
+        assert pub.pending("p1") == 0 and all(f.done() and f.exception() is None for f in futs)
+        await asyncio.wait_for(pub.settle("p3"), WAIT)  # nothing queued: returns at once
+    assert [e.seq for _, e in await collect(read_events(nc, js_ns.subjects, "p1", stream=js_ns.stream))] == [1, 2, 3]

@@ -24,8 +24,9 @@ from pool_managerd import accounts
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
 from pool_managerd.adapters.eventlog.stream import ensure_stream
+from pool_managerd.client import PoolClient
 from pool_managerd.config import load_config
-from pool_managerd.contract.messages import REPLY_DECODER, Accepted, PoolSnapshot, StatusReply, encode
+from pool_managerd.contract.messages import REPLY_DECODER, Accepted, GpuClearReply, PoolSnapshot, StatusReply, encode
 from pool_managerd.contract.subjects import Subjects
 from pool_managerd.dashboard import DashboardServer, PageConfig
 from pool_managerd.runtime.daemon import Daemon
@@ -382,3 +383,42 @@ async def test_the_page_served_with_run_dir_credentials_connects_to_the_embedded
         if dashboard is not None:
             dashboard.stop()
         await daemon.stop()
+
+
+async def test_a_gpu_fault_shows_on_its_gpu_and_in_the_tail_until_it_is_cleared(
+    browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gpu1 = "GPU-a6000ce1-0000-4000-8000-000000000048"  # the 48 GB device of sim:hetero-24g-48g
+    await start_daemon(secured_server.url, [{"id": "chat", **FAKE, "device_mask": "1"}])
+    page = await open_page(browser, dashboard_for(secured_server), user="operator")
+    await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
+    gpu = f'#gpus .gpu[data-uuid="{gpu1}"]'
+    await page.wait_for_selector(f'{gpu}[data-healthy="true"][data-held="0"]', timeout=WAIT_MS)
+
+    # Ready and verified: what its engine holds on the device shows beside the budget.
+    await page.click(row("chat"))
+    await send_from_page(page, "preload")
+    await page.wait_for_selector(row("chat", "ready"), timeout=WAIT_MS)
+    await page.wait_for_function(f"Number(document.querySelector('{gpu}').dataset.held) > 0", timeout=WAIT_MS)
+    assert "held" in await page.inner_text(gpu)
+    assert "gpu_verified" in await page.inner_text("#pool-events")
+
+    # An Xid 79 on that device (the simulated driver's fault file): the GPU is marked, the tail says
+    # what happened and to which pool, and the pool on it stops.
+    with (tmp_path / "node-a" / "sim-gpu" / "faults.jsonl").open("a") as f:
+        f.write(json.dumps({"uuid": gpu1, "xid": 79}) + "\n")
+    await page.wait_for_selector(f'{gpu}[data-healthy="false"]', timeout=WAIT_MS)
+    assert "UNHEALTHY: Xid 79" in await page.inner_text(gpu)
+    await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
+    fault_row = '#tail tbody tr[data-type="gpu_fault"]'
+    await page.wait_for_selector(fault_row, timeout=WAIT_MS)
+    assert "Xid 79: stop, stop (chat)" in await page.inner_text(fault_row)
+
+    # Cleared by an operator: healthy again, and the tail says so.
+    nc = await operator_client(nats_connect, secured_server)
+    cleared = await PoolClient(nc).gpu_clear("node-a", gpu1)
+    assert isinstance(cleared, GpuClearReply) and cleared.cleared
+    await page.wait_for_selector(f'{gpu}[data-healthy="true"]', timeout=WAIT_MS)
+    await page.wait_for_selector('#tail tbody tr[data-type="gpu_cleared"]', timeout=WAIT_MS)
+    assert page.errors == []

@@ -32,6 +32,9 @@ class ScriptedStore:
     writes: int = 0
     stored: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def watcher(self, callback: object) -> _NoWatch:
+        return _NoWatch()
+
     async def read(self, pool: str) -> ReadLease:
         if self.read_faults:
             raise self.read_faults.popleft()
@@ -49,6 +52,19 @@ class ScriptedStore:
             raise TimeoutError("ack lost")
         self.stored.set()
         return self.revision
+
+
+class _NoWatch:
+    """The keeper's KV watch, absent here: these tests are about renewals."""
+
+    async def start(self) -> None:
+        return None
+
+    async def restart(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
 
 
 async def _holding(store: ScriptedStore) -> tuple[OwnershipKeeper, list[str]]:

@@ -369,6 +369,9 @@ function onNodeEvent(event) {
     fetchInventory(event.node);
   } else if (body.type === "daemon_stopping") {
     n.hb = n.hb ?? event.ts;
+  } else if (body.type === "gpu_fault" || body.type === "gpu_cleared") {
+    // The inventory says which devices are unhealthy and why; the event says it changed.
+    fetchInventory(event.node);
   }
   renderNodes();
 }
@@ -569,7 +572,11 @@ const HOLDS_GPU = new Set(["preloading", "ready", "draining"]);
 function renderGpus() {
   gpusDirty = false;
   const budgets = new Map(); // uuid -> [{pool, bytes}]
+  const held = new Map(); // uuid -> bytes the engines hold, as the post-launch check measured
   for (const e of state.pools.values()) {
+    for (const [uuid, bytes] of Object.entries(e.snap.vram_held || {})) {
+      if (HOLDS_GPU.has(e.snap.state)) held.set(uuid, (held.get(uuid) || 0) + bytes);
+    }
     const pl = e.snap.placement;
     if (!pl || !HOLDS_GPU.has(e.snap.state)) continue;
     (pl.uuids || []).forEach((uuid, i) => {
@@ -590,9 +597,13 @@ function renderGpus() {
         used += b.bytes;
         bar.append(seg);
       }
+      const healthy = gpu.healthy !== false;
+      const holds = held.get(gpu.uuid) || 0;
       const label = `${node} GPU${gpu.index} ${gpu.name} · ${gib(total)} total · ${gib(gpu.memory_free)} free` +
-        ` · ${gib(used)} budgeted${inv.simulated ? " · SIMULATED" : ""}`;
-      blocks.push(el("div", { class: "gpu", "data-uuid": gpu.uuid }, el("div", { text: label }), bar));
+        ` · ${gib(used)} budgeted · ${gib(holds)} held${inv.simulated ? " · SIMULATED" : ""}`;
+      const fault = healthy ? "" : el("span", { class: "gpu-fault", text: `UNHEALTHY: ${gpu.fault || "fault"}` });
+      blocks.push(el("div", { class: "gpu", "data-uuid": gpu.uuid, "data-healthy": String(healthy),
+        "data-held": String(holds) }, el("div", {}, label, " ", fault), bar));
     }
   }
   $("#gpus").replaceChildren(...(blocks.length ? blocks : [el("span", { class: "muted", text: "no inventory yet" })]));
@@ -633,6 +644,15 @@ function describe(event) {
       return `${b.gpus} GPU(s), ${gib(b.memory_free)} free${b.simulated ? ", simulated" : ""}`;
     case "daemon_started":
       return `version ${b.version}, ${b.pools.length} pool(s)`;
+    case "gpu_fault":
+      return `${b.uuid} ${b.kind}${b.xid != null ? ` Xid ${b.xid}` : ""}: ${b.fault_class}, ${b.action}` +
+        `${(b.pools || []).length ? ` (${b.pools.join(", ")})` : ""}${b.description ? `: ${b.description}` : ""}`;
+    case "gpu_cleared":
+      return `${b.uuid} cleared${b.fault ? ` (was ${b.fault})` : ""}`;
+    case "gpu_verified":
+      return b.ok
+        ? `${gib(Object.values(b.held || {}).reduce((a, x) => a + x, 0))} held on ${Object.keys(b.held || {}).length} GPU(s)`
+        : `${b.reason}: ${b.message}`;
     default:
       return "";
   }

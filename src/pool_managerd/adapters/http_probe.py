@@ -6,6 +6,9 @@ engine that closes it costs a reconnect, nothing more), so a steady probe is a w
 200 is healthy, 503 is llama.cpp's "Loading model" (and the usual "not ready yet" of other
 engines), a refused or timed-out connection is an error (vLLM and SGLang do not listen until
 loaded).
+
+One job, a long module: the HTTP/1.1 client and the prober that keeps its connection alive are
+one protocol implementation.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ clocks instead (:mod:`pool_managerd.core.ownership`).
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -21,12 +23,13 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
+from pool_managerd.adapters.kv_watch import KeyWatch
 from pool_managerd.adapters.replication import open_bucket
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import OWNER_DECODER, OwnerRecord, encode
 from pool_managerd.contract.subjects import OWNERS_BUCKET, Subjects
 
-__all__ = ["LeaseLost", "OwnerStore", "ReadLease"]
+__all__ = ["LeaseCallback", "LeaseLost", "OwnerStore", "ReadLease"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,10 @@ class ReadLease:
 
     record: OwnerRecord | None
     revision: int
+
+
+LeaseCallback = Callable[[str, "ReadLease"], Awaitable[None] | None]
+"""``callback(pool, lease)`` of :meth:`OwnerStore.watcher`."""
 
 
 class OwnerStore:
@@ -83,12 +90,25 @@ class OwnerStore:
             return ReadLease(None, exc.entry.revision if exc.entry and exc.entry.revision else 0)
         except nats.js.errors.KeyNotFoundError:
             return ReadLease(None, 0)
-        revision = entry.revision or 0
-        try:
-            return ReadLease(OWNER_DECODER.decode(entry.value or b""), revision)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("owner record of pool %s (revision %d) is unreadable: %s", pool, revision, exc)
-            return ReadLease(None, revision)
+        return _lease(pool, entry.value, entry.revision or 0)
+
+    def watcher(self, callback: LeaseCallback) -> KeyWatch:
+        """A watch (not yet started) of every pool's record under this prefix: ``callback(pool,
+        lease)`` for each record present at its start, then for each write."""
+        prefix = f"{self.subjects.prefix}."
+
+        async def on_entry(entry: KeyValue.Entry) -> None:
+            pool = entry.key.removeprefix(prefix)
+            revision = entry.revision or 0
+            if entry.operation in ("DEL", "PURGE"):
+                lease = ReadLease(None, revision)
+            else:
+                lease = _lease(pool, entry.value, revision)
+            result = callback(pool, lease)
+            if inspect.isawaitable(result):
+                await result
+
+        return KeyWatch(self.kv, f"{prefix}*", on_entry, name="owner-watch")
 
     async def write(self, pool: str, record: OwnerRecord, expect_revision: int) -> int:
         """Write ``record`` if the key is still at ``expect_revision``; returns the new revision.
@@ -100,3 +120,11 @@ class OwnerStore:
             return await self.kv.update(key, encode(record), last=expect_revision)
         except nats.js.errors.KeyWrongLastSequenceError:
             raise LeaseLost(pool, expect_revision) from None
+
+
+def _lease(pool: str, value: bytes | None, revision: int) -> ReadLease:
+    try:
+        return ReadLease(OWNER_DECODER.decode(value or b""), revision)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.warning("owner record of pool %s (revision %d) is unreadable: %s", pool, revision, exc)
+        return ReadLease(None, revision)

@@ -13,6 +13,9 @@ Examples::
 
 Exit status: 0 accepted / ok (and, with ``--wait``, the target state reached); 1 rejected (or the
 pool came to rest in another state); 2 usage error; 3 timeout, NATS unreachable or unavailable.
+
+One job, a long module: one ``ctl`` verb each, with its arguments and its printed reply; the
+shared formatting lives in :mod:`pool_managerd.cli.format`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Groups:
 * Health reports (``poold.health.<pool>``).
 * Events (``poold.evt.<pool>.<event>`` and ``poold.node.<node>.evt.<event>``) in an envelope.
 * Pool snapshots (KV bucket ``poold_pools``).
+
+One job, a long module: every wire shape lives here on purpose, so that ``schemas/`` is generated
+from one place and a client author reads one file; splitting it by group would only move the
+tagged unions (commands, replies, event bodies) away from the members they must list.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ the event sink, then executes the effects. Results of effects come back as new i
 
 Nothing here decides anything: decisions live in the pure core. This module only turns effects
 into processes, probes and timers, and process facts back into triggers.
+
+One job, a long module: the loop of one pool and the effect handlers it dispatches to (spawn,
+stop, probe, timers, adoption) share the actor's state and its order guarantee, and read only
+together.
 """
 
 from __future__ import annotations

@@ -141,13 +141,16 @@ class ConnectionWatch:
             log.warning("disconnected from NATS; events wait in the backlog")
 
     async def on_reconnected(self) -> None:
-        """nats-py's ``reconnected_cb``: a supported server gets the KV snapshots written anew."""
+        """nats-py's ``reconnected_cb``: on a supported server the KV watches start again and the
+        snapshots are written anew."""
         daemon = self._daemon
         if not self.server_supported():
             return
         log.info("reconnected to NATS")
         if daemon.snapshots is not None:
             daemon.tasks.start(daemon.snapshots.restart_watch(), "kv-rewatch")
+        if daemon.ownership is not None:
+            daemon.ownership.rewatch()
         # The server may have lost what was written (a restart without its store): write anew.
         daemon.kv.forget_written()
         for pool in list(daemon.runtime.actors if daemon.runtime else []):

@@ -1,4 +1,4 @@
-"""The shell around the ownership leases: claims, renewals, the serving deadline, standby polls.
+"""The shell around the ownership leases: claims, renewals, the serving deadline, standby watches.
 
 The decisions are :mod:`pool_managerd.core.ownership`'s; this module does the KV I/O and keeps
 the timers. Per pool this node configures, the keeper either *holds* the lease (a task of the
@@ -6,9 +6,11 @@ pool's own renews it every :attr:`~pool_managerd.core.ownership.LeaseTiming.rene
 when a renewal fails for want of an answer, tries again within a second or two until the serving
 deadline; it calls ``on_lost`` the moment the node may no longer serve: a renewal refused by
 another node's record, or the serving deadline passed without one) or
-*watches* it (reads the record every renewal period, notes when its revision last changed, and
+*watches* it (a KV watch of the bucket delivers every write of the record at once, and a read every
+half renewal period covers a watch that lapsed; it notes when the revision last changed, and
 claims it once :func:`~pool_managerd.core.ownership.may_claim` allows, then calls
-``on_claimed``). A watch that may not take over from a live node (see
+``on_claimed``: at once for a released record, so a graceful hand-over takes a round trip).
+A watch that may not take over from a live node (see
 :func:`~pool_managerd.core.ownership.may_take_over`) ends as soon as the record is seen renewed.
 """
 
@@ -22,9 +24,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from pool_managerd.adapters.kv_watch import KeyWatch
 from pool_managerd.adapters.owner_store import LeaseLost, OwnerStore, ReadLease
 from pool_managerd.contract.messages import OwnerRecord
-from pool_managerd.core.ownership import Claim, LeaseTiming, may_claim, serving, serving_until
+from pool_managerd.core.ownership import Claim, LeaseTiming, claim_due, may_claim, serving, serving_until
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class _Watched:
     """When this revision was first seen (None: never read yet)."""
     take_over: bool
     known_epoch: int = 0
+    timer: asyncio.TimerHandle | None = None
+    """Fires when the record, unchanged since ``since``, may be claimed."""
 
 
 class OwnershipKeeper:
@@ -93,6 +98,8 @@ class OwnershipKeeper:
         self._handovers: set[asyncio.Task[None]] = set()
         self._gate = asyncio.Semaphore(AT_ONCE)
         self._task: asyncio.Task[None] | None = None
+        self._watch: KeyWatch | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._closing = False
         self.claims = 0
         self.renewals = 0
@@ -130,7 +137,10 @@ class OwnershipKeeper:
         self._take_over[pool] = take_over
         watched = _Watched(lease, self.clock(), take_over, known_epoch)
         self.watched[pool] = watched
-        return await self._claim_if_allowed(pool, watched)
+        claim = await self._claim_if_allowed(pool, watched)
+        if claim is None:
+            self._arm_claim(pool, watched)
+        return claim
 
     async def raise_epoch(self, pool: str, epoch: int) -> int:
         """Write ``epoch`` (above what the record said) into a held lease: the pool's events
@@ -142,9 +152,27 @@ class OwnershipKeeper:
         return epoch
 
     def start(self) -> None:
-        """Start renewing and watching."""
+        """Start watching (the renewals of held leases run already)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="ownership")
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), name="ownership")
+            self._watch = self.store.watcher(self._seen)
+            self._watch_task = loop.create_task(self._start_watch(self._watch.start), name="owner-watch-start")
+
+    def rewatch(self) -> None:
+        """Re-create the KV watch (call from the NATS reconnected callback); the periodic read
+        covers the gap meanwhile."""
+        if self._watch is not None and not self._closing:
+            watch = self._watch
+            self._watch_task = asyncio.get_running_loop().create_task(self._start_watch(watch.restart),
+                                                                      name="owner-rewatch")  # fmt: skip
+
+    async def _start_watch(self, start: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await start()
+        except Exception as exc:
+            log.warning("owner records not watched (%s: %s); read every %.1f s instead", type(exc).__name__, exc,
+                        self.timing.renew_every_s / 2)  # fmt: skip
 
     def drop(self, pool: str, *, watch: bool) -> None:
         """Stop holding ``pool`` (fenced by the log, or lost): no more renewals, and (``watch``)
@@ -174,6 +202,11 @@ class OwnershipKeeper:
         self._closing = True
         for handover in list(self._handovers):
             handover.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                await self._watch.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,8 +308,7 @@ class OwnershipKeeper:
             self.on_lost(pool, reason)
 
     async def _poll(self, pool: str) -> None:
-        watched = self.watched.get(pool)
-        if watched is None:
+        if pool not in self.watched:
             return
         try:
             async with self._gate:
@@ -284,7 +316,16 @@ class OwnershipKeeper:
         except Exception as exc:
             log.debug("pool %s: owner record not read (%s)", pool, exc)
             return
+        await self._seen(pool, lease)
+
+    async def _seen(self, pool: str, lease: ReadLease) -> None:
+        """A read or the watch delivered ``pool``'s record: note a new revision, claim if allowed."""
+        watched = self.watched.get(pool)
+        if watched is None:
+            return
         if lease.revision != watched.lease.revision:
+            if 0 <= lease.revision < watched.lease.revision:
+                return  # the watch lagging behind a read: nothing new
             renewed = watched.since is not None and lease.record is not None and not lease.record.released
             watched.lease, watched.since = lease, self.clock()
             if renewed and not watched.take_over:
@@ -292,10 +333,29 @@ class OwnershipKeeper:
                 log.info("pool %s is held by %s; not standing by for it", pool, self.owner_of(pool))
                 return
         claim = await self._claim_if_allowed(pool, watched)
-        if claim is not None:
+        if claim is None:
+            self._arm_claim(pool, watched)
+        else:
             # In a task of its own: a takeover reads the pool's history, and the loop must go on
             # renewing every lease meanwhile (the new one included).
             task = asyncio.get_running_loop().create_task(self.on_claimed(pool, claim), name=f"claimed-{pool}")
+            self._handovers.add(task)
+            task.add_done_callback(self._handover_done)
+
+    def _arm_claim(self, pool: str, watched: _Watched) -> None:
+        """Look again the moment an unchanged record may be claimed, not at the next read."""
+        if watched.timer is not None:
+            watched.timer.cancel()
+            watched.timer = None
+        if watched.since is None or watched.lease.record is None or self.watched.get(pool) is not watched:
+            return
+        delay = max(0.0, claim_due(watched.since, self.timing) - self.clock()) + 0.01
+        watched.timer = asyncio.get_running_loop().call_later(delay, self._claim_due, pool, watched)
+
+    def _claim_due(self, pool: str, watched: _Watched) -> None:
+        watched.timer = None
+        if self.watched.get(pool) is watched and not self._closing:
+            task = asyncio.get_running_loop().create_task(self._seen(pool, watched.lease), name=f"claim-due-{pool}")
             self._handovers.add(task)
             task.add_done_callback(self._handover_done)
 
