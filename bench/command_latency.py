@@ -27,21 +27,7 @@ import nats
 
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.contract.messages import REPLY_DECODER, Accepted, StatusReply
-
-ECHO = textwrap.dedent(
-    """
-    import asyncio, sys, nats
-    async def main():
-        nc = await nats.connect(sys.argv[1])
-        async def echo(msg):
-            await msg.respond(msg.data)
-        await nc.subscribe("bench.echo", cb=echo)
-        await nc.flush()
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-    asyncio.run(main())
-    """
-)
+from pool_managerd.testing import echo_responder
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,7 +90,7 @@ async def until_state(nc: nats.NATS, pool: str, state: str, timeout: float = 10.
 async def run(args: argparse.Namespace) -> dict[str, float]:
     tmp = Path(tempfile.mkdtemp(prefix="poold-bench-"))
     server = NatsServer(store_dir=tmp / "nats").start()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, server.url], stdout=subprocess.PIPE, start_new_session=True)
+    echo = subprocess.Popen(echo_responder.argv(server.url), stdout=subprocess.PIPE, start_new_session=True)
     daemon = start_daemon(server.url, tmp)
     try:
         assert echo.stdout is not None

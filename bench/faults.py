@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -33,7 +32,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +41,20 @@ from nats.aio.client import Client as NATS
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.contract.messages import (
-    EVENT_DECODER,
-    REPLY_DECODER,
     Accepted,
     BackoffScheduled,
     DaemonStarted,
     EngineExited,
     EngineSpawned,
     Event,
-    LeaseGranted,
-    LeaseReleased,
     Rejected,
     RestartLimitReached,
     StatusReply,
 )
 from pool_managerd.contract.subjects import Subjects
+from pool_managerd.testing.event_wire import EventWire
+from pool_managerd.testing.recovery_checks import log_checks, only_processes, processes_with, zombies_of
+from pool_managerd.testing.retrying_client import request_until_answered
 from pool_managerd.testing.toml_config import toml_value
 
 NODE = "faults"
@@ -67,34 +64,6 @@ KILL_POINTS = ("spawn:after_fork", "spawn:after_record", "spawn:after_release", 
 
 
 # --- the daemon as a process -------------------------------------------------------------------
-
-
-class Wire:
-    """Every event seen on the wire (core subscription), with waiters."""
-
-    def __init__(self) -> None:
-        self.items: list[Event] = []
-        self.cond = asyncio.Condition()
-
-    async def on_msg(self, msg: Any) -> None:
-        with contextlib.suppress(Exception):
-            event = EVENT_DECODER.decode(msg.data)
-            async with self.cond:
-                self.items.append(event)
-                self.cond.notify_all()
-
-    async def wait(self, pred: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
-        async def find() -> Event:
-            i = start
-            async with self.cond:
-                while True:
-                    while i < len(self.items):
-                        if pred(self.items[i]):
-                            return self.items[i]
-                        i += 1
-                    await self.cond.wait()
-
-        return await asyncio.wait_for(find(), timeout)
 
 
 class Rig:
@@ -109,7 +78,7 @@ class Rig:
         self.pools = pools
         self.proc: asyncio.subprocess.Process | None = None
         self.nc: NATS | None = None
-        self.wire = Wire()
+        self.wire = EventWire()
 
     async def __aenter__(self) -> Rig:
         await self.server.astart()
@@ -166,21 +135,7 @@ class Rig:
                       attempt_s: float = 1.0) -> Accepted | Rejected | StatusReply:  # fmt: skip
         """Send until answered, the same bytes every time (a client retrying with its command id)."""
         assert self.nc is not None
-        data = json.dumps(payload).encode()
-        deadline = time.monotonic() + within_s
-        while True:
-            try:
-                msg = await self.nc.request(f"poold.cmd.{pool}.{verb}", data, timeout=attempt_s)
-                reply = REPLY_DECODER.decode(msg.data)
-                assert isinstance(reply, Accepted | Rejected | StatusReply), reply
-                if not (isinstance(reply, Rejected) and reply.code in ("unavailable", "overloaded")):
-                    return reply
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{verb} {payload} unanswered after {within_s} s")
-            await asyncio.sleep(0.05)  # ok: a client's retry interval
+        return await request_until_answered(self.nc, pool, verb, payload, within_s=within_s, attempt_s=attempt_s)
 
     async def state(self, pool: str) -> StatusReply:
         reply = await self.request(pool, "status", {"command_id": "status"})
@@ -211,58 +166,6 @@ class Rig:
 
 async def _quiet(exc: Exception) -> None:
     pass
-
-
-def processes_with(marker: str) -> list[int]:
-    """Live (non-zombie) processes whose command line holds ``marker``, gates excluded."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-            stat = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline and stat[stat.rfind(b")") + 2 :][:1] != b"Z":
-            found.append(int(name))
-    return found
-
-
-def zombies_of(parent: int) -> list[int]:
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_bytes()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if fields[0] == b"Z" and int(fields[1]) == parent:
-                out.append(int(name))
-    return out
-
-
-def log_checks(events: list[Event]) -> dict[str, int]:
-    """Gaps and duplicated sequences per pool and node, commands applied twice."""
-    seqs: dict[str, list[int]] = {}
-    for e in events:
-        seqs.setdefault(e.pool or f"node:{e.node}", []).append(e.seq)
-    gaps = dups = 0
-    for got in seqs.values():
-        dups += len(got) - len(set(got))
-        gaps += sum(1 for a, b in itertools.pairwise(got) if b not in (a, a + 1))
-        if got and got[0] != 1:
-            gaps += 1
-    # A lease or release is applied by its own step (the events carrying its fingerprint): two
-    # such grants or releases for one command id mean a retry was applied again.
-    applied: Counter[tuple[str | None, str | None, str]] = Counter(
-        (e.pool, e.command_id, e.type)
-        for e in events
-        if e.fingerprint is not None and isinstance(e.body, LeaseGranted | LeaseReleased)
-    )
-    twice = sum(1 for n in applied.values() if n > 1)
-    return {"gaps": gaps, "duplicates": dups, "applied_twice": twice}
 
 
 # --- 1. NATS killed and restarted under load --------------------------------------------------------
@@ -362,15 +265,10 @@ async def daemon_kills(root: Path, kills: int) -> dict[str, Any]:
             else:
                 ready_s.append(time.monotonic() - t0)
             current = (await rig.state(pool)).pool.engine
-            deadline = time.monotonic() + 5.0
-            while True:
-                # Gates left by a killed daemon exit on their own within milliseconds.
-                live = processes_with(marker)
-                extra = [p for p in live if current is None or p != current.pid]
-                if not extra or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)  # ok: an exit we cannot wait on from here
-            orphans += len(extra)
+            allowed = {current.pid} if current is not None else set()
+            # Gates left by a killed daemon exit on their own within milliseconds.
+            live = await only_processes(marker, allowed, within_s=5.0)
+            orphans += len([p for p in live if p not in allowed])
             two += 1 if len(live) > 1 else 0
             # Back to unready for the next round.
             await rig.request(pool, "stop", {"command_id": f"stop-{i}"})

@@ -43,11 +43,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from faults import Wire, log_checks  # a sibling bench script, not a package
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.contract.messages import (
-    REPLY_DECODER,
     Accepted,
     DaemonStarted,
     Event,
@@ -56,7 +53,10 @@ from pool_managerd.contract.messages import (
     StatusReply,
 )
 from pool_managerd.contract.subjects import KV_BUCKET, OWNERS_BUCKET, STREAM_NAME, Subjects
+from pool_managerd.testing.event_wire import EventWire
 from pool_managerd.testing.nats_cluster import NatsCluster
+from pool_managerd.testing.recovery_checks import log_checks
+from pool_managerd.testing.retrying_client import request_until_answered
 from pool_managerd.testing.toml_config import toml_value
 
 NODES = ("node-a", "node-b")
@@ -90,7 +90,7 @@ class FleetRig:
         self.replicas = replicas
         self.procs: dict[str, asyncio.subprocess.Process] = {}
         self.nc: NATS | None = None
-        self.wire = Wire()
+        self.wire = EventWire()
         self.retries = 0
 
     async def __aenter__(self) -> FleetRig:
@@ -146,27 +146,14 @@ class FleetRig:
 
     async def request(self, pool: str, verb: str, payload: dict[str, Any], *, within_s: float = 60.0,
                       attempt_s: float = 1.0) -> Accepted | Rejected | StatusReply:  # fmt: skip
-        """Send until answered, the same bytes every time (a client retrying with its command id)."""
+        """Send until answered, the same bytes every time (a client retrying with its command id);
+        every attempt after the first counts in ``retries``."""
         assert self.nc is not None
-        data = json.dumps(payload).encode()
-        deadline = time.monotonic() + within_s
-        first = True
-        while True:
-            if not first:
-                self.retries += 1
-            first = False
-            try:
-                msg = await self.nc.request(f"poold.cmd.{pool}.{verb}", data, timeout=attempt_s)
-                reply = REPLY_DECODER.decode(msg.data)
-                assert isinstance(reply, Accepted | Rejected | StatusReply), reply
-                if not (isinstance(reply, Rejected) and reply.code in ("unavailable", "overloaded")):
-                    return reply
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{verb} {payload} unanswered after {within_s} s")
-            await asyncio.sleep(0.05)  # ok: a client's retry interval
+        return await request_until_answered(self.nc, pool, verb, payload, within_s=within_s, attempt_s=attempt_s,
+                                            on_retry=self._retried)  # fmt: skip
+
+    def _retried(self) -> None:
+        self.retries += 1
 
     async def until_ready(self, pool: str) -> None:
         deadline = time.monotonic() + READY_S

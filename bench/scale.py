@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +43,7 @@ import nats
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.client import PoolClient
 from pool_managerd.contract.messages import REPLY_DECODER, PoolsReply, StatusReply
+from pool_managerd.testing import echo_responder
 
 ENGINE_C = r"""
 #include <arpa/inet.h>
@@ -89,20 +89,6 @@ int main(int argc, char **argv) {
 }
 """
 
-ECHO = textwrap.dedent(
-    """
-    import asyncio, sys, nats
-    async def main():
-        nc = await nats.connect(sys.argv[1])
-        async def echo(msg):
-            await msg.respond(msg.data)
-        await nc.subscribe("bench.echo", cb=echo)
-        await nc.flush()
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-    asyncio.run(main())
-    """
-)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -231,7 +217,7 @@ async def one_size(n: int, args: argparse.Namespace, engine: Path, tmp: Path) ->
     work = tmp / f"n{n}"
     work.mkdir()
     server = NatsServer(store_dir=work / "nats").start()
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, server.url], stdout=subprocess.PIPE, start_new_session=True)
+    echo = subprocess.Popen(echo_responder.argv(server.url), stdout=subprocess.PIPE, start_new_session=True)
     cfg = work / "bench.toml"
     pools = write_config(cfg, work / "run", server.url, engine, n)
     profile = args.profile / f"n{n}" if args.profile else None

@@ -104,12 +104,8 @@ async def _quiet_error_cb(exc: Exception) -> None:
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """One JetStream server for the session. Tests isolate themselves with :func:`js_ns`."""
-    server = NatsServer(store_dir=tmp_path_factory.mktemp("nats-session"))
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path_factory.mktemp("nats-session")) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -121,12 +117,8 @@ def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture
 def fresh_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server of this test's own, free to ``kill()`` / ``restart()`` (same port and store)."""
-    server = NatsServer(store_dir=tmp_path / "nats-store")
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path / "nats-store") as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -134,12 +126,8 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     """A 3-node JetStream cluster on loopback of this test's own (routes, a store dir per node),
     started once the meta leader is agreed on; free to ``kill(i)`` / ``restart(i)`` a node (same
     ports and store: it rejoins). Its own, because daemons on it create the shared stream."""
-    cluster = NatsCluster(3, store_root=tmp_path / "nats-cluster")
-    cluster.start()
-    try:
+    with NatsCluster(3, store_root=tmp_path / "nats-cluster") as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 NatsConnect = Callable[..., Awaitable[NATS]]

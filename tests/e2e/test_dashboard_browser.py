@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
+from conftest import FAKE, StartDaemon
 from pool_managerd import accounts
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
@@ -44,7 +45,9 @@ CHROMIUM_ARGS = [
 PASSWORDS = {"daemon": "daemonpw1", "admin": "adminpw1", "operator": "operatorpw1", "viewer": "viewerpw1"}
 """The shipped users and permissions (``accounts.server_config``) with these passwords."""
 WAIT_MS = 15_000
-FAKE = {"engine": "fake", "extra_args": ["--load-time", "0.1"], "model_bytes": 1_000_000_000, "stop_grace_s": 2.0}
+DAEMON_NATS = {"user": "daemon", "password": PASSWORDS["daemon"], "inbox_prefix": accounts.inbox_prefix("daemon"),
+               "reconnect_wait_s": 0.1}  # fmt: skip
+"""How the daemon connects to the secured server: as the shipped daemon user."""
 
 
 @pytest.fixture
@@ -63,45 +66,15 @@ async def browser() -> AsyncIterator[Any]:
 @pytest.fixture
 def secured_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of this test's own with a websocket listener and the shipped users."""
-    server = NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=accounts.server_config(PASSWORDS))
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path / "nats", websocket_port=0, config=accounts.server_config(PASSWORDS)) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server with a websocket listener and no authentication (like the demo's)."""
-    server = NatsServer(store_dir=tmp_path / "nats-open", websocket_port=0)
-    server.start()
-    try:
+    with NatsServer(store_dir=tmp_path / "nats-open", websocket_port=0) as server:
         yield server
-    finally:
-        server.close()
-
-
-StartDaemon = Callable[..., Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    daemons: list[Daemon] = []
-
-    async def start(url: str, pools: list[dict[str, Any]], **nats: Any) -> Daemon:
-        nats_cfg = {"urls": [url], "user": "daemon", "password": PASSWORDS["daemon"],
-                    "inbox_prefix": accounts.inbox_prefix("daemon"), "reconnect_wait_s": 0.1, **nats}  # fmt: skip
-        config = load_config(None, node="node-a", run_dir=tmp_path / "node-a", gpus="sim:hetero-24g-48g",
-                             heartbeat_s=5.0, nats=nats_cfg, pools=pools)  # fmt: skip
-        daemon = Daemon(config)
-        daemons.append(daemon)
-        await daemon.start()
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        await daemon.stop()
 
 
 @pytest.fixture
@@ -190,7 +163,7 @@ async def test_the_table_follows_a_preload_a_crash_and_a_drain_with_a_lease_held
         {"id": "chat", **FAKE, "slots": 2, "restart": {"initial_s": 1.0}},
         {"id": "embed", **FAKE, "model": "bge-large"},
     ]
-    daemon = await start_daemon(secured_server.url, pools)
+    daemon = await start_daemon(secured_server.url, pools=pools, nats_options=DAEMON_NATS)
     page = await open_page(browser, dashboard_for(secured_server), user="operator")
     for pool in ("chat", "embed"):
         await page.wait_for_selector(row(pool, "unready"), timeout=WAIT_MS)
@@ -255,7 +228,7 @@ async def test_the_table_follows_a_preload_a_crash_and_a_drain_with_a_lease_held
 async def test_a_viewers_drain_is_refused_visibly_and_changes_nothing(
     browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any
 ) -> None:
-    await start_daemon(secured_server.url, [{"id": "chat", **FAKE}])
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE}], nats_options=DAEMON_NATS)
     nc = await operator_client(nats_connect, secured_server)
     reply = await request(nc, "poold.cmd.chat.preload", {"command_id": uuid.uuid4().hex})
     assert isinstance(reply, Accepted)
@@ -281,7 +254,7 @@ async def test_a_viewers_drain_is_refused_visibly_and_changes_nothing(
 async def test_the_page_recovers_after_the_nats_server_restarts(
     browser: Any, secured_server: NatsServer, start_daemon: StartDaemon, dashboard_for: Any, nats_connect: Any
 ) -> None:
-    await start_daemon(secured_server.url, [{"id": "chat", **FAKE}])
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE}], nats_options=DAEMON_NATS)
     page = await open_page(browser, dashboard_for(secured_server), user="operator")
     await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
 
@@ -390,7 +363,7 @@ async def test_a_gpu_fault_shows_on_its_gpu_and_in_the_tail_until_it_is_cleared(
     tmp_path: Path,
 ) -> None:  # fmt: skip
     gpu1 = "GPU-a6000ce1-0000-4000-8000-000000000048"  # the 48 GB device of sim:hetero-24g-48g
-    await start_daemon(secured_server.url, [{"id": "chat", **FAKE, "device_mask": "1"}])
+    await start_daemon(secured_server.url, pools=[{"id": "chat", **FAKE, "device_mask": "1"}], nats_options=DAEMON_NATS)
     page = await open_page(browser, dashboard_for(secured_server), user="operator")
     await page.wait_for_selector(row("chat", "unready"), timeout=WAIT_MS)
     gpu = f'#gpus .gpu[data-uuid="{gpu1}"]'

@@ -24,7 +24,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,15 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from conftest import FAKE
+from conftest import FAKE, StartDaemon
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.engines.procs import pid_alive
 from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.adapters.eventlog.stream import ensure_stream
-from pool_managerd.config import load_config
 from pool_managerd.contract.messages import Accepted, EngineSpawned, Event, PreloadCmd, StopCmd
 from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_version
 from pool_managerd.contract.subjects import STREAM_NAME, Subjects
 from pool_managerd.runtime import connection as connection_module
-from pool_managerd.runtime.daemon import Daemon
 from support.daemon_wire import Events, cid, follow, reached, ready_pool, req
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
 from support.rig import Rig, Wire, fake_pool, render_config
@@ -78,27 +76,6 @@ def servers(tmp_path: Path) -> Iterator[Servers]:
         yield s
     finally:
         s.close()
-
-
-StartDaemon = Callable[..., Awaitable[Daemon]]
-
-
-@pytest.fixture
-async def start_daemon(tmp_path: Path) -> AsyncIterator[StartDaemon]:
-    """``await start_daemon(url, node=..., pools=[...])``: an in-process daemon, stopped after."""
-    daemons: list[Daemon] = []
-
-    async def start(url: str, *, node: str, pools: list[dict[str, Any]]) -> Daemon:
-        config = load_config(None, node=node, run_dir=tmp_path / node, gpus="sim:hetero-24g-48g",
-                             nats={"urls": [url]}, pools=pools, heartbeat_s=5.0)  # fmt: skip
-        daemon = Daemon(config)
-        daemons.append(daemon)
-        await daemon.start()
-        return daemon
-
-    yield start
-    for daemon in daemons:
-        await daemon.stop()
 
 
 def release(version: str) -> tuple[int, int, int]:

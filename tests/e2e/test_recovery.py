@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -52,6 +51,7 @@ from pool_managerd.contract.messages import (
     StateChanged,
 )
 from pool_managerd.contract.subjects import Subjects
+from pool_managerd.testing.recovery_checks import only_processes, processes_with, sequences
 from support.procs import FakeEngines, track_pid, wait_for_file
 from support.rig import (
     EVENT_S,
@@ -97,10 +97,7 @@ async def stream_events(nc: NATS) -> list[Event]:
 
 
 def assert_contiguous(events: list[Event]) -> None:
-    seqs: dict[str, list[int]] = {}
-    for e in events:
-        seqs.setdefault(e.pool or f"node:{e.node}", []).append(e.seq)
-    for key, got in seqs.items():
+    for key, got in sequences(events).items():
         assert got == list(range(1, len(got) + 1)), f"{key}: sequences in the stream are {got}"
 
 
@@ -476,32 +473,6 @@ async def test_removed_pool_whose_engine_died_while_down_is_stopped_not_restarte
 
 
 # --- crash windows around a spawn, and retries across a restart ------------------------------------
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids of live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-            stat = Path(f"/proc/{name}/stat").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmdline and stat[stat.rfind(b")") + 2 :][:1] != b"Z":
-            found.append(int(name))
-    return found
-
-
-async def only_processes(marker: str, allowed: set[int], within_s: float = 10.0) -> list[int]:
-    """Wait until every live process carrying ``marker`` is in ``allowed``; returns them."""
-    deadline = time.monotonic() + within_s
-    while True:
-        found = processes_with(marker)
-        if set(found) <= allowed or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.05)  # ok: a process's exit has no event we can wait on from here
 
 
 @pytest.mark.parametrize("fault", ["spawn:after_fork", "spawn:after_record", "spawn:after_release"])

@@ -20,12 +20,10 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 
 from pool_managerd.adapters.embedded_nats import NatsServer
 from pool_managerd.adapters.engines.procs import group_members
 from pool_managerd.contract.messages import (
-    EVENT_DECODER,
     REPLY_DECODER,
     Accepted,
     DaemonStarted,
@@ -37,6 +35,7 @@ from pool_managerd.contract.messages import (
     StateChanged,
     StatusReply,
 )
+from pool_managerd.testing.event_wire import EventWire
 from pool_managerd.testing.toml_config import toml_value
 from support.procs import track_pid
 
@@ -78,39 +77,18 @@ def render_config(url: str, run_dir: Path, pools: list[dict[str, Any]], **top: A
     return "\n".join(lines) + "\n"
 
 
-class Wire:
+class Wire(EventWire):
     """Every pool and node event seen on the wire, with waiters; learns engine pids as they appear."""
 
     def __init__(self) -> None:
-        self.items: list[Event] = []
-        self.cond = asyncio.Condition()
+        super().__init__()
         self.engine_pids: list[int] = []
 
-    async def on_msg(self, msg: Msg) -> None:
-        event = EVENT_DECODER.decode(msg.data)
+    def seen(self, event: Event) -> None:
         body = event.body
         if isinstance(body, EngineSpawned | EngineAdopted) and body.pid not in self.engine_pids:
             self.engine_pids.append(body.pid)
             track_pid(body.pid)  # not our child: the leak guard checks it by pid
-        async with self.cond:
-            self.items.append(event)
-            self.cond.notify_all()
-
-    def mark(self) -> int:
-        return len(self.items)
-
-    async def wait(self, pred: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
-        async def find() -> Event:
-            i = start
-            async with self.cond:
-                while True:
-                    while i < len(self.items):
-                        if pred(self.items[i]):
-                            return self.items[i]
-                        i += 1
-                    await self.cond.wait()
-
-        return await asyncio.wait_for(find(), timeout)
 
     def summary(self) -> str:
         return "\n".join(f"  {e.pool or 'node'} #{e.seq} {_describe(e.body)}" for e in self.items)

@@ -50,9 +50,8 @@ from pool_managerd.contract.messages import (
     StopCmd,
     encode,
 )
-from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PlanRequest, PoolDefinition
-from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine, TimerName
-from pool_managerd.core.machine import PoolMachine
+from pool_managerd.core.definitions import Context, OverrideDecl, PlanRejected, PoolDefinition
+from pool_managerd.core.effects import ArmTimer, CancelTimer, SpawnEngine, StopEngine
 from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.state import evolve
 from pool_managerd.core.table import (
@@ -70,6 +69,7 @@ from pool_managerd.core.table import (
 )
 from pool_managerd.lifecycle import supervision
 from pool_managerd.lifecycle.supervision import RestartPolicy
+from support.lifecycle_harness import LifecycleHarness
 
 NODE = "node-1"
 POOL = "chat-8b"
@@ -97,94 +97,23 @@ SNAPSHOT = GpuSnapshot(simulated=True, source="sim:test")
 T = TypeVar("T")
 
 
-class Harness:
-    """One PoolMachine plus the shell's bookkeeping: armed timers, the last spawn, the clock."""
-
-    def __init__(
-        self,
-        *,
-        spec: EngineSpec = SPEC,
-        restart: RestartPolicy | None = None,
-        pools: tuple[str, ...] = (POOL,),
-        definition: PoolDefinition | None = None,
-    ) -> None:
-        self.plan: Placement | PlanRejected = PLACEMENT
-        self.requests: list[PlanRequest] = []
-        self.lc = PoolMachine(NODE, self.planner)
-        for pool in pools:
-            base = definition or PoolDefinition(pool, spec)
-            self.lc.register(dataclasses.replace(base, pool=pool, restart=restart or base.restart))
-        self.now = 0.0
-        self.rand = 0.5
-        self.next_pid = 100
-        self.timers: dict[str, dict[TimerName, int]] = {pool: {} for pool in pools}
-        self.log: dict[str, list[Event]] = {pool: [] for pool in pools}
-        self.last_spawn: SpawnEngine | None = None
-
-    def planner(self, request: PlanRequest) -> Placement | PlanRejected:
-        self.requests.append(request)
-        return self.plan
-
-    def ctx(self, **kwargs: Any) -> Context:
-        return Context(now=self.now, rand=self.rand, snapshot=SNAPSHOT, **kwargs)
-
-    def _track(self, pool: str, outcome: Outcome) -> Outcome:
-        self.log[pool].extend(outcome.events)
-        for effect in outcome.effects:
-            if isinstance(effect, ArmTimer):
-                self.timers[pool][effect.name] = effect.token
-            elif isinstance(effect, CancelTimer):
-                self.timers[pool].pop(effect.name, None)
-            elif isinstance(effect, SpawnEngine):
-                self.last_spawn = effect
-        return outcome
-
-    # --- inputs ---------------------------------------------------------------------------------
-
-    def cmd(self, cmd: PoolCommand, pool: str = POOL, **ctx: Any) -> Outcome:
-        return self._track(pool, self.lc.command(pool, cmd, self.ctx(**ctx)))
-
-    def spawned(self, pool: str = POOL) -> tuple[Outcome, EngineInfo]:
-        self.next_pid += 1
-        pid = self.next_pid
-        info = EngineInfo(pid=pid, pgid=pid, port=9000 + pid, started_at=self.now, argv=["fake-engine"])
-        out = self.lc.engine_spawned(pool, info, "GPU-aaaa", self.ctx())
-        return self._track(pool, out), info
-
-    def spawn_failed(self, error: str = "no such file", pool: str = POOL, attempt: int | None = None) -> Outcome:
-        return self._track(pool, self.lc.spawn_failed(pool, error, self.ctx(), attempt))
-
-    def exited(self, pid: int, exit_code: int | None = 1, signal: int | None = None, pool: str = POOL) -> Outcome:
-        return self._track(pool, self.lc.engine_exited(pool, pid, exit_code, signal, self.ctx()))
-
-    def probe(self, pid: int | None, *, ok: bool = True, loading: bool = False, pool: str = POOL) -> Outcome:
-        report = HealthReport(pool=pool, ts=self.now, ok=ok, loading=loading, engine_pid=pid)
-        return self._track(pool, self.lc.health(pool, report, self.ctx()))
-
-    def fire(self, name: TimerName, pool: str = POOL, token: int | None = None) -> Outcome:
-        if token is None:
-            token = self.timers[pool].pop(name)
-        return self._track(pool, self.lc.timer_fired(pool, name, token, self.ctx()))
-
-    # --- reads ----------------------------------------------------------------------------------
-
-    def state(self, pool: str = POOL) -> PoolState:
-        return self.lc.state(pool)
-
-    def entry(self, pool: str = POOL) -> Any:
-        return self.lc.pool(pool).entry
-
-    # --- macros ---------------------------------------------------------------------------------
-
-    def to_ready(self, pool: str = POOL) -> EngineInfo:
-        if self.state(pool) == "unready":
-            out = self.cmd(PreloadCmd(command_id=f"preload-{self.now}"), pool)
-            assert isinstance(out.reply, Accepted), out.reply
-        assert self.state(pool) == "preloading"
-        _, info = self.spawned(pool)
-        self.probe(info.pid, pool=pool)
-        assert self.state(pool) == "ready"
-        return info
+def harness(
+    *,
+    spec: EngineSpec = SPEC,
+    restart: RestartPolicy | None = None,
+    pools: tuple[str, ...] = (POOL,),
+    definition: PoolDefinition | None = None,
+) -> LifecycleHarness:
+    """A machine with ``pools`` registered (each from ``definition`` or ``spec``), placed on one
+    simulated GPU; the clock stands at 0 until a test moves it."""
+    base = definition or PoolDefinition(POOL, spec)
+    return LifecycleHarness(
+        NODE,
+        [dataclasses.replace(base, pool=pool, restart=restart or base.restart) for pool in pools],
+        plan=PLACEMENT,
+        snapshot=SNAPSHOT,
+        gpu="GPU-aaaa",
+    )
 
 
 def only(items: list[Any], kind: type[T]) -> list[T]:
@@ -265,7 +194,7 @@ def test_mermaid_lists_every_edge_once() -> None:
 
 
 def test_register_creates_an_unready_pool() -> None:
-    h = Harness()
+    h = harness()
     assert h.state() == "unready"
     assert h.entry().state == "unready"
     assert h.entry().slots_total == SPEC.slots
@@ -274,21 +203,21 @@ def test_register_creates_an_unready_pool() -> None:
 
 @pytest.mark.parametrize("bad", ["", "Chat", "a.b", "*", ">", "a" * 64])
 def test_register_invalid_id(bad: str) -> None:
-    h = Harness()
+    h = harness()
     with pytest.raises(InvalidId):
         h.lc.register(PoolDefinition(bad, SPEC))
     assert bad not in h.lc.pools
 
 
 def test_register_duplicate() -> None:
-    h = Harness()
+    h = harness()
     with pytest.raises(DuplicatePool):
         h.lc.register(PoolDefinition(POOL, SPEC))
     assert list(h.lc.pools) == [POOL]
 
 
 def test_unknown_pool_raises_from_every_step() -> None:
-    h = Harness()
+    h = harness()
     ctx = Context(now=1.0)
     info = EngineInfo(pid=1, pgid=1, port=1, started_at=0.0)
     report = HealthReport(pool="ghost", ts=1.0, ok=True)
@@ -314,7 +243,7 @@ def test_unknown_pool_raises_from_every_step() -> None:
 
 
 def test_preload_spawns_and_arms_the_load_timeout() -> None:
-    h = Harness()
+    h = harness()
     h.now = 5.0
     out = h.cmd(PreloadCmd(command_id="c1", device_mask="0", policy="proportional"))
     assert h.state() == "preloading"
@@ -336,7 +265,7 @@ def test_preload_spawns_and_arms_the_load_timeout() -> None:
 
 
 def test_preload_with_a_model_override_spawns_that_model() -> None:
-    h = Harness()
+    h = harness()
     out = h.cmd(PreloadCmd(command_id="c1", model="other"))
     (spawn,) = only(out.effects, SpawnEngine)
     assert spawn.spec.model == "other"
@@ -344,7 +273,7 @@ def test_preload_with_a_model_override_spawns_that_model() -> None:
 
 
 def test_ready_only_after_a_successful_probe_of_the_current_engine() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="c1"))
     # A healthy report before the engine exists cannot make the pool ready.
     assert h.probe(None).events == []
@@ -373,7 +302,7 @@ def test_ready_only_after_a_successful_probe_of_the_current_engine() -> None:
 
 
 def test_load_timeout_schedules_a_restart() -> None:
-    h = Harness()
+    h = harness()
     h.rand = 0.9
     h.cmd(PreloadCmd(command_id="c1"))
     _, info = h.spawned()
@@ -398,7 +327,7 @@ def test_load_timeout_schedules_a_restart() -> None:
 
 
 def test_stale_timer_tokens_are_ignored() -> None:
-    h = Harness()
+    h = harness()
     out = h.cmd(PreloadCmd(command_id="c1"))
     (arm,) = only(out.effects, ArmTimer)
     _, info = h.spawned()
@@ -414,7 +343,7 @@ def test_stale_timer_tokens_are_ignored() -> None:
 
 
 def test_a_retriggered_timer_only_honours_the_latest_token() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="c1"))
     first = h.timers[POOL]["load_timeout"]
     h.cmd(StopCmd(command_id="c2"))
@@ -428,7 +357,7 @@ def test_a_retriggered_timer_only_honours_the_latest_token() -> None:
 
 
 def test_spawn_failure_schedules_a_restart() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="c1"))
     out = h.spawn_failed("port 9000 taken")
     assert changes(out) == [("preloading", "preload_failed", "restarting")]
@@ -439,7 +368,7 @@ def test_spawn_failure_schedules_a_restart() -> None:
 
 
 def test_backoff_elapsed_re_places_and_spawns_again() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="c1"))
     h.spawn_failed()
     h.now = 1.0
@@ -451,7 +380,7 @@ def test_backoff_elapsed_re_places_and_spawns_again() -> None:
 
 
 def test_backoff_re_placement_failure_retries_then_gives_up() -> None:
-    h = Harness(restart=RestartPolicy(max_consecutive_failures=3))
+    h = harness(restart=RestartPolicy(max_consecutive_failures=3))
     h.cmd(PreloadCmd(command_id="c1"))
     h.spawn_failed()  # failure 1
     h.plan = PlanRejected("placement_failed", "GPU 0 is full")
@@ -472,7 +401,7 @@ def test_backoff_re_placement_failure_retries_then_gives_up() -> None:
 
 
 def test_crash_in_ready_restarts_with_the_supervision_delay() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     h.now, h.rand = 10.0, 0.3
     out = h.exited(info.pid, exit_code=139)
@@ -496,7 +425,7 @@ def test_crash_in_ready_restarts_with_the_supervision_delay() -> None:
 
 def test_repeated_crashes_park_the_pool_in_failed() -> None:
     policy = RestartPolicy(max_consecutive_failures=5)
-    h = Harness(restart=policy)
+    h = harness(restart=policy)
     delays = []
     for attempt in range(1, 6):
         info = h.to_ready()
@@ -521,7 +450,7 @@ def test_repeated_crashes_park_the_pool_in_failed() -> None:
 
 
 def test_reset_acknowledges_the_crash_loop() -> None:
-    h = Harness(restart=RestartPolicy(max_consecutive_failures=1))
+    h = harness(restart=RestartPolicy(max_consecutive_failures=1))
     info = h.to_ready()
     h.exited(info.pid)
     assert h.state() == "failed"
@@ -537,7 +466,7 @@ def test_reset_acknowledges_the_crash_loop() -> None:
 
 
 def test_unready_after_reset_shows_no_placement_like_after_stop() -> None:
-    h = Harness(restart=RestartPolicy(max_consecutive_failures=1))
+    h = harness(restart=RestartPolicy(max_consecutive_failures=1))
     info = h.to_ready()
     h.exited(info.pid)
     h.cmd(ResetCmd(command_id="r1"))
@@ -548,7 +477,7 @@ def test_unready_after_reset_shows_no_placement_like_after_stop() -> None:
 
 
 def test_health_lost_after_the_threshold_of_failed_probes() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     for _ in range(SPEC.probe_failure_threshold - 1):
         out = h.probe(info.pid, ok=False)
@@ -571,7 +500,7 @@ def test_health_lost_after_the_threshold_of_failed_probes() -> None:
 def test_absorbing_a_probe_is_the_step_it_replaces() -> None:
     # Two pools fed the same reports: one absorbs what it can without a step, the other steps
     # every report. They end every report alike, and only no-change reports are absorbed.
-    h = Harness(pools=("a", "b"))
+    h = harness(pools=("a", "b"))
     pids = {pool: h.to_ready(pool).pid for pool in ("a", "b")}
     script = [(True, False, 0), (False, False, 0), (True, False, 0), (True, False, 0), (False, True, 0),
               (True, False, 1), (True, False, 0), (False, False, 0), (False, False, 0), (False, False, 0),
@@ -584,9 +513,9 @@ def test_absorbing_a_probe_is_the_step_it_replaces() -> None:
         took = h.lc.absorb_probe("a", report)
         absorbed.append(took)
         if not took:
-            h._track("a", h.lc.health("a", report, h.ctx()))
+            h.take(h.lc.health("a", report, h.ctx()), "a")
         twin = msgspec.structs.replace(report, pool="b", engine_pid=pids["b"] + wrong_pid)
-        out = h._track("b", h.lc.health("b", twin, h.ctx()))
+        out = h.take(h.lc.health("b", twin, h.ctx()), "b")
         if took:
             assert out.events == [] and out.effects == [] and out.reply is None
         a, b = h.entry("a"), h.entry("b")
@@ -603,7 +532,7 @@ def test_absorbing_a_probe_is_the_step_it_replaces() -> None:
 def test_a_loading_answer_counts_against_a_ready_engine() -> None:
     # 503 "loading" is fine while preloading; a ready engine answering it cannot serve, so it
     # counts like a failed probe (an engine alternating failures and 503s must not stay ready).
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     h.probe(info.pid, ok=False)
     h.probe(info.pid, ok=False, loading=True)
@@ -615,7 +544,7 @@ def test_a_loading_answer_counts_against_a_ready_engine() -> None:
 
 
 def test_drain_without_leases_completes_at_once() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     out = h.cmd(DrainCmd(command_id="d1", deadline_s=10.0))
     assert h.state() == "unready"
@@ -627,7 +556,7 @@ def test_drain_without_leases_completes_at_once() -> None:
 
 
 def test_drain_from_preloading_abandons_the_load() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="p"))
     _, info = h.spawned()
     out = h.cmd(DrainCmd(command_id="d1"))
@@ -638,7 +567,7 @@ def test_drain_from_preloading_abandons_the_load() -> None:
 
 
 def test_drain_with_a_held_lease_waits_for_the_release() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     h.cmd(LeaseCmd(command_id="lease-1"))  # pure tests: the command id is the lease id
     out = h.cmd(DrainCmd(command_id="d1", deadline_s=30.0))
@@ -662,7 +591,7 @@ def test_drain_with_a_held_lease_waits_for_the_release() -> None:
 
 
 def test_lease_expiry_completes_a_drain() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.cmd(LeaseCmd(command_id="l1", ttl_s=5.0))
     h.cmd(DrainCmd(command_id="d1", deadline_s=30.0))
@@ -673,7 +602,7 @@ def test_lease_expiry_completes_a_drain() -> None:
 
 
 def test_drain_deadline_with_a_held_lease_forces_the_stop() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     h.cmd(LeaseCmd(command_id="l1", ttl_s=600.0))
     h.cmd(DrainCmd(command_id="d1", deadline_s=30.0))
@@ -692,7 +621,7 @@ def test_drain_deadline_with_a_held_lease_forces_the_stop() -> None:
 
 
 def test_reload_success() -> None:
-    h = Harness()
+    h = harness()
     old = h.to_ready()
     out = h.cmd(ReloadCmd(command_id="rl", model="m2"))
     assert changes(out) == [("ready", "reload", "draining"), ("draining", "drained", "preloading")]
@@ -718,7 +647,7 @@ def test_reload_success() -> None:
 
 
 def test_a_reload_sets_declared_overrides_after_the_configured_template() -> None:
-    h = Harness(definition=DEFINITION_WITH_OVERRIDES)
+    h = harness(definition=DEFINITION_WITH_OVERRIDES)
     h.to_ready()
     out = h.cmd(ReloadCmd(command_id="rl", overrides={"ctx_size": 8192, "flash": True}))
     (spawn,) = only(out.effects, SpawnEngine)
@@ -748,7 +677,7 @@ def test_a_reload_sets_declared_overrides_after_the_configured_template() -> Non
 def test_a_reload_outside_the_declarations_is_a_bad_request_that_changes_nothing(
     overrides: dict[str, Any] | None, model: str | None, message: str
 ) -> None:
-    h = Harness(definition=DEFINITION_WITH_OVERRIDES)
+    h = harness(definition=DEFINITION_WITH_OVERRIDES)
     h.to_ready()
     before = h.entry()
     out = h.cmd(ReloadCmd(command_id="rl", overrides=overrides, model=model))
@@ -759,7 +688,7 @@ def test_a_reload_outside_the_declarations_is_a_bad_request_that_changes_nothing
 
 
 def test_reload_of_the_identical_spec_is_a_no_op() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     seq = h.entry().seq
     for cmd in [ReloadCmd(command_id="same"), ReloadCmd(command_id="same-model", model=SPEC.model)]:
@@ -772,7 +701,7 @@ def test_reload_of_the_identical_spec_is_a_no_op() -> None:
 
 
 def test_reload_placement_failure_is_rejected_and_keeps_serving() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.plan = PlanRejected("placement_failed", "does not fit")
     out = h.cmd(ReloadCmd(command_id="rl", model="huge"))
@@ -783,7 +712,7 @@ def test_reload_placement_failure_is_rejected_and_keeps_serving() -> None:
 
 
 def test_reload_failure_rolls_back_to_the_old_spec() -> None:
-    h = Harness()
+    h = harness()
     old = h.to_ready()
     h.cmd(ReloadCmd(command_id="rl", model="broken"))
     assert h.state() == "preloading"
@@ -811,7 +740,7 @@ def test_reload_failure_rolls_back_to_the_old_spec() -> None:
 
 
 def test_reload_load_timeout_rolls_back_too() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.cmd(ReloadCmd(command_id="rl", model="slow"))
     h.spawned()
@@ -822,7 +751,7 @@ def test_reload_load_timeout_rolls_back_too() -> None:
 
 
 def test_drain_deadline_during_a_reload_keeps_the_old_engine() -> None:
-    h = Harness()
+    h = harness()
     old = h.to_ready()
     h.cmd(LeaseCmd(command_id="busy", ttl_s=600.0))
     out = h.cmd(ReloadCmd(command_id="rl", model="m2", deadline_s=15.0))
@@ -845,7 +774,7 @@ def test_drain_deadline_during_a_reload_keeps_the_old_engine() -> None:
 # --- stop ----------------------------------------------------------------------------------------
 
 
-def drive_to(h: Harness, state: PoolState) -> EngineInfo | None:
+def drive_to(h: LifecycleHarness, state: PoolState) -> EngineInfo | None:
     """Put the pool in ``state``; returns the engine running there, if any."""
     if state == "unready":
         return None
@@ -870,7 +799,7 @@ def drive_to(h: Harness, state: PoolState) -> EngineInfo | None:
 
 @pytest.mark.parametrize("state", [s for s in STATES if s != "unready"])
 def test_stop_from_every_state(state: PoolState) -> None:
-    h = Harness()
+    h = harness()
     engine = drive_to(h, state)
     assert h.state() == state
     out = h.cmd(StopCmd(command_id="s", grace_s=1.5))
@@ -894,14 +823,14 @@ def test_stop_from_every_state(state: PoolState) -> None:
 
 
 def test_stop_uses_the_spec_grace_by_default() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     out = h.cmd(StopCmd(command_id="s"))
     assert only(out.effects, StopEngine) == [StopEngine(info.pid, info.pgid, SPEC.stop_grace_s, "stop command")]
 
 
 def test_an_engine_spawned_after_stop_is_stopped_at_once() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="p"))
     out = h.cmd(StopCmd(command_id="s"))
     assert only(out.effects, StopEngine) == []  # the spawn is still in flight
@@ -914,7 +843,7 @@ def test_an_engine_spawned_after_stop_is_stopped_at_once() -> None:
 
 
 def test_a_stale_spawn_report_never_leaves_an_orphan_engine() -> None:
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="p1"))  # spawn attempt 1 in flight
     h.cmd(StopCmd(command_id="s"))
     h.cmd(PreloadCmd(command_id="p2"))  # spawn attempt 2 in flight
@@ -930,7 +859,7 @@ def test_a_stale_spawn_report_never_leaves_an_orphan_engine() -> None:
 def test_a_late_spawn_failure_of_an_abandoned_attempt_does_not_fail_the_current_one() -> None:
     # The runtime actor runs a slow spawn inline; a stop and a new preload queue up behind it, so
     # the first spawn's failure is processed after the second preload began.
-    h = Harness()
+    h = harness()
     h.cmd(PreloadCmd(command_id="p1"))  # attempt 1
     h.cmd(StopCmd(command_id="s"))
     h.cmd(PreloadCmd(command_id="p2"))  # attempt 2
@@ -942,7 +871,7 @@ def test_a_late_spawn_failure_of_an_abandoned_attempt_does_not_fail_the_current_
 
 
 def test_lease_grant_and_release() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.now = 10.0
     out = h.cmd(LeaseCmd(command_id="l1", ttl_s=30.0, holder="svc"))
@@ -960,7 +889,7 @@ def test_lease_grant_and_release() -> None:
 
 @pytest.mark.parametrize("state", ["unready", "preloading", "restarting", "failed"])
 def test_lease_refused_when_not_ready(state: PoolState) -> None:
-    h = Harness()
+    h = harness()
     drive_to(h, state)
     out = h.cmd(LeaseCmd(command_id="l1"))
     assert isinstance(out.reply, Rejected)
@@ -971,7 +900,7 @@ def test_lease_refused_when_not_ready(state: PoolState) -> None:
 
 
 def test_lease_refused_when_no_slot_is_free() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.cmd(LeaseCmd(command_id="a"))
     h.cmd(LeaseCmd(command_id="b"))
@@ -982,7 +911,7 @@ def test_lease_refused_when_no_slot_is_free() -> None:
 
 
 def test_renewing_a_lease_takes_no_second_slot() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.cmd(LeaseCmd(command_id="same", ttl_s=10.0))
     h.now = 5.0
@@ -995,7 +924,7 @@ def test_renewing_a_lease_takes_no_second_slot() -> None:
 
 
 def test_a_grant_takes_the_id_the_shell_drew_and_only_that_id_renews_or_releases() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     out = h.cmd(LeaseCmd(command_id="c1", holder="svc"), new_lease_id="Zr4nd0m")
     assert isinstance(out.reply, Accepted) and out.reply.lease_id == "Zr4nd0m"
@@ -1009,7 +938,7 @@ def test_a_grant_takes_the_id_the_shell_drew_and_only_that_id_renews_or_releases
 
 
 def test_a_lease_past_the_pools_max_ttl_is_a_bad_request() -> None:
-    h = Harness(definition=dataclasses.replace(DEFINITION, max_lease_ttl_s=60.0))
+    h = harness(definition=dataclasses.replace(DEFINITION, max_lease_ttl_s=60.0))
     h.to_ready()
     out = h.cmd(LeaseCmd(command_id="c1", ttl_s=61.0))
     assert isinstance(out.reply, Rejected) and out.reply.code == "bad_request"
@@ -1018,7 +947,7 @@ def test_a_lease_past_the_pools_max_ttl_is_a_bad_request() -> None:
 
 
 def test_lease_expiry_via_the_timer() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     h.cmd(LeaseCmd(command_id="short", ttl_s=5.0))
     h.cmd(LeaseCmd(command_id="long", ttl_s=50.0))
@@ -1034,7 +963,7 @@ def test_lease_expiry_via_the_timer() -> None:
 
 
 def test_release_of_an_unknown_lease() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     out = h.cmd(ReleaseCmd(command_id="r1", lease_id="ghost"))
     assert isinstance(out.reply, Rejected)
@@ -1048,7 +977,7 @@ def test_release_of_an_unknown_lease() -> None:
 
 
 def test_preload_placement_failure_is_rejected_with_problems() -> None:
-    h = Harness()
+    h = harness()
     problem = Problem(code="no_gpu", message="no usable NVIDIA GPU")
     h.plan = PlanRejected("preflight_failed", "preflight failed", (problem,))
     out = h.cmd(PreloadCmd(command_id="p1", model="other", device_mask="3"))
@@ -1086,7 +1015,7 @@ def test_preload_placement_failure_is_rejected_with_problems() -> None:
     ],
 )
 def test_illegal_trigger_is_rejected_and_changes_nothing(state: PoolState, cmd: PoolCommand) -> None:
-    h = Harness()
+    h = harness()
     drive_to(h, state)
     before = h.lc.registry.snapshot(POOL)
     verb = cmd.__struct_config__.tag
@@ -1111,7 +1040,7 @@ def test_illegal_trigger_is_rejected_and_changes_nothing(state: PoolState, cmd: 
 
 
 def test_status_returns_the_snapshot_and_changes_nothing() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     seq = h.entry().seq
     out = h.cmd(StatusCmd(command_id="st"))
@@ -1130,7 +1059,7 @@ def test_status_returns_the_snapshot_and_changes_nothing() -> None:
 
 
 def test_per_pool_seq_is_contiguous_from_one() -> None:
-    h = Harness(pools=("a", "b"))
+    h = harness(pools=("a", "b"))
     info_a = h.to_ready("a")
     h.cmd(DrainCmd(command_id="x"), "b")  # rejected: still an event of b
     info_b = h.to_ready("b")
@@ -1147,7 +1076,7 @@ def test_per_pool_seq_is_contiguous_from_one() -> None:
 
 
 def test_events_carry_the_command_id_and_traceparent() -> None:
-    h = Harness()
+    h = harness()
     out = h.cmd(PreloadCmd(command_id="cmd-42"), traceparent="00-abc-def-01")
     assert out.events and all(e.command_id == "cmd-42" for e in out.events)
     assert all(e.traceparent == "00-abc-def-01" for e in out.events)
@@ -1162,7 +1091,7 @@ def test_events_carry_the_command_id_and_traceparent() -> None:
 
 
 def test_events_carry_the_clock_and_round_trip_on_the_wire() -> None:
-    h = Harness()
+    h = harness()
     h.now = 123.5
     out = h.cmd(PreloadCmd(command_id="c"))
     for event in out.events:
@@ -1173,7 +1102,7 @@ def test_events_carry_the_clock_and_round_trip_on_the_wire() -> None:
 
 
 def test_an_exit_of_an_unknown_process_is_recorded_but_changes_nothing() -> None:
-    h = Harness()
+    h = harness()
     h.to_ready()
     out = h.exited(99999, exit_code=0)
     assert bodies(out, EngineExited) == [EngineExited(pid=99999, exit_code=0, expected=False, during="ready")]
@@ -1182,7 +1111,7 @@ def test_an_exit_of_an_unknown_process_is_recorded_but_changes_nothing() -> None
 
 
 def test_engine_exit_while_draining_completes_the_drain() -> None:
-    h = Harness()
+    h = harness()
     info = h.to_ready()
     h.cmd(LeaseCmd(command_id="l"))
     h.cmd(DrainCmd(command_id="d"))
@@ -1197,7 +1126,7 @@ def test_engine_exit_while_draining_completes_the_drain() -> None:
 
 
 def test_the_pool_state_is_one_value_that_only_its_events_change() -> None:
-    h = Harness()
+    h = harness()
     model = h.lc.pool(POOL)
     before = model.value
     out = h.cmd(PreloadCmd(command_id="c1"))
@@ -1214,7 +1143,7 @@ def test_the_pool_state_is_one_value_that_only_its_events_change() -> None:
 
 
 def test_the_machine_cannot_move_a_pool_without_recording_it() -> None:
-    h = Harness()
+    h = harness()
     model = h.lc.pool(POOL)
     # transitions writes the model's state after the row's state_changed evolved the value; a
     # write that no recorded event explains is a bug, refused rather than kept.

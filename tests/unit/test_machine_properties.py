@@ -55,6 +55,7 @@ from pool_managerd.core.pool_model import Outcome
 from pool_managerd.core.state import PoolValue, initial
 from pool_managerd.core.table import ALLOWED, COMMAND_TRIGGERS, ROWS, STATES, client_verbs, is_legal
 from pool_managerd.lifecycle.supervision import RestartPolicy
+from support.lifecycle_harness import LifecycleHarness
 
 NODE = "node-1"
 POOL = "p"
@@ -664,157 +665,105 @@ def test_property_run_reaches_every_row() -> None:
 # --- deterministic coverage: walk every row explicitly ------------------------------------------
 
 
-class Driver:
-    """A scripted shell that records every row the pool takes."""
+def driver(policy: RestartPolicy = POLICY) -> LifecycleHarness:
+    """A scripted shell for pool ``p``, whose plan a walk switches to ``REFUSAL`` and back."""
+    return LifecycleHarness(NODE, [PoolDefinition(POOL, SPEC, restart=policy)], plan=PLACEMENT, pid=0)
 
-    def __init__(self, policy: RestartPolicy = POLICY) -> None:
-        self.plan_ok = True
-        self.lc = PoolMachine(NODE, lambda _req: PLACEMENT if self.plan_ok else REFUSAL)
-        self.lc.register(PoolDefinition(POOL, SPEC, restart=policy))
-        self.now = 0.0
-        self.pid = 0
-        self.timers: dict[str, int] = {}
-        self.seen: list[tuple[str, str, str]] = []
 
-    def _do(self, out: Outcome) -> Outcome:
-        for event in out.events:
-            if isinstance(event.body, StateChanged):
-                self.seen.append((event.body.src, event.body.trigger, event.body.dst))
-        for effect in out.effects:
-            if isinstance(effect, ArmTimer):
-                self.timers[effect.name] = effect.token
-            elif isinstance(effect, CancelTimer):
-                self.timers.pop(effect.name, None)
-        return out
+def sick(d: LifecycleHarness, pid: int) -> None:
+    """Failed probes enough to lose the pool's health."""
+    for _ in range(SPEC.probe_failure_threshold):
+        d.probe(pid, ok=False)
 
-    @property
-    def state(self) -> PoolState:
-        return self.lc.state(POOL)
 
-    def cmd(self, cmd: PoolCommand) -> Outcome:
-        return self._do(self.lc.command(POOL, cmd, Context(now=self.now)))
-
-    def spawn(self) -> int:
-        self.pid += 1
-        info = EngineInfo(pid=self.pid, pgid=self.pid, port=1, started_at=self.now)
-        self._do(self.lc.engine_spawned(POOL, info, "GPU-0", Context(now=self.now)))
-        return self.pid
-
-    def healthy(self, pid: int) -> None:
-        self._do(
-            self.lc.health(POOL, HealthReport(pool=POOL, ts=self.now, ok=True, engine_pid=pid), Context(now=self.now))
-        )
-
-    def sick(self, pid: int) -> None:
-        self._do(
-            self.lc.health(POOL, HealthReport(pool=POOL, ts=self.now, ok=False, engine_pid=pid), Context(now=self.now))
-        )
-
-    def exit(self, pid: int) -> None:
-        self._do(self.lc.engine_exited(POOL, pid, 1, None, Context(now=self.now)))
-
-    def fire(self, name: TimerName) -> None:
-        self._do(self.lc.timer_fired(POOL, name, self.timers.pop(name), Context(now=self.now)))
-
-    def bug(self) -> None:
-        """A step that raises (an input the core does not know): the pool goes to failed."""
-        self._do(self.lc.step(POOL, object(), Context(now=self.now)))  # type: ignore[arg-type]
-        assert self.state == "failed"
-
-    def ready(self) -> int:
-        if self.state == "unready":
-            self.cmd(PreloadCmd(command_id="p"))
-        pid = self.spawn()
-        self.healthy(pid)
-        assert self.state == "ready"
-        return pid
+def bug(d: LifecycleHarness) -> None:
+    d.bug()
+    assert d.state() == "failed"
 
 
 def walk_every_row() -> list[tuple[str, str, str]]:
     seen: list[tuple[str, str, str]] = []
 
     # Happy path, drains, reloads, stops.
-    d = Driver()
-    pid = d.ready()  # preload, engine_ready
+    d = driver()
+    pid = d.to_ready().pid  # preload, engine_ready
     d.cmd(DrainCmd(command_id="d"))  # ready -drain-> draining -drained-> unready
     d.cmd(PreloadCmd(command_id="p"))
     d.cmd(DrainCmd(command_id="d"))  # preloading -drain-> draining
-    pid = d.ready()
+    pid = d.to_ready().pid
     d.cmd(ReloadCmd(command_id="r", model="m2"))  # ready -reload-> draining -drained-> preloading
-    pid = d.spawn()
-    d.healthy(pid)
+    pid = d.spawned_pid()
+    d.probe(pid)
     d.cmd(LeaseCmd(command_id="l", ttl_s=999.0))
     d.cmd(ReloadCmd(command_id="r", model="m3"))
     d.fire("drain_deadline")  # draining -drain_deadline-> ready (reload aborted)
     d.cmd(DrainCmd(command_id="d"))
     d.cmd(StopCmd(command_id="s"))  # draining -stop-> unready
-    pid = d.ready()
+    pid = d.to_ready().pid
     d.cmd(LeaseCmd(command_id="l", ttl_s=999.0))
     d.cmd(DrainCmd(command_id="d"))
     d.fire("drain_deadline")  # draining -drain_deadline-> unready
     d.cmd(PreloadCmd(command_id="p"))
     d.cmd(StopCmd(command_id="s"))  # preloading -stop-> unready
-    d.ready()
+    d.to_ready()
     d.cmd(StopCmd(command_id="s"))  # ready -stop-> unready
-    seen += d.seen
+    seen += d.rows
 
     # Failures that restart.
-    d = Driver(RestartPolicy(max_consecutive_failures=100))
-    pid = d.ready()
-    d.exit(pid)  # ready -engine_exited-> restarting
-    d.plan_ok = False
+    d = driver(RestartPolicy(max_consecutive_failures=100))
+    pid = d.to_ready().pid
+    d.exited(pid)  # ready -engine_exited-> restarting
+    d.plan = REFUSAL
     d.fire("backoff")  # restarting -backoff_elapsed-> restarting
-    d.plan_ok = True
+    d.plan = PLACEMENT
     d.fire("backoff")  # restarting -backoff_elapsed-> preloading
     d.fire("load_timeout")  # preloading -preload_failed-> restarting
     d.fire("backoff")
-    pid = d.ready()
-    for _ in range(SPEC.probe_failure_threshold):
-        d.sick(pid)  # ready -health_lost-> restarting
+    pid = d.to_ready().pid
+    sick(d, pid)  # ready -health_lost-> restarting
     d.cmd(StopCmd(command_id="s"))  # restarting -stop-> unready
-    seen += d.seen
+    seen += d.rows
 
     # Failures that give up: a limit of one failure.
-    d = Driver(RestartPolicy(max_consecutive_failures=1))
+    d = driver(RestartPolicy(max_consecutive_failures=1))
     d.cmd(PreloadCmd(command_id="p"))
     d.fire("load_timeout")  # preloading -preload_failed-> failed
     d.cmd(ResetCmd(command_id="x"))  # failed -reset-> unready
-    pid = d.ready()
-    d.exit(pid)  # ready -engine_exited-> failed
+    pid = d.to_ready().pid
+    d.exited(pid)  # ready -engine_exited-> failed
     d.cmd(StopCmd(command_id="s"))  # failed -stop-> unready
-    pid = d.ready()
-    for _ in range(SPEC.probe_failure_threshold):
-        d.sick(pid)  # ready -health_lost-> failed
-    seen += d.seen
+    pid = d.to_ready().pid
+    sick(d, pid)  # ready -health_lost-> failed
+    seen += d.rows
 
     # Re-placement failing at the limit: restarting -backoff_elapsed-> failed.
-    d = Driver(RestartPolicy(max_consecutive_failures=2))
-    pid = d.ready()
-    d.exit(pid)
-    d.plan_ok = False
+    d = driver(RestartPolicy(max_consecutive_failures=2))
+    pid = d.to_ready().pid
+    d.exited(pid)
+    d.plan = REFUSAL
     d.fire("backoff")
-    assert d.state == "failed"
-    seen += d.seen
+    assert d.state() == "failed"
+    seen += d.rows
 
     # A bug inside a step, from every state but failed: -internal_error-> failed.
-    d = Driver(RestartPolicy(max_consecutive_failures=100))
-    d.bug()  # unready
+    d = driver(RestartPolicy(max_consecutive_failures=100))
+    bug(d)  # unready
     d.cmd(ResetCmd(command_id="x"))
     d.cmd(PreloadCmd(command_id="p"))
-    d.bug()  # preloading
+    bug(d)  # preloading
     d.cmd(ResetCmd(command_id="x"))
-    pid = d.ready()
-    d.bug()  # ready
+    pid = d.to_ready().pid
+    bug(d)  # ready
     d.cmd(ResetCmd(command_id="x"))
-    pid = d.ready()
+    pid = d.to_ready().pid
     d.cmd(LeaseCmd(command_id="l", ttl_s=999.0))
     d.cmd(DrainCmd(command_id="d"))
-    d.bug()  # draining
+    bug(d)  # draining
     d.cmd(ResetCmd(command_id="x"))
-    pid = d.ready()
-    d.exit(pid)
-    d.bug()  # restarting
-    seen += d.seen
+    pid = d.to_ready().pid
+    d.exited(pid)
+    bug(d)  # restarting
+    seen += d.rows
     return seen
 
 

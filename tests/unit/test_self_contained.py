@@ -67,7 +67,7 @@ def outside_refs(rel: str, text: str) -> list[str]:
         ("tests/x.py", 'X = ROOT / ".." / "elsewhere"'),
         ("tests/x.py", "X = os.path.join(ROOT, os.pardir)"),
         ("tests/x.md", "recorded in /work/shared/fixtures/gpu"),
-        ("src/pool_managerd/testing/gpu_profiles/h200.json", '{"_comment": "from ..\\\\shared\\\\x"}'),
+        ("src/pool_managerd/adapters/gpu_profile_data/h200.json", '{"_comment": "from ..\\\\shared\\\\x"}'),
     ],
 )
 def test_the_checker_catches_a_path_outside(rel: str, snippet: str) -> None:

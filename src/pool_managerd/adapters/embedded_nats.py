@@ -32,14 +32,14 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Self
+
+from pool_managerd.adapters.scratch_dir import ScratchDir
 
 __all__ = ["NatsServer", "NatsServerError", "find_nats_server", "free_port"]
 
@@ -175,12 +175,8 @@ class NatsServer:
         self.binary = binary
         self.die_with_parent = die_with_parent
         self.log_file = Path(log_file) if log_file is not None else None
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if store_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="poold-nats-")
-            self.store_dir = Path(self._tmp.name)
-        else:
-            self.store_dir = Path(store_dir)
+        self._scratch = ScratchDir(store_dir, "poold-nats-")
+        self.store_dir = self._scratch.path
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._wake = threading.Event()
@@ -345,30 +341,18 @@ class NatsServer:
     def close(self) -> None:
         """Kill the server and remove the temporary store dir if this object made it."""
         self.kill()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._scratch.cleanup()
 
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     async def __aenter__(self) -> Self:
         return await self.astart()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -20,8 +20,9 @@ from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import GPU_SNAPSHOT_DECODER, GpuSnapshot
 
 SIM_PREFIX = "sim:"
-_PROFILE_PACKAGE = "pool_managerd.testing"
-_PROFILE_DIR = "gpu_profiles"
+_PROFILE_PACKAGE = "pool_managerd.adapters"
+_PROFILE_DIR = "gpu_profile_data"
+"""The shipped profiles: package data beside this module, their one reader."""
 
 
 class GpuSourceError(PoolManagerError):

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from pool_managerd.cli.tour import Narrator, add_mode_arguments, run_tour
 from pool_managerd.client import EventStream, PoolClient
 from pool_managerd.contract.messages import (
     Accepted,
@@ -49,24 +49,16 @@ POOLS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
-class Tour:
+class Tour(Narrator):
     """The scripted client side of the demo."""
 
     def __init__(self, client: PoolClient, node: str, interactive: bool) -> None:
+        super().__init__(interactive)
         self.client = client
         self.node = node
-        self.interactive = interactive
         self.t0 = time.time()
         self.states: dict[str, str] = {}
         self.changed = asyncio.Condition()
-        self.failures: list[str] = []
-
-    def say(self, text: str) -> None:
-        print(f"\n== {text}", flush=True)
-
-    async def pause(self) -> None:
-        if self.interactive:
-            await asyncio.get_running_loop().run_in_executor(None, input, "   (press Enter to continue) ")
 
     async def on_event(self, event: Event) -> None:
         body = event.body
@@ -112,8 +104,7 @@ class Tour:
             await asyncio.wait_for(reached(), timeout)
             return True
         except TimeoutError:
-            self.failures.append(f"{pool} did not reach {state} within {timeout:g} s")
-            print(f"   !! {self.failures[-1]}", flush=True)
+            self.fail(f"{pool} did not reach {state} within {timeout:g} s")
             return False
 
     async def run(self) -> None:
@@ -209,7 +200,6 @@ async def _main(args: argparse.Namespace) -> int:
     events = tour.client.events()
     await events.start()
     follower = asyncio.create_task(tour.follow(events))
-    code = 0
     try:
         await tour.run()
         if args.duration > 0:
@@ -219,7 +209,6 @@ async def _main(args: argparse.Namespace) -> int:
                   f"   pool-managerd ctl status chat-8b --creds-dir {run_dir}{prefix_opt}\n"
                   f"   pool-managerd watch --creds-dir {run_dir}{prefix_opt}", flush=True)  # fmt: skip
             await asyncio.sleep(args.duration)
-        code = 1 if tour.failures else 0
         if args.interactive and dashboard is not None:
             tour.say(f"The dashboard stays up at {dashboard.url} until you press Enter")
             await tour.pause()
@@ -234,8 +223,7 @@ async def _main(args: argparse.Namespace) -> int:
         await daemon.stop()
         if tmp is not None:
             tmp.cleanup()
-    print("\ndemo " + ("complete" if code == 0 else f"FAILED: {'; '.join(tour.failures)}"), flush=True)
-    return code
+    return tour.finish("demo")
 
 
 def _start_dashboard(args: argparse.Namespace, ws_url: str | None, prefix: str, creds: Any) -> Any:
@@ -269,17 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="NATS subject prefix (default %(default)s)")
     parser.add_argument("--duration", type=float, default=0.0, help="keep serving this long after the tour")
     parser.add_argument("--run-dir", type=Path, help="keep the run dir (logs, NATS store) here")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--non-interactive", dest="interactive", action="store_false",
-                      help="no pauses (the default when stdin is not a terminal)")  # fmt: skip
-    mode.add_argument("--interactive", dest="interactive", action="store_true")
-    parser.set_defaults(interactive=None)
+    add_mode_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.interactive is None:
-        args.interactive = sys.stdin.isatty()
-    from pool_managerd.runtime import logs
-
-    logs.setup("warning", json_logs=False)
-    return asyncio.run(_main(args))
+    return run_tour(args, _main)

@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from pool_managerd.cli.tour import Narrator, add_mode_arguments, run_tour
 from pool_managerd.contract.messages import (
     EVENT_DECODER,
     Accepted,
@@ -82,13 +83,12 @@ def daemon_config(node: str, run_dir: Path, urls: list[str], password: str, pool
     return "\n".join(lines) + "\n"
 
 
-class FleetTour:
+class FleetTour(Narrator):
     """The scripted client side: one admin connection to the whole cluster."""
 
     def __init__(self, root: Path, interactive: bool) -> None:
+        super().__init__(interactive)
         self.root = root
-        self.interactive = interactive
-        self.failures: list[str] = []
         self.skipped: list[str] = []
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, asyncio.Event] = {node: asyncio.Event() for node in NODES}
@@ -96,17 +96,6 @@ class FleetTour:
         self.cluster: Any = None
         self.nc: Any = None
         self.client: Any = None
-
-    def say(self, text: str) -> None:
-        print(f"\n== {text}", flush=True)
-
-    def fail(self, text: str) -> None:
-        self.failures.append(text)
-        print(f"   !! {text}", flush=True)
-
-    async def pause(self) -> None:
-        if self.interactive:
-            await asyncio.get_running_loop().run_in_executor(None, input, "   (press Enter to continue) ")
 
     async def on_event(self, msg: Any) -> None:
         try:
@@ -352,28 +341,16 @@ async def _main(args: argparse.Namespace) -> int:
         await tour.close()
         if tmp is not None:
             tmp.cleanup()
-    skipped = f" (skipped: {', '.join(tour.skipped)})" if tour.skipped else ""
-    print("\nfleet demo " + ("complete" + skipped if not tour.failures else f"FAILED: {'; '.join(tour.failures)}"),
-          flush=True)  # fmt: skip
-    return 1 if tour.failures else 0
+    return tour.finish("fleet demo", f" (skipped: {', '.join(tour.skipped)})" if tour.skipped else "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Register the ``fleet-demo`` options."""
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.add_argument("--run-dir", type=Path, help="keep the run dirs, logs and NATS stores here")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--non-interactive", dest="interactive", action="store_false",
-                      help="no pauses (the default when stdin is not a terminal)")  # fmt: skip
-    mode.add_argument("--interactive", dest="interactive", action="store_true")
-    parser.set_defaults(interactive=None)
+    add_mode_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``pool-managerd fleet-demo``."""
-    if args.interactive is None:
-        args.interactive = sys.stdin.isatty()
-    from pool_managerd.runtime import logs
-
-    logs.setup("warning", json_logs=False)
-    return asyncio.run(_main(args))
+    return run_tour(args, _main)

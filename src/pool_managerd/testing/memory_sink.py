@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from pool_managerd.contract.messages import Event, LogCorrupt
+from pool_managerd.testing.event_wire import first_matching
 
 
 class MemoryEventSink:
@@ -30,15 +31,4 @@ class MemoryEventSink:
 
     async def wait_for(self, predicate: Callable[[Event], bool], timeout: float, start: int = 0) -> Event:
         """The first event from index ``start`` on that matches; TimeoutError after ``timeout``."""
-
-        async def find() -> Event:
-            async with self._changed:
-                i = start
-                while True:
-                    while i < len(self.events):
-                        if predicate(self.events[i]):
-                            return self.events[i]
-                        i += 1
-                    await self._changed.wait()
-
-        return await asyncio.wait_for(find(), timeout)
+        return await first_matching(self._changed, self.events, predicate, timeout, start)

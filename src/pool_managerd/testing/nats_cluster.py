@@ -17,16 +17,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from pool_managerd.adapters.embedded_nats import NatsServer, NatsServerError, free_port
+from pool_managerd.adapters.scratch_dir import ScratchDir
 
 __all__ = ["NatsCluster"]
 
@@ -55,13 +54,8 @@ class NatsCluster:
             raise ValueError("a cluster has at least one node")
         self.name = name
         self.host = host
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if store_root is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="poold-cluster-")
-            root = Path(self._tmp.name)
-        else:
-            root = Path(store_root)
-        self.store_root = root
+        self._scratch = ScratchDir(store_root, "poold-cluster-")
+        root = self.store_root = self._scratch.path
         # Every port is chosen before the first node starts: routes name all peers up front.
         self.route_ports = [free_port(host) for _ in range(size)]
         self.servers: list[NatsServer] = []
@@ -102,12 +96,15 @@ class NatsCluster:
     # ----------------------------------------------------------------------------- lifecycle
 
     def start(self, ready_timeout: float = 30.0) -> Self:
-        """Start every node and wait for a JetStream meta leader known to all of them."""
+        """Start every node and wait for a JetStream meta leader known to all of them, with every
+        node a current peer of it."""
         deadline = time.monotonic() + ready_timeout
         for server in self.servers:
             # Nodes start one after another; routes to peers not up yet are retried by the server.
             server.start(max(1.0, deadline - time.monotonic()))
-        self.wait_meta_leader(max(1.0, deadline - time.monotonic()))
+        # A leader agreed on is not enough: until it counts every node a current peer, a stream
+        # with as many replicas as nodes is refused "no suitable peers for placement".
+        self.wait_meta_leader(max(1.0, deadline - time.monotonic()), require=range(len(self.servers)))
         return self
 
     def kill(self, index: int) -> None:
@@ -126,9 +123,7 @@ class NatsCluster:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 server.close()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._scratch.cleanup()
 
     def __enter__(self) -> Self:
         try:
@@ -137,12 +132,7 @@ class NatsCluster:
             self.close()
             raise
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
