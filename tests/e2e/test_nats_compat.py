@@ -41,7 +41,7 @@ from pool_managerd.adapters.eventlog.stream import ensure_stream
 from pool_managerd.contract.messages import Accepted, EngineSpawned, Event, PreloadCmd, StopCmd
 from pool_managerd.contract.nats_version import NATS_SERVER_FLOOR, parse_server_version
 from pool_managerd.contract.subjects import STREAM_NAME, Subjects
-from pool_managerd.runtime import daemon as daemon_module
+from pool_managerd.runtime import connection as connection_module
 from support.daemon_wire import Events, cid, follow, reached, ready_pool, req
 from support.nats_versions import BELOW_FLOOR, FLOOR, NEWEST, SUPPORTED_TESTED, nats_server_binary
 from support.rig import Rig, Wire, fake_pool, render_config
@@ -205,7 +205,7 @@ async def test_below_the_floor_the_fence_would_take_the_daemons_own_writes_for_a
     """Why the floor exists: with the check bypassed, 2.10 compares the expected sequence with the
     exact subject and refuses the daemon's own events, so it fences a pool nobody else writes."""
     # (monkeypatch comes first so that the bypass outlives the daemon's stop at teardown.)
-    monkeypatch.setattr(daemon_module, "check_server_version", lambda version, url=None: version)
+    monkeypatch.setattr(connection_module, "check_server_version", lambda version, url=None: version)
     server = await servers.start(BELOW_FLOOR)
     nc: NATS = await nats_connect(server.url)
     a = await start_daemon(server.url, node="node-a", pools=[{"id": "chat", **FAKE}])

@@ -150,6 +150,9 @@ class PoolWatch:
         shown = {p: s for p, s in self.snapshots.items() if p in self.verified}
         ignored = [p for p in self.ghosts if p in self.snapshots]
         text = render_table(shown, self.last_events, now, node_status=status, ignored=ignored)
+        unchecked = self.unchecked()
+        if unchecked:
+            text += f"\nnot yet checked against the event stream (not shown): {', '.join(sorted(unchecked))}"
         if not status:
             return text
         cells = []
@@ -168,27 +171,36 @@ async def _open_store(nc: NATS, bucket: str) -> SnapshotStore | None:
         return None
 
 
-async def _prime_last_events(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float) -> None:
-    """Fill "last event" for pools that have had no live event yet, from the stream."""
+async def _prime_last_events(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float) -> set[str]:
+    """Fill "last event" for pools that have had no live event yet, from the stream; returns the
+    pools whose stream could not be read."""
+    unread: set[str] = set()
     for pool in list(watch.snapshots):
         if pool in watch.last_events:
             continue
         try:
             found = await asyncio.wait_for(last_event(nc, subjects, pool), timeout)
         except (TimeoutError, nats.errors.Error, PoolManagerError, OSError):
+            unread.add(pool)
             continue
         if found is not None and pool not in watch.last_events:
             watch.last_events[pool] = found[1]
+    return unread
 
 
-async def _announced(nc: NATS, subjects: Subjects, node: str, timeout: float) -> frozenset[str]:
-    """The pools ``node``'s last ``daemon_started`` lists (empty when unreadable)."""
+async def _announced(nc: NATS, subjects: Subjects, node: str, timeout: float) -> frozenset[str] | None:
+    """The pools ``node``'s last ``daemon_started`` lists (None when the stream could not be read)."""
     try:
         raw = await asyncio.wait_for(
             nc.jetstream().get_last_msg(STREAM_NAME, subjects.node_event(node, "daemon_started")), timeout
         )
+    except nats.js.errors.NotFoundError:
+        return frozenset()
+    except (TimeoutError, nats.errors.Error, PoolManagerError, OSError):
+        return None
+    try:
         body = EVENT_DECODER.decode(raw.data or b"").body
-    except (TimeoutError, nats.errors.Error, PoolManagerError, OSError, msgspec.DecodeError):
+    except msgspec.DecodeError:
         return frozenset()
     return frozenset(body.pools) if isinstance(body, DaemonStarted) else frozenset()
 
@@ -198,18 +210,21 @@ async def _verify(nc: NATS, subjects: Subjects, watch: PoolWatch, timeout: float
     pending = watch.unchecked()
     if not pending:
         return
-    await _prime_last_events(nc, subjects, watch, timeout)
-    nodes: dict[str, frozenset[str]] = {}
+    unread = await _prime_last_events(nc, subjects, watch, timeout)
+    nodes: dict[str, frozenset[str] | None] = {}
     for pool in pending:
         snap = watch.snapshots.get(pool)
         if snap is None:
             continue
         if snap.node not in nodes:
             nodes[snap.node] = await _announced(nc, subjects, snap.node, timeout)
-        if backed(snap, watch.last_events.get(pool), nodes[snap.node]):
+        announced = nodes[snap.node]
+        if backed(snap, watch.last_events.get(pool), announced or frozenset()):
             watch.verified.add(pool)
-        else:
+        elif pool not in unread and announced is not None:
             watch.ghosts.add(pool)
+        # else: the stream could not be read; the snapshot stays unchecked (not shown, named)
+        # and is checked again, rather than called a ghost on a read that timed out.
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -6,6 +6,12 @@ before anything is created or spawned), ensure the event stream and KV bucket,
 claim the configured pools (a pool another live node writes is fenced here), recover each pool
 from its events, then serve commands through ``nats.micro`` and consume health reports.
 Shutdown (SIGTERM/SIGINT): stop taking commands, stop or leave engines, flush events, exit 0.
+
+This module holds what the daemon is made of and the order :meth:`Daemon.start` wires it in;
+the steps live beside it: :mod:`~pool_managerd.runtime.connection` (the embedded server, the
+connect, the connection's callbacks), :mod:`~pool_managerd.runtime.startup` (storage, the node
+event sequence, recovery), :mod:`~pool_managerd.runtime.claims` (ownership hand-overs) and
+:mod:`~pool_managerd.runtime.shutdown` (the graceful stop).
 """
 
 from __future__ import annotations
@@ -17,78 +23,62 @@ import signal
 import time
 from typing import Any
 
-import msgspec
-import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from pool_managerd import __version__
-from pool_managerd.accounts import Credentials, inbox_prefix
+from pool_managerd.accounts import Credentials
 from pool_managerd.adapters.audit import AuditLog, ensure_audit_stream
-from pool_managerd.adapters.engines.record import SpawnRecord
 from pool_managerd.adapters.eventlog.errors import EventLogError
 from pool_managerd.adapters.eventlog.publisher import EventPublisher
-from pool_managerd.adapters.eventlog.reading import read_events
 from pool_managerd.adapters.eventlog.snapshots import SnapshotStore
-from pool_managerd.adapters.eventlog.stream import ensure_stream
-from pool_managerd.adapters.nats_connect import first_connect, is_permission_violation
-from pool_managerd.adapters.nats_internals import server_info
-from pool_managerd.adapters.owner_store import OwnerStore
 from pool_managerd.adapters.replication import (
-    REPLICA_ERROR_CODES,
-    ReplicasUnavailable,
-    check_clustered,
-    replicas_refused,
     stream_replicas,
 )
 from pool_managerd.config import DaemonConfig
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.messages import (
     DaemonStarted,
-    DaemonStopping,
-    Event,
     EventBody,
     GpuSnapshot,
     HealthReport,
-    PreloadCmd,
-    Rejected,
-    StopCmd,
-    encode,
 )
 from pool_managerd.contract.messages import PoolFenced as PoolFencedEvent
 from pool_managerd.contract.nats_version import (
     NATS_SERVER_FLOOR_TEXT,
     NatsServerTooOld,
     ServerVersion,
-    check_server_version,
 )
-from pool_managerd.contract.subjects import STREAM_NAME, Subjects
+from pool_managerd.contract.subjects import Subjects
 from pool_managerd.core.definitions import PoolDefinition
-from pool_managerd.core.inputs import ClaimInput, ReleaseInput
-from pool_managerd.core.log_integrity import scan_pool
-from pool_managerd.core.ownership import Claim, LeaseTiming, may_take_over
 from pool_managerd.core.pool_model import Outcome
-from pool_managerd.core.replies import rebuild_replies
 from pool_managerd.runtime import quarantine
+from pool_managerd.runtime.claims import Claims
 from pool_managerd.runtime.commands import (
     CommandCache,
 )
-from pool_managerd.runtime.connection import flush_through_cancel, reported_version, safe_url
+from pool_managerd.runtime.connection import (
+    ConnectionWatch,
+    checked_version,
+    connect,
+    embedded_server,
+    flush_through_cancel,
+    start_embedded,
+)
 from pool_managerd.runtime.gpu_node import GpuNode
 from pool_managerd.runtime.health import HealthRelay
 from pool_managerd.runtime.heartbeat import heartbeat
 from pool_managerd.runtime.metrics import Metrics, check_metrics_addr
 from pool_managerd.runtime.ownership import OwnershipKeeper
 from pool_managerd.runtime.pools import PoolRuntime, RuntimeOptions
-from pool_managerd.runtime.recovery import RecoveryReport, recover, restore_pool
+from pool_managerd.runtime.recovery import RecoveryReport
 from pool_managerd.runtime.service import CommandService
-from pool_managerd.runtime.sink import ACK_BOUND_S, JetStreamSink, NodeEvents
+from pool_managerd.runtime.shutdown import shut_down
+from pool_managerd.runtime.sink import JetStreamSink, NodeEvents
 from pool_managerd.runtime.snapshots import KvWriter
+from pool_managerd.runtime.startup import close_before_serving, continue_node_sequence, ensure_storage, recover_pools
 from pool_managerd.runtime.tasks import BackgroundTasks
 
 log = logging.getLogger(__name__)
-
-SHUTDOWN_POOLS_S = 30.0
-"""How long shutdown waits for the pools' stops (beyond the longest engine grace period)."""
 
 
 class Daemon:
@@ -114,30 +104,30 @@ class Daemon:
         self.node_events = NodeEvents(self.node)
         self.gpus = GpuNode(config.gpus, config.run_dir, fixed=gpu_snapshot)
         self.tasks = BackgroundTasks()
-        self._stopping = asyncio.Event()
-        self._closed = asyncio.Event()
-        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self._server_supported)
-        self._health_sub: Any = None
+        self.stopping = asyncio.Event()
+        """Set once the daemon is to stop (a signal, :meth:`request_stop`, a lost connection)."""
+        self.closed = asyncio.Event()
+        """Set once it has stopped (or refused to start): nothing more is left to shut down."""
+        self.connection = ConnectionWatch(self)
+        self.kv = KvWriter(lambda: self.runtime, lambda: self.snapshots, self.fenced, self.connection.server_supported)
+        self.health_sub: Any = None
+        """The subscription to the health subjects (observers' view and outside reports)."""
         self.health = HealthRelay(
             node=self.node, subjects=self.subjects, metrics=self.metrics, tasks=self.tasks,
             publish_s=config.health_publish_s,
             external=frozenset(pool.id for pool in config.pools if pool.external_health),
             nc=lambda: self.nc, runtime=lambda: self.runtime,
         )  # fmt: skip
-        self._served: set[str] = set()
-        """Pools whose commands this daemon answers (configured, owned, not fenced)."""
         self.exit_code = 0
         self.ready = asyncio.Event()
         self.recovery: RecoveryReport | None = None
         self.ownership: OwnershipKeeper | None = None
         self.standing_by: dict[str, PoolDefinition] = {}
         """Configured pools another node holds: claimed when their lease is free or lapses."""
-        self._released: set[str] = set()
+        self.claims = Claims(self)
         self.removing: set[str] = set()
         self.server_version: ServerVersion | None = None
         self.incompatible: PoolManagerError | None = None
-        self._supported_for: tuple[object, ...] | None = None
-        """The server (version, URL) last found supported."""
         self._embedded_auth: Credentials | None = None
 
     # --- GPU inventory -------------------------------------------------------------------------
@@ -147,6 +137,13 @@ class Daemon:
         once (nvmlInit costs ~11 ms, a read microseconds), or the simulated inventory with what
         its processes hold; devices marked unhealthy by a fault are flagged (see ``GpuNode``)."""
         return self.gpus.snapshot()
+
+    def simulated(self) -> bool:
+        """Whether the GPUs are the simulated inventory (False when none can be read)."""
+        try:
+            return self.gpu_source().simulated
+        except PoolManagerError:
+            return False
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -163,19 +160,15 @@ class Daemon:
         self.url = urls[0]
         self.nc = await self._connect(urls)
         try:
-            self.server_version = check_server_version(reported_version(self.nc), url=safe_url(self.nc))
+            self.server_version = checked_version(self.nc)
         except NatsServerTooOld as exc:
             # Refuse before the stream, the bucket or any pool exists; nothing here to shut down,
             # and closing on purpose is no lost connection to report.
             self.incompatible = exc
-            with contextlib.suppress(Exception):
-                await self.nc.close()
-            if self.embedded is not None:
-                self.embedded.stop()
-            self._closed.set()
+            await close_before_serving(self)
             raise
         js = self.nc.jetstream()
-        self.snapshots = await self._ensure_storage(js)
+        self.snapshots = await ensure_storage(self, js)
         await ensure_audit_stream(js, self.subjects, max_bytes=cfg.nats.audit_max_bytes,
                                   max_age_s=cfg.nats.event_max_age_s, replicas=stream_replicas(cfg))  # fmt: skip
         self.audit = AuditLog(self.nc, self.subjects, clock=time.monotonic, on_drop=self.metrics.audit_dropped.inc)
@@ -183,16 +176,16 @@ class Daemon:
             self.nc,
             self.subjects,
             max_backlog=cfg.nats.publish_backlog,
-            on_fenced=self._on_fenced,
-            may_write=self._server_supported,
+            on_fenced=self.claims.on_fenced,
+            may_write=self.connection.server_supported,
             inspect_conflict=quarantine.inspector(self.nc, self.subjects),
         )
         await self.publisher.start()
-        await self._continue_node_sequence(js)
+        await continue_node_sequence(js, self.subjects, self.node_events)
         await self.gpus.recover(js, self.subjects, self.node)
-        simulated = self._simulated()
+        simulated = self.simulated()
         self.runtime = PoolRuntime(
-            JetStreamSink(self.publisher, self.metrics, self._may_append),
+            JetStreamSink(self.publisher, self.metrics, self.claims.may_append),
             self.gpu_source,
             RuntimeOptions(node=self.node, run_dir=cfg.run_dir),
             health_out=self.health.publish,
@@ -204,7 +197,7 @@ class Daemon:
         self.runtime.on_quarantine = self._on_quarantine
         owned = []
         definitions = list(cfg.definitions())
-        claims = await self._claim_pools(definitions)
+        claims = await self.claims.claim_pools(definitions)
         for definition in definitions:
             if definition.pool not in claims:
                 self.standing_by[definition.pool] = definition
@@ -212,14 +205,14 @@ class Daemon:
             self.runtime.add_pool(definition, simulated=simulated)
             owned.append(definition.pool)
         checked = time.monotonic()
-        await self._recover(claims)
+        await recover_pools(self, claims)
         recovered = time.monotonic()
         owned = [pool for pool in owned if pool not in self.fenced]
-        self._health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
+        self.health_sub = await self.nc.subscribe(self.subjects.all_health, cb=self.health.on_message)
         self.commands = CommandService(
             node=self.node, subjects=self.subjects, nc=self.nc, runtime=self.runtime, audit=self.audit,
             metrics=self.metrics, cache=self.cache, tasks=self.tasks, gpus=self.gpus, node_events=self.node_events,
-            gpu_source=self.gpu_source, serves=self._serves, fenced=self.fenced, standing_by=self.standing_by,
+            gpu_source=self.gpu_source, serves=self.claims.serves, fenced=self.fenced, standing_by=self.standing_by,
             removing=self.removing,
         )  # fmt: skip
         await self.snapshots.watch(self.commands.on_snapshot)
@@ -227,11 +220,11 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.snapshots.wait_synced(), 5.0)
         await self.commands.listen_unclaimed()
-        self._served = set(owned)
+        self.claims.served = set(owned)
         await self.commands.serve()
         for pool in self.fenced:
-            await self._publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
-        await self._publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
+            await self.publish_node(PoolFencedEvent(reason=f"pool {pool}: {self.fenced[pool]}", pool=pool))
+        await self.publish_node(DaemonStarted(version=__version__, pools=owned, simulated=simulated))
         self.tasks.start(self.kv.run(), "kv-writer")
         heartbeat_loop = heartbeat(
             period_s=cfg.heartbeat_s,
@@ -239,10 +232,10 @@ class Daemon:
             publisher=self.publisher,
             runtime=self.runtime,
             gpu_source=self.gpu_source,
-            publish_node=self._publish_node,
+            publish_node=self.publish_node,
         )
         self.tasks.start(heartbeat_loop, "heartbeat")
-        self.gpus.start(self.runtime, self._publish_node, simulated=simulated)
+        self.gpus.start(self.runtime, self.publish_node, simulated=simulated)
         if cfg.metrics_addr:
             host, port = self.metrics.serve(cfg.metrics_addr)
             log.info("metrics on http://%s:%d/metrics", host, port)
@@ -262,478 +255,20 @@ class Daemon:
                  self.url, self.server_version, NATS_SERVER_FLOOR_TEXT, time.monotonic() - began, checked - began,
                  recovered - checked)  # fmt: skip
 
-    async def _ensure_storage(self, js: nats.js.JetStreamContext) -> SnapshotStore:
-        """The event stream and the snapshot bucket, each with ``nats.replicas`` copies.
-
-        A count the server cannot hold is a setup error (exit 2), found before any pool exists.
-        """
-        replicas = stream_replicas(self.config)
-        assert self.nc is not None
-        try:
-            check_clustered(server_info(self.nc), replicas, url=safe_url(self.nc) or "the server")
-            await ensure_stream(js, self.subjects, self.config.nats.event_max_age_s, replicas)
-            return await SnapshotStore.open(js, replicas=replicas)
-        except ReplicasUnavailable as exc:
-            self.incompatible = exc
-            await self._close_before_serving()
-            raise
-        except nats.js.errors.APIError as exc:
-            if exc.err_code not in REPLICA_ERROR_CODES:
-                raise
-            self.incompatible = replicas_refused(replicas, "the event stream and bucket", exc.description or str(exc))
-            await self._close_before_serving()
-            raise self.incompatible from None
-
-    async def _close_before_serving(self) -> None:
-        with contextlib.suppress(Exception):
-            if self.nc is not None:
-                await self.nc.close()
-        if self.embedded is not None:
-            self.embedded.stop()
-        self._closed.set()
-
-    def _simulated(self) -> bool:
-        try:
-            return self.gpu_source().simulated
-        except PoolManagerError:
-            return False
+    # --- connecting ------------------------------------------------------------------------------
 
     async def _start_embedded(self) -> str:
-        """Start the embedded nats-server with the shipped accounts and connect as ``daemon``.
-
-        Credentials live in ``<run_dir>/auth`` (0700; one 0600 JSON file per user); ``ctl``,
-        ``watch`` and ``demo`` read them with ``--creds-dir <run_dir>``.
-        """
-        from pool_managerd import accounts
-        from pool_managerd.adapters.embedded_nats import NatsServer
-
-        store = self.config.run_dir / "nats"
-        store.mkdir(parents=True, exist_ok=True)
-        creds = accounts.ensure_credentials(self.config.run_dir)
-        config = accounts.server_config({role: c.password for role, c in creds.items()}, self.config.nats.prefix)
-        nats_cfg = self.config.nats
-        ws_port = nats_cfg.embedded_websocket_port if nats_cfg.embedded_websocket else None
-        self.embedded = NatsServer(
-            store_dir=store, log_file=self.config.run_dir / "nats.log", config=config, websocket_port=ws_port
-        )
-        # Started off the event loop's thread of control: SIGTERM is acted on while it starts.
-        await self.embedded.astart()
-        # A websocket listener (for browser dashboards), where the server has one.
-        self.ws_url = self.embedded.ws_url
-        accounts.publish_locations(self.config.run_dir, creds, self.embedded.url, self.ws_url)
+        """Start the embedded nats-server (see :func:`embedded_server`); the daemon connects as ``daemon``."""
+        server, creds = embedded_server(self.config)
+        self.embedded = server  # held before it runs: a stop during start-up stops it too
+        await start_embedded(self.config, server, creds)
+        self.ws_url = server.ws_url
         self._embedded_auth = creds["daemon"]
-        auth_dir = self.config.run_dir / accounts.AUTH_DIR
-        log.info("embedded nats-server (JetStream in %s) at %s, websocket %s; credentials in %s",
-                 store, self.embedded.url, self.ws_url, auth_dir)  # fmt: skip
-        print(f"embedded NATS at {self.embedded.url}; credentials (admin, operator, viewer) in {auth_dir}:"
-              f" pool-managerd ctl --creds-dir {self.config.run_dir} ...", flush=True)  # fmt: skip
-        if self.ws_url:
-            hint = f"pool-managerd dashboard --creds-dir {self.config.run_dir}"
-            print(f"embedded NATS websocket at {self.ws_url}: {hint}", flush=True)
-        return str(self.embedded.url)
+        return str(server.url)
 
     async def _connect(self, urls: list[str]) -> NATS:
-        cfg = self.config.nats
-        opts: dict[str, Any] = {
-            "servers": urls,
-            "name": cfg.name or f"pool-managerd-{self.node}",
-            "connect_timeout": cfg.connect_timeout_s,
-            "max_reconnect_attempts": -1,  # never give up on the cluster
-            "reconnect_time_wait": cfg.reconnect_wait_s,
-            "ping_interval": cfg.ping_interval_s,
-            "max_outstanding_pings": cfg.max_outstanding_pings,
-            "allow_reconnect": True,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-            "closed_cb": self._on_closed,
-        }
-        if cfg.credentials_file:
-            opts["user_credentials"] = str(cfg.credentials_file)
-        if cfg.nkey_seed_file:
-            opts["nkeys_seed"] = str(cfg.nkey_seed_file)
-        if cfg.user:
-            opts["user"], opts["password"] = cfg.user, cfg.password
-        if cfg.token:
-            opts["token"] = cfg.token
-        if self._embedded_auth is not None:
-            opts["user"], opts["password"] = self._embedded_auth.user, self._embedded_auth.password
-        inbox = cfg.inbox_prefix or (inbox_prefix(opts["user"]) if opts.get("user") else None)
-        if inbox:
-            opts["inbox_prefix"] = inbox
-        if cfg.tls_ca_file or cfg.tls_cert_file:
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=str(cfg.tls_ca_file) if cfg.tls_ca_file else None)
-            if cfg.tls_cert_file and cfg.tls_key_file:
-                ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
-            opts["tls"] = ctx
-        who = ", ".join(urls) + (f" as user {opts['user']!r}" if opts.get("user") else "")
-        # The first connect has startup_timeout_s and ends at once on refused credentials or TLS;
-        # reconnects after it never stop.
-        return await first_connect(opts, timeout=cfg.startup_timeout_s, who=who)
-
-    async def _claim_pools(self, definitions: list[PoolDefinition]) -> dict[str, ClaimInput]:
-        """Claim every configured pool whose lease is free or this node's own; the others are
-        watched (a lease nobody renews is claimed once it lapses). Starts the lease keeper."""
-        assert self.nc is not None
-        cfg = self.config
-        owners = await OwnerStore.open(self.nc.jetstream(), self.subjects, replicas=stream_replicas(cfg))
-        timing = LeaseTiming(cfg.ownership.lease_ttl_s, cfg.ownership.lease_margin_s)
-        keeper = OwnershipKeeper(owners, self.node, timing, on_lost=self._on_lease_lost, on_claimed=self._on_claimed)
-        self.ownership = keeper
-        standby = {pool.id: tuple(pool.standby) for pool in cfg.pools}
-
-        async def claim(pool: str) -> Claim | None:
-            return await keeper.try_claim(pool, take_over=may_take_over(self.node, standby.get(pool, ())))
-
-        found = await asyncio.gather(*(claim(d.pool) for d in definitions))
-        keeper.start()
-        claims: dict[str, ClaimInput] = {}
-        for definition, won in zip(definitions, found, strict=True):
-            if won is None:
-                owner = keeper.owner_of(definition.pool) or "another node"
-                self.fenced[definition.pool] = f"its ownership lease is held by {owner}"
-                log.info("pool %s is held by %s; not serving it here", definition.pool, owner)
-                continue
-            claims[definition.pool] = ClaimInput(won.epoch, won.previous_node, won.previous_epoch)
-        return claims
-
-    async def _continue_node_sequence(self, js: Any) -> None:
-        """Node events continue their sequence across restarts: their Msg-Id must stay unique.
-
-        Starting again at 1 would have the server drop the heartbeats as duplicates within its
-        dedupe window (and other nodes judge this one dead), so a sequence that cannot be read
-        stops the start-up with the reason instead; a foreign last message is skipped over."""
-        subject = self.subjects.node_events(self.node)
-        for attempt in range(3):
-            try:
-                raw = await js.get_last_msg(STREAM_NAME, subject)
-                break
-            except nats.js.errors.NotFoundError:
-                return  # this node never wrote an event: its sequence starts at 1
-            except Exception as exc:
-                if attempt == 2:
-                    raise PoolManagerError(
-                        f"cannot read the last sequence of {subject} ({type(exc).__name__}: {exc}); "
-                        "refusing to restart node events at 1"
-                    ) from None
-                await asyncio.sleep(0.5)  # ok: a short retry of a read right after connecting
-        try:
-            self.node_events.seq = msgspec.json.decode(raw.data or b"{}", type=Event).seq
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            # A foreign message there must not keep the daemon from starting. Every node event
-            # is one stream message, so the stream's last sequence is past any this node wrote:
-            # continuing from it keeps every Msg-Id unique (the node's sequence shows a gap).
-            info = await js.stream_info(STREAM_NAME)
-            self.node_events.seq = max(info.state.last_seq, raw.seq or 0)
-            log.warning("the last message on %s (stream sequence %s) is not an event (%s); node events continue "
-                        "from %d", subject, raw.seq, exc, self.node_events.seq)  # fmt: skip
-
-    async def _recover(self, claims: dict[str, ClaimInput]) -> None:
-        """Rebuild every pool from its events and reconcile with the engines on this host."""
-        assert self.nc is not None and self.runtime is not None and self.publisher is not None
-        runtime, publisher = self.runtime, self.publisher
-        logged = await self._pools_in_log()
-        candidates = list(runtime.actors) + [p for p in logged if p not in runtime.actors and p not in self.fenced
-                                             and p not in self.standing_by]  # fmt: skip
-        events: dict[str, list[Event]] = {}
-        # One pass over the pool events for every pool, not a consumer per pool (~9 ms each, one
-        # after another: 9 s for a thousand pools). Messages are judged one by one: a foreign one
-        # quarantines its own pool and keeps nothing else from starting.
-        entries = await quarantine.read_pool_entries(self.nc, self.subjects, candidates)
-        for pool in candidates:
-            scan = scan_pool(pool, entries[pool], self.subjects.prefix)
-            events[pool] = [event for _, event in scan.events]
-            corrupt = scan.quarantine()
-            if corrupt is not None:
-                log.error("pool %s: quarantined (log_corrupt): %s", pool, corrupt.reason)
-                if pool in runtime.actors:
-                    runtime.quarantine(pool, corrupt)
-            if pool in runtime.actors:
-                # Writes continue from exactly what was recovered (foreign messages included: the
-                # server's fence counts them): if another daemon appended since, the first write
-                # here is refused and this daemon stops acting on the pool.
-                publisher.assume(pool, scan.last_stream_seq)
-
-        async def read(pool: str) -> list[Event]:
-            return events.get(pool, [])
-
-        removed = [
-            p for p in logged if p not in runtime.actors and p in events and _last_writer(events[p]) == self.node
-        ]
-        for pool, claim in list(claims.items()):
-            claims[pool] = await self._above_logged_epochs(pool, claim, events.get(pool, []))
-        report = await recover(runtime, read, known_pools=removed, publish_node=self._publish_node, claims=claims)
-        for pool, state in report.taken_over.items():
-            self.tasks.start(self._resume(pool, claims[pool].epoch, state), f"resume-{pool}")
-        # Exactly once across restarts: the replies of the commands still in the cache window are
-        # rebuilt from the log, so a client retrying across the restart gets its first answer.
-        since = self.cache.clock() - self.cache.ttl_s
-        for pool in runtime.actors:
-            for old in rebuild_replies(events.get(pool, []), since=since):
-                self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
-        for pool in report.removed:
-            self.removing.add(pool)
-            self.tasks.start(self._forget(pool), f"forget-{pool}")
-        self.recovery = report
-        if report.violations:
-            log.warning("event log violations found during recovery: %s", "; ".join(report.violations[:5]))
-        log.info(
-            "recovered %d pool(s); adopted %s; exited %s; orphans reaped %s; removed %s",
-            len(report.restored), report.adopted, report.exited, report.orphans, report.removed,
-        )  # fmt: skip
-
-    def _fence_at_start(self, pool: str, reason: str) -> None:
-        self.fenced[pool] = reason
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-
-    async def _forget(self, pool: str) -> None:
-        """A pool removed from the configuration: once recovery's drain or stop has made it
-        unready, stop serving it entirely (its snapshot goes, commands get unknown_pool)."""
-        runtime = self.runtime
-        assert runtime is not None
-        await runtime.wait_state(pool, frozenset({"unready"}))
-        await runtime.remove_pool(pool)
-        if self.snapshots is not None:
-            with contextlib.suppress(Exception):
-                await self.snapshots.delete(pool)
-        self.removing.discard(pool)
-        log.info("pool %s removed from the configuration: drained, stopped and forgotten", pool)
-
-    async def _pools_in_log(self) -> list[str]:
-        assert self.nc is not None
-        js = self.nc.jetstream()
-        info = await js.stream_info(STREAM_NAME, subjects_filter=self.subjects.all_pool_events)
-        pools: set[str] = set()
-        for subject in info.state.subjects or {}:
-            with contextlib.suppress(PoolManagerError):
-                pools.add(self.subjects.parse_pool_event(subject)[0])
-        return sorted(pools)
-
-    # --- NATS callbacks --------------------------------------------------------------------------
-
-    async def _on_error(self, exc: Exception) -> None:
-        if is_permission_violation(exc):
-            # The server refused something this daemon needs: the deployment's permissions are short.
-            log.error("NATS refused an operation (check the daemon user's permissions): %s", exc)
-            return
-        log.warning("NATS error: %s", exc)
-
-    async def _on_disconnected(self) -> None:
-        if not self._stopping.is_set() and self.incompatible is None:
-            log.warning("disconnected from NATS; events wait in the backlog")
-
-    def _server_supported(self) -> bool:
-        """Whether the server this client is connected to now may be written to.
-
-        Checked before every event write as well as on reconnect: nats-py reports the reconnect
-        only after a round trip, and the publisher may already be writing by then."""
-        if self.incompatible is not None:
-            return False
-        if self.nc is None or not self.nc.is_connected:
-            # No verdict mid-reconnect (the new server's INFO may not be in yet); writes wait for
-            # the connection anyway and are asked again once it is up.
-            return True
-        # Asked before every write: the verdict is kept for as long as the server and the version
-        # it reports stay the same (parsing them each time cost a tenth of a preload's loop).
-        key = (repr(self.nc.connected_server_version), self.nc.connected_url)
-        if key == self._supported_for:
-            return True
-        try:
-            check_server_version(reported_version(self.nc), url=safe_url(self.nc))
-        except NatsServerTooOld as exc:
-            self._incompatible_server(exc)
-            return False
-        self._supported_for = key
-        return True
-
-    def _incompatible_server(self, exc: NatsServerTooOld) -> None:
-        """A reconnect reached a server below the floor: stand down loudly, exit 2.
-
-        Its writes cannot be fenced, so nothing more is written (events, node events, KV
-        snapshots); commands stop being answered; engines are left running, exactly as with
-        ``on_shutdown = "leave"``, for a daemon connected to a supported server to adopt."""
-        if self.incompatible is not None:
-            return
-        self.incompatible = exc
-        log.error("standing down: %s", exc.message)
-        self.exit_code = 2
-        self._stopping.set()
-
-    async def _on_reconnected(self) -> None:
-        if not self._server_supported():
-            return
-        log.info("reconnected to NATS")
-        if self.snapshots is not None:
-            self.tasks.start(self.snapshots.restart_watch(), "kv-rewatch")
-        if self.ownership is not None:
-            self.ownership.rewatch()
-        # The server may have lost what was written (a restart without its store): write anew.
-        self.kv.forget_written()
-        for pool in list(self.runtime.actors if self.runtime else []):
-            self.kv.mark_dirty(pool)
-
-    async def _on_closed(self) -> None:
-        if not self._stopping.is_set() and self.incompatible is None:
-            log.error("NATS connection closed for good; exiting")
-            self.exit_code = 1
-            self._stopping.set()
-
-    def _on_fenced(self, pool: str, reason: str) -> None:
-        log.error("pool %s fenced: %s", pool, reason)
-        self.fenced[pool] = reason
-        if self.ownership is not None and self.ownership.tracks(pool):
-            # The log's own fence: another node wrote the pool, so whatever the lease says this
-            # node stops renewing it and watches it again.
-            self.ownership.drop(pool, watch=True)
-            self._stand_by(pool)
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-        self.tasks.start(self._stand_down(pool, reason), f"fenced-{pool}")
-
-    async def _stand_down(self, pool: str, reason: str) -> None:
-        """Another daemon writes this pool now: stop serving its commands and stop acting on it
-        (its engine, probes and timers go; nothing more is written for it)."""
-        self._served.discard(pool)  # its commands are the new owner's to answer
-        if self.runtime is not None and pool in self.runtime.actors:
-            await self.runtime.actors[pool].abandon()
-        await self._publish_node(PoolFencedEvent(reason=reason, pool=pool))
-
-    # --- ownership ---------------------------------------------------------------------------------
-
-    def _serves(self, pool: str) -> bool:
-        """Whether this node answers and acts for ``pool`` now: it serves the pool and, the pool
-        being leased, its lease is fresh by the local clock."""
-        if pool not in self._served:
-            return False
-        keeper = self.ownership
-        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
-
-    def _may_append(self, pool: str) -> bool:
-        if pool in self._released:
-            return False
-        keeper = self.ownership
-        return keeper is None or not keeper.tracks(pool) or keeper.serving(pool)
-
-    def _stand_by(self, pool: str) -> None:
-        for definition in self.config.definitions():
-            if definition.pool == pool:
-                self.standing_by[pool] = definition
-
-    async def _above_logged_epochs(self, pool: str, claim: ClaimInput, events: list[Event]) -> ClaimInput:
-        """An epoch above every one the pool's events name (the record may have been lost)."""
-        logged = max((e.epoch or 0 for e in events), default=0)
-        if claim.epoch > logged or self.ownership is None:
-            return claim
-        epoch = await self.ownership.raise_epoch(pool, logged + 1)
-        return ClaimInput(epoch, claim.previous_node, claim.previous_epoch)
-
-    def _on_lease_lost(self, pool: str, reason: str) -> None:
-        """This node may no longer act on ``pool``: stop answering for it and stop its engine now,
-        before the lease can lapse for anyone else; then stand by for it."""
-        log.error("pool %s: %s; no longer serving it here", pool, reason)
-        self._served.discard(pool)
-        self.fenced[pool] = f"ownership lease lost: {reason}"
-        if self.runtime is not None and pool in self.runtime.actors:
-            self.runtime.actors[pool].fenced = True
-        self._stand_by(pool)
-        self.tasks.start(self._lose_pool(pool, self.fenced[pool]), f"lease-lost-{pool}")
-
-    async def _lose_pool(self, pool: str, reason: str) -> None:
-        await self._stand_down(pool, reason)
-        runtime = self.runtime
-        if runtime is not None and pool in runtime.actors and pool not in self._served:
-            # Nothing of the pool is this node's now: it leaves ``pools`` and the KV writer.
-            await runtime.remove_pool(pool)
-
-    async def _on_claimed(self, pool: str, claim: Claim) -> None:
-        """This node won a lease it was watching: recover the pool from its log and serve it."""
-        await self.ready.wait()  # start-up's own recovery (and its orphan reaping) comes first
-        runtime, publisher, nc = self.runtime, self.publisher, self.nc
-        definition = self.standing_by.pop(pool, None)
-        if runtime is None or publisher is None or nc is None or definition is None or self._stopping.is_set():
-            return
-        try:
-            if pool in runtime.actors:
-                await runtime.remove_pool(pool)  # what the lost lease left: abandoned, engine stopped
-            await self._settle_backlog(pool)
-            pairs = [pair async for pair in read_events(nc, self.subjects, pool=pool)]
-        except Exception as exc:
-            log.error("pool %s: claimed but its events cannot be read (%s); letting the lease lapse", pool, exc)
-            if self.ownership is not None:
-                self.ownership.drop(pool, watch=True)
-            self.standing_by[pool] = definition
-            return
-        events = [event for _, event in pairs]
-        self.fenced.pop(pool, None)
-        publisher.unfence(pool)
-        publisher.assume(pool, pairs[-1][0] if pairs else 0)
-        start = ClaimInput(claim.epoch, claim.previous_node, claim.previous_epoch)
-        start = await self._above_logged_epochs(pool, start, events)
-        actor = runtime.add_pool(definition, simulated=self._simulated())
-        report = RecoveryReport()
-        by_pid = {e.pid: e for e in SpawnRecord.load(runtime.spawn_record.path) if e.pool == pool}
-        restore_pool(runtime, actor, events, start, by_pid, report)
-        since = self.cache.clock() - self.cache.ttl_s
-        for old in rebuild_replies(events, since=since):
-            self.cache.seed(pool, old.command_id, old.fingerprint, encode(old.reply), old.at)
-        self._served.add(pool)
-        self.kv.mark_dirty(pool)
-        log.warning("pool %s taken over at epoch %d from %s (%s there)", pool, start.epoch,
-                    start.previous_node or "nobody", report.taken_over.get(pool, "nothing running"))  # fmt: skip
-        if pool in report.taken_over:
-            await self._resume(pool, start.epoch, report.taken_over[pool])
-
-    async def _settle_backlog(self, pool: str) -> None:
-        """Before reading a pool's history on a claim: let this node's own events of the pool
-        that still wait in the backlog (accepted before a lease it lost) be stored first, or the
-        new epoch's first event would take their sequence numbers and they would be lost."""
-        publisher = self.publisher
-        if publisher is None or not publisher.pending(pool):
-            return
-        bound = self.config.ownership.lease_ttl_s
-        log.warning("pool %s: %d event(s) of an earlier lease still wait to be stored; waiting up to %.0f s",
-                    pool, publisher.pending(pool), bound)  # fmt: skip
-        try:
-            async with asyncio.timeout(bound):
-                await publisher.settle(pool)
-        except TimeoutError:
-            raise EventLogError(
-                f"pool {pool}: {publisher.pending(pool)} event(s) of an earlier lease not stored"
-            ) from None
-
-    async def _resume(self, pool: str, epoch: int, state: str) -> None:
-        """A pool taken over while it served (or was starting) elsewhere starts its engine here,
-        through normal placement on this node's GPUs."""
-        if state not in _RESUMED_STATES or self.runtime is None:
-            return
-        try:
-            reply = await self.runtime.command(pool, PreloadCmd(command_id=f"takeover-{self.node}-{epoch}"))
-        except PoolManagerError as exc:
-            log.error("pool %s: not restarted after the takeover: %s", pool, exc.message)
-            return
-        if isinstance(reply, Rejected):
-            log.error("pool %s: not restarted after the takeover: %s %s", pool, reply.code, reply.message)
-
-    async def _release_pools(self) -> None:
-        """A graceful stop with the engines stopped: give every held lease up, its last event
-        first (``pool_released``), so another node may claim at once."""
-        runtime, keeper = self.runtime, self.ownership
-        if runtime is None or keeper is None:
-            return
-        held = [pool for pool in list(keeper.held) if pool in runtime.actors and not runtime.actors[pool].fenced]
-        waits = []
-        for pool in held:
-            fut = runtime.actors[pool].submit(ReleaseInput(), want_reply=True)
-            if fut is not None:
-                waits.append(fut)
-        if waits:
-            await asyncio.wait(waits, timeout=ACK_BOUND_S * 2)
-        self._released.update(held)
-        self._served.difference_update(held)
-        await asyncio.gather(*(keeper.release(pool) for pool in held), return_exceptions=True)
+        # A method of its own: the one place a test may wrap to see the daemon's wire bytes.
+        return await connect(self.config.nats, self.node, urls, auth=self._embedded_auth, watch=self.connection)
 
     # --- derived state: KV snapshots, metrics, heartbeat -----------------------------------------
 
@@ -760,7 +295,8 @@ class Daemon:
         self.metrics.log_corrupt.labels(pool).set(1 if actor is not None and actor.quarantine else 0)
         self.kv.mark_dirty(pool)
 
-    async def _publish_node(self, body: EventBody) -> None:
+    async def publish_node(self, body: EventBody) -> None:
+        """Queue a node event (``poold.node.<node>.evt.<type>``); one that cannot be queued is logged."""
         if self.publisher is None:
             return
         try:
@@ -771,7 +307,8 @@ class Daemon:
     # --- running and stopping --------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self._stopping.set()
+        """Ask the daemon to stop: :meth:`run_until_stopped` then shuts it down."""
+        self.stopping.set()
 
     async def run_until_stopped(self, *, install_signals: bool = True) -> int:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down."""
@@ -780,7 +317,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
         starting = asyncio.ensure_future(self.start())
-        stopping = asyncio.ensure_future(self._stopping.wait())
+        stopping = asyncio.ensure_future(self.stopping.wait())
         try:
             # A signal during start-up (a first connect still retrying, a long recovery) ends it.
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -791,7 +328,7 @@ class Daemon:
                     await starting
             else:
                 starting.result()
-                await self._stopping.wait()
+                await self.stopping.wait()
         finally:
             for task in (starting, stopping):
                 task.cancel()
@@ -802,106 +339,7 @@ class Daemon:
         return self.exit_code
 
     async def stop(self, *, stop_engines: bool | None = None) -> None:
-        """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events."""
-        if self._closed.is_set():
-            return
-        self._stopping.set()
-        stop = self.config.on_shutdown == "stop" if stop_engines is None else stop_engines
-        # Standing down from a server below the floor: write nothing more, leave the engines.
-        writable = self.incompatible is None
-        stop = stop and writable
-        phase = "commands"
-        t0 = time.monotonic()
+        """Graceful shutdown: stop taking commands, stop (or leave) engines, flush events.
 
-        def step(name: str) -> None:
-            nonlocal phase
-            log.info("shutdown: %s done after %.3f s; next: %s", phase, time.monotonic() - t0, name)
-            phase = name
-
-        if self.commands is not None:
-            await self.commands.stop()
-        await self.gpus.stop_watching()
-        for sub in (self._health_sub, self.commands.unclaimed_sub if self.commands is not None else None):
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-        if self.snapshots is not None:
-            step("kv watch")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.snapshots.stop_watch(), 5.0)
-        if stop:
-            step("stopping pools")
-            grace = max((d.spec.stop_grace_s for d in self.config.definitions()), default=0.0)
-            try:
-                await asyncio.wait_for(self._stop_pools(), grace + SHUTDOWN_POOLS_S)
-            except TimeoutError:
-                log.error("shutdown: pools not stopped within %.0f s; closing the actors anyway",
-                          grace + SHUTDOWN_POOLS_S)  # fmt: skip
-            step("releasing leases")
-            await self._release_pools()
-        if self.ownership is not None:
-            # No more renewals: a lease not released (engines left running) lapses after its ttl.
-            await self.ownership.close()
-        if writable:
-            await self._publish_node(DaemonStopping(reason="engines stopped" if stop else "engines left running"))
-        if self.runtime is not None:
-            step("closing actors")
-            try:
-                # Each engine stop is bounded by its grace and settle time; the whole phase too.
-                await asyncio.wait_for(self.runtime.close(stop_engines=stop), SHUTDOWN_POOLS_S * 2)
-            except TimeoutError:
-                log.error("shutdown: actors not closed within %.0f s", SHUTDOWN_POOLS_S * 2)
-            # The final snapshots say what the pools are now.
-            for pool in self.runtime.actors:
-                self.kv.mark_dirty(pool)
-            if writable:
-                step("final snapshots")
-                await self.kv.drain(self.nc is not None and self.nc.is_connected)
-        if self.publisher is not None:
-            step("flushing events")
-            if not writable and self.publisher.backlog:
-                log.error("%d event(s) not written: the server cannot fence them", self.publisher.backlog)
-            await self.publisher.close(grace_s=5.0 if writable else 0.0)
-        if self.audit is not None:
-            await self.audit.close()
-        step("background tasks")
-        await self.tasks.cancel_all(5.0)
-        if self.nc is not None and not self.nc.is_closed:
-            step("closing the connection")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), 5.0)
-            if not self.nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await self.nc.close()
-        step("done")
-        self.metrics.close()
-        self.gpus.close()
-        if self.embedded is not None:
-            self.embedded.stop()
-        self._closed.set()
-
-    async def _stop_pools(self) -> None:
-        """Stop every running pool through the lifecycle, so the log and the snapshots say what
-        is true once the daemon is gone: unready, no engine. Failed pools stay failed (an operator
-        still has to acknowledge them). Commands queued before the signal are applied first."""
-        runtime = self.runtime
-        if runtime is None:
-            return
-        stamp = f"{time.time():.6f}"
-        waits = []
-        for pool, actor in runtime.actors.items():
-            if actor.fenced or runtime.lifecycle.state(pool) in ("unready", "failed"):
-                continue
-            cmd = StopCmd(command_id=f"shutdown-{self.node}-{stamp}")
-            waits.append(runtime.command(pool, cmd))
-        for result in await asyncio.gather(*waits, return_exceptions=True):
-            if isinstance(result, BaseException):
-                log.warning("pool not stopped cleanly at shutdown: %s", result)
-
-
-_RESUMED_STATES = frozenset({"preloading", "ready", "restarting"})
-"""States a pool taken over from another node is started again from (a drain was ending it)."""
-
-
-def _last_writer(events: list[Event]) -> str | None:
-    return events[-1].node if events else None
+        ``stop_engines`` None follows ``on_shutdown``; see :func:`~pool_managerd.runtime.shutdown.shut_down`."""
+        await shut_down(self, stop_engines=stop_engines)
