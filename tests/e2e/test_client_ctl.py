@@ -240,7 +240,9 @@ async def test_ctl_preload_status_lease_release_drain(env: DaemonEnv, client: Po
     assert docs[0]["type"] == "accepted" and docs[0]["verb"] == "drain"
     bodies = [d["body"] for d in docs[1:]]
     assert {"type": "state_changed", "trigger": "drain", "src": "ready", "dst": "draining"}.items() <= bodies[0].items()
-    assert bodies[-1]["dst"] == "unready"
+    # A drain without leases settles in its own step: the reply says unready, and what the ctl
+    # shows are the events buffered by then, the engine's exit among them if it came that soon.
+    assert [b["dst"] for b in bodies if b["type"] == "state_changed"][-1] == "unready"
 
 
 async def test_ctl_rejections_exit_1(env: DaemonEnv) -> None:
