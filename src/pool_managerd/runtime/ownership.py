@@ -1,17 +1,20 @@
 """The shell around the ownership leases: claims, renewals, the serving deadline, standby watches.
 
 The decisions are :mod:`pool_managerd.core.ownership`'s; this module does the KV I/O and keeps
-the timers. Per pool this node configures, the keeper either *holds* the lease (a task of the
-pool's own renews it every :attr:`~pool_managerd.core.ownership.LeaseTiming.renew_every_s` and,
-when a renewal fails for want of an answer, tries again within a second or two until the serving
-deadline; it calls ``on_lost`` the moment the node may no longer serve: a renewal refused by
-another node's record, or the serving deadline passed without one) or
-*watches* it (a KV watch of the bucket delivers every write of the record at once, and a read every
-half renewal period covers a watch that lapsed; it notes when the revision last changed, and
-claims it once :func:`~pool_managerd.core.ownership.may_claim` allows, then calls
-``on_claimed``: at once for a released record, so a graceful hand-over takes a round trip).
-A watch that may not take over from a live node (see
-:func:`~pool_managerd.core.ownership.may_take_over`) ends as soon as the record is seen renewed.
+the timers. Per pool this node configures, the keeper either *holds* the lease or *watches* it.
+
+* Held: a task of the pool's own renews it every
+  :attr:`~pool_managerd.core.ownership.LeaseTiming.renew_every_s` and, when a renewal gets no
+  answer, tries again within a second or two until the serving deadline. ``on_lost`` is called
+  the moment the node may no longer serve: a renewal refused by another node's record, or the
+  serving deadline passed without one.
+* Watched: a KV watch of the bucket (run while any pool is watched) delivers every write of the
+  record at once, and a read every half renewal period covers a watch that lapsed. The keeper
+  notes when the revision last changed and claims the pool once
+  :func:`~pool_managerd.core.ownership.may_claim` allows (at once for a released record, so a
+  graceful hand-over takes a round trip; a timer fires when a lapsed one may be claimed), then
+  calls ``on_claimed``. A watch that may not take over from a live node (see
+  :func:`~pool_managerd.core.ownership.may_take_over`) ends as soon as the record is seen renewed.
 """
 
 from __future__ import annotations
@@ -161,10 +164,26 @@ class OwnershipKeeper:
     def start(self) -> None:
         """Start watching (the renewals of held leases run already)."""
         if self._task is None:
-            loop = asyncio.get_running_loop()
-            self._task = loop.create_task(self._run(), name="ownership")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="ownership")
+            self._sync_watch()
+
+    def _sync_watch(self) -> None:
+        """Run the KV watch only while some pool is watched: a node holding every pool it
+        configures would otherwise receive each of its own renewals (120 a second at 1,000)."""
+        if self._closing or self._task is None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.watched and self._watch is None:
             self._watch = self.store.watcher(self._seen)
             self._watch_task = loop.create_task(self._start_watch(self._watch.start), name="owner-watch-start")
+        elif not self.watched and self._watch is not None:
+            watch, starting = self._watch, self._watch_task
+            self._watch = self._watch_task = None
+            if starting is not None:
+                starting.cancel()
+            stopping = loop.create_task(watch.stop(), name="owner-watch-stop")
+            self._handovers.add(stopping)
+            stopping.add_done_callback(self._handovers.discard)
 
     def rewatch(self) -> None:
         """Re-create the KV watch (call from the NATS reconnected callback); the periodic read
@@ -189,6 +208,7 @@ class OwnershipKeeper:
             held.stop()
         if watch and pool not in self.watched:
             self.watched[pool] = _Watched(ReadLease(None, -1), None, self._take_over.get(pool, True))
+            self._sync_watch()
 
     async def release(self, pool: str) -> None:
         """Give the lease up (a graceful stop): the record says released; anyone may claim."""
@@ -229,6 +249,7 @@ class OwnershipKeeper:
             jobs = [self._poll(p) for p in list(self.watched)]
             if jobs:
                 await asyncio.gather(*jobs, return_exceptions=True)
+            self._sync_watch()
             # A record's staleness is only seen by reading it again, once a period.
             await asyncio.sleep(period / 2)  # ok: the poll period itself
 
