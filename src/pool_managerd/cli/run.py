@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pool_managerd.config import ConfigError, load_config
 from pool_managerd.contract.errors import PoolManagerError
 from pool_managerd.contract.nats_version import NatsServerTooOld
+from pool_managerd.runtime import heap  # stdlib only: cheap to import with the CLI
 
 if TYPE_CHECKING:
     from pool_managerd.runtime.daemon import Daemon
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from pool_managerd.adapters.embedded_nats import NatsServerError
     from pool_managerd.adapters.nats_connect import ConnectFailed
     from pool_managerd.adapters.replication import ReplicasUnavailable
-    from pool_managerd.runtime import heap, logs, profiling
+    from pool_managerd.runtime import logs, profiling
     from pool_managerd.runtime.daemon import Daemon
     from pool_managerd.runtime.metrics import MetricsAddressUnusable
 
@@ -62,9 +63,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(daemon: Daemon) -> int:
     """Run ``daemon`` until it stops; once it serves, the heap its start-up built is frozen
     (see ``runtime/heap.py``)."""
-    from pool_managerd.runtime.heap import Heap
-
-    tuner = Heap(asyncio.get_running_loop())
+    tuner = heap.Heap(asyncio.get_running_loop())
     tuner.install()
     serving = asyncio.ensure_future(daemon.ready.wait())
     serving.add_done_callback(lambda task: None if task.cancelled() else tuner.freeze())
