@@ -38,6 +38,7 @@ from pool_managerd.contract.subjects import Subjects
 from pool_managerd.core.fold import fold
 from pool_managerd.runtime.daemon import Daemon
 from support.daemon_wire import cid, follow, reached, ready_pool, req
+from support.deadlines import until
 
 
 async def test_preload_is_accepted_events_flow_and_the_pool_becomes_ready(
@@ -370,10 +371,19 @@ async def test_traceparent_travels_from_command_to_events_and_metrics_are_served
     await events.wait(reached("chat", "ready"))
     server = daemon.metrics._server
     host, port = server.server_address[:2]
-    body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read())
-    text = body.decode()
-    assert 'poold_pool_state{pool="chat",state="ready"} 1.0' in text
-    assert "poold_transitions_total" in text
+    scraped: list[str] = []
+
+    async def shows_ready() -> bool:
+        # Metrics are derived after the step's acks: the ready event may be on the wire a moment
+        # before the gauge moves.
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+        )
+        scraped.append(body.decode())
+        return 'poold_pool_state{pool="chat",state="ready"} 1.0' in scraped[-1]
+
+    await until(shows_ready, "the pool-state gauge to say ready")
+    assert "poold_transitions_total" in scraped[-1]
 
 
 @pytest.fixture
